@@ -1,0 +1,260 @@
+"""One tree of dataclasses: defaults, config files (TOML, YAML or JSON), CLI flags, validation.
+
+Precedence: dataclass defaults < config file (--config) < command-line flags.
+Every field is a flag: `--<field-name>` with dashes, unless its metadata names another flag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
+MODELS = ("seed", "resnet18", "airbench")
+
+
+def opt(default, help: str, *, choices=None, flag: str | None = None):
+    """A config field: its default, its --help text, its allowed values and (rarely) its flag name."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("cifar10", "dataset to train on", choices=DATASETS)
+    data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
+    download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
+    image_size: int = opt(32, "imagefolder: images are resized to this square size")
+    synthetic_train_size: int = opt(10000, "synthetic: number of training images")
+    synthetic_test_size: int = opt(2000, "synthetic: number of test images")
+    loader: str = opt("auto", "input pipeline: in-memory tensors on the device, or a DataLoader",
+                      choices=("auto", "device", "dataloader"))
+    workers: int = opt(2, "DataLoader worker processes (dataloader pipeline only)")
+    normalize: str = opt("dataset", "per-channel normalization: the training set's mean/std, or 0.5/0.5 "
+                         "as in the tutorial", choices=("dataset", "half"))
+    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off")
+    flip: bool = opt(False, "random horizontal flip augmentation")
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("seed", "model architecture", choices=MODELS, flag="--model")
+    channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
+    compile: bool = opt(False, "torch.compile the model")
+    sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(0.05, "peak learning rate for the global batch")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
+                        "warmup then cosine, or constant", choices=("onecycle", "cosine", "constant"))
+    warmup: float = opt(0.2, "warmup length as a fraction of all steps")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(2, "training epochs")
+    batch_size: int = opt(64, "global batch size, across all ranks")
+    seed: int = opt(0, "random seed (weights, data order, augmentation)")
+    precision: str = opt("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)")
+    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)")
+    log_every: int = opt(50, "log train loss every N optimizer steps")
+    nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps")
+
+
+@dataclass
+class DistConfig:
+    backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
+    timeout: float = opt(300.0, "seconds a collective may wait before the job fails")
+
+
+@dataclass
+class CheckpointConfig:
+    resume: str = opt("none", "resume from: auto (newest valid checkpoint in --out), none, or a path")
+    keep: int = opt(3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints")
+    every_steps: int = opt(0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps")
+    every_minutes: float = opt(10.0, "checkpoint every N minutes (0 = off)", flag="--checkpoint-every-minutes")
+    on_write_error: str = opt("continue", "when a checkpoint write fails: warn and continue, or stop",
+                              choices=("continue", "stop"))
+
+
+@dataclass
+class LogConfig:
+    out: str = opt("", "run directory (default runs/<timestamp>-<model>-<dataset>)")
+    progress: bool = opt(True, "tqdm progress bar on a terminal (plain lines otherwise)")
+    wandb: str = opt("auto", "Weights & Biases mode", choices=("auto", "online", "offline", "disabled"))
+    wandb_project: str = opt("dist_cnn", "W&B project")
+    wandb_entity: str = opt("", "W&B entity (team or user)")
+    wandb_tags: list = opt([], "W&B tags")
+    wandb_group: str = opt("", "W&B group")
+    run_name: str = opt("", "run name (W&B and reports)")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _sections():
+    hints = typing.get_type_hints(Config)
+    return [(f.name, hints[f.name]) for f in fields(Config)]
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults are shown but not set, so only given flags override."""
+    parser.add_argument("--config", help="config file (.toml, .yaml or .json); flags override it")
+    for section, cls in _sections():
+        group = parser.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            kw = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                      help=f"{f.metadata['help']} (default: {default!r})")
+            typ = hints[f.name]
+            if typ is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif typ is list:
+                kw["nargs"] = "*"
+            else:
+                kw["type"] = typ
+                kw["choices"] = f.metadata.get("choices")
+                kw["metavar"] = f.name.upper() if not kw["choices"] else None
+            group.add_argument(_flag(f), **kw)
+
+
+def _check_type(where: str, value, typ):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if type(value) is not typ:
+        raise UserError(f"config: {where} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            return tomllib.loads(p.read_text())
+        if p.suffix in (".yaml", ".yml", ".json"):
+            import yaml  # JSON is YAML, so one parser reads both
+            data = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(data, dict):
+                raise UserError(f"config file {path}: top level must be a mapping")
+            return data
+    except UserError:
+        raise
+    except Exception as e:  # parser errors: one line naming the file
+        raise UserError(f"config file {path}: {str(e).splitlines()[0]}") from None
+    raise UserError(f"config file {path}: use .toml, .yaml or .json")
+
+
+def apply_dict(cfg: Config, data: dict, where: str = "config") -> None:
+    """Set fields from a nested {section: {key: value}} mapping; unknown keys and wrong types are errors."""
+    sections = dict(_sections())
+    for section, values in data.items():
+        if section not in sections:
+            raise UserError(f"{where}: unknown section {section!r} (known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: [{section}] must be a table of settings")
+        obj = getattr(cfg, section)
+        hints = typing.get_type_hints(sections[section])
+        for key, value in values.items():
+            if key not in hints:
+                raise UserError(f"{where}: unknown key {section}.{key} (known: {', '.join(hints)})")
+            setattr(obj, key, _check_type(f"{section}.{key}", value, hints[key]))
+
+
+def validate(cfg: Config) -> None:
+    for section, cls in _sections():
+        obj = getattr(cfg, section)
+        for f in fields(cls):
+            choices = f.metadata.get("choices")
+            if choices and getattr(obj, f.name) not in choices:
+                raise UserError(f"{_flag(f)}: {getattr(obj, f.name)!r} is not one of {', '.join(choices)}")
+    positive = {"--epochs": cfg.train.epochs, "--batch-size": cfg.train.batch_size, "--lr": cfg.optim.lr,
+                "--grad-accum": cfg.train.grad_accum, "--image-size": cfg.data.image_size,
+                "--timeout": cfg.dist.timeout, "--keep-checkpoints": cfg.ckpt.keep,
+                "--nonfinite-patience": cfg.train.nonfinite_patience}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UserError(f"{flag} must be positive, got {value}")
+    nonneg = {"--max-steps": cfg.train.max_steps, "--eval-every": cfg.train.eval_every,
+              "--log-every": cfg.train.log_every, "--crop-padding": cfg.data.crop_padding,
+              "--workers": cfg.data.workers, "--weight-decay": cfg.optim.weight_decay,
+              "--checkpoint-every-steps": cfg.ckpt.every_steps,
+              "--checkpoint-every-minutes": cfg.ckpt.every_minutes}
+    for flag, value in nonneg.items():
+        if value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
+    if not 0 <= cfg.optim.label_smoothing < 1 or not 0 <= cfg.optim.warmup <= 1:
+        raise UserError("--label-smoothing must be in [0, 1) and --warmup in [0, 1]")
+
+
+def from_args(ns: argparse.Namespace) -> Config:
+    """Defaults, then the --config file, then the flags that were given; validated."""
+    cfg = Config()
+    if getattr(ns, "config", None):
+        apply_dict(cfg, load_file(ns.config), where=f"config file {ns.config}")
+    nested: dict = {}
+    for key, value in vars(ns).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            nested.setdefault(section, {})[name] = value
+    apply_dict(cfg, nested, where="flags")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    apply_dict(cfg, data)
+    return cfg
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def parse(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description="Train a CNN with dist_cnn.")
+    add_arguments(parser)
+    return from_args(parser.parse_args(sys.argv[1:] if argv is None else argv))
+
+
+assert all(is_dataclass(t) for _, t in _sections())
