@@ -1,0 +1,148 @@
+"""Input pipelines: each epoch's plan, batched augmentation, and two ways to feed it.
+
+An epoch's plan (the permutation and every image's crop offset and flip) is a pure function of
+(seed, epoch), drawn for the whole epoch at once. Global batch i is plan positions [i*B, (i+1)*B) and
+rank r takes the r-th slice of it, so the shards are disjoint, the global batch is the same at every
+world size, and resuming at step k of an epoch replays exactly the batches and draws an uninterrupted
+run would have seen.
+
+- DevicePipeline: the whole dataset as uint8 on the training device; a batch is a gather, a crop, a
+  flip and a fused normalize, all batched. No workers, no host-to-device copy per step.
+- LoaderPipeline: a torch DataLoader (worker processes gather the uint8 images, pinned memory for
+  CUDA) for data that does not fit on the device; augmentation is the same batched code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
+
+PLAN_SEED_OFFSET = 1_000_003  # keeps data-order draws independent of the weight-init stream
+
+
+@dataclass
+class Augment:
+    crop_padding: int = 0
+    flip: bool = False
+
+
+def epoch_plan(n: int, seed: int, epoch: int, aug: Augment) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * PLAN_SEED_OFFSET + epoch)
+    plan = {"perm": torch.randperm(n, generator=g)}
+    if aug.crop_padding:
+        plan["shift"] = torch.randint(0, 2 * aug.crop_padding + 1, (n, 2), generator=g)
+    if aug.flip:
+        plan["flip"] = torch.rand(n, generator=g) < 0.5
+    return plan
+
+
+def crop_flip(x: torch.Tensor, shift: torch.Tensor | None, flip: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """Random crop (reflect padding) and horizontal flip of a uint8 batch [B,C,H,W], per-image draws."""
+    if shift is not None:
+        b, c, h, w = x.shape
+        xp = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
+        rows = (shift[:, 0, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+        xp = xp.gather(2, rows.expand(b, c, h, w + 2 * pad))
+        cols = (shift[:, 1, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+        x = xp.gather(3, cols.expand(b, c, h, w))
+    if flip is not None:
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+class Normalize:
+    """uint8 -> float, (x/255 - mean)/std fused into one multiply-add; channels_last optional."""
+
+    def __init__(self, mean, std, device, channels_last: bool):
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(device)
+        self.bias = (-mean / std).view(1, -1, 1, 1).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(memory_format=self.memory_format).float()
+        return torch.addcmul(self.bias, x, self.scale)
+
+
+def normalization_stats(train_x: torch.Tensor, mode: str):
+    if mode == "half":  # the tutorial's Normalize((0.5,)*3, (0.5,)*3)
+        return [0.5] * train_x.shape[1], [0.5] * train_x.shape[1]
+    sample = train_x[:10000].float().div_(255)
+    return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).tolist()
+
+
+def _draws(plan: dict, key: str, pos: slice, device=None):
+    return plan[key][pos].to(device) if key in plan else None
+
+
+def rank_slice(step: int, batch: int, rank: int, world: int) -> slice:
+    start = step * batch * world + rank * batch
+    return slice(start, start + batch)
+
+
+class DevicePipeline:
+    def __init__(self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize, device):
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch, self.rank, self.world, self.seed, self.aug = batch_per_rank, rank, world, seed, aug
+        self.normalize, self.device = normalize, device
+        self.steps_per_epoch = len(x) // (batch_per_rank * world)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        plan = {k: v.to(self.device) for k, v in epoch_plan(len(self.x), self.seed, epoch, self.aug).items()}
+        for step in range(start_step, self.steps_per_epoch):
+            pos = rank_slice(step, self.batch, self.rank, self.world)
+            idx = plan["perm"][pos]
+            x = crop_flip(self.x[idx], _draws(plan, "shift", pos), _draws(plan, "flip", pos), self.aug.crop_padding)
+            yield self.normalize(x), self.y[idx]
+
+
+class _ShardSampler(Sampler):
+    """Yields this rank's indices of the epoch plan from a given step on (DistributedSampler's role)."""
+
+    def __init__(self, pipeline: "LoaderPipeline"):
+        self.p = pipeline
+
+    def __iter__(self):
+        p = self.p
+        for step in range(p.start_step, p.steps_per_epoch):
+            yield from p.plan["perm"][rank_slice(step, p.batch, p.rank, p.world)].tolist()
+
+    def __len__(self):
+        return (self.p.steps_per_epoch - self.p.start_step) * self.p.batch
+
+
+class _Images(TorchDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class LoaderPipeline:
+    def __init__(self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize,
+                 device, workers: int):
+        self.n, self.batch, self.rank, self.world, self.seed, self.aug = len(x), batch_per_rank, rank, world, seed, aug
+        self.normalize, self.device = normalize, device
+        self.steps_per_epoch = self.n // (batch_per_rank * world)
+        self.plan, self.start_step = None, 0
+        self.loader = DataLoader(_Images(x, y), batch_size=batch_per_rank, sampler=_ShardSampler(self),
+                                 num_workers=workers, pin_memory=device.type == "cuda",
+                                 persistent_workers=False, drop_last=False)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        self.plan, self.start_step = epoch_plan(self.n, self.seed, epoch, self.aug), start_step
+        for step, (x, y) in enumerate(self.loader, start=start_step):
+            pos = rank_slice(step, self.batch, self.rank, self.world)
+            shift, flip = _draws(self.plan, "shift", pos, self.device), _draws(self.plan, "flip", pos, self.device)
+            x = x.to(self.device, non_blocking=True)
+            yield self.normalize(crop_flip(x, shift, flip, self.aug.crop_padding)), y.to(self.device, non_blocking=True)
+
+
+def eval_shard(n: int, rank: int, world: int) -> slice:
+    """This rank's contiguous part of the test set: no padding, no duplicates, any world size."""
+    return slice(rank * n // world, (rank + 1) * n // world)

@@ -1,0 +1,8 @@
+"""Train a CNN: `python train.py`, `torchrun --nproc_per_node N train.py`, `srun python train.py`,
+`accelerate launch train.py`. Every option: `python train.py --help`."""
+import sys
+
+from dist_cnn.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
