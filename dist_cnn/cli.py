@@ -25,7 +25,7 @@ def _rank_prefix() -> str:
 
 
 def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = config.ArgumentParser(
         prog=prog, description="Train a CNN with dist_cnn (one process, torchrun, srun or accelerate launch).",
     )
     config.add_arguments(parser)
@@ -40,7 +40,7 @@ def run_train(argv) -> int:
 
 
 def run_report(argv) -> int:
-    p = argparse.ArgumentParser(prog="dist-cnn report", description="Re-render plots and the report of a run.")
+    p = config.ArgumentParser(prog="dist-cnn report", description="Re-render plots and the report of a run.")
     p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     from .report import main_report
     return main_report(p.parse_args(argv).run_dir)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -124,6 +123,13 @@ def _flag(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (a UserError), not the whole usage text."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; defaults are shown but not set, so only given flags override."""
     parser.add_argument("--config", help="config file (.toml, .yaml or .json); flags override it")
@@ -138,11 +144,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if typ is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif typ is list:
-                kw["nargs"] = "*"
+                kw.update(nargs="*", metavar="ITEM")
             else:
-                kw["type"] = typ
-                kw["choices"] = f.metadata.get("choices")
-                kw["metavar"] = f.name.upper() if not kw["choices"] else None
+                kw.update(type=typ, choices=f.metadata.get("choices"))
+                if not kw["choices"]:
+                    kw["metavar"] = {int: "N", float: "X", str: "STR"}[typ]
             group.add_argument(_flag(f), **kw)
 
 
@@ -249,12 +255,6 @@ def from_dict(data: dict) -> Config:
 
 def save(cfg: Config, path: Path) -> None:
     path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
-
-def parse(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description="Train a CNN with dist_cnn.")
-    add_arguments(parser)
-    return from_args(parser.parse_args(sys.argv[1:] if argv is None else argv))
 
 
 assert all(is_dataclass(t) for _, t in _sections())

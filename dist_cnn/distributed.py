@@ -92,6 +92,10 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -
     """Detect, pick the device, and join the process group (world size > 1 only)."""
     env = detect(environ)
     env.device = pick_device(env)
+    if env.device.type == "cpu" and "OMP_NUM_THREADS" not in environ:
+        # Ranks sharing a node's cores: oversubscribed OpenMP threads spin and run ~10x slower.
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", 0)) or env.world_size
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.world_size == 1:

@@ -12,5 +12,5 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 cd "$root"
-export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
+export WANDB_SILENT=true
 exec "${DIST_CNN_VENV:-$root/.venv}/bin/python" -m pytest -q -ra "$@"
