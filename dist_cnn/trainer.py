@@ -320,7 +320,7 @@ class Trainer:
         if self.env.is_main:
             torch.save({"model": self.raw_model.state_dict(), "model_name": cfg.model.name, "classes": d.classes,
                         "in_channels": d.in_channels, "image_size": d.image_size,
-                        "mean": self.mean, "std": self.std}, self.run_dir / "model.pt")
+                        "mean": self.mean, "std": self.std, "config": config_mod.to_dict(cfg)}, self.run_dir / "model.pt")
             write_json_atomic(self.run_dir / "summary.json", summary)
             self.wandb.finish(summary)
             self._report(summary)

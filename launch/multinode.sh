@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Several nodes through torchrun's c10d rendezvous. Run the same command on every node:
+#   bash launch/multinode.sh --nnodes 2 --node-rank 0 --head node01:29500 [--procs N] [--run-id ID] [--max-restarts K] [train.py options]
+# Node rank 0 hosts the rendezvous store at --head; the others connect to it. --procs defaults to the
+# GPU count of the node. --run-id must be the same on all nodes (default: dist_cnn).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${DIST_CNN_PYTHON:-${DIST_CNN_VENV:-$root/.venv}/bin/python}"
+nnodes="" node_rank="" head="" procs="" run_id="dist_cnn" restarts=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nnodes) nnodes="$2"; shift 2 ;;
+    --node-rank) node_rank="$2"; shift 2 ;;
+    --head) head="$2"; shift 2 ;;
+    --procs) procs="$2"; shift 2 ;;
+    --run-id) run_id="$2"; shift 2 ;;
+    --max-restarts) restarts="$2"; shift 2 ;;
+    *) break ;;
+  esac
+done
+if [ -z "$nnodes" ] || [ -z "$node_rank" ] || [ -z "$head" ]; then
+  echo "launch/multinode.sh: --nnodes, --node-rank and --head HOST[:PORT] are required" >&2; exit 2
+fi
+[[ "$head" == *:* ]] || head="$head:29500"
+if [ -z "$procs" ]; then
+  procs="$("$py" -c 'import torch; print(torch.cuda.device_count())')"
+  [ "$procs" != 0 ] || { echo "launch/multinode.sh: no GPU found; pass --procs N" >&2; exit 2; }
+fi
+is_host=$([ "$node_rank" = 0 ] && echo 1 || echo 0)
+exec "$py" -m torch.distributed.run --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$procs" \
+  --rdzv_backend=c10d --rdzv_endpoint="$head" --rdzv_id="$run_id" --rdzv_conf="is_host=$is_host" \
+  --max_restarts="$restarts" "$root/train.py" "$@"
