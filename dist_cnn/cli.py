@@ -29,12 +29,20 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         prog=prog, description="Train a CNN with dist_cnn (one process, torchrun, srun or accelerate launch).",
     )
     config.add_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what was detected (launcher, rank, world size, device, backend, head "
+                             "address, SLURM job, CUDA, threads), check the launch against the allocation "
+                             "and exit without training; the same as `dist-cnn doctor`")
     return parser
 
 
 def run_train(argv) -> int:
+    ns = train_parser().parse_args(argv) if "--dry-run" not in argv else None
+    if ns is None or ns.dry_run:  # (ns.dry_run: an abbreviation) the doctor, which also takes --json
+        from .doctor import main_doctor
+        return main_doctor(argv, prog="train.py --dry-run")
     from .trainer import train
-    cfg = config.from_args(train_parser().parse_args(argv))
+    cfg = config.from_args(ns)
     summary = train(cfg)
     return 0 if summary else 1
 

@@ -40,6 +40,8 @@ class DataConfig:
                          "as in the tutorial", choices=("dataset", "half"))
     crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off")
     flip: bool = opt(False, "random horizontal flip augmentation")
+    alternate_flip: bool = opt(False, "with --flip: each image is flipped in alternate epochs (airbench) "
+                               "instead of independently at random")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ModelConfig:
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
+    freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class OptimConfig:
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
+    bias_lr_scale: float = opt(1.0, "LR multiplier for biases and norm parameters (airbench: 64)")
     schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
                         "warmup then cosine, or constant", choices=("onecycle", "cosine", "constant"))
     warmup: float = opt(0.2, "warmup length as a fraction of all steps")
@@ -73,6 +77,9 @@ class TrainConfig:
     eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)")
     log_every: int = opt(50, "log train loss every N optimizer steps")
     nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps")
+    lookahead_every: int = opt(0, "lookahead/EMA of weights every N steps, weights reset to the EMA (0 = off)")
+    lookahead_decay: float = opt(0.95, "per-step EMA decay of the lookahead, ramped up cubically over training")
+    tta: int = opt(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations")
 
 
 @dataclass
@@ -212,7 +219,7 @@ def validate(cfg: Config) -> None:
     positive = {"--epochs": cfg.train.epochs, "--batch-size": cfg.train.batch_size, "--lr": cfg.optim.lr,
                 "--grad-accum": cfg.train.grad_accum, "--image-size": cfg.data.image_size,
                 "--timeout": cfg.dist.timeout, "--keep-checkpoints": cfg.ckpt.keep,
-                "--nonfinite-patience": cfg.train.nonfinite_patience}
+                "--nonfinite-patience": cfg.train.nonfinite_patience, "--bias-lr-scale": cfg.optim.bias_lr_scale}
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
@@ -226,6 +233,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{flag} must be >= 0, got {value}")
     if not 0 <= cfg.optim.label_smoothing < 1 or not 0 <= cfg.optim.warmup <= 1:
         raise UserError("--label-smoothing must be in [0, 1) and --warmup in [0, 1]")
+    if cfg.train.tta not in (0, 1, 2) or not 0 < cfg.train.lookahead_decay < 1 or cfg.train.lookahead_every < 0:
+        raise UserError("--tta must be 0, 1 or 2, --lookahead-decay in (0, 1), --lookahead-every >= 0")
 
 
 def from_args(ns: argparse.Namespace) -> Config:

@@ -91,6 +91,8 @@ def pick_device(env: DistEnv) -> torch.device:
 def setup(backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -> DistEnv:
     """Detect, pick the device, and join the process group (world size > 1 only)."""
     env = detect(environ)
+    from .doctor import preflight  # launch vs allocation checks (dist_cnn/doctor.py); one-line UserErrors
+    preflight(env, environ)
     env.device = pick_device(env)
     if env.device.type == "cpu" and "OMP_NUM_THREADS" not in environ:
         # Ranks sharing a node's cores: oversubscribed OpenMP threads spin and run ~10x slower.
@@ -110,14 +112,31 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -
             socket.getaddrinfo(env.master_addr, None)
         except socket.gaierror:
             raise UserError(f"head host {env.master_addr!r} (first of SLURM_JOB_NODELIST) does not resolve") from None
-    dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s),
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                            store=_agent_store(env, timeout, environ),
                             device_id=env.device if env.device.type == "cuda" else None)
     return env
 
 
-def teardown() -> None:
+def _agent_store(env: DistEnv, timeout, environ):
+    """torchrun's store, with a key prefix per restart attempt.
+
+    torchrun keeps one store across elastic restarts, so without a prefix the restarted group reads
+    the dead group's keys (gloo then dials the old ranks' addresses and hangs or is refused).
+    """
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # env:// as usual: rank 0 hosts the store at MASTER_ADDR:MASTER_PORT
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dist_cnn/attempt_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def teardown(graceful: bool = True) -> None:
+    """Leave the group; after success all ranks leave together (a rank that tore down while a peer
+    was still sending has aborted in gloo's destructor), after an error without waiting."""
     if dist.is_available() and dist.is_initialized():
+        if graceful:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -50,7 +50,8 @@ def main_eval(argv) -> int:
         mean, std = normalization_stats(data.train_x, cfg.data.normalize)
         res = evaluate(model, data.test_x, data.test_y, num_classes=data.num_classes,
                        normalize=Normalize(mean, std, env.device, cfg.model.channels_last), env=env,
-                       precision=P.resolve(args.precision, env.device), batch_size=args.batch_size)
+                       precision=P.resolve(args.precision, env.device), batch_size=args.batch_size,
+                       tta=cfg.train.tta)
         if env.is_main:
             res = {"checkpoint": str(args.checkpoint), "dataset": cfg.data.dataset, "model": cfg.model.name,
                    "classes": data.classes, "world_size": env.world_size, **res}
@@ -63,6 +64,8 @@ def main_eval(argv) -> int:
                 write_json_atomic(out, res)
             except OSError as e:
                 print(f"warning: could not write {out}: {e.strerror}")
-        return 0
-    finally:
-        D.teardown()
+    except BaseException:
+        D.teardown(graceful=False)
+        raise
+    D.teardown()
+    return 0

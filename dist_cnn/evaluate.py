@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from .distributed import DistEnv, all_reduce_sum
 from .loader import Normalize, eval_shard
+from .models import tta_logits
 from .precision import autocast
 
 
@@ -18,14 +19,6 @@ def sync_buffers(model: torch.nn.Module, env: DistEnv) -> None:
     if env.initialized:
         for b in model.buffers():
             dist.broadcast(b, src=0)
-
-
-def predict(model, x, tta: int):
-    logits = model(x)
-    if tta >= 1:  # flip test-time augmentation, for models trained with flips
-        logits = logits + model(x.flip(3))
-        logits = logits / 2
-    return logits
 
 
 @torch.no_grad()
@@ -40,7 +33,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_cl
         xb = normalize(x[i:min(i + batch_size, part.stop)].to(env.device, non_blocking=True))
         yb = y[i:min(i + batch_size, part.stop)].to(env.device, non_blocking=True)
         with autocast(precision, env.device):
-            pred = predict(model, xb, tta).argmax(1)
+            pred = tta_logits(model, xb, tta).argmax(1)
         conf += torch.bincount(yb * num_classes + pred, minlength=num_classes * num_classes)
     conf = all_reduce_sum(conf).view(num_classes, num_classes).cpu()
     model.train(was_training)

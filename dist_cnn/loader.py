@@ -25,6 +25,7 @@ PLAN_SEED_OFFSET = 1_000_003  # keeps data-order draws independent of the weight
 class Augment:
     crop_padding: int = 0
     flip: bool = False
+    alternate_flip: bool = False
 
 
 def epoch_plan(n: int, seed: int, epoch: int, aug: Augment) -> dict[str, torch.Tensor]:
@@ -32,7 +33,12 @@ def epoch_plan(n: int, seed: int, epoch: int, aug: Augment) -> dict[str, torch.T
     plan = {"perm": torch.randperm(n, generator=g)}
     if aug.crop_padding:
         plan["shift"] = torch.randint(0, 2 * aug.crop_padding + 1, (n, 2), generator=g)
-    if aug.flip:
+    if aug.flip and aug.alternate_flip:
+        # Each image flips in alternate epochs from a per-image start (airbench): every epoch pair sees
+        # both orientations, which random flips only give on average.
+        start = torch.rand(n, generator=torch.Generator().manual_seed(seed * PLAN_SEED_OFFSET - 1)) < 0.5
+        plan["flip"] = (start ^ bool(epoch % 2))[plan["perm"]]
+    elif aug.flip:
         plan["flip"] = torch.rand(n, generator=g) < 0.5
     return plan
 

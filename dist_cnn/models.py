@@ -59,6 +59,8 @@ class SeedNet(nn.Module):
 
 @register("seed")
 def seed(in_channels, num_classes, image_size):
+    if image_size < 4:
+        raise UserError(f"seed needs images of at least 4x4 pixels, got {image_size}")
     return SeedNet(in_channels, num_classes, image_size)
 
 
@@ -192,6 +194,8 @@ class Airbench(nn.Module):
 
 @register("airbench")
 def airbench(in_channels, num_classes, image_size):
+    if image_size < 9:  # the 2x2 conv and three 2x pools must leave at least one pixel
+        raise UserError(f"airbench needs images of at least 9x9 pixels, got {image_size}")
     return Airbench(in_channels, num_classes)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, config as config_mod, distributed as D, precision as P
+from . import checkpoint, config as config_mod, distributed as D, parallel, precision as P
 from .config import Config
 from .data import load_dataset
 from .errors import UserError
@@ -24,7 +24,7 @@ from .evaluate import evaluate
 from .loader import Augment, DevicePipeline, LoaderPipeline, Normalize, normalization_stats
 from .metrics import MetricsLog, Progress, write_json_atomic
 from .models import build_model
-from .optim import build_optimizer, build_schedule
+from .optim import Lookahead, build_optimizer, build_schedule
 from .preempt import StopSignal, requeue_slurm_job
 from .rundir import prepare_run_dir, resolve_resume
 from .wandb_logger import WandbLogger
@@ -76,6 +76,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.schedule = build_schedule(self.optimizer, self.total_steps, cfg.optim)
         self.scaler = P.grad_scaler(self.precision, env.device)
+        self.lookahead = Lookahead(self.raw_model, t.lookahead_every, t.lookahead_decay, self.total_steps) \
+            if t.lookahead_every else None
 
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.train_seconds, self.best_acc, self.bad_steps, self.skipped_steps = 0.0, -1.0, 0, 0
@@ -100,17 +102,7 @@ class Trainer:
         model.to(env.device)
         if cfg.model.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.raw_model = model
-        if env.world_size > 1:
-            if cfg.model.sync_bn:
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-                self.raw_model = model
-            has_buffers = any(True for _ in model.buffers())
-            model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                        broadcast_buffers=has_buffers, gradient_as_bucket_view=True,
-                        bucket_cap_mb=25, static_graph=self.cfg.train.grad_accum == 1)
-        if cfg.model.compile:
-            model = torch.compile(model)
+        model, self.raw_model = parallel.wrap(model, env, cfg.model, cfg.train.grad_accum)
         return model
 
     def _build_pipeline(self):
@@ -120,7 +112,8 @@ class Trainer:
             kind = "device" if self._fits_on_device(d.train_x) else "dataloader"
         self.loader_kind = kind
         kw = dict(batch_per_rank=self.batch_per_rank, rank=env.rank, world=env.world_size, seed=cfg.train.seed,
-                  aug=Augment(cfg.data.crop_padding, cfg.data.flip), normalize=self.normalize, device=env.device)
+                  aug=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.alternate_flip),
+                  normalize=self.normalize, device=env.device)
         if kind == "device":
             return DevicePipeline(d.train_x, d.train_y, **kw)
         return LoaderPipeline(d.train_x, d.train_y, workers=cfg.data.workers, **kw)
@@ -143,7 +136,8 @@ class Trainer:
                 "train_seconds": self.train_seconds, "best_acc": self.best_acc,
                 "skipped_steps": self.skipped_steps, "rng": rngs, "world_size": self.env.world_size,
                 "config": config_mod.to_dict(self.cfg), "wandb_id": self.wandb.run_id,
-                "metrics": self.metrics.history, "finished": False}
+                "metrics": self.metrics.history, "finished": False,
+                "lookahead": self.lookahead.state_dict() if self.lookahead else {}}
 
     def _load_state(self, s: dict) -> None:
         checkpoint.check_compatible(s, self.cfg.model.name, self.cfg.data.dataset,
@@ -152,6 +146,8 @@ class Trainer:
         self.optimizer.load_state_dict(s["optimizer"])
         self.schedule.load_state_dict(s["schedule"])
         self.scaler.load_state_dict(s["scaler"])
+        if self.lookahead:
+            self.lookahead.load_state_dict(s["lookahead"])
         self.step, self.epoch, self.epoch_step = s["step"], s["epoch"], s["epoch_step"]
         self.train_seconds, self.best_acc, self.skipped_steps = s["train_seconds"], s["best_acc"], s["skipped_steps"]
         self.wandb_id = s["wandb_id"]
@@ -199,6 +195,9 @@ class Trainer:
                              torch.tensor(float(self.stop.requested), device=self.env.device),
                              torch.tensor(float(due), device=self.env.device)])
         flags = D.all_reduce_sum(flags).cpu()
+        whiten = getattr(self.raw_model, "whiten", None)
+        if whiten is not None and self.epoch >= self.cfg.model.freeze_whiten_bias_after:
+            whiten.bias.grad = None  # airbench trains the whitening bias for the first epochs only
         if flags[0] > 0 and self.precision != "fp16":
             self.optimizer.zero_grad(set_to_none=True)  # skip the update; fp16's scaler skips by itself
         else:
@@ -240,6 +239,8 @@ class Trainer:
             wait += time.perf_counter() - w0
             flags, loss = self.train_step(micro)
             self.step, self.epoch_step, interval_steps = self.step + 1, self.epoch_step + 1, interval_steps + 1
+            if self.lookahead:
+                self.lookahead.step(self.step)
             self._guard_nonfinite(flags[0] > 0)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 now = time.perf_counter()
@@ -247,7 +248,8 @@ class Trainer:
                 self.log_train(float(loss), interval_steps, now - interval_start, wait)
                 tick = interval_start = time.perf_counter()
                 interval_steps, wait = 0, 0.0
-            if flags[1] > 0 or flags[2] > 0 or (self.cfg.ckpt.every_steps and self.step % self.cfg.ckpt.every_steps == 0):
+            periodic = flags[2] > 0 or (self.cfg.ckpt.every_steps and self.step % self.cfg.ckpt.every_steps == 0)
+            if flags[1] > 0 or (periodic and self.bad_steps == 0):  # never checkpoint weights mid-divergence
                 self.train_seconds += time.perf_counter() - tick
                 self.save_checkpoint()
                 tick = time.perf_counter()
@@ -285,6 +287,7 @@ class Trainer:
     def handle_stop(self) -> bool:
         requeue = D.broadcast_object(self.stop.wants_requeue, self.env)
         self.log(f"stop signal: checkpoint written at step {self.step}")
+        self.wandb.finish()  # complete the W&B files inside the grace period; a requeue resumes the run
         if requeue and self.env.is_main:
             requeue_slurm_job(self.log)
         return True
@@ -292,7 +295,7 @@ class Trainer:
     def run_eval(self) -> dict:
         d = self.data
         res = evaluate(self.model, d.test_x, d.test_y, num_classes=d.num_classes, normalize=self.normalize,
-                       env=self.env, precision=self.precision, tta=0)
+                       env=self.env, precision=self.precision, tta=self.cfg.train.tta)
         rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.train_seconds}
         self.metrics.write(rec)
         self.wandb.log_eval(rec, d.classes)
@@ -339,6 +342,9 @@ class Trainer:
 def train(cfg: Config) -> dict:
     env = D.setup(cfg.dist.backend, cfg.dist.timeout)
     try:
-        return Trainer(cfg, env).fit()
-    finally:
-        D.teardown()
+        result = Trainer(cfg, env).fit()
+    except BaseException:
+        D.teardown(graceful=False)
+        raise
+    D.teardown()
+    return result

@@ -18,6 +18,9 @@ from __future__ import annotations
 import configparser
 import netrc
 import os
+import secrets
+import string
+import threading
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -25,6 +28,7 @@ from urllib.parse import urlsplit
 from .config import LogConfig
 
 INIT_TIMEOUT_S = 30.0  # wandb's default is 90 s; online init without network fails after this
+TEARDOWN_TIMEOUT_S = 15.0  # after a failed online init, before the offline fallback
 _DEFAULT_HOSTS = ("api.wandb.ai",)
 SYNC_HINT = "wandb sync {dir}"
 
@@ -93,7 +97,8 @@ def has_credentials() -> bool:
 
 
 def resolve_mode(mode: str, run_dir: Path | str | None = None) -> tuple[str, str | None]:
-    """'auto' -> 'online' with credentials, else 'offline' plus a one-line note on syncing later.
+    """'auto' -> 'online' with credentials, else 'offline' plus a one-line note on syncing later
+    (WANDB_MODE=offline/disabled or WANDB_DISABLED=true in the environment still win under 'auto').
 
     'online' without credentials also goes offline (with a note) rather than prompting for a key.
     Returns (mode, message or None).
@@ -102,12 +107,37 @@ def resolve_mode(mode: str, run_dir: Path | str | None = None) -> tuple[str, str
         raise ValueError(f"unknown wandb mode {mode!r}")
     if mode in ("offline", "disabled"):
         return mode, None
+    where = Path(run_dir) / "wandb" if run_dir is not None else "<run dir>/wandb"
+    if mode == "auto":  # a job script's WANDB_MODE / WANDB_DISABLED still count under 'auto'
+        env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env_mode == "disabled" or os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1"):
+            return "disabled", None
+        if env_mode in ("offline", "dryrun"):
+            return "offline", f"wandb: offline (WANDB_MODE={env_mode}); upload later with: {SYNC_HINT.format(dir=where)}"
     if has_credentials():
         return "online", None
-    where = Path(run_dir) / "wandb" if run_dir is not None else "<run dir>/wandb"
     why = "no W&B credentials found" + (" for --wandb online" if mode == "online" else "")
     return "offline", (f"wandb: {why} (set WANDB_API_KEY or run `wandb login`): logging offline; "
                        f"upload later with: {SYNC_HINT.format(dir=where)}")
+
+
+def _call_with_timeout(fn, timeout: float) -> bool:
+    """Run fn in a daemon thread; True if it returned (raising counts) within timeout seconds."""
+    def target():
+        try:
+            fn()
+        except Exception:
+            pass
+    thread = threading.Thread(target=target, name="wandb-teardown", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+def new_run_id() -> str:
+    """A W&B-style run id: 8 random lowercase letters and digits."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def _one_line(e: BaseException) -> str:
@@ -138,6 +168,8 @@ class WandbLogger:
         mode, message = resolve_mode(cfg_log.wandb, self.run_dir)
         if message:
             log(message)
+        if mode == "disabled":
+            return
         try:
             import wandb
         except Exception as e:  # broken install: training goes on
@@ -145,16 +177,22 @@ class WandbLogger:
             return
         self._wandb = wandb
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh run gets its id here rather than from wandb, so that an offline fallback after a
+        # failed online init keeps the same id (and `wandb sync` later fills that run).
         init = dict(
             project=cfg_log.wandb_project or None, entity=cfg_log.wandb_entity or None,
             name=cfg_log.run_name or None, group=cfg_log.wandb_group or None,
             tags=list(cfg_log.wandb_tags) or None, config=dict(config),
-            id=run_id, resume="allow" if run_id else None, dir=str(self.run_dir),
+            id=run_id or new_run_id(), resume="allow" if run_id else None, dir=str(self.run_dir),
         )
         self._run = self._init(init, mode)
         if self._run is None and mode == "online":
             where = self.run_dir / "wandb"
             log(f"wandb: logging offline instead; upload later with: {SYNC_HINT.format(dir=where)}")
+            # wandb-core keeps the failed run's id busy until its service is torn down; should the
+            # teardown itself hang (a black-holed network), go on with a fresh id instead.
+            if not _call_with_timeout(wandb.teardown, TEARDOWN_TIMEOUT_S):
+                init["id"] = new_run_id()
             self._run = self._init(init, "offline")
         if self._run is None:
             log("wandb: W&B logging disabled for this run")

@@ -41,7 +41,8 @@
 #   In both modes the training processes get the same allocation; only who starts them differs.
 #
 # Other environment variables:
-#   DIST_CNN_PYTHON      Python interpreter (default: python on PATH), e.g. .venv/bin/python
+#   DIST_CNN_PYTHON      Python interpreter; default $DIST_CNN_VENV/bin/python, else .venv/bin/python
+#                        in the submit directory (launch/setup.sh makes it), else python on PATH
 #   DIST_CNN_ENTRY       entry script (default train.py, relative to the submit directory)
 #   DIST_CNN_RDZV_PORT   torchrun rendezvous port (default 20000 + job id % 20000)
 #   OMP_NUM_THREADS      default: --cpus-per-task
@@ -75,7 +76,10 @@ die() { echo "slurm/train.sh: error: $*" >&2; exit 2; }
 [ -n "${SLURM_JOB_ID:-}" ] || die "submit this script with sbatch: sbatch slurm/train.sh [train.py options]"
 cd "${SLURM_SUBMIT_DIR:-.}" || die "cannot cd to the submit directory ${SLURM_SUBMIT_DIR:-}"
 
-PY="${DIST_CNN_PYTHON:-python}"
+if [ -n "${DIST_CNN_PYTHON:-}" ]; then PY="$DIST_CNN_PYTHON"
+elif [ -n "${DIST_CNN_VENV:-}" ]; then PY="$DIST_CNN_VENV/bin/python"
+elif [ -x .venv/bin/python ]; then PY="$(pwd)/.venv/bin/python"     # launch/setup.sh's venv
+else PY=python; fi
 ENTRY="${DIST_CNN_ENTRY:-train.py}"
 LAUNCH="${DIST_CNN_LAUNCH:-torchrun}"
 command -v "$PY" >/dev/null 2>&1 || die "Python interpreter '$PY' not found (set DIST_CNN_PYTHON)"
@@ -129,9 +133,10 @@ echo "dist_cnn: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JO
 echo "dist_cnn: ${CMD[*]}"
 
 step_pid=""
+# shellcheck disable=SC2317  # invoked by the traps below
 forward() {   # forward a signal to the srun step (srun passes it to all of the step's processes)
     echo "dist_cnn: batch shell got SIG$1 at $(date -Is); forwarding to the training step"
-    [ -n "$step_pid" ] && kill -s "$1" "$step_pid" 2>/dev/null
+    if [ -n "$step_pid" ]; then kill -s "$1" "$step_pid" 2>/dev/null || true; fi
 }
 trap 'forward USR1' USR1
 trap 'forward USR2' USR2

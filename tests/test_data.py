@@ -66,7 +66,7 @@ def test_cifar10_batches(tmp_path, keys, protocol):
 
 
 def test_cifar10_matches_torchvision_reader(tmp_path, monkeypatch):
-    """The str-key form is what torchvision's CIFAR10 reads; only its md5 check (of the official files) is skipped."""
+    """The str-key form is exactly what torchvision's CIFAR10 reads; only its md5 check is skipped."""
     import torchvision.datasets.cifar as tv_cifar
     write_cifar10(tmp_path, keys=str)
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
@@ -102,7 +102,8 @@ def test_cifar10_download_failure_is_one_clean_line(tmp_path, monkeypatch, capsy
         print("Downloading https://... (chatter that must not reach the terminal)")
         raise urllib.error.URLError("Name or service not known\nsecond line")
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
-    msg = user_error(DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=True), "could not be downloaded")
+    cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=True)
+    msg = user_error(cfg, "could not be downloaded")
     assert "Name or service not known" in msg and "--data-dir" in msg and "--dataset synthetic" in msg
     assert capsys.readouterr().out == ""
 
@@ -123,7 +124,8 @@ def test_cifar_labels_out_of_range(tmp_path):
     write_cifar10(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
     write_pickle(folder / "test_batch", {b"data": cifar_images(2, 0), b"labels": [3, 10]}, 4)
-    user_error(DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=False), r"labels must be in \[0, 10\)")
+    cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=False)
+    user_error(cfg, r"labels must be in \[0, 10\)")
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
@@ -190,10 +192,9 @@ def test_fashion_mnist_bad_files(tmp_path, no_system_fashion):
 
 # ----------------------------------------------------------------------------- image folders
 
-def save(path, arr, mode=None):
+def save(path, arr):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr.astype(np.uint8), mode).save(path, quality=95) if mode else \
-        Image.fromarray(arr.astype(np.uint8)).save(path, quality=95)
+    Image.fromarray(arr.astype(np.uint8)).save(path, quality=95)  # quality: JPEG only
 
 
 @pytest.fixture
@@ -272,7 +273,8 @@ def test_imagefolder_corrupt_cache_is_rebuilt(folder):
     cache.write_bytes(b"truncated")
     lines = []
     assert torch.equal(load_dataset(img_cfg(root), log=lines.append).train_x, first.train_x)
-    assert "ignoring unreadable cache" in lines[0] and torch.load(cache, weights_only=True)["classes"] == ["cat", "dog"]
+    assert "ignoring unreadable cache" in lines[0]
+    assert torch.load(cache, weights_only=True)["classes"] == ["cat", "dog"]  # rewritten whole
 
 
 def test_imagefolder_corrupt_image_names_file(folder):
@@ -305,7 +307,11 @@ def test_synthetic_deterministic_balanced_learnable():
     assert a.train_x.dtype == torch.uint8 and a.train_y.dtype == torch.int64
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert a.train_y.bincount().tolist() == [200] * 10 and not torch.equal(a.train_x[:500], a.test_x)
-    # Learnable but not trivial: nearest class mean (fitted on train) is far above chance, short of perfect.
-    means = torch.stack([a.train_x[a.train_y == c].float().mean(0) for c in range(10)]).flatten(1)
-    acc = (torch.cdist(a.test_x.float().flatten(1), means).argmin(1) == a.test_y).float().mean().item()
-    assert 0.5 < acc < 0.99, acc
+    # Learnable but not perfectly separable: matching per-image-normalized class means (fitted on train)
+    # is far above chance, short of perfect. (A small CNN reaches ~94% after one epoch of 10k.)
+    def feats(x):
+        x = x.float() - x.float().mean((2, 3), keepdim=True)  # drops the colour cast; normalize drops contrast
+        return torch.nn.functional.normalize(x.flatten(1), dim=1)
+    means = torch.stack([feats(a.train_x[a.train_y == c]).mean(0) for c in range(10)])
+    acc = ((feats(a.test_x) @ means.T).argmax(1) == a.test_y).float().mean().item()
+    assert 0.85 < acc < 0.995, acc

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from conftest import PY, ROOT, SMALL, clean_env, free_port, read_summary, run_py, torchrun, train
+from common import PY, ROOT, SMALL, clean_env, free_port, read_summary, run_py, torchrun, train
 
 
 def weights(run_dir):

@@ -62,6 +62,9 @@ def test_airbench_shape_and_frozen_parts():
     assert torch.equal(w[:256], torch.nn.init.dirac_(torch.empty(256, 256, 3, 3)))
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert build_model("airbench", 1, 10, 28)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert build_model("airbench", 3, 10, 9)(torch.randn(2, 3, 9, 9)).shape == (2, 10)  # the smallest
+    with pytest.raises(UserError):
+        build_model("airbench", 3, 10, 8)
 
 
 def test_whitening_gives_identity_covariance():
@@ -127,11 +130,13 @@ def test_register_makes_build_model_find_it():
         del MODELS["tiny_test_net"]
 
 
-@pytest.mark.parametrize("name,lr,steps", [("seed", 0.05, 8), ("resnet18", 0.05, 3), ("airbench", 0.5, 4)])
-def test_trains_fp32_and_runs_bf16(name, lr, steps):
+# small images keep this fast on a CPU
+@pytest.mark.parametrize("name,size,lr,steps", [("seed", 16, 0.05, 8), ("resnet18", 8, 0.05, 3),
+                                                ("airbench", 16, 0.5, 4)])
+def test_trains_fp32_and_runs_bf16(name, size, lr, steps):
     torch.manual_seed(0)
-    m = build_model(name, 3, 10, 16)  # 16x16 keeps ResNet-18 fast on a CPU
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    m = build_model(name, 3, 10, size)
+    x, y = torch.randn(8, 3, size, size), torch.randint(0, 10, (8,))
     if hasattr(m, "init_from_data"):
         m.init_from_data(x)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, momentum=0.9)

@@ -5,6 +5,7 @@ and clears the W&B environment, so nothing leaks in from the machine or out to i
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,10 @@ def test_offline_run_is_read_back(wb_env, tmp_path):
     assert eval_row["test/per_class_accuracy/dog"] == pytest.approx(0.7)
     assert eval_row["test/confusion_matrix_table"]["_type"] == "table-file"
     tables = list(dirs[0].glob("files/media/table/**/*.table.json"))
-    assert len(tables) == 1 and '"cat", "dog", 1' in tables[0].read_text()
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
+    assert ["cat", "dog", 1] in table["data"] and len(table["data"]) == 9
     assert back["summary"]["test_accuracy"] == pytest.approx(0.7667)
     assert back["summary"]["classes"] == CLASSES
     assert back["config"]["model"] == {"name": "resnet18"} and back["config"]["train"]["lr"] == 0.1
@@ -117,6 +121,7 @@ def test_resume_continues_same_run_with_increasing_steps(wb_env, tmp_path):
     # offline, each wandb.init writes its own offline-run-<time>-<id> dir: two segments, one run id
     assert len(offline_run_dirs(run_dir)) == 2
     assert back["run_ids"] == [run_id, run_id]
+    assert [s["resume"] for s in back["segments"]] == [False, True]
     first, second = (s["history"] for s in back["segments"])
     assert max(r["_step"] for r in first) == 30 and min(r["_step"] for r in second) == 40
     steps = [r["_step"] for r in back["history"]]
@@ -145,6 +150,18 @@ def test_auto_without_credentials_goes_offline_with_sync_hint(wb_env, tmp_path):
     assert "wandb sync" in message and str(tmp_path / "run" / "wandb") in message and "\n" not in message
     assert resolve_mode("offline") == ("offline", None)
     assert resolve_mode("disabled") == ("disabled", None)
+    assert list(wb_env.iterdir()) == []  # deciding wrote nothing
+
+
+def test_auto_honours_wandb_mode_env(wb_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    mode, message = resolve_mode("auto", tmp_path / "run")
+    assert mode == "offline" and "wandb sync" in message and FAKE_KEY not in message
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == ("disabled", None)
+    logger = WandbLogger(LogConfig(wandb="auto"), tmp_path / "run", CONFIG, None, True, print)
+    assert logger.mode == "disabled" and not (tmp_path / "run").exists()
 
 
 def test_auto_with_credentials_goes_online(wb_env, monkeypatch):
@@ -193,5 +210,7 @@ def test_online_init_failure_falls_back_to_offline(wb_env, tmp_path, monkeypatch
     assert any("wandb sync" in m for m in messages)
     assert all("\n" not in m for m in messages)
     assert [r["_step"] for r in read_offline_run(run_dir)["history"] if "train/loss" in r] == [1, 2]
+    # the failed online attempt and the offline fallback share one id, so a later sync fills that run
+    assert {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("*run-*")} == {run_id}
     out = capfd.readouterr()
     _assert_no_key([tmp_path], out.out + out.err + "\n".join(messages))

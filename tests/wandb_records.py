@@ -91,34 +91,52 @@ def _item_value(item):
     return json.loads(item.value_json) if item.value_json else None
 
 
-def _item_key(item) -> str:
-    return "/".join(item.nested_key) if item.nested_key else item.key
+def _put(target: dict, item, value) -> None:
+    """Store an item's value; nested_key (a dict value wandb split into leaves) becomes nested dicts."""
+    keys = list(item.nested_key) or [item.key]
+    for k in keys[:-1]:
+        if not isinstance(target.get(k), dict):
+            target[k] = {}
+        target = target[k]
+    target[keys[-1]] = value
+
+
+def _pop(target: dict, item) -> None:
+    keys = list(item.nested_key) or [item.key]
+    for k in keys[:-1]:
+        target = target.get(k)
+        if not isinstance(target, dict):
+            return
+    target.pop(keys[-1], None)
 
 
 def read_offline_file(path: Path) -> dict:
-    """One .wandb file -> {'run_id', 'history', 'summary', 'config', 'record_types', 'path'}."""
-    out: dict = {"path": Path(path), "run_id": None, "history": [], "summary": {}, "config": {},
-                 "record_types": {}}
+    """One .wandb file -> {'run_id', 'resume', 'history', 'summary', 'config', 'record_types', 'path'}."""
+    out: dict = {"path": Path(path), "run_id": None, "resume": None, "history": [], "summary": {},
+                 "config": {}, "record_types": {}}
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
         out["record_types"][kind] = out["record_types"].get(kind, 0) + 1
         if kind == "run":
             out["run_id"] = record.run.run_id
+            out["resume"] = bool(record.run.resume)  # the init asked to resume (resume="allow")
             for item in record.run.config.update:
-                out["config"][_item_key(item)] = _item_value(item)
+                _put(out["config"], item, _item_value(item))
         elif kind == "config":
             for item in record.config.update:
-                out["config"][_item_key(item)] = _item_value(item)
+                _put(out["config"], item, _item_value(item))
         elif kind == "history":
-            row = {_item_key(item): _item_value(item) for item in record.history.item}
+            row: dict = {}
+            for item in record.history.item:
+                _put(row, item, _item_value(item))
             if record.history.HasField("step") and "_step" not in row:
                 row["_step"] = record.history.step.num
             out["history"].append(row)
         elif kind == "summary":
             for item in record.summary.update:
-                out["summary"][_item_key(item)] = _item_value(item)
+                _put(out["summary"], item, _item_value(item))
             for item in record.summary.remove:
-                out["summary"].pop(_item_key(item), None)
+                _pop(out["summary"], item)
     return out
 
 

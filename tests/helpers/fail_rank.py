@@ -1,5 +1,10 @@
-"""train.py, but rank FAIL_RANK raises at optimizer step FAIL_STEP: a real mid-training crash of one rank."""
+"""train.py, but rank FAIL_RANK dies at optimizer step FAIL_STEP: a real mid-training crash of one rank.
+
+FAIL_MODE=raise (default) raises an exception; FAIL_MODE=kill sends itself SIGKILL. Only the first
+attempt fails (TORCHELASTIC_RESTART_COUNT 0 or unset), so restarts and resumes can finish.
+"""
 import os
+import signal
 import sys
 
 from dist_cnn import trainer
@@ -9,7 +14,10 @@ _step = trainer.Trainer.train_step
 
 
 def failing_step(self, micro):
-    if self.env.rank == int(os.environ["FAIL_RANK"]) and self.step == int(os.environ["FAIL_STEP"]):
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first_attempt and self.env.rank == int(os.environ["FAIL_RANK"]) and self.step == int(os.environ["FAIL_STEP"]):
+        if os.environ.get("FAIL_MODE", "raise") == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure on rank {self.env.rank} at step {self.step}")
     return _step(self, micro)
 

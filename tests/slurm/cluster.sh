@@ -26,6 +26,7 @@ LOG="$D/log"
 CTLD_PORT="${DIST_CNN_SLURM_CTLD_PORT:-6817}"
 SLURMD_PORT="${DIST_CNN_SLURM_SLURMD_PORT:-6818}"
 START_TIMEOUT="${DIST_CNN_SLURM_START_TIMEOUT:-60}"
+CRED_EXPIRE="${DIST_CNN_SLURM_CRED_EXPIRE:-10}"
 export SLURM_CONF="$CONF"
 
 log() { echo "slurm cluster: $*" >&2; }
@@ -57,10 +58,10 @@ launch() {
 }
 
 stop_daemon() {
-    local name=$1 pid i
+    local name=$1 pid _
     if ! pid=$(pid_of "$name"); then rm -f "$RUN/$name.pid"; return 0; fi
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         pid_of "$name" >/dev/null || break
         sleep 0.1
     done
@@ -105,7 +106,7 @@ wait_idle() {
         case "$state" in
             idle|mixed|allocated|completing) return 0 ;;
             # After an unclean stop the node can come back down/drained; resume it once.
-            down*|drain*|drained*)
+            down*|drain*)
                 if [ $resumed = 0 ]; then
                     scontrol update NodeName="$(node_name)" State=RESUME >/dev/null 2>&1 || true
                     resumed=1
@@ -120,12 +121,14 @@ wait_idle() {
 # ---- configuration ---------------------------------------------------------
 
 ensure_hostname_resolves() {
+    # slurmctld/slurmd/srun and torchrun's rendezvous use the host and node names.
     local h
-    h=$(hostname)
-    if ! getent hosts "$h" >/dev/null 2>&1; then
-        log "host name '$h' does not resolve; adding it to /etc/hosts"
-        echo "127.0.0.1 $h" >>/etc/hosts
-    fi
+    for h in $(hostname) $(node_name); do
+        if ! getent hosts "$h" >/dev/null 2>&1; then
+            log "host name '$h' does not resolve; adding it to /etc/hosts"
+            echo "127.0.0.1 $h" >>/etc/hosts
+        fi
+    done
 }
 
 write_conf() {
@@ -133,7 +136,7 @@ write_conf() {
     line=$(slurmd -C | head -n1)
     name=$(sed -n 's/.*NodeName=\([^ ]*\).*/\1/p' <<<"$line")
     mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$line")
-    [ -n "$name" ] && [ -n "$mem" ] || die "cannot parse 'slurmd -C': $line"
+    if [ -z "$name" ] || [ -z "$mem" ]; then die "cannot parse 'slurmd -C': $line"; fi
     cpus=${DIST_CNN_SLURM_CPUS:-$(nproc)}
     if [ -z "${DIST_CNN_SLURM_CPUS:-}" ] && [ "$cpus" -lt 16 ]; then cpus=16; fi
     # The controller starts with clean state (-c) so that jobs of an earlier,
@@ -155,7 +158,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$D/ctld
 SlurmdSpoolDir=$D/spool
 SlurmctldPidFile=$RUN/slurmctld.own.pid
@@ -179,6 +183,8 @@ SchedulerType=sched/backfill
 # Schedule (and restart requeued jobs) within seconds instead of minutes.
 SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 JobRequeue=1
+# Reject impossible requests at submission instead of leaving them pending forever.
+EnforcePartLimits=ALL
 # Finished jobs stay visible to 'scontrol show job' for 5 minutes.
 MinJobAge=300
 FirstJobId=$first_job
@@ -212,8 +218,8 @@ start_munged() {
         --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/munge.key" \
         --pid-file="$MUNGE_DIR/munged.pid" --log-file="$LOG/munged.log" \
         --seed-file="$MUNGE_DIR/munged.seed"
-    local i
-    for i in $(seq 1 100); do
+    local _
+    for _ in $(seq 1 100); do
         if [ -S "$MUNGE_SOCKET" ] && munge -n -S "$MUNGE_SOCKET" 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; then
             return 0
         fi
@@ -227,8 +233,8 @@ start_munged() {
 start_slurmctld() {
     pid_of slurmctld >/dev/null && return 0
     launch slurmctld slurmctld -D -c -f "$CONF"
-    local i
-    for i in $(seq 1 150); do
+    local _
+    for _ in $(seq 1 150); do
         scontrol ping 2>/dev/null | grep -q 'is UP' && return 0
         pid_of slurmctld >/dev/null || break
         sleep 0.2
@@ -243,8 +249,10 @@ start_slurmd() {
 }
 
 cmd_start() {
-    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-        || die "SLURM/munge not installed; run tests/slurm/install.sh"
+    local b
+    for b in munged munge slurmctld slurmd sinfo scontrol squeue; do
+        command -v "$b" >/dev/null || die "$b not found: SLURM/munge not installed; run tests/slurm/install.sh"
+    done
     [ "$(id -u)" -eq 0 ] || die "must run as root (SlurmUser=root)"
     local t0=$SECONDS
     if all_running && scontrol ping 2>/dev/null | grep -q 'is UP'; then
@@ -276,14 +284,14 @@ stop_daemons() {
 cmd_stop() {
     if pid_of slurmctld >/dev/null && pid_of slurmd >/dev/null && pid_of munged >/dev/null; then
         # Cancel remaining jobs so that no job processes outlive the cluster.
-        local jobs i
+        local jobs
         jobs=$(squeue -h -o '%i' 2>/dev/null || true)
         if [ -n "$jobs" ]; then
-            log "cancelling jobs: $(echo $jobs)"
+            log "cancelling jobs: $(tr '\n' ' ' <<<"$jobs")"
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
             # KillWait is 30 s: TERM, then KILL after 30 s.
-            for i in $(seq 1 200); do
+            for _ in $(seq 1 200); do
                 [ -z "$(squeue -h -o '%i' 2>/dev/null || true)" ] && break
                 sleep 0.25
             done

@@ -1,0 +1,576 @@
+"""Training throughput (images/s of forward + backward + SGD step) through each input path, and how
+close it gets to this machine's matrix-product ceiling.
+
+Paths (rows of the table):
+  (a) tutorial  the PyTorch tutorial's pipeline: ImageFolder + PIL + ToTensor + Normalize, DataLoader
+                with 2 workers, the seed architecture (benchmarks/tutorial.py's WideNet), SGD as published
+  (b) loader    dist_cnn's DataLoader path (loader.LoaderPipeline, 2 workers) + Trainer.train_step
+  (c) device    dist_cnn's device-resident path (loader.DevicePipeline) + Trainer.train_step
+  (d) hand      the baseline: a preloaded, normalized float tensor, random index batches, model, loss,
+                backward, SGD step: nothing else
+(b) and (c) run the real Trainer (built from a Config, driven step by step as Trainer.run_epoch does), so
+what they cost is what `train.py` pays per step. ws2 = 2 processes x 1 thread, gloo DDP, spawned here
+(the library never spawns). Every case is measured once per round, rounds interleaved; medians reported.
+Epoch starts (the plan, DataLoader worker start-up) are kept out of the timed windows.
+
+FLOPs: FlopCounterMode over one training step (forward + backward) / batch. The ceiling: torch.mm of
+2048x2048 in fp32 and bf16, measured in the same rounds; utilization = FLOP/image x images/s / peak.
+
+    python benchmarks/throughput.py [--quick] [--data-dir /tmp/cifar10-jpeg] [--json PATH] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dist_cnn import config as config_mod, distributed as D, trainer as trainer_mod  # noqa: E402
+from dist_cnn.config import Config, DataConfig  # noqa: E402
+from dist_cnn.data import load_dataset  # noqa: E402
+from dist_cnn.loader import Normalize, normalization_stats  # noqa: E402
+from dist_cnn.models import build_model  # noqa: E402
+
+DTYPE = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def get_data(data_dir: str):
+    """(Dataset, source note). The shared JPEG copy of CIFAR-10, else synthetic data of its shape."""
+    if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
+        return load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir), log=log), f"imagefolder {data_dir}"
+    log(f"NOTE: {data_dir} has no train/ and test/: using SYNTHETIC data of CIFAR-10's shape (50000 x 3x32x32)")
+    d = load_dataset(DataConfig(dataset="synthetic", synthetic_train_size=50000, synthetic_test_size=10000))
+    return d, "synthetic (CIFAR-10 shape)"
+
+
+def synthetic_imagefolder(d, n: int = 5000) -> str:
+    """For the tutorial path without the real files: the first n synthetic images as PNGs in ImageFolder layout."""
+    from PIL import Image
+    root = tempfile.mkdtemp(prefix="throughput-imgs-")
+    for i in range(n):
+        folder = os.path.join(root, "train", d.classes[int(d.train_y[i])])
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(d.train_x[i].permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i}.png"))
+    os.makedirs(os.path.join(root, "test"), exist_ok=True)
+    return root
+
+
+# ------------------------------------------------------------------------------------------- cases
+
+@dataclass
+class Case:
+    name: str
+    path: str           # tutorial | loader | device | hand | peak
+    model: str
+    batch: int          # global batch
+    precision: str
+    ws: int = 1
+    threads: int = 2
+    channels_last: bool | None = None
+    warmup: int = 2
+    steps: int = 10
+    note: str = ""
+    ips: list = field(default_factory=list)
+    runner: object = None
+
+    def key(self):
+        return self.name
+
+
+def training_flops_per_image(model_name: str, batch: int, x: torch.Tensor, y: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_model(model_name, 3, 10, 32)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(x[:256])
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(model(x[:batch]), y[:batch]).backward()
+    return fc.get_total_flops() / batch
+
+
+# ---- (a) the tutorial's pipeline
+
+def load_tutorial():
+    spec = importlib.util.spec_from_file_location("tutorial_bench", ROOT / "benchmarks" / "tutorial.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class TutorialRunner:
+    """benchmarks/tutorial.py's training loop, verbatim in what it does per step (incl. loss.item())."""
+
+    def __init__(self, tut, image_dir: str, batch: int):
+        import torchvision
+        import torchvision.transforms as transforms
+        torch.manual_seed(0)
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+        trainset = torchvision.datasets.ImageFolder(os.path.join(image_dir, "train"), transform=transform)
+        self.loader = torch.utils.data.DataLoader(trainset, batch_size=batch, shuffle=True, num_workers=2)
+        self.model = tut.NETS["wide"]()  # the seed architecture, the tutorial's way
+        self.criterion = torch.nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.001, momentum=0.9)
+        self.it, self.left = None, 0
+
+    def ensure(self, n):  # keep epoch starts (worker start-up) out of the timed window
+        if self.left < n:
+            self.it, self.left = iter(self.loader), len(self.loader)
+
+    def run(self, n):
+        running = 0.0
+        for _ in range(n):
+            inputs, labels = next(self.it)
+            self.optimizer.zero_grad()
+            loss = self.criterion(self.model(inputs), labels)
+            loss.backward()
+            self.optimizer.step()
+            running += loss.item()
+        self.left -= n
+
+
+# ---- (b), (c) dist_cnn's Trainer
+
+def make_config(model: str, batch: int, precision: str, loader: str, channels_last: bool | None, out: str) -> Config:
+    cfg = Config()
+    if model == "airbench":  # the fast94 recipe, as train.py --config configs/fast94.toml runs it
+        config_mod.apply_dict(cfg, config_mod.load_file(str(ROOT / "configs" / "fast94.toml")))
+    cfg.model.name = model
+    cfg.data.dataset = "imagefolder"
+    cfg.data.loader, cfg.data.workers = loader, 2
+    if channels_last is not None:
+        cfg.model.channels_last = channels_last
+    cfg.train.batch_size, cfg.train.precision = batch, precision
+    cfg.train.epochs, cfg.train.eval_every = 100_000, 0  # a schedule long enough that it never ends here
+    cfg.ckpt.every_minutes, cfg.ckpt.every_steps = 0, 0
+    cfg.log.out, cfg.log.progress, cfg.log.wandb = out, False, "disabled"
+    return cfg
+
+
+class TrainerRunner:
+    """A real dist_cnn Trainer; run(n) is n iterations of Trainer.run_epoch's loop body."""
+
+    def __init__(self, cfg: Config, env: D.DistEnv):
+        self.tr = trainer_mod.Trainer(cfg, env)
+        self.tr.last_ckpt_time = time.time()
+        self.epoch, self.left, self.batches = -1, 0, None
+
+    def ensure(self, n):  # a fresh epoch (plan draw, DataLoader workers) outside the timed window
+        tr = self.tr
+        if self.left < n:
+            self.epoch += 1
+            tr.epoch, tr.epoch_step = self.epoch, 0
+            self.batches, self.left = tr.pipeline.epoch(self.epoch), tr.steps_per_epoch
+
+    def run(self, n):
+        tr, accum, t0 = self.tr, self.tr.cfg.train.grad_accum, time.perf_counter()
+        for _ in range(n):
+            micro = [next(self.batches) for _ in range(accum)]
+            flags, loss = tr.train_step(micro)
+            tr.step, tr.epoch_step = tr.step + 1, tr.epoch_step + 1
+            if tr.lookahead:
+                tr.lookahead.step(tr.step)
+            tr._guard_nonfinite(flags[0] > 0)
+            if tr.step % tr.cfg.train.log_every == 0:
+                tr.log_train(float(loss), tr.cfg.train.log_every, time.perf_counter() - t0, 0.0)
+        self.left -= n
+
+
+# ---- (d) the hand-written loop
+
+class HandRunner:
+    """x = preloaded normalized float tensor; random index batches; model, loss, backward, step."""
+
+    def __init__(self, model_name: str, xf: torch.Tensor, y: torch.Tensor, batch: int, precision: str, ddp=False):
+        torch.manual_seed(0)
+        model = build_model(model_name, 3, 10, 32)
+        if hasattr(model, "init_from_data"):
+            model.init_from_data(xf[:5000])
+        if ddp:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        self.model, self.xf, self.y, self.batch, self.precision = model, xf, y, batch, precision
+        self.opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+    def ensure(self, n):
+        pass
+
+    def run(self, n):
+        ctx = (torch.autocast("cpu", dtype=DTYPE[self.precision]) if DTYPE[self.precision]
+               else contextlib.nullcontext())
+        for _ in range(n):
+            idx = torch.randint(0, len(self.xf), (self.batch,))
+            with ctx:
+                loss = F.cross_entropy(self.model(self.xf[idx]), self.y[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+
+
+# ---- the ceiling
+
+class PeakRunner:
+    def __init__(self, dtype, n=2048):
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(n, n, generator=g).to(dtype)
+        self.b = torch.randn(n, n, generator=g).to(dtype)
+        self.flops = 2 * n ** 3
+
+    def ensure(self, n):
+        pass
+
+    def run(self, n):
+        for _ in range(n):
+            torch.mm(self.a, self.b)
+
+
+def measure(case: Case) -> float:
+    """One timed window; returns images/s (FLOP/s for the peak)."""
+    r = case.runner
+    r.ensure(case.warmup + case.steps)
+    r.run(case.warmup)
+    t0 = time.perf_counter()
+    r.run(case.steps)
+    dt = time.perf_counter() - t0
+    if case.path == "peak":
+        return case.steps * r.flops / dt
+    return case.steps * case.batch / dt
+
+
+# ------------------------------------------------------------------------------------------- ws2 workers
+
+def _ws2_worker(rank, world, port, specs, data_dir, cmd_q, res_q):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        env = D.setup("gloo", 300.0)
+        import torch.distributed as dist
+        data, _ = get_data(data_dir)
+        trainer_mod.load_dataset = lambda cfg, log=None: data  # one copy of the images per process
+        mean, std = normalization_stats(data.train_x, "dataset")
+        xf = None
+        runners, outdir = {}, tempfile.mkdtemp(prefix=f"throughput-ws2-r{rank}-")
+        for s in specs:
+            if s["path"] == "device":
+                cfg = make_config(s["model"], s["batch"], s["precision"], "device", s["channels_last"],
+                                  os.path.join(outdir, s["name"]))
+                runners[s["name"]] = TrainerRunner(cfg, env)
+            elif s["path"] == "hand":
+                if xf is None:
+                    xf = Normalize(mean, std, "cpu", False)(data.train_x)
+                runners[s["name"]] = HandRunner(s["model"], xf, data.train_y, s["batch"] // world, s["precision"],
+                                                ddp=True)
+        res_q.put(("ready", rank, None))
+        while True:
+            msg = cmd_q.get()
+            if msg is None:
+                break
+            name, warmup, steps = msg
+            r = runners[name]
+            r.ensure(warmup + steps)
+            r.run(warmup)
+            dist.barrier()
+            t0 = time.perf_counter()
+            r.run(steps)
+            dist.barrier()
+            dt = time.perf_counter() - t0
+            if rank == 0:
+                res_q.put(("result", name, dt))
+        D.teardown()
+        shutil.rmtree(outdir, ignore_errors=True)
+    except Exception as e:  # report instead of hanging the parent
+        import traceback
+        res_q.put(("error", rank, f"{e}\n{traceback.format_exc()}"))
+
+
+class WS2Pool:
+    def __init__(self, specs, data_dir):
+        import torch.multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.cmd = [ctx.Queue() for _ in range(2)]
+        self.res = ctx.Queue()
+        self.procs = [ctx.Process(target=_ws2_worker, args=(r, 2, port, specs, data_dir, self.cmd[r], self.res),
+                                  daemon=True) for r in range(2)]
+        for p in self.procs:
+            p.start()
+        for _ in range(2):
+            kind, who, err = self.res.get(timeout=600)
+            if kind == "error":
+                raise RuntimeError(f"ws2 rank {who} failed:\n{err}")
+
+    def measure(self, case: Case) -> float:
+        for q in self.cmd:
+            q.put((case.name, case.warmup, case.steps))
+        kind, who, dt = self.res.get(timeout=1800)
+        if kind == "error":
+            raise RuntimeError(f"ws2 rank {who} failed:\n{dt}")
+        return case.steps * case.batch / dt
+
+    def close(self):
+        for q in self.cmd:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+# ------------------------------------------------------------------------------------------- profile
+
+def profile_paths(runners: dict[str, object], steps: int = 20) -> str:
+    """torch.profiler's self-CPU-time table for the given runners (for explaining (c) vs (d))."""
+    from torch.profiler import ProfilerActivity, profile
+    out = []
+    for name, r in runners.items():
+        r.ensure(steps + 5)
+        r.run(5)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            r.run(steps)
+        out.append(f"--- {name}: {steps} steps ---\n" +
+                   prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and rounds: a smoke run (~2 min)")
+    ap.add_argument("--data-dir", default="/tmp/cifar10-jpeg", help="ImageFolder CIFAR-10 (train/, test/)")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, quick 3)")
+    ap.add_argument("--no-ws2", action="store_true", help="skip the 2-process gloo DDP cases")
+    ap.add_argument("--no-airbench", action="store_true", help="skip the airbench cases")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables of (c) vs (d)")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    rounds = args.rounds or (3 if quick else 7)
+    air_rounds = min(rounds, 2 if quick else 3)
+    threads = 2
+    torch.set_num_threads(threads)
+    load0 = os.getloadavg()
+    t_start = time.time()
+
+    data, source = get_data(args.data_dir)
+    trainer_mod.load_dataset = lambda cfg, log=None: data  # the Trainers share this one copy
+    mean, std = normalization_stats(data.train_x, "dataset")
+    xf = Normalize(mean, std, "cpu", False)(data.train_x)  # (d)'s preloaded normalized float tensor
+    image_dir = args.data_dir if source.startswith("imagefolder") else synthetic_imagefolder(data)
+    tmp = tempfile.mkdtemp(prefix="throughput-runs-")
+
+    # steps per window: ~0.3-0.6 s of seed training each (from ~5000 img/s), airbench a few steps
+    def seed_steps(b):
+        s = {4: 300, 64: 40, 256: 12}[b]
+        return max(4, s // 3) if quick else s
+
+    cases: list[Case] = []
+
+    def add(name, path, model, batch, precision, **kw):
+        cases.append(Case(name, path, model, batch, precision, **kw))
+
+    add("peak fp32 mm2048", "peak", "-", 0, "fp32", warmup=1, steps=3 if quick else 5)
+    add("peak bf16 mm2048", "peak", "-", 0, "bf16", warmup=1, steps=5 if quick else 10)
+    add("a tutorial seed b4", "tutorial", "seed", 4, "fp32", warmup=40, steps=seed_steps(4))
+    for b in (64, 256):
+        w = 2 if b == 256 else 5
+        add(f"a tutorial seed b{b}", "tutorial", "seed", b, "fp32", warmup=8, steps=seed_steps(b))
+        add(f"b loader seed b{b} fp32", "loader", "seed", b, "fp32", warmup=8, steps=seed_steps(b))
+        for p in ("fp32", "bf16"):
+            add(f"c device seed b{b} {p}", "device", "seed", b, p, warmup=w, steps=seed_steps(b),
+                note="channels_last (default)")
+            add(f"c device seed b{b} {p} nchw", "device", "seed", b, p, channels_last=False, warmup=w,
+                steps=seed_steps(b), note="--no-channels-last")
+            add(f"d hand seed b{b} {p}", "hand", "seed", b, p, warmup=w, steps=seed_steps(b))
+    if not args.no_airbench:
+        st = 1 if quick else 2
+        add("b loader airbench b256 fp32", "loader", "airbench", 256, "fp32", warmup=2, steps=st)
+        for p in ("fp32", "bf16"):
+            add(f"c device airbench b256 {p}", "device", "airbench", 256, p, warmup=1, steps=st,
+                note="fast94 recipe (channels_last, crop+flip, lookahead)")
+            add(f"d hand airbench b256 {p}", "hand", "airbench", 256, p, warmup=1, steps=st)
+    ws2_cases: list[Case] = []
+    if not args.no_ws2:
+        for b in (64, 256):
+            w = 2 if b == 256 else 5
+            for p in ("fp32", "bf16"):
+                ws2_cases.append(Case(f"c device seed b{b} {p} ws2", "device", "seed", b, p, ws=2, threads=1,
+                                      warmup=w, steps=seed_steps(b), note="2 procs x 1 thread, gloo"))
+            ws2_cases.append(Case(f"d hand seed b{b} fp32 ws2", "hand", "seed", b, "fp32", ws=2, threads=1,
+                                  warmup=w, steps=seed_steps(b), note="DDP, 2 procs x 1 thread, gloo"))
+        if not args.no_airbench:
+            for p in ("fp32", "bf16"):
+                ws2_cases.append(Case(f"c device airbench b256 {p} ws2", "device", "airbench", 256, p, ws=2,
+                                      threads=1, warmup=1, steps=1 if quick else 2, note="2 procs x 1 thread, gloo"))
+
+    log(f"data: {source}; torch {torch.__version__}, {threads} threads; load average {load0[0]:.2f}; "
+        f"{len(cases)} ws1 cases + {len(ws2_cases)} ws2 cases, {rounds} rounds (airbench {air_rounds})")
+    tut = load_tutorial()
+    for c in cases:
+        if c.path == "peak":
+            c.runner = PeakRunner(torch.float32 if c.precision == "fp32" else torch.bfloat16)
+        elif c.path == "tutorial":
+            c.runner = TutorialRunner(tut, image_dir, c.batch)
+        elif c.path in ("loader", "device"):
+            cfg = make_config(c.model, c.batch, c.precision, "dataloader" if c.path == "loader" else "device",
+                              c.channels_last, os.path.join(tmp, c.name.replace(" ", "_")))
+            c.runner = TrainerRunner(cfg, D.DistEnv())
+            if c.channels_last is None:
+                c.channels_last = cfg.model.channels_last
+        elif c.path == "hand":
+            c.runner = HandRunner(c.model, xf, data.train_y, c.batch, c.precision)
+            c.channels_last = False
+
+    flops = {}
+    for m in ("seed",) + (() if args.no_airbench else ("airbench",)):
+        flops[m] = training_flops_per_image(m, 64 if m == "seed" else 32, xf, data.train_y)
+    flops["-"] = 0.0
+
+    pool = None
+    if ws2_cases:
+        specs = [dict(name=c.name, path=c.path, model=c.model, batch=c.batch, precision=c.precision,
+                      channels_last=c.channels_last) for c in ws2_cases]
+        log("starting 2 spawned ranks (gloo) for the ws2 cases ...")
+        pool = WS2Pool(specs, args.data_dir)
+
+    try:
+        for r in range(rounds):
+            t0 = time.time()
+            for c in cases + ws2_cases:
+                if c.model == "airbench" and r >= air_rounds:
+                    continue
+                c.ips.append(pool.measure(c) if c.ws == 2 else measure(c))
+            log(f"round {r + 1}/{rounds}: {time.time() - t0:.0f} s, load average {os.getloadavg()[0]:.2f}")
+        profile_txt = None
+        if args.profile:
+            pick = {c.name: c.runner for c in cases if c.name in
+                    ("c device seed b64 fp32", "c device seed b64 fp32 nchw", "d hand seed b64 fp32")}
+            profile_txt = profile_paths(pick)
+    finally:
+        if pool:
+            pool.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if image_dir != args.data_dir:
+            shutil.rmtree(image_dir, ignore_errors=True)
+
+    # ---- results
+    med = {c.name: statistics.median(c.ips) for c in cases + ws2_cases}
+    peak = {"fp32": med["peak fp32 mm2048"], "bf16": med["peak bf16 mm2048"]}
+    rows = []
+    for c in cases + ws2_cases:
+        if c.path == "peak":
+            rows.append(dict(name=c.name, path="peak", precision=c.precision, gflops_median=med[c.name] / 1e9,
+                             gflops_all=[v / 1e9 for v in c.ips]))
+            continue
+        fpi = flops[c.model]
+        rows.append(dict(name=c.name, path=c.path, model=c.model, batch=c.batch, precision=c.precision,
+                         world_size=c.ws, threads_per_rank=c.threads, channels_last=c.channels_last,
+                         warmup_steps=c.warmup, timed_steps=c.steps, note=c.note,
+                         images_per_sec_median=med[c.name], images_per_sec_all=c.ips,
+                         spread_max_over_min=max(c.ips) / min(c.ips),
+                         flops_per_image=fpi, gflops=fpi * med[c.name] / 1e9,
+                         utilization_pct=100 * fpi * med[c.name] / peak[c.precision]))
+
+    hdr = f"{'case':34s} {'ws x thr':>8s} {'img/s med':>10s} {'min..max':>15s} {'MFLOP/img':>9s} {'GFLOP/s':>8s} {'util%':>6s}"
+    log("\n" + hdr + "\n" + "-" * len(hdr))
+    for row in rows:
+        if row["path"] == "peak":
+            a = row["gflops_all"]
+            log(f"{row['name']:34s} {'1 x 2':>8s} {row['gflops_median']:9.1f}G {min(a):7.1f}..{max(a):<7.1f} "
+                f"{'':>9s} {row['gflops_median']:8.1f} {'100':>6s}")
+            continue
+        a = row["images_per_sec_all"]
+        log(f"{row['name']:34s} {row['world_size']:>3d} x {row['threads_per_rank']:<2d} {row['images_per_sec_median']:10.0f} "
+            f"{min(a):7.0f}..{max(a):<7.0f} {row['flops_per_image'] / 1e6:9.2f} {row['gflops']:8.2f} "
+            f"{row['utilization_pct']:6.2f}")
+    log(f"(seed: {flops['seed'] / 1e6:.2f} MFLOP per training image"
+        + ("" if args.no_airbench else f"; airbench: {flops['airbench'] / 1e6:.1f} MFLOP") +
+        f"; peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s "
+        f"(reference on this CPU: 222 / 640))")
+
+    # ---- targets
+    checks, lines = [], []
+
+    def check(label, num, den, target):
+        if num not in med or den not in med:
+            return
+        ratio = med[num] / med[den]
+        ok = ratio >= target
+        checks.append(dict(label=label, numerator=num, denominator=den, ratio=ratio, target=target, passed=ok))
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {label}: {ratio:.2f}x (target >= {target:g}x)")
+
+    for b in (64, 256):
+        for p in ("fp32", "bf16"):
+            check(f"seed b{b} {p}: (c) device / (d) hand loop", f"c device seed b{b} {p}", f"d hand seed b{b} {p}", 1.0)
+    check("seed fp32: (c) device b64 / (a) tutorial b4 (as published)", "c device seed b64 fp32", "a tutorial seed b4", 10.0)
+    check("seed fp32: (c) device b256 / (a) tutorial b4 (as published)", "c device seed b256 fp32", "a tutorial seed b4", 10.0)
+    log("\nTargets (medians):")
+    for line in lines:
+        log("  " + line)
+
+    info = []
+    for b in (64, 256):
+        for p in ("fp32", "bf16"):
+            for num, den, what in ((f"c device seed b{b} {p} nchw", f"d hand seed b{b} {p}", "(c, --no-channels-last) / (d)"),
+                                   (f"c device seed b{b} {p}", f"a tutorial seed b{b}", f"(c) / (a) tutorial at b{b}"),
+                                   (f"b loader seed b{b} {p}", f"c device seed b{b} {p}", "(b) loader / (c) device")):
+                if num in med and den in med:
+                    info.append(f"seed b{b} {p}: {what} = {med[num] / med[den]:.2f}x")
+    precision_choice = {}
+    for model, b in (("seed", 64), ("seed", 256), ("airbench", 256)):
+        for path in ("c device", "d hand"):
+            f32, b16 = f"{path} {model} b{b} fp32", f"{path} {model} b{b} bf16"
+            if f32 in med and b16 in med:
+                r = med[b16] / med[f32]
+                precision_choice[f"{path} {model} b{b}"] = dict(bf16_over_fp32=r, faster="bf16" if r > 1 else "fp32")
+                info.append(f"{model} b{b} {path}: bf16 / fp32 = {r:.2f}x -> {'bf16' if r > 1 else 'fp32'} faster")
+        f1, f2 = f"c device {model} b{b} fp32", f"c device {model} b{b} fp32 ws2"
+        if f1 in med and f2 in med:
+            info.append(f"{model} b{b} fp32 (c): ws2 (2x1 thread, gloo) / ws1 (1x2 threads) = {med[f2] / med[f1]:.2f}x")
+    log("\nOther ratios (medians):")
+    for line in info:
+        log("  " + line)
+    if profile_txt:
+        log("\n" + profile_txt)
+
+    load1 = os.getloadavg()
+    spreads = [r["spread_max_over_min"] for r in rows if r["path"] != "peak"]
+    noise = (f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (this process uses {threads} cores); "
+             f"median max/min spread of a case over rounds {statistics.median(spreads):.2f}x")
+    log(f"\nnoise: {noise}; {time.time() - t_start:.0f} s in all")
+
+    out = {"data": source, "torch": torch.__version__, "threads": threads, "rounds": rounds,
+           "airbench_rounds": air_rounds, "quick": quick, "peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+           "flops_per_image": {k: v for k, v in flops.items() if k != "-"}, "results": rows, "targets": checks,
+           "precision": precision_choice, "ratios": info, "noise": noise,
+           "cpu_native_bf16": __import__("dist_cnn.precision", fromlist=["x"]).cpu_has_native_bf16()}
+    if profile_txt:
+        out["profile"] = profile_txt
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
