@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(0.05, "peak learning rate for the global batch")
+    lr: float = opt(0.08, "peak learning rate for the global batch")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)")
@@ -69,7 +69,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = opt(2, "training epochs")
-    batch_size: int = opt(64, "global batch size, across all ranks")
+    batch_size: int = opt(128, "global batch size, across all ranks")
     seed: int = opt(0, "random seed (weights, data order, augmentation)")
     precision: str = opt("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
     grad_accum: int = opt(1, "micro-batches per optimizer step")

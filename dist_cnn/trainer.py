@@ -56,8 +56,7 @@ class Trainer:
         if t.batch_size % micro_world:
             raise UserError(f"--batch-size {t.batch_size} must divide by world size x grad accum = {micro_world}")
         self.batch_per_rank = t.batch_size // micro_world
-        self.precision = P.resolve(t.precision, env.device)
-        if self.precision in ("fp16",) and env.device.type == "cpu":
+        if t.precision == "fp16" and env.device.type == "cpu":
             raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         seed_everything(t.seed)
 
@@ -66,6 +65,9 @@ class Trainer:
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
 
         self.model = self._build_model()
+        # A resumed run keeps the precision it started with, whatever `auto` would measure now.
+        self.precision = state["precision"] if state and t.precision == "auto" else \
+            D.main_only(env, self._resolve_precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.pipeline = self._build_pipeline()
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
@@ -105,6 +107,12 @@ class Trainer:
         model, self.raw_model = parallel.wrap(model, env, cfg.model, cfg.train.grad_accum)
         return model
 
+    def _resolve_precision(self) -> str:
+        n = min(self.batch_per_rank, 64)
+        x = self.normalize(self.data.train_x[:n].to(self.env.device))
+        probe = P.time_training_step(self.raw_model, x, self.data.train_y[:n].to(self.env.device))
+        return P.resolve(self.cfg.train.precision, self.env.device, probe)
+
     def _build_pipeline(self):
         cfg, env, d = self.cfg, self.env, self.data
         kind = cfg.data.loader
@@ -136,7 +144,7 @@ class Trainer:
                 "train_seconds": self.train_seconds, "best_acc": self.best_acc,
                 "skipped_steps": self.skipped_steps, "rng": rngs, "world_size": self.env.world_size,
                 "config": config_mod.to_dict(self.cfg), "wandb_id": self.wandb.run_id,
-                "metrics": self.metrics.history, "finished": False,
+                "metrics": self.metrics.history, "finished": False, "precision": self.precision,
                 "lookahead": self.lookahead.state_dict() if self.lookahead else {}}
 
     def _load_state(self, s: dict) -> None:
