@@ -1,0 +1,121 @@
+"""Issue 3's benchmark: CPU data-parallel scaling of the seed model, world size 2 against 1.
+
+Same per-rank batch, one thread per rank, fp32, through the real train.py (torchrun for 2 ranks).
+Efficiency = images/s at 2 ranks / (2 x images/s at 1 rank). Printed beside it, measured in the same
+run: the ceiling two processes of pure matrix products reach on this machine, and the time of the
+per-step gradient all_reduce (gloo, loopback) against the step time - what the gap is made of.
+
+    python benchmarks/scaling.py [--per-rank-batch 64] [--steps 200] [--repeats 2] [--json out.json]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_ips(world: int, batch: int, steps: int) -> float:
+    out = Path(tempfile.mkdtemp(prefix="scaling-")) / "run"
+    args = [str(ROOT / "train.py"), "--dataset", "synthetic", "--synthetic-train-size", str(batch * world * steps),
+            "--synthetic-test-size", "200", "--batch-size", str(batch * world), "--epochs", "1",
+            "--precision", "fp32", "--wandb", "disabled", "--no-progress", "--eval-every", "0",
+            "--log-every", str(steps), "--out", str(out)]
+    launch = [sys.executable] if world == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    subprocess.run([*launch, *args], check=True, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text())["train_images_per_sec"]
+
+
+def _matmul_worker(rank, seconds, q):
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ a
+        n += 1
+    q.put(n / (time.perf_counter() - t))
+
+
+def matmul_efficiency(seconds: float = 3.0) -> float:
+    rates = {}
+    for world in (1, 2):
+        q = mp.get_context("spawn").SimpleQueue()
+        ps = [mp.get_context("spawn").Process(target=_matmul_worker, args=(r, seconds, q)) for r in range(world)]
+        [p.start() for p in ps]
+        [p.join() for p in ps]
+        rates[world] = sum(q.get() for _ in range(world))
+    return rates[2] / (2 * rates[1])
+
+
+def _allreduce_worker(rank, port, numel, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    t = torch.randn(numel)
+    times = []
+    for i in range(60):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        q.put(statistics.median(times[10:]))
+    dist.destroy_process_group()
+
+
+def allreduce_seconds(numel: int) -> float:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    ps = [ctx.Process(target=_allreduce_worker, args=(r, port, numel, q)) for r in range(2)]
+    [p.start() for p in ps]
+    [p.join() for p in ps]
+    return q.get()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--per-rank-batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the median is reported")
+    p.add_argument("--json")
+    a = p.parse_args()
+    ips = {1: [], 2: []}
+    for _ in range(a.repeats):  # interleaved, so load changes hit both sides alike
+        for world in (1, 2):
+            ips[world].append(train_ips(world, a.per_rank_batch, a.steps))
+    ws1, ws2 = statistics.median(ips[1]), statistics.median(ips[2])
+    eff = ws2 / (2 * ws1)
+    from dist_cnn.models import build_model
+    numel = sum(p.numel() for p in build_model("seed", 3, 10, 32).parameters())
+    ar = allreduce_seconds(numel)
+    step = a.per_rank_batch / (ws2 / 2)
+    res = {"per_rank_batch": a.per_rank_batch, "ws1_images_per_sec": ws1, "ws2_images_per_sec": ws2,
+           "efficiency": eff, "matmul_efficiency": matmul_efficiency(), "allreduce_seconds": ar,
+           "ws2_step_seconds": step, "raw": ips}
+    print(f"seed model, {a.per_rank_batch} images per rank, 1 thread per rank, fp32")
+    print(f"  world size 1: {ws1:8.0f} img/s    world size 2: {ws2:8.0f} img/s")
+    print(f"  scaling efficiency: {eff:.3f} (target >= 0.85: {'PASS' if eff >= 0.85 else 'FAIL'})")
+    print(f"  ceiling, two processes of pure matrix products: {res['matmul_efficiency']:.3f}")
+    print(f"  gradient all_reduce ({numel:,} floats, gloo): {ar * 1e3:.2f} ms of a {step * 1e3:.1f} ms step "
+          f"({ar / step:.1%})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
