@@ -32,7 +32,7 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="print what was detected (launcher, rank, world size, device, backend, head "
                              "address, SLURM job, CUDA, threads), check the launch against the allocation "
-                             "and exit without training; the same as `dist-cnn doctor`")
+                             "and exit without training; the same as `dist-cnn doctor` (default: False)")
     return parser
 
 

@@ -81,6 +81,8 @@ def detect(environ=os.environ) -> DistEnv:
 def pick_device(env: DistEnv) -> torch.device:
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
+        if n == 1:  # per-task GPU binding (srun --gpus-per-task=1): each task sees only its own GPU
+            return torch.device("cuda", 0)
         if env.local_rank >= n:
             raise UserError(f"local rank {env.local_rank} but only {n} GPU(s) on this node: "
                             "start fewer processes per node")

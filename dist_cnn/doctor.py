@@ -107,17 +107,18 @@ def problems(env: D.DistEnv, environ=os.environ) -> list[str]:
             found.append(f"{local_world} processes on this node (torchrun --nproc_per_node; slurm/train.sh: "
                          f"DIST_CNN_NPROC_PER_NODE) but only {gpus} GPU(s) visible: start at most {gpus}, "
                          f"or ask SLURM for more GPUs (--gpus-per-node)")
-        elif not cuda and _int(environ, "SLURM_CPUS_ON_NODE") and local_world > _int(environ, "SLURM_CPUS_ON_NODE"):
+        elif not cuda and local_world > (_int(environ, "SLURM_CPUS_ON_NODE") or local_world):
             cpus = _int(environ, "SLURM_CPUS_ON_NODE")
             found.append(f"{local_world} processes on this node (torchrun --nproc_per_node; slurm/train.sh: "
                          f"DIST_CNN_NPROC_PER_NODE) but SLURM allocated it {cpus} CPU(s) (SLURM_CPUS_ON_NODE): "
                          f"start at most {cpus}, or ask for more (--ntasks-per-node, --cpus-per-task)")
     if env.launcher == "slurm" and env.world_size > 1 and env.is_main:
-        host, port = head_address(env, environ)
+        _, port = head_address(env, environ)
         if port_in_use(port):
-            found.append(f"MASTER_PORT {port} is already in use on {socket.gethostname()}, where rank 0 would "
-                         f"host the process group (another job or process holds it): choose a free port with "
-                         f"the environment variable MASTER_PORT (export MASTER_PORT=... before srun/sbatch)")
+            origin = "from the environment" if environ.get("MASTER_PORT") else "derived from SLURM_JOB_ID"
+            found.append(f"MASTER_PORT {port} ({origin}) is already in use on {socket.gethostname()}, where rank 0 "
+                         f"would host the process group (another job or process holds it): choose a free port "
+                         f"with the environment variable MASTER_PORT (export MASTER_PORT=... before srun/sbatch)")
     return found
 
 

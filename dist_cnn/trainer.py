@@ -296,8 +296,10 @@ class Trainer:
         requeue = D.broadcast_object(self.stop.wants_requeue, self.env)
         self.log(f"stop signal: checkpoint written at step {self.step}")
         self.wandb.finish()  # complete the W&B files inside the grace period; a requeue resumes the run
-        if requeue and self.env.is_main:
-            requeue_slurm_job(self.log)
+        failed = requeue and self.env.is_main and not requeue_slurm_job(self.log)
+        if D.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
+            raise TrainingFailed(f"stopped at step {self.step} and could not requeue; continue with "
+                                 f"--out {self.run_dir} --resume auto")
         return True
 
     def run_eval(self) -> dict:

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from common import ROOT, SMALL, clean_env, read_events, read_summary
-from tests.slurm.helpers import TRAIN_SH, cluster_env, job_info, sbatch, scancel, wait_for_file_text, wait_job
+from tests.slurm.helpers import (TRAIN_SH, cluster_env, job_info, job_state, sbatch, scancel, wait_for_file_text,
+                                 wait_job)
 
 pytestmark = pytest.mark.slurm
 
@@ -47,43 +48,80 @@ def out_file(tmp_path, job) -> str:
     return p.read_text(errors="replace") if p.exists() else ""
 
 
+def cancel_leftovers(jobs):
+    """After a failed test (-x): jobs still queued or running are cancelled, not left to the next test."""
+    for job in jobs:
+        if job_state(job) is not None:
+            scancel(job)
+
+
 def assert_done(info, text, state="COMPLETED", exit_code="0:0"):
     assert (info["JobState"], info["ExitCode"]) == (state, exit_code), (info, text[-4000:])
 
 
-@pytest.mark.parametrize("mode", ["torchrun", "srun"])
-def test_train_sh_completes(slurm_cluster, tmp_path, mode):
-    run = tmp_path / "run"
-    job = sbatch([*TWO_TASKS, TRAIN_SH, *SMALL, "--out", run], cwd=tmp_path, env=job_env(mode))
+MODES = ["torchrun", "srun"]
+
+
+@pytest.fixture(scope="module")
+def completed_jobs(slurm_cluster, tmp_path_factory):
+    """One small run per launch mode, submitted together (they share the node): mode -> (job, dir)."""
+    jobs = {}
+    for mode in MODES:
+        d = tmp_path_factory.mktemp(f"complete-{mode}")
+        jobs[mode] = sbatch([*TWO_TASKS, TRAIN_SH, *SMALL, "--out", d / "run"], cwd=d, env=job_env(mode)), d
+    yield jobs
+    cancel_leftovers(job for job, _ in jobs.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_train_sh_completes(completed_jobs, mode):
+    job, d = completed_jobs[mode]
+    run = d / "run"
     info = wait_job(job, timeout=180)
-    text = out_file(tmp_path, job)
+    text = out_file(d, job)
     assert_done(info, text)
     assert f"launch={mode}" in text and "restart 0" in text
     assert info["Restarts"] == "0"
-    assert [p.parent for p in tmp_path.rglob("summary.json")] == [run]
+    assert [p.parent for p in d.rglob("summary.json")] == [run]
     s = read_summary(run)
     assert (s["world_size"], s["backend"], s["epochs"], s["steps"]) == (2, "gloo", 1, 2048 // 64)
 
 
-def preemptible_run(tmp_path, mode, step_sleep="0.4"):
-    """A 2-epoch run of 2 x 16 steps, slowed down to ~0.4 s a step; returns (job, run dir, args)."""
-    entry = tmp_path / "slow_train.py"
+def submit_slow_run(d, mode, step_sleep="0.4"):
+    """A 2-epoch run of 2 x 16 steps, slowed down to ~0.4 s a step; returns (job, run dir)."""
+    entry = d / "slow_train.py"
     entry.write_text(SLOW_ENTRY)
-    run = tmp_path / "run"
+    run = d / "run"
     args = [*SMALL, "--synthetic-train-size", "1024", "--epochs", "2", "--log-every", "2",
             "--checkpoint-every-minutes", "0", "--out", run]
-    job = sbatch([*TWO_TASKS, TRAIN_SH, *args], cwd=tmp_path, env=job_env(mode, entry, STEP_SLEEP=step_sleep))
+    return sbatch([*TWO_TASKS, TRAIN_SH, *args], cwd=d, env=job_env(mode, entry, STEP_SLEEP=step_sleep)), run
+
+
+def wait_training(job, run):
     # The trainer installs its handler before the first step, so a train event means USR1 is handled.
     wait_for_file_text(run / "metrics.jsonl", r'"event": "train"', timeout=120, job_id=job)
-    return job, run
 
 
-@pytest.mark.parametrize("mode", ["srun", "torchrun"])
-def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, mode):
-    job, run = preemptible_run(tmp_path, mode)
-    scancel(job, "USR1", batch=True)   # what --signal=B:USR1@120 does before the time limit
+@pytest.fixture(scope="module")
+def preempted_jobs(slurm_cluster, tmp_path_factory):
+    """A slow run per launch mode, submitted together and sent USR1 once training has started
+    (each requeue waits ~12 s, so the two overlap): mode -> (job, dir, run dir)."""
+    jobs = {}
+    for mode in MODES:
+        d = tmp_path_factory.mktemp(f"preempt-{mode}")
+        jobs[mode] = (d, *submit_slow_run(d, mode))
+    for mode, (d, job, run) in jobs.items():
+        wait_training(job, run)
+        scancel(job, "USR1", batch=True)   # what --signal=B:USR1@120 does before the time limit
+    yield jobs
+    cancel_leftovers(job for _, job, _ in jobs.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_usr1_checkpoints_requeues_and_resumes(preempted_jobs, mode):
+    d, job, run = preempted_jobs[mode]
     info = wait_job(job, timeout=240)
-    text = out_file(tmp_path, job)
+    text = out_file(d, job)
     assert_done(info, text)
     assert info["Restarts"] == "1", (info, text[-4000:])
     assert "batch shell got SIGUSR1" in text and "requeued SLURM job" in text
@@ -98,7 +136,8 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, mode):
 
 
 def test_plain_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
-    job, run = preemptible_run(tmp_path, "srun")
+    job, run = submit_slow_run(tmp_path, "srun")
+    wait_training(job, run)
     scancel(job)                        # SIGTERM to every process: a job cancelled for good
     info = wait_job(job, timeout=90)
     text = out_file(tmp_path, job)
@@ -150,7 +189,7 @@ def test_srun_mode_port_in_use_fails_fast(slurm_cluster, tmp_path):
     text = out_file(tmp_path, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, text[-4000:])
     errors = [ln for ln in text.splitlines() if "error: " in ln and "srun:" not in ln]
-    assert any(f"MASTER_PORT {port} is already in use" in e for e in errors), text[-4000:]
+    assert any(f"MASTER_PORT {port} (from the environment) is already in use" in e for e in errors), text[-4000:]
 
 
 def test_dry_run_inside_a_job(slurm_cluster, tmp_path):
