@@ -45,12 +45,17 @@ def main():
     p.add_argument("--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="ImageFolder CIFAR-10")
     p.add_argument("--tutorial-max-images", type=int, default=None,
                    help="cut the tutorial's epochs short (img/s only; its accuracy is then not comparable)")
+    p.add_argument("--tutorial-json", help="reuse a saved `benchmarks/tutorial.py --net wide --json` result "
+                   "instead of rerunning the tutorial (~3 min quiet, far longer on a busy machine)")
     p.add_argument("--json", help="write all figures here")
     p.add_argument("train_args", nargs="*", help="extra train.py flags for the dist_cnn run (after --)")
     args = p.parse_args()
 
-    tut = load_tutorial().run(args.data_dir, epochs=2, max_images=args.tutorial_max_images, net="wide",
-                              seed=0, log=lambda *a: None)
+    if args.tutorial_json:
+        tut = json.loads(Path(args.tutorial_json).read_text())
+    else:
+        tut = load_tutorial().run(args.data_dir, epochs=2, max_images=args.tutorial_max_images, net="wide",
+                                  seed=0, log=lambda *a: None)
     ours = run_dist_cnn(args.data_dir, args.train_args)
     target = tut["test_accuracy"]
     t_ours = time_to(ours["history"], target)

@@ -67,8 +67,13 @@ class Normalize:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(memory_format=self.memory_format).float()
-        return torch.addcmul(self.bias, x, self.scale)
+        # One pass in the input's (NCHW) layout, reading the uint8 directly (addcmul promotes it to
+        # float32), then one layout copy: ~2x faster on the CPU than converting the layout and the dtype
+        # first and then running the broadcast multiply-add over channels_last's 3-wide inner dimension
+        # (which does not vectorize), and bit-identical to it.
+        if x.is_floating_point():
+            x = x.float()
+        return torch.addcmul(self.bias, x, self.scale).to(memory_format=self.memory_format)
 
 
 def normalization_stats(train_x: torch.Tensor, mode: str):

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# GPU check for a lent GPU machine (an H200 with CUDA): one short script, no network, no pip installs.
+#
+#   1. the CUDA-only tests:      python3 -m pytest -m cuda tests/   (tests/test_cuda.py)
+#   2. unpack CIFAR-10 (JPEG):   .gpu_data/cifar10-jpeg.tar.gz -> /tmp/cifar10-jpeg
+#   3. the fast recipe, timed:   python3 train.py --config configs/fast94.toml --dataset imagefolder ...
+#   4. a table: test / result / seconds, then the recipe's accuracy, train_seconds and images/s
+# It needs under 8 minutes (limits: tests 300 s, each test 200 s, the recipe 150 s; expect ~4 min)
+# and writes its logs, the JUnit XML, the recipe's summary.json and gpu_check.json to $OUT (the
+# device tool's folder; 5 files) or /tmp/gpu_check_out.
+#
+# How the lead runs it (the machine gets a copy of the working tree, not /work/shared):
+#   here, once per checkout:   bash benchmarks/gpu_check.sh --prepare
+#       (copies /work/shared/data/cifar10-jpeg.tar.gz, 19 MB, into .gpu_data/ and git-ignores that
+#        folder through .git/info/exclude, so it travels only when carried and is never committed)
+#   then the device tool:      run(command="bash benchmarks/gpu_check.sh",
+#                                  carry=[".gpu_data"], timeout_s=540)
+#   and read the table at the end of output_tail (the files come back under files_at).
+# Without .gpu_data it still runs the tests and says the recipe was skipped for want of data.
+# A dry run of the script's steps on a machine without a GPU (the CUDA tests then skip):
+#   GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_RECIPE_ARGS="--max-steps 2 --tta 0" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#
+# Python: the machine's python3 (Python 3.12, /opt/torch/.venv, torch 2.11 + CUDA 13, pytest,
+# pytest-timeout, torchvision, tqdm, pyyaml, matplotlib, pillow, accelerate; no wandb, which
+# --wandb disabled never imports). PYTHON=... picks another interpreter.
+set -uo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+archive="$root/.gpu_data/cifar10-jpeg.tar.gz"
+
+if [ "${1:-}" = "--prepare" ]; then
+  src="${CIFAR_ARCHIVE:-/work/shared/data/cifar10-jpeg.tar.gz}"
+  [ -f "$src" ] || { echo "gpu_check --prepare: $src not found" >&2; exit 2; }
+  mkdir -p "$root/.gpu_data"
+  cp -f "$src" "$archive" && chmod u+w "$archive"
+  exclude="$(git -C "$root" rev-parse --git-path info/exclude 2>/dev/null || echo "$root/.git/info/exclude")"
+  case "$exclude" in /*) ;; *) exclude="$root/$exclude" ;; esac
+  mkdir -p "$(dirname "$exclude")"
+  grep -qxF "/.gpu_data/" "$exclude" 2>/dev/null || echo "/.gpu_data/" >> "$exclude"
+  echo "prepared: $archive ($(du -h "$archive" | cut -f1)); /.gpu_data/ is ignored via $exclude"
+  echo 'now: device tool run(command="bash benchmarks/gpu_check.sh", carry=[".gpu_data"], timeout_s=540)'
+  exit 0
+fi
+
+cd "$root"
+PY="${PYTHON:-python3}"
+out="${OUT:-/tmp/gpu_check_out}"
+mkdir -p "$out"
+data_dir="${GPU_CHECK_DATA_DIR:-/tmp/cifar10-jpeg}"
+runs="$(mktemp -d /tmp/gpu_check_runs.XXXXXX)"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_SILENT=true PYTHONDONTWRITEBYTECODE=1
+t_all=$(date +%s)
+
+echo "== gpu_check: $(date -u +%FT%TZ) on $(hostname), repo $root"
+if ! "$PY" - <<'EOF'
+import os
+import sys
+try:
+    import torch
+except Exception as e:
+    print(f"gpu_check: {sys.executable} cannot import torch ({e}); this machine's python3 should hold it "
+          "(/opt/torch/.venv/bin/python3): set PYTHON=... to one that does. Nothing can be pip-installed here.")
+    sys.exit(3)
+if not torch.cuda.is_available() and os.environ.get("GPU_CHECK_ALLOW_CPU") == "1":
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}: NO GPU, dry run on the CPU (GPU_CHECK_ALLOW_CPU=1)")
+    sys.exit(0)
+if not torch.cuda.is_available():
+    print(f"gpu_check: torch {torch.__version__} sees no CUDA GPU (torch.version.cuda={torch.version.cuda}); "
+          "run this on the lent GPU machine")
+    sys.exit(3)
+p = torch.cuda.get_device_properties(0)
+print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}), "
+      f"bf16 {torch.cuda.is_bf16_supported()}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+missing = []
+for mod in ("pytest", "pytest_timeout", "torchvision", "yaml", "tqdm", "PIL", "matplotlib", "numpy"):
+    try:
+        __import__(mod)
+    except Exception:
+        missing.append(mod)
+if missing:
+    print(f"gpu_check: warning: not importable here: {', '.join(missing)} (carry them as wheels; see "
+          "/work/.library/device/README.md)")
+EOF
+then
+  echo "gpu_check: ABORTED (no usable torch + CUDA)"; exit 3
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+
+# 1. the CUDA tests ------------------------------------------------------------------------------------
+echo "== 1. CUDA tests: $PY -m pytest -m cuda tests/"
+t0=$(date +%s)
+# SIGINT at the limit: pytest stops like on Ctrl-C and still writes the JUnit XML of the tests it ran
+timeout -s INT -k 20 300 "$PY" -m pytest -m cuda tests/ -q -ra -p no:cacheprovider --timeout 200 \
+  --continue-on-collection-errors \
+  --junitxml="$out/cuda_tests.xml" --basetemp="$runs/pytest" 2>&1 | tee "$out/cuda_tests.log" | tail -40
+tests_rc=${PIPESTATUS[0]}
+tests_s=$(( $(date +%s) - t0 ))
+echo "   pytest exit $tests_rc after ${tests_s}s"
+
+# 2. the data -----------------------------------------------------------------------------------------
+echo "== 2. CIFAR-10 JPEG -> $data_dir"
+data_ok=0
+t0=$(date +%s)
+if [ -d "$data_dir/train" ] && [ -d "$data_dir/test" ]; then
+  data_ok=1; echo "   already there"
+elif [ -f "$archive" ]; then
+  mkdir -p "$data_dir" && tar -xzf "$archive" -C "$data_dir" && [ -d "$data_dir/train" ] && data_ok=1
+  echo "   unpacked $(find "$data_dir" -name '*.jpg' | wc -l) images in $(( $(date +%s) - t0 ))s"
+else
+  echo "   NO DATA: $archive is missing (run 'bash benchmarks/gpu_check.sh --prepare' here and carry .gpu_data)"
+fi
+unpack_s=$(( $(date +%s) - t0 ))
+
+# 3. the fast recipe, timed -------------------------------------------------------------------------
+recipe_rc=skipped
+recipe_ms=0
+if [ "$data_ok" = 1 ]; then
+  echo "== 3. fast recipe: train.py --config configs/fast94.toml --dataset imagefolder --data-dir $data_dir"
+  t0=$(date +%s%N)
+  timeout -k 10 150 "$PY" train.py --config configs/fast94.toml --dataset imagefolder --data-dir "$data_dir" \
+    --wandb disabled --no-progress --out "$runs/fast94" ${GPU_CHECK_RECIPE_ARGS:-} 2>&1 | tee "$out/fast94.log" | tail -25
+  recipe_rc=${PIPESTATUS[0]}
+  recipe_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  cp "$runs/fast94/summary.json" "$out/fast94_summary.json" 2>/dev/null || true
+fi
+
+# 4. the table ----------------------------------------------------------------------------------------
+"$PY" "$root/benchmarks/gpu_check.py" --junit "$out/cuda_tests.xml" --tests-rc "$tests_rc" --tests-seconds "$tests_s" \
+  --unpack-seconds "$unpack_s" --data-ok "$data_ok" --recipe-rc "$recipe_rc" --recipe-ms "$recipe_ms" \
+  --summary "$out/fast94_summary.json" --json "$out/gpu_check.json" --total-seconds "$(( $(date +%s) - t_all ))"
+rc=$?
+rm -rf "$runs"
+exit $rc

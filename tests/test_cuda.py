@@ -1,0 +1,141 @@
+"""CUDA-only checks (`python -m pytest -m cuda tests/`): fp16 with a GradScaler, bf16, NCCL through torchrun,
+the device-resident pipeline on the GPU, and --compile. Each trains the seed model on small synthetic data
+through train.py. Skipped, with the reason shown (-ra), where torch sees no CUDA GPU; benchmarks/gpu_check.sh
+runs them on a lent GPU machine."""
+import pytest
+import torch
+
+from common import read_events, read_summary, torchrun, train
+
+GPU_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(GPU_COUNT == 0, reason="needs a CUDA GPU: torch.cuda.is_available() is False here")]
+
+# Like common.SMALL, minus its --precision fp32: each test names its own precision.
+GPU_SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "2048", "--synthetic-test-size", "500",
+             "--batch-size", "64", "--epochs", "1", "--wandb", "disabled", "--no-progress"]
+
+
+def _learned(summary, floor=0.3):
+    assert summary["test_accuracy"] > floor, summary  # 10 classes: chance is 0.1
+
+
+def test_fp16_gradscaler_run(tmp_path):
+    out = tmp_path / "run"
+    train([*GPU_SMALL, "--epochs", "2", "--precision", "fp16", "--log-every", "8", "--out", out], check=0)
+    s = read_summary(out)
+    assert s["precision"] == "fp16" and s["device"].startswith("cuda") and s["steps"] == 64, s
+    assert isinstance(s["skipped_steps"], int) and s["skipped_steps"] >= 0
+    trains = read_events(out, "train")
+    assert trains and all("scaler_scale" in t and t["scaler_scale"] > 0 for t in trains), trains[:2]
+    _learned(s)
+
+
+def test_fp16_overflowing_steps_are_skipped_and_counted(tmp_path):
+    """An absurd LR drives the weights to where fp16 overflows: the loss goes inf/NaN, the scaler skips
+    those updates, the trainer counts them (fp16 does not stop on them) and the run still finishes."""
+    out = tmp_path / "run"
+    train([*GPU_SMALL, "--precision", "fp16", "--lr", "1e20", "--schedule", "constant", "--max-steps", "24",
+           "--log-every", "4", "--eval-every", "0", "--out", out], check=0)
+    s = read_summary(out)
+    assert s["precision"] == "fp16" and s["steps"] == 24, s
+    nonfinite = read_events(out, "nonfinite")
+    assert s["skipped_steps"] > 0 and s["skipped_steps"] == len(nonfinite), (s["skipped_steps"], nonfinite[:3])
+
+
+def test_bf16_run(tmp_path):
+    out = tmp_path / "run"
+    train([*GPU_SMALL, "--epochs", "2", "--precision", "bf16", "--out", out], check=0)
+    s = read_summary(out)
+    assert s["precision"] == "bf16" and s["skipped_steps"] == 0, s
+    _learned(s)
+
+
+def test_auto_precision_on_the_gpu_is_a_half_type(tmp_path):
+    out = tmp_path / "run"
+    train([*GPU_SMALL, "--precision", "auto", "--max-steps", "8", "--eval-every", "0", "--out", out], check=0)
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert read_summary(out)["precision"] == expected
+
+
+def test_nccl_torchrun_world_size_1(tmp_path):
+    out = tmp_path / "run"
+    p = torchrun(1, [*GPU_SMALL, "--precision", "bf16", "--backend", "nccl", "--out", out], check=0)
+    s = read_summary(out)
+    assert s["world_size"] == 1 and s["device"] == "cuda:0", s
+    # One process joins no process group (distributed.setup), so 'none' is as right as 'nccl' here.
+    assert s["backend"] in ("nccl", "none"), s
+    _learned(s)
+    assert "Traceback" not in p.stderr
+
+
+def test_nccl_group_of_one_runs_ddp(tmp_path):
+    """train.py joins no process group at world size 1, so this checks the NCCL stack itself: a group of
+    one, an all_reduce, and DDP (with dist_cnn's wrapping settings) through a training step."""
+    import subprocess
+    import sys
+    from common import ROOT, clean_env, free_port
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from dist_cnn.models import build_model\n"
+        "dist.init_process_group('nccl', init_method='tcp://127.0.0.1:%d', rank=0, world_size=1,\n"
+        "                        device_id=torch.device('cuda', 0))\n"
+        "t = torch.ones(4, device='cuda'); dist.all_reduce(t); assert t.tolist() == [1.0] * 4\n"
+        "m = torch.nn.parallel.DistributedDataParallel(build_model('seed', 3, 10, 32).cuda(), device_ids=[0],\n"
+        "        gradient_as_bucket_view=True, static_graph=True)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)\n"
+        "for _ in range(3):\n"
+        "    loss = torch.nn.functional.cross_entropy(m(torch.randn(8, 3, 32, 32, device='cuda')),\n"
+        "                                             torch.randint(0, 10, (8,), device='cuda'))\n"
+        "    loss.backward(); opt.step(); opt.zero_grad()\n"
+        "torch.cuda.synchronize(); dist.destroy_process_group(); print('nccl ok', torch.cuda.nccl.version())\n"
+    ) % free_port()
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "nccl ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+
+
+@pytest.mark.skipif(GPU_COUNT < 2, reason="needs 2 CUDA GPUs for an NCCL group of 2")
+def test_nccl_torchrun_world_size_2(tmp_path):
+    out = tmp_path / "run"
+    torchrun(2, [*GPU_SMALL, "--precision", "bf16", "--backend", "nccl", "--out", out], check=0)
+    s = read_summary(out)
+    assert s["world_size"] == 2 and s["backend"] == "nccl" and s["per_rank_batch_size"] == 32, s
+    _learned(s)
+
+
+def test_device_resident_pipeline_on_the_gpu(tmp_path):
+    out = tmp_path / "run"
+    train([*GPU_SMALL, "--precision", "bf16", "--loader", "device", "--crop-padding", "2", "--flip",
+           "--out", out], check=0)
+    s = read_summary(out)
+    assert s["loader"] == "device" and s["device"].startswith("cuda"), s
+    _learned(s)
+
+
+def test_auto_loader_picks_device_on_the_gpu(tmp_path):
+    out = tmp_path / "run"
+    train([*GPU_SMALL, "--precision", "bf16", "--max-steps", "4", "--eval-every", "0", "--out", out], check=0)
+    assert read_summary(out)["loader"] == "device"  # 2048 tiny images fit on any GPU
+
+
+def test_dataloader_pipeline_on_the_gpu(tmp_path):
+    out = tmp_path / "run"
+    train([*GPU_SMALL, "--precision", "bf16", "--loader", "dataloader", "--workers", "2", "--out", out], check=0)
+    s = read_summary(out)
+    assert s["loader"] == "dataloader" and s["device"].startswith("cuda"), s
+    _learned(s)
+
+
+def test_compile_run(tmp_path):
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        train([*GPU_SMALL, "--epochs", "2", "--precision", "bf16", "--log-every", "8", *extra, "--out", out],
+              check=0, timeout=190)
+        runs[name] = (read_summary(out), read_events(out, "train"))
+    (se, te), (sc, tc) = runs["eager"], runs["compiled"]
+    assert sc["steps"] == se["steps"] == 64
+    _learned(sc)
+    assert abs(tc[-1]["loss"] - te[-1]["loss"]) < 0.15, (tc[-1]["loss"], te[-1]["loss"])
+    assert abs(sc["test_accuracy"] - se["test_accuracy"]) < 0.1, (sc["test_accuracy"], se["test_accuracy"])
