@@ -1,8 +1,6 @@
 """Train a CNN: `python train.py`, `torchrun --nproc_per_node N train.py`, `srun python train.py`,
 `accelerate launch train.py`. Every option: `python train.py --help`."""
-import sys
-
-from dist_cnn.cli import main
+from dist_cnn.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

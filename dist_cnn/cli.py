@@ -88,7 +88,16 @@ def main(argv=None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    from . import distributed
+    if distributed.JOINED_GROUP:
+        # Everything is written and the group destroyed; skip interpreter teardown, where a gloo
+        # thread still joinable in a C++ destructor has aborted ranks ("terminate called without an
+        # active exception", SIGABRT) after successful runs.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ import torch.distributed as dist
 from .errors import UserError
 
 
+JOINED_GROUP = False  # this process was part of a process group (see cli.entry)
+
+
 @dataclass
 class DistEnv:
     rank: int = 0
@@ -114,6 +117,8 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -
             socket.getaddrinfo(env.master_addr, None)
         except socket.gaierror:
             raise UserError(f"head host {env.master_addr!r} (first of SLURM_JOB_NODELIST) does not resolve") from None
+    global JOINED_GROUP
+    JOINED_GROUP = True
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             store=_agent_store(env, timeout, environ),

@@ -5,10 +5,9 @@ attempt fails (TORCHELASTIC_RESTART_COUNT 0 or unset), so restarts and resumes c
 """
 import os
 import signal
-import sys
 
 from dist_cnn import trainer
-from dist_cnn.cli import main
+from dist_cnn.cli import entry
 
 _step = trainer.Trainer.train_step
 
@@ -23,4 +22,4 @@ def failing_step(self, micro):
 
 
 trainer.Trainer.train_step = failing_step
-sys.exit(main())
+entry()
