@@ -106,8 +106,8 @@ def test_nccl_torchrun_world_size_2(tmp_path):
 
 def test_device_resident_pipeline_on_the_gpu(tmp_path):
     out = tmp_path / "run"
-    train([*GPU_SMALL, "--precision", "bf16", "--loader", "device", "--crop-padding", "2", "--flip",
-           "--out", out], check=0)
+    train([*GPU_SMALL, "--epochs", "2", "--precision", "bf16", "--loader", "device", "--crop-padding", "2",
+           "--flip", "--alternate-flip", "--out", out], check=0)  # augmentation: the batched crop/flip on the GPU
     s = read_summary(out)
     assert s["loader"] == "device" and s["device"].startswith("cuda"), s
     _learned(s)
