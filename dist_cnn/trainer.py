@@ -184,8 +184,9 @@ class Trainer:
         self.last_ckpt_time = time.time()
 
     # ---- training ----------------------------------------------------------------------------
-    def train_step(self, micro_batches) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the flags all ranks agree on."""
+    def train_step(self, micro_batches) -> tuple[list[bool], torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns the flags all ranks agree on
+        ([non-finite, stop, checkpoint due]) and the loss."""
         model, accum = self.model, len(micro_batches)
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (x, y) in enumerate(micro_batches):
@@ -202,13 +203,11 @@ class Trainer:
         flags = torch.stack([(~torch.isfinite(loss_sum)).float(),
                              torch.tensor(float(self.stop.requested), device=self.env.device),
                              torch.tensor(float(due), device=self.env.device)])
-        flags = D.all_reduce_sum(flags).cpu()
+        flags = [f > 0 for f in D.all_reduce_sum(flags).tolist()]
         whiten = getattr(self.raw_model, "whiten", None)
         if whiten is not None and self.epoch >= self.cfg.model.freeze_whiten_bias_after:
             whiten.bias.grad = None  # airbench trains the whitening bias for the first epochs only
-        if flags[0] > 0 and self.precision != "fp16":
-            self.optimizer.zero_grad(set_to_none=True)  # skip the update; fp16's scaler skips by itself
-        else:
+        if not flags[0] or self.precision == "fp16":  # a non-finite step is skipped; fp16's scaler skips by itself
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -249,19 +248,19 @@ class Trainer:
             self.step, self.epoch_step, interval_steps = self.step + 1, self.epoch_step + 1, interval_steps + 1
             if self.lookahead:
                 self.lookahead.step(self.step)
-            self._guard_nonfinite(flags[0] > 0)
+            self._guard_nonfinite(flags[0])
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 now = time.perf_counter()
                 self.train_seconds += now - tick
                 self.log_train(float(loss), interval_steps, now - interval_start, wait)
                 tick = interval_start = time.perf_counter()
                 interval_steps, wait = 0, 0.0
-            periodic = flags[2] > 0 or (self.cfg.ckpt.every_steps and self.step % self.cfg.ckpt.every_steps == 0)
-            if flags[1] > 0 or (periodic and self.bad_steps == 0):  # never checkpoint weights mid-divergence
+            periodic = flags[2] or (self.cfg.ckpt.every_steps and self.step % self.cfg.ckpt.every_steps == 0)
+            if flags[1] or (periodic and self.bad_steps == 0):  # never checkpoint weights mid-divergence
                 self.train_seconds += time.perf_counter() - tick
                 self.save_checkpoint()
                 tick = time.perf_counter()
-                if flags[1] > 0:
+                if flags[1]:
                     return self.handle_stop()
         self.train_seconds += time.perf_counter() - tick
         return False
