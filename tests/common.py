@@ -19,7 +19,8 @@ def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "TORCHELASTIC_", "WANDB_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **extra})
+    # Subprocesses import this checkout's dist_cnn, whatever their cwd or the venv's installed copy.
+    env.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), **extra})
     return env
 
 
