@@ -2,34 +2,32 @@
 # GPU check for a lent GPU machine (an H200 with CUDA): one short script, no network, no pip installs.
 #
 #   1. the CUDA-only tests:      python3 -m pytest -m cuda tests/   (tests/test_cuda.py)
-#   2. unpack CIFAR-10 (JPEG):   .gpu_data/cifar10-jpeg.tar.gz -> /tmp/cifar10-jpeg
+#   2. unpack CIFAR-10 (JPEG):   .gpu_data/cifar10-jpeg.tar.gz -> .gpu_data/cifar10-jpeg
 #   3. the fast recipe, timed:   python3 train.py --config configs/fast94.toml --dataset imagefolder ...
 #   4. a table: test / result / seconds, then the recipe's accuracy, train_seconds and images/s
 # It needs under 8 minutes (limits: tests 300 s, each test 200 s, the recipe 150 s; expect ~4 min)
-# and writes its logs, the JUnit XML, the recipe's summary.json and gpu_check.json to $OUT (the
-# device tool's folder; 5 files) or /tmp/gpu_check_out.
+# and writes its logs, the JUnit XML, the recipe's summary.json and gpu_check.json to $OUT (5 files),
+# or to benchmarks/results/gpu_check when OUT is not set.
 #
-# How the lead runs it (the machine gets a copy of the working tree, not /work/shared):
+# On a GPU machine that gets a copy of the working tree (not the shared data beside it):
 #   here, once per checkout:   bash benchmarks/gpu_check.sh --prepare
-#       (copies /work/shared/data/cifar10-jpeg.tar.gz, 19 MB, into .gpu_data/ and git-ignores that
+#       (copies ../shared/data/cifar10-jpeg.tar.gz, 19 MB, into .gpu_data/ and git-ignores that
 #        folder through .git/info/exclude, so it travels only when carried and is never committed)
-#   then the device tool:      run(command="bash benchmarks/gpu_check.sh",
-#                                  carry=[".gpu_data"], timeout_s=540)
-#   and read the table at the end of output_tail (the files come back under files_at).
+#   there:                     bash benchmarks/gpu_check.sh   (with .gpu_data copied along, ~8 minutes)
+#   and read the table at the end of its output.
 # Without .gpu_data it still runs the tests and says the recipe was skipped for want of data.
 # A dry run of the script's steps on a machine without a GPU (the CUDA tests then skip):
 #   GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_RECIPE_ARGS="--max-steps 2 --tta 0" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 #
-# Python: the machine's python3 (Python 3.12, /opt/torch/.venv, torch 2.11 + CUDA 13, pytest,
-# pytest-timeout, torchvision, tqdm, pyyaml, matplotlib, pillow, accelerate; no wandb, which
-# --wandb disabled never imports). PYTHON=... picks another interpreter.
+# Python: the machine's python3 with torch + CUDA, pytest, pytest-timeout, torchvision, tqdm, pyyaml,
+# matplotlib, pillow (wandb is not needed: --wandb disabled never imports it). PYTHON=... picks another.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 archive="$root/.gpu_data/cifar10-jpeg.tar.gz"
 
 if [ "${1:-}" = "--prepare" ]; then
-  src="${CIFAR_ARCHIVE:-/work/shared/data/cifar10-jpeg.tar.gz}"
+  src="${CIFAR_ARCHIVE:-$root/../shared/data/cifar10-jpeg.tar.gz}"
   [ -f "$src" ] || { echo "gpu_check --prepare: $src not found" >&2; exit 2; }
   mkdir -p "$root/.gpu_data"
   cp -f "$src" "$archive" && chmod u+w "$archive"
@@ -38,16 +36,16 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$(dirname "$exclude")"
   grep -qxF "/.gpu_data/" "$exclude" 2>/dev/null || echo "/.gpu_data/" >> "$exclude"
   echo "prepared: $archive ($(du -h "$archive" | cut -f1)); /.gpu_data/ is ignored via $exclude"
-  echo 'now: device tool run(command="bash benchmarks/gpu_check.sh", carry=[".gpu_data"], timeout_s=540)'
+  echo 'now run bash benchmarks/gpu_check.sh on the GPU machine, with .gpu_data copied along'
   exit 0
 fi
 
 cd "$root"
 PY="${PYTHON:-python3}"
-out="${OUT:-/tmp/gpu_check_out}"
+out="${OUT:-$root/benchmarks/results/gpu_check}"
 mkdir -p "$out"
-data_dir="${GPU_CHECK_DATA_DIR:-/tmp/cifar10-jpeg}"
-runs="$(mktemp -d /tmp/gpu_check_runs.XXXXXX)"
+data_dir="${GPU_CHECK_DATA_DIR:-$root/.gpu_data/cifar10-jpeg}"
+runs="$(mktemp -d -t gpu_check_runs.XXXXXX)"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_SILENT=true PYTHONDONTWRITEBYTECODE=1
 t_all=$(date +%s)
 
@@ -79,8 +77,8 @@ for mod in ("pytest", "pytest_timeout", "torchvision", "yaml", "tqdm", "PIL", "m
     except Exception:
         missing.append(mod)
 if missing:
-    print(f"gpu_check: warning: not importable here: {', '.join(missing)} (carry them as wheels; see "
-          "/work/.library/device/README.md)")
+    print(f"gpu_check: warning: not importable here: {', '.join(missing)} (install them, or bring "
+          "them as wheels)")
 EOF
 then
   echo "gpu_check: ABORTED (no usable torch + CUDA)"; exit 3

@@ -25,7 +25,7 @@ FLOPs: FlopCounterMode over one training step (forward + backward) / batch (seed
 708 MFLOP). The ceiling: torch.mm of 2048x2048 in fp32 and bf16 measured in the same rounds, its best
 window; utilization = FLOP/image x images/s / ceiling.
 
-    python benchmarks/throughput.py [--quick] [--data-dir /tmp/cifar10-jpeg] [--json PATH] [--profile]
+    python benchmarks/throughput.py [--quick] [--data-dir data/cifar10-jpeg] [--json PATH] [--profile]
                                     [--rounds N] [--threads T] [--no-ws2] [--no-airbench] [--malloc-tune]
 Results (JSON) go to benchmarks/results/throughput.json by default: not for committing.
 """
@@ -51,11 +51,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dist_cnn import config as config_mod, distributed as D, trainer as trainer_mod  # noqa: E402
+from dist_cnn import config as config_mod, distributed as D  # noqa: E402
 from dist_cnn.config import Config, DataConfig  # noqa: E402
 from dist_cnn.data import load_dataset  # noqa: E402
 from dist_cnn.loader import Normalize, normalization_stats  # noqa: E402
 from dist_cnn.models import build_model  # noqa: E402
+from dist_cnn.trainer import Trainer  # noqa: E402
 
 DTYPE = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -223,33 +224,19 @@ def make_config(model: str, batch: int, precision: str, loader: str, channels_la
 
 
 class TrainerRunner:
-    """A real dist_cnn Trainer; run(n) is n iterations of Trainer.run_epoch's loop body."""
+    """A real dist_cnn Trainer given the shared data; run(n) is Trainer.run_steps(n)."""
 
-    def __init__(self, cfg: Config, env: D.DistEnv):
-        self.tr = trainer_mod.Trainer(cfg, env)
-        self.tr.last_ckpt_time = time.time()
+    def __init__(self, cfg: Config, env: D.DistEnv, data):
+        self.tr = Trainer(cfg, env, data=data)
         self.tr.progress.update = lambda *a, **k: None  # log_train still runs; no progress lines on stdout
-        self.epoch, self.left, self.batches = -1, 0, None
 
-    def ensure(self, n):  # a fresh epoch (plan draw, DataLoader workers) outside the timed window
-        tr = self.tr
-        if self.left < n:
-            self.epoch += 1
-            tr.epoch, tr.epoch_step = self.epoch, 0
-            self.batches, self.left = tr.pipeline.epoch(self.epoch), tr.steps_per_epoch
+    def ensure(self, n):  # finish an almost used-up epoch outside the timed window
+        left = self.tr.steps_per_epoch - self.tr.epoch_step
+        if left < n:
+            self.tr.run_steps(left)
 
     def run(self, n):
-        tr, accum, t0 = self.tr, self.tr.cfg.train.grad_accum, time.perf_counter()
-        for _ in range(n):
-            micro = [next(self.batches) for _ in range(accum)]
-            flags, loss = tr.train_step(micro)
-            tr.step, tr.epoch_step = tr.step + 1, tr.epoch_step + 1
-            if tr.lookahead:
-                tr.lookahead.step(tr.step)
-            tr._guard_nonfinite(flags[0] > 0)
-            if tr.step % tr.cfg.train.log_every == 0:
-                tr.log_train(float(loss), tr.cfg.train.log_every, time.perf_counter() - t0, 0.0)
-        self.left -= n
+        self.tr.run_steps(n)
 
 
 # ---- (d) the hand-written loop
@@ -330,7 +317,6 @@ def _ws2_worker(rank, world, port, specs, data_dir, cmd_q, res_q, malloc_tune=Fa
         env = D.setup("gloo", 300.0)
         import torch.distributed as dist
         data, _ = get_data(data_dir)
-        trainer_mod.load_dataset = lambda cfg, log=None: data  # one copy of the images per process
         mean, std = normalization_stats(data.train_x, "dataset")
         xf = None
         runners, outdir = {}, tempfile.mkdtemp(prefix=f"throughput-ws2-r{rank}-")
@@ -338,7 +324,7 @@ def _ws2_worker(rank, world, port, specs, data_dir, cmd_q, res_q, malloc_tune=Fa
             if s["path"] == "device":
                 cfg = make_config(s["model"], s["batch"], s["precision"], "device", s["channels_last"],
                                   os.path.join(outdir, s["name"]))
-                runners[s["name"]] = TrainerRunner(cfg, env)
+                runners[s["name"]] = TrainerRunner(cfg, env, data)
             elif s["path"] == "hand":
                 if xf is None:
                     xf = Normalize(mean, std, "cpu", False)(data.train_x)
@@ -428,7 +414,7 @@ def profile_paths(runners: dict[str, object], steps: int = 20) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and rounds: a smoke run (~2 min)")
-    ap.add_argument("--data-dir", default="/tmp/cifar10-jpeg", help="ImageFolder CIFAR-10 (train/, test/)")
+    ap.add_argument("--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="ImageFolder CIFAR-10 (train/, test/)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the seed cases (default 9, quick 3)")
     ap.add_argument("--airbench-rounds", type=int, default=None, help="rounds of the airbench cases (default 3, quick 1)")
@@ -451,7 +437,6 @@ def main(argv=None):
     t_start = time.time()
 
     data, source = get_data(args.data_dir)
-    trainer_mod.load_dataset = lambda cfg, log=None: data  # the Trainers share this one copy
     mean, std = normalization_stats(data.train_x, "dataset")
     xf = Normalize(mean, std, "cpu", False)(data.train_x)  # (d)'s preloaded normalized float tensor
     image_dir = args.data_dir if source.startswith("imagefolder") else synthetic_imagefolder(data)
@@ -516,7 +501,7 @@ def main(argv=None):
         elif c.path in ("loader", "device"):
             cfg = make_config(c.model, c.batch, c.precision, "dataloader" if c.path == "loader" else "device",
                               c.channels_last, os.path.join(tmp, c.name.replace(" ", "_")))
-            c.runner = TrainerRunner(cfg, D.DistEnv())
+            c.runner = TrainerRunner(cfg, D.DistEnv(), data)
             if c.channels_last is None:
                 c.channels_last = cfg.model.channels_last
         elif c.path == "hand":

@@ -6,8 +6,8 @@ Changed from the tutorial, and only this: the data comes from the shared ImageFo
 at which the tutorial reached its final accuracy is known, and the figures are returned/printed/saved.
 It deliberately does not import dist_cnn: it is what dist_cnn is measured against.
 
-    tar -xzf /work/shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10-jpeg   # -> train/<class>/*.jpg, test/...
-    python benchmarks/tutorial.py --data-dir /tmp/cifar10-jpeg [--epochs 2] [--max-images N] [--json out.json]
+    bash launch/local.sh --max-steps 1   # unpacks ../shared/data/cifar10-jpeg.tar.gz into data/cifar10-jpeg once
+    python benchmarks/tutorial.py --data-dir data/cifar10-jpeg [--epochs 2] [--max-images N] [--json out.json]
 
 Or from another script: importlib-load this file and call run(data_dir, epochs, max_images, ...) -> dict.
 """

@@ -7,15 +7,17 @@ arbitrary objects (RNG states are stored as tensors, lists and ints).
 """
 from __future__ import annotations
 
-import os
 import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import UserError
+from .config import CheckpointConfig
+from .errors import UserError, one_line
+from .fileio import atomic_write
 
 CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 
@@ -32,21 +34,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: torch.save(obj, f), durable=True)
 
 
 def save(run_dir: Path, state: dict, keep: int, is_best: bool) -> Path:
@@ -69,7 +57,7 @@ def load(path: Path) -> dict:
         raise UserError(f"checkpoint not found: {path}") from None
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable or not a dist_cnn checkpoint "
-                        f"(loaded with weights_only=True): {str(e).splitlines()[0][:200]}") from None
+                        f"(loaded with weights_only=True): {one_line(e)[:200]}") from None
 
 
 def newest_valid(run_dir: Path, log) -> tuple[Path, dict] | None:
@@ -116,3 +104,23 @@ def set_rng_state(state: dict) -> None:
 
 def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class CheckpointPolicy:
+    """When to write a checkpoint: every N steps, every M minutes (rank 0's clock, agreed by all
+    ranks), and never while the loss is non-finite. Stops, new bests and the end always write one."""
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.every_steps, self.every_minutes = cfg.every_steps, cfg.every_minutes
+        self.last_write = time.time()
+
+    def clock_due(self) -> bool:
+        """Rank 0's view of the minute interval; the trainer makes every rank agree on it."""
+        return self.every_minutes > 0 and time.time() - self.last_write >= 60 * self.every_minutes
+
+    def periodic(self, step: int, clock_due: bool, healthy: bool) -> bool:
+        by_steps = self.every_steps > 0 and step % self.every_steps == 0
+        return healthy and (by_steps or clock_due)
+
+    def written(self) -> None:
+        self.last_write = time.time()

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from . import models
 from .errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
-MODELS = ("seed", "resnet18", "airbench")
 
 
-def opt(default, help: str, *, choices=None, flag: str | None = None):
-    """A config field: its default, its --help text, its allowed values and (rarely) its flag name."""
-    meta = {"help": help, "choices": choices, "flag": flag}
+def opt(default, help: str, *, choices=None, flag: str | None = None, low=None, above=None, high=None,
+        below=None):
+    """A config field: its default, its --help text, its allowed values (choices, or a range:
+    >= low, > above, <= high, < below) and (rarely) its flag name. Floats must also be finite."""
+    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "above": above, "high": high,
+            "below": below}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -30,15 +34,15 @@ class DataConfig:
     dataset: str = opt("cifar10", "dataset to train on", choices=DATASETS)
     data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
-    image_size: int = opt(32, "imagefolder: images are resized to this square size")
-    synthetic_train_size: int = opt(10000, "synthetic: number of training images")
-    synthetic_test_size: int = opt(2000, "synthetic: number of test images")
+    image_size: int = opt(32, "imagefolder: images are resized to this square size", low=1)
+    synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1)
+    synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1)
     loader: str = opt("auto", "input pipeline: in-memory tensors on the device, or a DataLoader",
                       choices=("auto", "device", "dataloader"))
-    workers: int = opt(2, "DataLoader worker processes (dataloader pipeline only)")
+    workers: int = opt(2, "DataLoader worker processes (dataloader pipeline only)", low=0)
     normalize: str = opt("dataset", "per-channel normalization: the training set's mean/std, or 0.5/0.5 "
                          "as in the tutorial", choices=("dataset", "half"))
-    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off")
+    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0)
     flip: bool = opt(False, "random horizontal flip augmentation")
     alternate_flip: bool = opt(False, "with --flip: each image is flipped in alternate epochs (airbench) "
                                "instead of independently at random")
@@ -46,54 +50,57 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("seed", "model architecture", choices=MODELS, flag="--model")
+    name: str = opt("seed", "model architecture", choices=tuple(models.MODELS), flag="--model")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
-    freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs")
+    freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs", low=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(0.08, "peak learning rate for the global batch")
-    momentum: float = opt(0.9, "SGD momentum")
+    lr: float = opt(0.08, "peak learning rate for the global batch", above=0)
+    momentum: float = opt(0.9, "SGD momentum", low=0, below=1)
     nesterov: bool = opt(True, "Nesterov momentum")
-    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)")
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss")
-    bias_lr_scale: float = opt(1.0, "LR multiplier for biases and norm parameters (airbench: 64)")
+    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)", low=0)
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", low=0, below=1)
+    bias_lr_scale: float = opt(1.0, "LR multiplier for biases and norm parameters (airbench: 64)", above=0)
     schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
                         "warmup then cosine, or constant", choices=("onecycle", "cosine", "constant"))
-    warmup: float = opt(0.2, "warmup length as a fraction of all steps")
+    warmup: float = opt(0.2, "warmup length as a fraction of all steps", low=0, high=1)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(2, "training epochs")
-    batch_size: int = opt(128, "global batch size, across all ranks")
+    epochs: int = opt(2, "training epochs", low=1)
+    batch_size: int = opt(128, "global batch size, across all ranks", low=1)
     seed: int = opt(0, "random seed (weights, data order, augmentation)")
     precision: str = opt("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)")
-    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)")
-    log_every: int = opt(50, "log train loss every N optimizer steps")
-    nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps")
-    lookahead_every: int = opt(0, "lookahead/EMA of weights every N steps, weights reset to the EMA (0 = off)")
-    lookahead_decay: float = opt(0.95, "per-step EMA decay of the lookahead, ramped up cubically over training")
-    tta: int = opt(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations")
+    grad_accum: int = opt(1, "micro-batches per optimizer step", low=1)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", low=0)
+    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", low=0)
+    log_every: int = opt(50, "log train loss every N optimizer steps", low=1)
+    nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps", low=1)
+    lookahead_every: int = opt(0, "lookahead/EMA of weights every N steps, weights reset to the EMA (0 = off)",
+                               low=0)
+    lookahead_decay: float = opt(0.95, "per-step EMA decay of the lookahead, ramped up cubically over training",
+                                 above=0, below=1)
+    tta: int = opt(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations", low=0, high=2)
 
 
 @dataclass
 class DistConfig:
     backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
-    timeout: float = opt(300.0, "seconds a collective may wait before the job fails")
+    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", above=0)
 
 
 @dataclass
 class CheckpointConfig:
     resume: str = opt("none", "resume from: auto (newest valid checkpoint in --out), none, or a path")
-    keep: int = opt(3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints")
-    every_steps: int = opt(0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps")
-    every_minutes: float = opt(10.0, "checkpoint every N minutes (0 = off)", flag="--checkpoint-every-minutes")
+    keep: int = opt(3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints", low=1)
+    every_steps: int = opt(0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps", low=0)
+    every_minutes: float = opt(10.0, "checkpoint every N minutes (0 = off)", flag="--checkpoint-every-minutes",
+                               low=0)
     on_write_error: str = opt("continue", "when a checkpoint write fails: warn and continue, or stop",
                               choices=("continue", "stop"))
 
@@ -159,6 +166,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_flag(f), **kw)
 
 
+def train_parser(prog: str = "train.py") -> ArgumentParser:
+    """The training command line: every config field, --config, and --dry-run."""
+    parser = ArgumentParser(prog=prog, description="Train a CNN with dist_cnn (one process, torchrun, srun "
+                            "or accelerate launch).")
+    add_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what was detected (launcher, rank, world size, device, backend, head "
+                             "address, SLURM job, CUDA, threads), check the launch against the allocation "
+                             "and exit without training; the same as `dist-cnn doctor` (default: False)")
+    return parser
+
+
 def _check_type(where: str, value, typ):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -209,32 +228,28 @@ def apply_dict(cfg: Config, data: dict, where: str = "config") -> None:
             setattr(obj, key, _check_type(f"{section}.{key}", value, hints[key]))
 
 
+def _check_field(f, value) -> None:
+    m, flag = f.metadata, _flag(f)
+    if m.get("choices") and value not in m["choices"]:
+        raise UserError(f"{flag}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
+    bounds = (("low", ">=", value.__lt__), ("above", ">", value.__le__),
+              ("high", "<=", value.__gt__), ("below", "<", value.__ge__)) \
+        if isinstance(value, (int, float)) and not isinstance(value, bool) else ()
+    for key, word, breaks in bounds:
+        if m.get(key) is not None and breaks(m[key]):
+            positive = (key, m[key]) in (("above", 0), ("low", 1)) and not isinstance(value, float) or \
+                (key, m[key]) == ("above", 0)
+            raise UserError(f"{flag} must be {'positive' if positive else f'{word} {m[key]}'}, got {value}")
+
+
 def validate(cfg: Config) -> None:
+    """Every field against its own metadata (choices, range, finiteness), before any work starts."""
     for section, cls in _sections():
         obj = getattr(cfg, section)
         for f in fields(cls):
-            choices = f.metadata.get("choices")
-            if choices and getattr(obj, f.name) not in choices:
-                raise UserError(f"{_flag(f)}: {getattr(obj, f.name)!r} is not one of {', '.join(choices)}")
-    positive = {"--epochs": cfg.train.epochs, "--batch-size": cfg.train.batch_size, "--lr": cfg.optim.lr,
-                "--grad-accum": cfg.train.grad_accum, "--image-size": cfg.data.image_size,
-                "--timeout": cfg.dist.timeout, "--keep-checkpoints": cfg.ckpt.keep,
-                "--nonfinite-patience": cfg.train.nonfinite_patience, "--bias-lr-scale": cfg.optim.bias_lr_scale}
-    for flag, value in positive.items():
-        if not value > 0:
-            raise UserError(f"{flag} must be positive, got {value}")
-    nonneg = {"--max-steps": cfg.train.max_steps, "--eval-every": cfg.train.eval_every,
-              "--log-every": cfg.train.log_every, "--crop-padding": cfg.data.crop_padding,
-              "--workers": cfg.data.workers, "--weight-decay": cfg.optim.weight_decay,
-              "--checkpoint-every-steps": cfg.ckpt.every_steps,
-              "--checkpoint-every-minutes": cfg.ckpt.every_minutes}
-    for flag, value in nonneg.items():
-        if value < 0:
-            raise UserError(f"{flag} must be >= 0, got {value}")
-    if not 0 <= cfg.optim.label_smoothing < 1 or not 0 <= cfg.optim.warmup <= 1:
-        raise UserError("--label-smoothing must be in [0, 1) and --warmup in [0, 1]")
-    if cfg.train.tta not in (0, 1, 2) or not 0 < cfg.train.lookahead_decay < 1 or cfg.train.lookahead_every < 0:
-        raise UserError("--tta must be 0, 1 or 2, --lookahead-decay in (0, 1), --lookahead-every >= 0")
+            _check_field(f, getattr(obj, f.name))
 
 
 def from_args(ns: argparse.Namespace) -> Config:

@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import DataConfig
-from .errors import UserError
+from .errors import UserError, one_line
+from .fileio import atomic_write
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -53,11 +53,6 @@ class Dataset:
     @property
     def image_size(self) -> int:
         return self.train_x.shape[2]
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _tensors(x, y, num_classes: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +92,7 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             return {_str(k): v for k, v in _ArrayUnpickler(f, encoding="latin1").load().items()}
     except Exception as e:
-        raise UserError(f"{path}: not a CIFAR pickle ({_one_line(e)})") from None
+        raise UserError(f"{path}: not a CIFAR pickle ({one_line(e)})") from None
 
 
 def _read_cifar(folder: Path, files: list[str], labels_key: str, num_classes: int):
@@ -127,7 +122,7 @@ def _load_cifar(cfg: DataConfig) -> Dataset:
                     getattr(torchvision.datasets, title.replace("-", ""))(cfg.data_dir, download=True)
                 why = None
             except Exception as e:
-                why = f"could not be downloaded: {_one_line(e)}"
+                why = f"could not be downloaded: {one_line(e)}"
         if why:
             raise UserError(f"{title} not found under {cfg.data_dir} ({why}); point --data-dir at a folder "
                             f"holding {folder_name}, or use --dataset synthetic")
@@ -149,7 +144,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     except Exception as e:  # OSError, EOFError, zlib.error
-        raise UserError(f"{path}: cannot read ({_one_line(e)})") from None
+        raise UserError(f"{path}: cannot read ({one_line(e)})") from None
     magic, header = int.from_bytes(raw[:4], "big"), 4 + 4 * ndim
     if magic != 0x800 + ndim:
         raise UserError(f"{path}: not an IDX file of {ndim}-d bytes (magic number 0x{magic:08x}, "
@@ -227,7 +222,7 @@ def _decode(path: str, size: int) -> torch.Tensor:
             with Image.open(path) as im:
                 img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
         except Exception as e:
-            raise UserError(f"imagefolder: cannot decode image {path} ({_one_line(e)})") from None
+            raise UserError(f"imagefolder: cannot decode image {path} ({one_line(e)})") from None
     if img.shape[1:] != (size, size):  # stretched to a square, as Resize((size, size)) would
         img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)
         img = img[0].round().clamp(0, 255).to(torch.uint8)
@@ -247,22 +242,14 @@ def _load_cache(path: Path, log) -> dict | None:
         assert {"classes", "train_x", "train_y", "test_x", "test_y"} <= set(data)
         return data
     except Exception as e:  # truncated or foreign: decode again
-        log(f"ignoring unreadable cache {path} ({_one_line(e)})")
+        log(f"ignoring unreadable cache {path} ({one_line(e)})")
 
 
 def _save_cache(data: dict, paths: list[Path], log) -> None:
     for path in paths:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(data, f)
-                os.chmod(tmp, 0o644)  # mkstemp's file is private; others sharing the data may read it
-                os.replace(tmp, path)  # readers (other ranks too) see no file or the whole file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_write(path, lambda f: torch.save(data, f))  # other ranks see no file or the whole file
         except (OSError, RuntimeError):  # read-only or full: try the next place
             continue
         for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):  # this folder, older contents

@@ -1,5 +1,20 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2."""
+"""The exceptions the commands turn into one line: UserError (exit 2) and TrainingFailed (exit 1)."""
+from __future__ import annotations
 
 
 class UserError(Exception):
     """Bad input from the user (flags, config, data, checkpoints): reported in one line, no traceback."""
+
+
+class PeerError(UserError):
+    """Rank 0's UserError, re-raised on the other ranks: rank 0 already reported it."""
+
+
+class TrainingFailed(Exception):
+    """The run could not go on (non-finite loss, failed checkpoint write): one line, exit code 1."""
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -135,7 +135,7 @@ class ConvGroup(nn.Module):
         super().__init__()
         self.conv1 = Conv(cin, cout)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = BatchNorm(cout)  # 'norm' in the name: airbench gives these biases a larger LR
+        self.norm1 = BatchNorm(cout)
         self.conv2 = Conv(cout, cout)
         self.norm2 = BatchNorm(cout)
         self.activ = nn.GELU()

@@ -28,7 +28,7 @@ def effective_resume(cfg: Config, environ=os.environ) -> str:
     return "auto" if cfg.ckpt.resume == "none" and restarted(environ) else cfg.ckpt.resume
 
 
-def prepare_run_dir(cfg: Config, env: D.DistEnv) -> Path:
+def prepare_run_dir(cfg: Config) -> Path:
     """Rank 0: pick and create the run directory, refusing to overwrite what is already there."""
     run_dir = Path(cfg.log.out or Path("runs") / default_run_name(cfg))
     if (run_dir / "summary.json").exists():

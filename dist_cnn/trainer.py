@@ -6,10 +6,10 @@ Every rank runs the same code and takes part in every collective; only rank 0 wr
 from __future__ import annotations
 
 import contextlib
-import os
 import random
+import resource
 import time
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,21 +17,43 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, config as config_mod, distributed as D, parallel, precision as P
+from .checkpoint import CheckpointPolicy
 from .config import Config
-from .data import load_dataset
-from .errors import UserError
+from .data import Dataset, load_dataset
+from .errors import TrainingFailed, UserError
 from .evaluate import evaluate
-from .loader import Augment, DevicePipeline, LoaderPipeline, Normalize, normalization_stats
-from .metrics import MetricsLog, Progress, write_json_atomic
-from .models import build_model
+from .fileio import write_json_atomic
+from .loader import Augment, DevicePipeline, LoaderPipeline
+from .observability.metrics import MetricsLog
+from .observability.progress import Progress
+from .observability.report import format_report, write_plots
+from .observability.wandb_logger import WandbLogger
 from .optim import Lookahead, build_optimizer, build_schedule
 from .preempt import StopSignal, requeue_slurm_job
+from .prepare import prepare_model
 from .rundir import prepare_run_dir, resolve_resume
-from .wandb_logger import WandbLogger
 
 
-class TrainingFailed(Exception):
-    """The run could not go on (non-finite loss, failed checkpoint write): one line, exit code 1."""
+class StepSignals(NamedTuple):
+    """What all ranks agreed on after a step (one small all_reduce carries all three)."""
+    nonfinite: bool        # some rank's loss was NaN/Inf: the step is not applied
+    stop: bool             # some rank got a stop signal: checkpoint and leave
+    checkpoint_due: bool   # rank 0's clock says a periodic checkpoint is due
+
+
+class Meter:
+    """Training time: the clock runs while training and is paused around evaluation and checkpoints."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds, self._since = seconds, None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
 
 
 def seed_everything(seed: int) -> None:
@@ -43,12 +65,13 @@ def seed_everything(seed: int) -> None:
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: D.DistEnv):
+    """Build everything from the config, then fit(). `data` skips loading (benchmarks, the Python API)."""
+
+    def __init__(self, cfg: Config, env: D.DistEnv, data: Dataset | None = None):
         self.cfg, self.env = cfg, env
         t, main = cfg.train, env.is_main
         self.log = Progress(main, False, 0).print  # replaced once the step count is known
@@ -60,11 +83,13 @@ class Trainer:
             raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         seed_everything(t.seed)
 
-        self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, env))
-        self.data = D.main_then_all(env, lambda: load_dataset(cfg.data, log=self.log))
+        self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg))
+        self.data = data or D.main_then_all(env, lambda: load_dataset(cfg.data, log=self.log))
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
 
-        self.model = self._build_model()
+        prepared = prepare_model(cfg, self.data, env.device)
+        self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
+        self.model, self.raw_model = parallel.wrap(prepared.model, env, cfg.model, t.grad_accum)
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
         self.precision = state["precision"] if state and t.precision == "auto" else \
             D.main_only(env, self._resolve_precision)
@@ -82,7 +107,9 @@ class Trainer:
             if t.lookahead_every else None
 
         self.step, self.epoch, self.epoch_step = 0, 0, 0
-        self.train_seconds, self.best_acc, self.bad_steps, self.skipped_steps = 0.0, -1.0, 0, 0
+        self._live_batches, self._batches_at = None, None
+        self.meter, self.best_acc, self.bad_steps, self.skipped_steps = Meter(), -1.0, 0, 0
+        self.ckpt_policy = CheckpointPolicy(cfg.ckpt)
         self.metrics = MetricsLog(self.run_dir, main)
         self.wandb_id = None
         if state is not None:
@@ -94,19 +121,6 @@ class Trainer:
         self.stop.install()
 
     # ---- setup -------------------------------------------------------------------------------
-    def _build_model(self):
-        cfg, env, d = self.cfg, self.env, self.data
-        model = build_model(cfg.model.name, d.in_channels, d.num_classes, d.image_size)
-        self.mean, self.std = normalization_stats(d.train_x, cfg.data.normalize)
-        self.normalize = Normalize(self.mean, self.std, env.device, cfg.model.channels_last)
-        if hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
-            model.init_from_data(self.normalize(d.train_x[:5000].to(env.device)).cpu())
-        model.to(env.device)
-        if cfg.model.channels_last:
-            model.to(memory_format=torch.channels_last)
-        model, self.raw_model = parallel.wrap(model, env, cfg.model, cfg.train.grad_accum)
-        return model
-
     def _resolve_precision(self) -> str:
         n = min(self.batch_per_rank, 64)
         x = self.normalize(self.data.train_x[:n].to(self.env.device))
@@ -141,10 +155,11 @@ class Trainer:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
-                "train_seconds": self.train_seconds, "best_acc": self.best_acc,
+                "train_seconds": self.meter.seconds, "best_acc": self.best_acc,
                 "skipped_steps": self.skipped_steps, "rng": rngs, "world_size": self.env.world_size,
                 "config": config_mod.to_dict(self.cfg), "wandb_id": self.wandb.run_id,
                 "metrics": self.metrics.history, "finished": False, "precision": self.precision,
+                "mean": self.mean, "std": self.std,
                 "lookahead": self.lookahead.state_dict() if self.lookahead else {}}
 
     def _load_state(self, s: dict) -> None:
@@ -157,7 +172,7 @@ class Trainer:
         if self.lookahead:
             self.lookahead.load_state_dict(s["lookahead"])
         self.step, self.epoch, self.epoch_step = s["step"], s["epoch"], s["epoch_step"]
-        self.train_seconds, self.best_acc, self.skipped_steps = s["train_seconds"], s["best_acc"], s["skipped_steps"]
+        self.meter, self.best_acc, self.skipped_steps = Meter(s["train_seconds"]), s["best_acc"], s["skipped_steps"]
         self.wandb_id = s["wandb_id"]
         checkpoint.set_rng_state(s["rng"][self.env.rank % len(s["rng"])])
         self.metrics.restore(s["metrics"])
@@ -181,12 +196,11 @@ class Trainer:
         err = D.broadcast_object(err, self.env)
         if err and self.cfg.ckpt.on_write_error == "stop":
             raise TrainingFailed(err)
-        self.last_ckpt_time = time.time()
+        self.ckpt_policy.written()
 
     # ---- training ----------------------------------------------------------------------------
-    def train_step(self, micro_batches) -> tuple[list[bool], torch.Tensor]:
-        """One optimizer step over grad_accum micro-batches; returns the flags all ranks agree on
-        ([non-finite, stop, checkpoint due]) and the loss."""
+    def train_step(self, micro_batches) -> tuple[StepSignals, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns what all ranks agreed on, and the loss."""
         model, accum = self.model, len(micro_batches)
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (x, y) in enumerate(micro_batches):
@@ -196,27 +210,28 @@ class Trainer:
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
-        # One small all_reduce a step carries everything the ranks must agree on:
-        # [any rank saw a non-finite loss, any rank got a stop signal, rank 0's clock says checkpoint].
-        due = self.env.is_main and self.cfg.ckpt.every_minutes > 0 and \
-            time.time() - self.last_ckpt_time >= 60 * self.cfg.ckpt.every_minutes
-        flags = torch.stack([(~torch.isfinite(loss_sum)).float(),
-                             torch.tensor(float(self.stop.requested), device=self.env.device),
-                             torch.tensor(float(due), device=self.env.device)])
-        flags = [f > 0 for f in D.all_reduce_sum(flags).tolist()]
+        signals = self._agree(loss_sum)
         whiten = getattr(self.raw_model, "whiten", None)
         if whiten is not None and self.epoch >= self.cfg.model.freeze_whiten_bias_after:
             whiten.bias.grad = None  # airbench trains the whitening bias for the first epochs only
-        if not flags[0] or self.precision == "fp16":  # a non-finite step is skipped; fp16's scaler skips by itself
+        if not signals.nonfinite or self.precision == "fp16":  # fp16's scaler skips bad steps by itself
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
-        return flags, loss_sum
+        return signals, loss_sum
+
+    def _agree(self, loss: torch.Tensor) -> StepSignals:
+        """One small all_reduce a step carries everything the ranks must decide together."""
+        due = self.env.is_main and self.ckpt_policy.clock_due()
+        flags = torch.stack([(~torch.isfinite(loss)).float(),
+                             torch.tensor(float(self.stop.requested), device=self.env.device),
+                             torch.tensor(float(due), device=self.env.device)])
+        return StepSignals(*(f > 0 for f in D.all_reduce_sum(flags).tolist()))
 
     def fit(self) -> dict:
+        """Train to the end (or a stop signal), evaluating as configured; returns the summary."""
         cfg, t = self.cfg, self.cfg.train
-        self.last_ckpt_time = time.time()
         if self.env.is_main:
             config_mod.save(cfg, self.run_dir / "config.json")
             self.log(f"run {self.run_dir}: {cfg.model.name} on {cfg.data.dataset}, world size {self.env.world_size} "
@@ -234,36 +249,56 @@ class Trainer:
             last_eval = self.run_eval()
         return self.finish(last_eval)
 
-    def run_epoch(self) -> bool:
-        """Train from the current position to the end of the epoch; True if a stop signal ended it."""
-        t, accum = self.cfg.train, self.cfg.train.grad_accum
-        batches = self.pipeline.epoch(self.epoch, self.epoch_step * accum)
-        tick = time.perf_counter()
-        interval_start, interval_steps, wait = tick, 0, 0.0
-        while self.epoch_step < self.steps_per_epoch and self.step < self.total_steps:
-            w0 = time.perf_counter()
+    def run_epoch(self, max_steps: int | None = None) -> bool:
+        """Train from the current position to the end of the epoch (or `max_steps` steps);
+        True if a stop signal ended it."""
+        accum = self.cfg.train.grad_accum
+        batches = self._batches()
+        end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        self.meter.start()
+        interval = time.perf_counter(), 0, 0.0  # start, steps, seconds waiting for data
+        while self.epoch_step < self.steps_per_epoch and self.step < end:
+            wait_from = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
-            wait += time.perf_counter() - w0
-            flags, loss = self.train_step(micro)
-            self.step, self.epoch_step, interval_steps = self.step + 1, self.epoch_step + 1, interval_steps + 1
+            waited = time.perf_counter() - wait_from
+            signals, loss = self.train_step(micro)
+            self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
+            self._batches_at = (self.epoch, self.epoch_step)
+            interval = interval[0], interval[1] + 1, interval[2] + waited
             if self.lookahead:
                 self.lookahead.step(self.step)
-            self._guard_nonfinite(flags[0])
-            if self.step % t.log_every == 0 or self.step == self.total_steps:
-                now = time.perf_counter()
-                self.train_seconds += now - tick
-                self.log_train(float(loss), interval_steps, now - interval_start, wait)
-                tick = interval_start = time.perf_counter()
-                interval_steps, wait = 0, 0.0
-            periodic = flags[2] or (self.cfg.ckpt.every_steps and self.step % self.cfg.ckpt.every_steps == 0)
-            if flags[1] or (periodic and self.bad_steps == 0):  # never checkpoint weights mid-divergence
-                self.train_seconds += time.perf_counter() - tick
+            self._guard_nonfinite(signals.nonfinite)
+            if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
+                self.log_train(float(loss), interval[1], time.perf_counter() - interval[0], interval[2])
+                interval = time.perf_counter(), 0, 0.0
+            periodic = self.ckpt_policy.periodic(self.step, signals.checkpoint_due, healthy=self.bad_steps == 0)
+            if signals.stop or periodic:
+                self.meter.pause()
                 self.save_checkpoint()
-                tick = time.perf_counter()
-                if flags[1]:
+                if signals.stop:
                     return self.handle_stop()
-        self.train_seconds += time.perf_counter() - tick
+                self.meter.start()
+        self.meter.pause()
         return False
+
+    def _batches(self):
+        """The epoch's batch iterator from the current position: the live one when it is there (run_steps
+        keeps DataLoader workers running between calls), else a new one (a new epoch, or a resume)."""
+        if self._live_batches is None or self._batches_at != (self.epoch, self.epoch_step):
+            self._live_batches = self.pipeline.epoch(self.epoch, self.epoch_step * self.cfg.train.grad_accum)
+            self._batches_at = (self.epoch, self.epoch_step)
+        return self._live_batches
+
+    def run_steps(self, n: int) -> int:
+        """Train up to n optimizer steps from the current position, crossing epochs; no evaluation or
+        checkpoints beyond the configured ones. Returns the steps taken (benchmarks, profiling)."""
+        start = self.step
+        while self.step - start < n and self.step < self.total_steps:
+            if self.run_epoch(max_steps=n - (self.step - start)):
+                break
+            if self.epoch_step == self.steps_per_epoch:
+                self.epoch, self.epoch_step = self.epoch + 1, 0
+        return self.step - start
 
     def _guard_nonfinite(self, bad: bool) -> None:
         if not bad:
@@ -305,11 +340,11 @@ class Trainer:
         d = self.data
         res = evaluate(self.model, d.test_x, d.test_y, num_classes=d.num_classes, normalize=self.normalize,
                        env=self.env, precision=self.precision, tta=self.cfg.train.tta)
-        rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.train_seconds}
+        rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.meter.seconds}
         self.metrics.write(rec)
         self.wandb.log_eval(rec, d.classes)
         self.log(f"epoch {self.epoch}: test accuracy {res['test_accuracy']:.4f} "
-                 f"({res['test_correct']}/{res['test_total']}), {self.train_seconds:.1f} s of training")
+                 f"({res['test_correct']}/{res['test_total']}), {self.meter.seconds:.1f} s of training")
         is_best = res["test_accuracy"] > self.best_acc
         self.best_acc = max(self.best_acc, res["test_accuracy"])
         if is_best:
@@ -317,19 +352,10 @@ class Trainer:
         return rec
 
     def finish(self, ev: dict) -> dict:
-        cfg, d = self.cfg, self.data
+        summary = self.summary(ev)
         self.save_checkpoint(final=True)
-        trained = self.step * cfg.train.batch_size
-        summary = {k: ev[k] for k in ("test_accuracy", "test_correct", "test_total", "per_class_accuracy")}
-        summary.update({
-            "classes": d.classes, "epochs": self.epoch, "steps": self.step, "world_size": self.env.world_size,
-            "backend": self.env.backend, "per_rank_batch_size": self.batch_per_rank * cfg.train.grad_accum,
-            "global_batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-            "train_seconds": self.train_seconds, "train_images_per_sec": trained / max(self.train_seconds, 1e-9),
-            "model": cfg.model.name, "dataset": cfg.data.dataset, "precision": self.precision,
-            "loader": self.loader_kind, "device": str(self.env.device), "skipped_steps": self.skipped_steps,
-            "parameters": sum(p.numel() for p in self.raw_model.parameters()), "run_dir": str(self.run_dir)})
         if self.env.is_main:
+            cfg, d = self.cfg, self.data
             torch.save({"model": self.raw_model.state_dict(), "model_name": cfg.model.name, "classes": d.classes,
                         "in_channels": d.in_channels, "image_size": d.image_size,
                         "mean": self.mean, "std": self.std, "config": config_mod.to_dict(cfg)}, self.run_dir / "model.pt")
@@ -339,8 +365,20 @@ class Trainer:
         self.progress.close()
         return summary
 
+    def summary(self, ev: dict) -> dict:
+        cfg, d, seconds = self.cfg, self.data, self.meter.seconds
+        summary = {k: ev[k] for k in ("test_accuracy", "test_correct", "test_total", "per_class_accuracy")}
+        summary.update({
+            "classes": d.classes, "epochs": self.epoch, "steps": self.step, "world_size": self.env.world_size,
+            "backend": self.env.backend, "per_rank_batch_size": self.batch_per_rank * cfg.train.grad_accum,
+            "global_batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+            "train_seconds": seconds, "train_images_per_sec": self.step * cfg.train.batch_size / max(seconds, 1e-9),
+            "model": cfg.model.name, "dataset": cfg.data.dataset, "precision": self.precision,
+            "loader": self.loader_kind, "device": str(self.env.device), "skipped_steps": self.skipped_steps,
+            "parameters": sum(p.numel() for p in self.raw_model.parameters()), "run_dir": str(self.run_dir)})
+        return summary
+
     def _report(self, summary: dict) -> None:
-        from .report import format_report, write_plots
         try:
             write_plots(self.run_dir)
         except Exception as e:  # plots are a convenience; the run's results are already written
@@ -349,11 +387,5 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict:
-    env = D.setup(cfg.dist.backend, cfg.dist.timeout)
-    try:
-        result = Trainer(cfg, env).fit()
-    except BaseException:
-        D.teardown(graceful=False)
-        raise
-    D.teardown()
-    return result
+    with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
+        return Trainer(cfg, env).fit()

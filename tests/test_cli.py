@@ -70,7 +70,7 @@ def test_batch_not_divisible_by_world_is_an_error(tmp_path):
 
 
 def test_help_documents_every_option_with_default():
-    from dist_cnn.cli import train_parser
+    from dist_cnn.config import train_parser
     text = train_parser().format_help()
     for flag in ["--config", "--dataset", "--data-dir", "--model", "--epochs", "--batch-size", "--lr", "--seed",
                  "--precision", "--out", "--wandb", "--no-progress", "--resume", "--keep-checkpoints"]:

@@ -1,4 +1,4 @@
-"""Preflight checks and `dist-cnn doctor` / `train.py --dry-run` (dist_cnn/doctor.py), with fake
+"""Preflight checks and `dist-cnn doctor` / `train.py --dry-run` (dist_cnn/launch.py, dist_cnn/commands/doctor.py), with fake
 launcher environments; the same inside real SLURM jobs: tests/slurm/test_train_slurm.py."""
 import json
 import socket
@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from common import SMALL, clean_env, run_py, train
-from dist_cnn import distributed as D, doctor
+from dist_cnn import launch
 
 SRUN_RANK1 = {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "t", "SLURM_JOB_NODELIST": "localhost",
               "SLURM_JOB_NUM_NODES": "1",
@@ -24,13 +24,13 @@ def listening_socket():
 
 @pytest.mark.parametrize("spec,counts", [("2", [2]), ("4(x2),1", [4, 4, 1]), ("", []), ("2(x", [])])
 def test_expand_counts(spec, counts):
-    assert doctor.expand_counts(spec) == counts
+    assert launch.expand_counts(spec) == counts
 
 
 def test_tasks_on_node_uses_this_nodes_entry():
-    assert doctor.slurm_tasks_on_node({"SLURM_STEP_TASKS_PER_NODE": "4(x2),1", "SLURM_NODEID": "2"}) == 1
-    assert doctor.slurm_tasks_on_node({"SLURM_TASKS_PER_NODE": "3"}) == 3
-    assert doctor.slurm_tasks_on_node({}) is None
+    assert launch.slurm_tasks_on_node({"SLURM_STEP_TASKS_PER_NODE": "4(x2),1", "SLURM_NODEID": "2"}) == 1
+    assert launch.slurm_tasks_on_node({"SLURM_TASKS_PER_NODE": "3"}) == 3
+    assert launch.slurm_tasks_on_node({}) is None
 
 
 def torchrun_env(local_world, **extra):
@@ -40,26 +40,26 @@ def torchrun_env(local_world, **extra):
 
 def test_torchrun_mismatches():
     ok = torchrun_env(2, SLURM_JOB_ID="5", SLURM_STEP_ID="0", SLURM_STEP_TASKS_PER_NODE="1", SLURM_CPUS_ON_NODE="2")
-    assert doctor.problems(D.detect(ok), ok) == []
+    assert launch.problems(launch.detect(ok), ok) == []
     over = {**ok, "LOCAL_WORLD_SIZE": "3", "WORLD_SIZE": "3"}
-    (p,) = doctor.problems(D.detect(over), over)
+    (p,) = launch.problems(launch.detect(over), over)
     assert "3 processes on this node" in p and "2 CPU(s)" in p and "DIST_CNN_NPROC_PER_NODE" in p
     two_agents = {**ok, "SLURM_STEP_TASKS_PER_NODE": "2"}  # `srun --ntasks-per-node=2 torchrun ...`
-    (p,) = doctor.problems(D.detect(two_agents), two_agents)
+    (p,) = launch.problems(launch.detect(two_agents), two_agents)
     assert "srun started 2 tasks on this node and each runs torchrun" in p and "--ntasks-per-node=1" in p
-    assert doctor.problems(D.detect(torchrun_env(4)), torchrun_env(4)) == []  # no SLURM: nothing to compare
+    assert launch.problems(launch.detect(torchrun_env(4)), torchrun_env(4)) == []  # no SLURM: nothing to compare
 
 
 def test_port_check_rank0_only():
     with listening_socket() as s:
         port = s.getsockname()[1]
         rank0 = {**SRUN_RANK1, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "MASTER_PORT": str(port)}
-        (p,) = doctor.problems(D.detect(rank0), rank0)
+        (p,) = launch.problems(launch.detect(rank0), rank0)
         assert f"MASTER_PORT {port} (from the environment) is already in use" in p
         rank1 = {**SRUN_RANK1, "MASTER_PORT": str(port)}
-        assert doctor.problems(D.detect(rank1), rank1) == []
-    assert doctor.problems(D.detect(rank0), rank0) == []  # closed: free again
-    assert not doctor.port_in_use(port)
+        assert launch.problems(launch.detect(rank1), rank1) == []
+    assert launch.problems(launch.detect(rank0), rank0) == []  # closed: free again
+    assert not launch.port_in_use(port)
 
 
 def test_dry_run_reports_srun_rank_without_training(tmp_path):
@@ -95,6 +95,6 @@ def test_training_refuses_a_busy_master_port(tmp_path):
 
 
 def test_dry_run_in_help():
-    from dist_cnn.cli import train_parser
+    from dist_cnn.config import train_parser
     text = train_parser().format_help()
     assert "--dry-run" in text and "dist-cnn doctor" in text

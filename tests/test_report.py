@@ -7,7 +7,8 @@ import random
 import pytest
 
 from dist_cnn.errors import UserError
-from dist_cnn.report import format_report, main_report, read_metrics, write_plots
+from dist_cnn.commands.report import main_report as report_command
+from dist_cnn.observability.report import format_report, read_metrics, write_plots
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -113,7 +114,7 @@ def test_truncated_last_line_is_tolerated(tmp_path, capsys):
     metrics = read_metrics(run)
     assert metrics and all(isinstance(r, dict) for r in metrics)
     assert max(r["step"] for r in metrics if r["event"] == "train") == 120  # the cut record is dropped
-    assert main_report(run) == 0
+    assert report_command([str(run)]) == 0
     out = capsys.readouterr().out
     assert "skipped 1 unreadable line" in out
     assert {p.name for p in run.glob("*.png")} == {"loss.png", "accuracy.png", "confusion_matrix.png"}
@@ -122,7 +123,7 @@ def test_truncated_last_line_is_tolerated(tmp_path, capsys):
 def test_killed_run_without_summary_reports_last_eval(tmp_path, capsys):
     run = tmp_path / "run"
     last = make_run(run, summary=False)
-    assert main_report(run) == 0
+    assert report_command([str(run)]) == 0
     out = capsys.readouterr().out
     assert "did not finish" in out
     assert f"{100 * last['test_accuracy']:.2f}%" in out
@@ -149,7 +150,7 @@ def test_many_classes_and_no_evals(tmp_path):
 def test_main_report_prints_report(tmp_path, capsys):
     run = tmp_path / "run"
     make_run(run)
-    assert main_report(run) == 0
+    assert report_command([str(run)]) == 0
     out = capsys.readouterr().out
     assert str(run) in out and "test accuracy" in out and "loss.png" in out
 
@@ -162,7 +163,7 @@ def test_bad_run_dir_is_a_user_error(tmp_path, kind):
     elif kind == "empty":
         target.mkdir()
     with pytest.raises(UserError) as err:
-        main_report(target)
+        report_command([str(target)])
     assert "\n" not in str(err.value) and str(target) in str(err.value)
 
 
@@ -171,4 +172,4 @@ def test_invalid_summary_is_a_user_error(tmp_path):
     make_run(run)
     (run / "summary.json").write_text("{not json")
     with pytest.raises(UserError, match="summary.json"):
-        main_report(run)
+        report_command([str(run)])

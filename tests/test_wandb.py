@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dist_cnn.config import LogConfig
-from dist_cnn import wandb_logger
-from dist_cnn.wandb_logger import WandbLogger, resolve_mode
+from dist_cnn.observability import wandb_logger
+from dist_cnn.observability.wandb_logger import WandbLogger, resolve_mode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import offline_run_dirs, read_offline_run  # noqa: E402

@@ -27,7 +27,7 @@ TWO_TASKS = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
 SLOW_ENTRY = """\
 import os, sys, time
 from dist_cnn import trainer
-from dist_cnn.cli import entry
+from dist_cnn.commands import entry
 _step = trainer.Trainer.train_step
 def slow_step(self, micro):
     time.sleep(float(os.environ["STEP_SLEEP"]))

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from .config import LogConfig
+from ..config import LogConfig
+from ..errors import one_line
+from .format import class_names, is_number
 
 INIT_TIMEOUT_S = 30.0  # wandb's default is 90 s; online init without network fails after this
 TEARDOWN_TIMEOUT_S = 15.0  # after a failed online init, before the offline fallback
@@ -140,15 +142,6 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 class WandbLogger:
     """Thin W&B run wrapper: log_train / log_eval / finish. A no-op unless enabled and not disabled."""
 
@@ -173,7 +166,7 @@ class WandbLogger:
         try:
             import wandb
         except Exception as e:  # broken install: training goes on
-            log(f"wandb: cannot import wandb ({_one_line(e)}); W&B logging disabled")
+            log(f"wandb: cannot import wandb ({one_line(e)}); W&B logging disabled")
             return
         self._wandb = wandb
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +201,7 @@ class WandbLogger:
             )
             run = wandb.init(mode=mode, settings=settings, **init)
         except Exception as e:
-            self._log(f"wandb: init ({mode}) failed: {_one_line(e)}")
+            self._log(f"wandb: init ({mode}) failed: {one_line(e)}")
             return None
         self.mode = mode
         return run
@@ -221,7 +214,7 @@ class WandbLogger:
         try:
             self._run.log(data, step=int(step))
         except Exception as e:  # never let monitoring stop training
-            self._log(f"wandb: log failed ({_one_line(e)}); W&B logging disabled for the rest of the run")
+            self._log(f"wandb: log failed ({one_line(e)}); W&B logging disabled for the rest of the run")
             self._close_quietly()
 
     def log_train(self, record: dict) -> None:
@@ -229,7 +222,7 @@ class WandbLogger:
         train/epoch is 0-based, as in metrics.jsonl) at the record's global step."""
         if self._run is None:
             return
-        data = {f"train/{k}": v for k, v in record.items() if _number(v) and k not in ("step", "time")}
+        data = {f"train/{k}": v for k, v in record.items() if is_number(v) and k not in ("step", "time")}
         self._safe_log(data, record["step"])
 
     def log_eval(self, record: dict, classes: list[str]) -> None:
@@ -246,17 +239,17 @@ class WandbLogger:
             return
         data: dict = {"test/accuracy": record["test_accuracy"]}
         for k in ("test_correct", "test_total", "epoch"):  # test/epoch = epochs completed (1-based)
-            if _number(record.get(k)):
+            if is_number(record.get(k)):
                 data[f"test/{k.removeprefix('test_')}"] = record[k]
-        if _number(record.get("train_seconds")):
+        if is_number(record.get("train_seconds")):
             data["train_seconds"] = record["train_seconds"]
         per_class = record.get("per_class_accuracy") or []
-        names = _class_names(classes, len(per_class))
+        names = class_names(classes, len(per_class))
         for name, acc in zip(names, per_class):
             data[f"test/per_class_accuracy/{name}"] = acc
         matrix = record.get("confusion_matrix")
         if matrix:
-            chart = self._confusion_chart(matrix, _class_names(classes, len(matrix)))
+            chart = self._confusion_chart(matrix, class_names(classes, len(matrix)))
             if chart is not None:
                 data["test/confusion_matrix"] = chart
         self._safe_log(data, record["step"])
@@ -276,7 +269,7 @@ class WandbLogger:
                 {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
                 {"title": "Test confusion matrix"})
         except Exception as e:
-            self._log(f"wandb: confusion matrix not logged ({_one_line(e)})")
+            self._log(f"wandb: confusion matrix not logged ({one_line(e)})")
             return None
 
     def finish(self, summary: dict | None = None) -> None:
@@ -293,7 +286,7 @@ class WandbLogger:
             run.finish()
             self._wandb.teardown()
         except Exception as e:
-            self._log(f"wandb: finish failed ({_one_line(e)})")
+            self._log(f"wandb: finish failed ({one_line(e)})")
 
     def _close_quietly(self) -> None:
         run, self._run = self._run, None
@@ -301,8 +294,3 @@ class WandbLogger:
             run.finish()
         except Exception:
             pass
-
-
-def _class_names(classes, n: int) -> list[str]:
-    classes = list(classes or [])
-    return [str(classes[i]) if i < len(classes) else str(i) for i in range(n)]

@@ -9,10 +9,11 @@ confusion_matrix.png.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError, one_line
+from ..fileio import atomic_write
+from .format import class_names, duration, is_number
 
 PLOT_NAMES = ("loss.png", "accuracy.png", "confusion_matrix.png")
 ANNOTATE_MAX_CLASSES = 20  # counts are written into the confusion-matrix cells up to this many classes
@@ -22,7 +23,7 @@ TICK_LABEL_MAX_CLASSES = 100  # class names on the axes up to this many classes
 # --------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], int]:
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
     """(records, number of unreadable lines skipped). A truncated last line from a killed run is
     the usual unreadable line; one in the middle (a killed run appended to later) is skipped too."""
     records, bad = [], 0
@@ -47,7 +48,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], int]:
     return records, bad
 
 
-def _check_run_dir(run_dir) -> Path:
+def check_run_dir(run_dir) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
@@ -59,16 +60,16 @@ def read_metrics(run_dir) -> list[dict]:
 
     Unreadable lines (a truncated last line from a killed run) are skipped.
     """
-    return _read_jsonl(_check_run_dir(run_dir) / "metrics.jsonl")[0]
+    return read_jsonl(check_run_dir(run_dir) / "metrics.jsonl")[0]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid JSON ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
@@ -78,18 +79,9 @@ def _events(metrics: list[dict], event: str, key: str) -> list[dict]:
     """Events of one kind, the latest record per `key` (a resumed run may repeat steps), sorted."""
     latest: dict = {}
     for r in metrics:
-        if r.get("event") == event and _is_number(r.get(key)):
+        if r.get("event") == event and is_number(r.get(key)):
             latest[r[key]] = r
     return [latest[k] for k in sorted(latest)]
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _class_names(summary: dict, n: int) -> list[str]:
-    classes = summary.get("classes") if isinstance(summary.get("classes"), list) else []
-    return [str(classes[i]) if i < len(classes) else str(i) for i in range(n)]
 
 
 # --------------------------------------------------------------------------- plots
@@ -105,9 +97,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
     return path
 
 
@@ -120,7 +110,7 @@ def _plot_loss(train: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("train loss", color="tab:blue")
     ax.tick_params(axis="y", labelcolor="tab:blue")
     ax.grid(alpha=0.3)
-    if any(_is_number(r.get("lr")) for r in train):
+    if any(is_number(r.get("lr")) for r in train):
         ax2 = ax.twinx()
         ax2.plot(steps, [r.get("lr", float("nan")) for r in train], color="tab:orange", label="learning rate")
         ax2.set_ylabel("learning rate", color="tab:orange")
@@ -137,7 +127,7 @@ def _plot_accuracy(evals: list[dict], path: Path, title: str) -> Path:
     acc = [100.0 * r.get("test_accuracy", float("nan")) for r in evals]
     ax.plot(epochs, acc, marker="o", color="tab:green")
     last = evals[-1]
-    if _is_number(last.get("test_accuracy")):
+    if is_number(last.get("test_accuracy")):
         ax.annotate(f"{100 * last['test_accuracy']:.2f}%", (epochs[-1], acc[-1]),
                     textcoords="offset points", xytext=(0, 8), ha="center")
     ax.margins(x=0.06, y=0.15)
@@ -187,10 +177,10 @@ def write_plots(run_dir) -> list[Path]:
     loss.png needs train events, accuracy.png eval events, confusion_matrix.png an eval event with
     a confusion matrix (the last one). Class names come from summary.json when present.
     """
-    run_dir = _check_run_dir(run_dir)
+    run_dir = check_run_dir(run_dir)
     metrics = read_metrics(run_dir)
-    summary = _read_json(run_dir / "summary.json")
-    config = _read_json(run_dir / "config.json")
+    summary = read_json(run_dir / "summary.json")
+    config = read_json(run_dir / "config.json")
     label = _run_label(summary, config)
     written = []
     train = _events(metrics, "train", "step")
@@ -203,7 +193,7 @@ def write_plots(run_dir) -> list[Path]:
     if with_matrix:
         last = with_matrix[-1]
         matrix = last["confusion_matrix"]
-        names = _class_names(summary, len(matrix))
+        names = class_names(summary.get("classes"), len(matrix))
         title = f"confusion matrix, epoch {last['epoch']}{label}"
         written.append(_plot_confusion(matrix, names, run_dir / "confusion_matrix.png", title))
     return written
@@ -219,14 +209,8 @@ def _run_label(summary: dict, config: dict) -> str:
 # --------------------------------------------------------------------------- text report
 
 
-def _fmt_duration(seconds: float) -> str:
-    s = int(round(max(0.0, seconds)))
-    h, m, sec = s // 3600, s % 3600 // 60, s % 60
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
-
-
 def _mean(values) -> float | None:
-    values = [v for v in values if _is_number(v)]
+    values = [v for v in values if is_number(v)]
     return sum(values) / len(values) if values else None
 
 
@@ -269,21 +253,21 @@ def format_report(summary: dict, metrics, config: dict | None = None) -> str:
 
     acc = pick("test_accuracy", last_eval)
     correct, total = pick("test_correct", last_eval), pick("test_total", last_eval)
-    if _is_number(acc):
+    if is_number(acc):
         counts = f" ({correct}/{total})" if correct is not None and total is not None else ""
         lines.append(f"test accuracy: {100 * acc:.2f}%{counts}")
     else:
         lines.append("test accuracy: not evaluated")
 
     seconds = pick("train_seconds", last_eval)
-    if _is_number(seconds):
-        lines.append(f"training time: {_fmt_duration(seconds)} ({seconds:.1f} s)")
+    if is_number(seconds):
+        lines.append(f"training time: {duration(seconds)} ({seconds:.1f} s)")
     ips = summary.get("train_images_per_sec")
-    if not _is_number(ips):
+    if not is_number(ips):
         ips = _mean(r.get("images_per_sec") for r in train)
-    if _is_number(ips):
+    if is_number(ips):
         per_rank = None
-        if _is_number(world) and world > 0:
+        if is_number(world) and world > 0:
             per_rank = ips / world
         else:
             per_rank = _mean(r.get("images_per_sec_per_rank") for r in train)
@@ -294,7 +278,7 @@ def format_report(summary: dict, metrics, config: dict | None = None) -> str:
 
     per_class = pick("per_class_accuracy", last_eval)
     if isinstance(per_class, list) and per_class:
-        names = _class_names(summary, len(per_class))
+        names = class_names(summary.get("classes"), len(per_class))
         matrix = last_eval.get("confusion_matrix") if last_eval else None
         counts = ([sum(row) for row in matrix] if isinstance(matrix, list) and len(matrix) == len(per_class)
                   else None)
@@ -302,25 +286,6 @@ def format_report(summary: dict, metrics, config: dict | None = None) -> str:
         lines.append("")
         lines.append(f"{'class':<{width}}  accuracy" + ("  images" if counts else ""))
         for i, (name, a) in enumerate(zip(names, per_class)):
-            cell = f"{100 * a:7.2f}%" if _is_number(a) else f"{'-':>8}"
+            cell = f"{100 * a:7.2f}%" if is_number(a) else f"{'-':>8}"
             lines.append(f"{name:<{width}}  {cell}" + (f"  {counts[i]:>6}" if counts else ""))
     return "\n".join(lines)
-
-
-def main_report(run_dir) -> int:
-    """`dist-cnn report RUN_DIR`: re-render the plots and print the report."""
-    run_dir = _check_run_dir(run_dir)
-    metrics_path, summary_path = run_dir / "metrics.jsonl", run_dir / "summary.json"
-    if not metrics_path.is_file() and not summary_path.is_file():
-        raise UserError(f"not a dist_cnn run directory (no metrics.jsonl or summary.json): {run_dir}")
-    metrics, bad = _read_jsonl(metrics_path)
-    summary = _read_json(summary_path)
-    config = _read_json(run_dir / "config.json")
-    plots = write_plots(run_dir)
-    print(f"run: {run_dir}")
-    print(format_report(summary, metrics, config))
-    if bad:
-        print(f"\n(skipped {bad} unreadable line{'s' if bad != 1 else ''} in {metrics_path.name})")
-    if plots:
-        print("\nplots: " + ", ".join(str(p) for p in plots))
-    return 0

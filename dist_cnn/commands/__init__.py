@@ -1,0 +1,55 @@
+"""The command line: `dist-cnn [train] [flags]`, `dist-cnn eval`, `dist-cnn report`, `dist-cnn doctor`.
+
+Bad input (UserError) is one line on stderr and exit code 2; a run that cannot go on (non-finite
+loss, failed checkpoint write) is one line and exit code 1. Bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from .. import distributed
+from ..errors import PeerError, TrainingFailed, UserError
+from . import doctor, eval as eval_command, report, train
+
+COMMANDS = {"train": train.main_train, "eval": eval_command.main_eval, "report": report.main_report,
+            "doctor": doctor.main_doctor}
+
+
+def _rank_prefix() -> str:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    return f"[rank {rank}] " if world > 1 and rank is not None else ""
+
+
+@record
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    try:
+        return COMMANDS[command](argv)
+    except PeerError:
+        return 2  # rank 0 printed it
+    except UserError as e:
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        return 2
+    except TrainingFailed as e:
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{_rank_prefix()}interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    code = main()
+    if distributed.JOINED_GROUP:
+        # Everything is written and the group destroyed; skip interpreter teardown, where a gloo
+        # thread still joinable in a C++ destructor has aborted ranks ("terminate called without an
+        # active exception", SIGABRT) after successful runs.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

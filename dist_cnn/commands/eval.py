@@ -1,0 +1,59 @@
+"""`dist-cnn eval --checkpoint PATH`: the test metrics of a saved model, at any world size."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import checkpoint, config as config_mod, distributed as D, precision as P
+from ..data import load_dataset
+from ..errors import UserError
+from ..evaluate import evaluate
+from ..fileio import write_json_atomic
+from ..prepare import prepare_model
+
+
+def eval_parser():
+    p = config_mod.ArgumentParser(prog="dist-cnn eval", description="Evaluate a checkpoint on a test set "
+                                  "(training's exact, distributed evaluation; torchrun works too).")
+    p.add_argument("--checkpoint", required=True, help="a step-N.pt/best.pt checkpoint or a model.pt export")
+    p.add_argument("--dataset", choices=config_mod.DATASETS, help="default: the checkpoint's dataset")
+    p.add_argument("--data-dir", help="default: the checkpoint's data dir")
+    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision (default: fp32)")
+    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch per rank (default: 1000)")
+    p.add_argument("--output", help="write the metrics here as JSON (default: eval-<checkpoint>.json beside it)")
+    return p
+
+
+def main_eval(argv) -> int:
+    args = eval_parser().parse_args(argv)
+    state = checkpoint.load(Path(args.checkpoint))
+    if "config" not in state or "model" not in state:
+        raise UserError(f"{args.checkpoint} is not a dist_cnn checkpoint (no config/model)")
+    cfg = config_mod.from_dict(state["config"])
+    if args.dataset:
+        cfg.data.dataset = args.dataset
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
+    with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
+        data = D.main_then_all(env, lambda: load_dataset(cfg.data))
+        prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
+        res = evaluate(prepared.model, data.test_x, data.test_y, num_classes=data.num_classes,
+                       normalize=prepared.normalize, env=env, precision=P.resolve(args.precision, env.device),
+                       batch_size=args.batch_size, tta=cfg.train.tta)
+        if env.is_main:
+            _report(args, cfg, data, env, res)
+    return 0
+
+
+def _report(args, cfg, data, env, res: dict) -> None:
+    res = {"checkpoint": str(args.checkpoint), "dataset": cfg.data.dataset, "model": cfg.model.name,
+           "classes": data.classes, "world_size": env.world_size, **res}
+    print(f"test accuracy {res['test_accuracy']:.4f} ({res['test_correct']}/{res['test_total']})")
+    for name, acc in zip(data.classes, res["per_class_accuracy"]):
+        print(f"  {name:<12} {acc:7.2%}")
+    ckpt = Path(args.checkpoint)
+    out = Path(args.output) if args.output else ckpt.with_name(f"eval-{ckpt.stem}.json")
+    try:
+        write_json_atomic(out, res)
+    except OSError as e:
+        print(f"warning: could not write {out}: {e.strerror}")

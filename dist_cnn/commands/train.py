@@ -1,0 +1,14 @@
+"""`dist-cnn train [flags]` (also `python train.py [flags]`): one training run; --dry-run is the doctor."""
+from __future__ import annotations
+
+from .. import config
+from ..trainer import train
+from .doctor import main_doctor
+
+
+def main_train(argv) -> int:
+    ns = None if "--dry-run" in argv else config.train_parser().parse_args(argv)
+    if ns is None or ns.dry_run:  # (ns.dry_run: an abbreviation) the doctor, which also takes --json
+        return main_doctor(argv, prog="train.py --dry-run")
+    train(config.from_args(ns))  # a run that cannot go on raises (TrainingFailed, UserError)
+    return 0

@@ -1,0 +1,44 @@
+"""Atomic file writes: readers (other ranks, a resumed run, a user) see the old file or the new one,
+never a half-written one, even when the process is killed or the disk fills up mid-write."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool = False) -> None:
+    """write(f) into a temporary file beside `path`, then rename it over `path`.
+
+    durable: fsync the file and the directory, so the new file survives a power loss or a node crash
+    (checkpoints); without it the rename is still atomic for every reader of this machine.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's file is private; others sharing the run or the data may read it
+        os.replace(tmp, path)
+        if durable:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,20 @@
+"""Small formatting rules shared by the console, the report and W&B, so they always agree."""
+from __future__ import annotations
+
+
+def is_number(v) -> bool:
+    """An int or float that is not a bool (JSON round-trips make bools look like ints)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def duration(seconds: float) -> str:
+    """h:mm:ss, or m:ss under an hour."""
+    s = int(round(max(0.0, seconds)))
+    h, m, sec = s // 3600, s % 3600 // 60, s % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def class_names(classes, n: int) -> list[str]:
+    """n display names: the run's class names, the index where a name is missing."""
+    classes = list(classes or []) if isinstance(classes, (list, tuple)) else []
+    return [str(classes[i]) if i < len(classes) else str(i) for i in range(n)]

@@ -1,0 +1,33 @@
+"""metrics.jsonl: one JSON event per line, appended and flushed as it happens.
+
+Other ranks get the same object with `enabled=False`, so the trainer never branches on the rank.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..fileio import write_text_atomic
+
+
+class MetricsLog:
+    """Appends one JSON object per event to metrics.jsonl, flushed so a killed run keeps its history."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool):
+        self.enabled = enabled and run_dir is not None
+        self.path = run_dir / "metrics.jsonl" if self.enabled else None
+        self.history: list[dict] = []
+
+    def restore(self, history: list[dict]) -> None:
+        """After a resume: rewrite the file from the checkpoint, dropping events logged after it."""
+        self.history = list(history)
+        if self.enabled:
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def write(self, record: dict) -> None:
+        record = {**record, "time": time.time()}
+        self.history.append(record)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

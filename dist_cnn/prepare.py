@@ -1,0 +1,43 @@
+"""One model preparation for training, `dist-cnn eval` and the benchmarks: build the architecture for
+the data, fix the normalization, let the model see the data (or load saved weights), move it to the
+device in the configured memory format. The same steps in the same order give the same arithmetic."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import check_compatible
+from .config import Config
+from .data import Dataset
+from .loader import Normalize, normalization_stats
+from .models import build_model
+
+
+@dataclass
+class Prepared:
+    model: nn.Module        # on the device, not wrapped in DDP
+    normalize: Normalize    # uint8 batch -> normalized float batch on the device
+    mean: list[float]
+    std: list[float]
+
+
+def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict | None = None) -> Prepared:
+    """state: a checkpoint or model.pt whose weights to load (checked against this model first)."""
+    model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size)
+    if state is not None and "mean" in state:
+        mean, std = list(state["mean"]), list(state["std"])  # the run's own normalization, as trained
+    else:
+        mean, std = normalization_stats(data.train_x, cfg.data.normalize)
+    normalize = Normalize(mean, std, device, cfg.model.channels_last)
+    if state is not None:
+        check_compatible(state, cfg.model.name, state["config"]["data"]["dataset"],
+                         {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        model.load_state_dict(state["model"])
+    elif hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
+        model.init_from_data(normalize(data.train_x[:5000].to(device)).cpu())
+    model.to(device)
+    if cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Prepared(model, normalize, mean, std)
