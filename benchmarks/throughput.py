@@ -56,6 +56,7 @@ from dist_cnn.config import Config, DataConfig  # noqa: E402
 from dist_cnn.data import load_dataset  # noqa: E402
 from dist_cnn.loader import Normalize, normalization_stats  # noqa: E402
 from dist_cnn.models import build_model  # noqa: E402
+from dist_cnn.precision import cpu_has_native_bf16  # noqa: E402
 from dist_cnn.trainer import Trainer  # noqa: E402
 
 DTYPE = {"fp32": None, "bf16": torch.bfloat16}
@@ -411,7 +412,7 @@ def profile_paths(runners: dict[str, object], steps: int = 20) -> str:
 
 # ------------------------------------------------------------------------------------------- main
 
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and rounds: a smoke run (~2 min)")
     ap.add_argument("--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="ImageFolder CIFAR-10 (train/, test/)")
@@ -425,28 +426,20 @@ def main(argv=None):
     ap.add_argument("--malloc-tune", action="store_true",
                     help="glibc mallopt: no mmap/trim of freed buffers, so steps stop page-faulting (see tune_malloc)")
     args = ap.parse_args(argv)
-    if args.malloc_tune and not tune_malloc():
-        log("NOTE: --malloc-tune: mallopt failed (not glibc?); measuring without it")
-        args.malloc_tune = False
-    quick = args.quick
-    rounds = args.rounds or (3 if quick else 9)
-    air_rounds = min(rounds, args.airbench_rounds or (1 if quick else 3))
-    threads = args.threads
-    torch.set_num_threads(threads)
-    load0 = os.getloadavg()
-    t_start = time.time()
+    args.rounds = args.rounds or (3 if args.quick else 9)
+    args.airbench_rounds = min(args.rounds, args.airbench_rounds or (1 if args.quick else 3))
+    return args
 
-    data, source = get_data(args.data_dir)
-    mean, std = normalization_stats(data.train_x, "dataset")
-    xf = Normalize(mean, std, "cpu", False)(data.train_x)  # (d)'s preloaded normalized float tensor
-    image_dir = args.data_dir if source.startswith("imagefolder") else synthetic_imagefolder(data)
-    tmp = tempfile.mkdtemp(prefix="throughput-runs-")
 
-    # Each window aims at target_s seconds (steps from the previous round's rate; the first from ~5000
-    # img/s for the seed model); airbench (~70x the seed model's FLOPs) runs one step a window.
+def plan_cases(args) -> tuple[list[Case], list[Case]]:
+    """The table's rows: world-size-1 cases (measured here) and world-size-2 cases (spawned ranks).
+    Each window aims at target_s seconds (steps from the previous round's rate; the first from ~5000
+    img/s for the seed model); airbench (~70x the seed model's FLOPs) runs one step a window."""
+    quick, threads = args.quick, args.threads
     seed_s = 0.15 if quick else 0.4
     first = {4: 150, 64: 25, 256: 6}
     cases: list[Case] = []
+    ws2_cases: list[Case] = []
 
     def add(name, path, model, batch, precision, ws=1, **kw):
         if model == "seed":
@@ -461,14 +454,12 @@ def main(argv=None):
         c = Case(name, path, model, batch, precision, ws=ws, threads=1 if ws == 2 else threads, **kw)
         (cases if ws == 1 else ws2_cases).append(c)
 
-    ws2_cases: list[Case] = []
     add("peak fp32 mm2048", "peak", "-", 0, "fp32", warmup=1, steps=3, target_s=0.3, max_steps=20)
     add("peak bf16 mm2048", "peak", "-", 0, "bf16", warmup=1, steps=6, target_s=0.3, max_steps=50)
     if threads != 1:  # one core's rate: x2 is what 2 ranks of 1 thread can reach
         for p in ("fp32", "bf16"):
-            c = Case(f"peak {p} mm2048 1 thread", "peak", "-", 0, p, threads=1, warmup=1, steps=2, target_s=0.3,
-                     max_steps=20)
-            cases.append(c)
+            cases.append(Case(f"peak {p} mm2048 1 thread", "peak", "-", 0, p, threads=1, warmup=1, steps=2,
+                              target_s=0.3, max_steps=20))
     add("a tutorial seed b4", "tutorial", "seed", 4, "fp32", note="as published")
     for b in (64, 256):
         add(f"a tutorial seed b{b}", "tutorial", "seed", b, "fp32")
@@ -488,10 +479,10 @@ def main(argv=None):
             add(f"d hand airbench b256 {p}", "hand", "airbench", 256, p)
             if not args.no_ws2:
                 add(f"c device airbench b256 {p} ws2", "device", "airbench", 256, p, ws=2, note="2 procs x 1 thread, gloo")
+    return cases, ws2_cases
 
-    log(f"data: {source}; torch {torch.__version__}, {threads} threads; malloc tuned: {args.malloc_tune}; "
-        f"load average {load0[0]:.2f}; "
-        f"{len(cases)} ws1 cases + {len(ws2_cases)} ws2 cases, {rounds} rounds (airbench {air_rounds})")
+
+def attach_runners(cases: list[Case], data, xf, image_dir: str, tmp: str) -> None:
     tut = load_tutorial()
     for c in cases:
         if c.path == "peak":
@@ -508,60 +499,61 @@ def main(argv=None):
             c.runner = HandRunner(c.model, xf, data.train_y, c.batch, c.precision)
             c.channels_last = False
 
-    flops = {}
-    for m in ("seed",) + (() if args.no_airbench else ("airbench",)):
-        flops[m] = training_flops_per_image(m, 64 if m == "seed" else 32, xf, data.train_y)
-    flops["-"] = 0.0
 
-    pool = None
-    if ws2_cases:
-        specs = [dict(name=c.name, path=c.path, model=c.model, batch=c.batch, precision=c.precision,
-                      channels_last=c.channels_last) for c in ws2_cases]
-        log("starting 2 spawned ranks (gloo) for the ws2 cases ...")
-        pool = WS2Pool(specs, args.data_dir, args.malloc_tune)
+def run_rounds(args, cases: list[Case], ws2_cases: list[Case], pool) -> str | None:
+    """Every case once per round, rounds interleaved; returns the profile tables when asked for."""
+    for r in range(args.rounds):
+        t0 = time.time()
+        for c in cases + ws2_cases:
+            if c.model == "airbench" and r >= args.airbench_rounds:
+                continue
+            pool.measure(c) if c.ws == 2 else measure(c)
+        log(f"round {r + 1}/{args.rounds}: {time.time() - t0:.0f} s, load average {os.getloadavg()[0]:.2f}")
+    if not args.profile:
+        return None
+    pick = {c.name: c.runner for c in cases if c.name in
+            ("c device seed b64 fp32", "c device seed b64 fp32 nchw", "d hand seed b64 fp32")}
+    return profile_paths(pick)
 
-    try:
-        for r in range(rounds):
-            t0 = time.time()
-            for c in cases + ws2_cases:
-                if c.model == "airbench" and r >= air_rounds:
-                    continue
-                pool.measure(c) if c.ws == 2 else measure(c)
-            log(f"round {r + 1}/{rounds}: {time.time() - t0:.0f} s, load average {os.getloadavg()[0]:.2f}")
-        profile_txt = None
-        if args.profile:
-            pick = {c.name: c.runner for c in cases if c.name in
-                    ("c device seed b64 fp32", "c device seed b64 fp32 nchw", "d hand seed b64 fp32")}
-            profile_txt = profile_paths(pick)
-    finally:
-        if pool:
-            pool.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if image_dir != args.data_dir:
-            shutil.rmtree(image_dir, ignore_errors=True)
 
-    # ---- results
-    med = {c.name: statistics.median(c.ips) for c in cases + ws2_cases if c.ips}
-    cpu_med = {c.name: statistics.median(c.cpu_ips) for c in cases + ws2_cases if c.cpu_ips}
-    # The ceiling: the best window of the run (a peak is what the machine can do; other load only lowers it)
-    peak = {p: max(next(c for c in cases if c.name == f"peak {p} mm2048").ips) for p in ("fp32", "bf16")}
-    rows = []
-    for c in cases + ws2_cases:
-        if c.path == "peak":
-            rows.append(dict(name=c.name, path="peak", precision=c.precision, threads=c.threads,
-                             gflops_median=med[c.name] / 1e9, gflops_all=[v / 1e9 for v in c.ips],
-                             gflops_per_cpu_second_median=cpu_med[c.name] / 1e9))
-            continue
-        fpi = flops[c.model]
-        rows.append(dict(name=c.name, path=c.path, model=c.model, batch=c.batch, precision=c.precision,
-                         world_size=c.ws, threads_per_rank=c.threads, channels_last=c.channels_last,
-                         warmup_steps=c.warmup, last_timed_steps=c.steps, note=c.note,
-                         images_per_sec_median=med[c.name], images_per_sec_all=c.ips,
-                         images_per_cpu_second_median=cpu_med[c.name], images_per_cpu_second_all=c.cpu_ips,
-                         spread_max_over_min=max(c.ips) / min(c.ips),
-                         flops_per_image=fpi, gflops=fpi * med[c.name] / 1e9,
-                         utilization_pct=100 * fpi * med[c.name] / peak[c.precision]))
+class Results:
+    """Medians per case, the measured ceiling, and same-round ratios between cases."""
 
+    def __init__(self, cases: list[Case], ws2_cases: list[Case], flops: dict):
+        self.all = cases + ws2_cases
+        self.by_name = {c.name: c for c in self.all}
+        self.med = {c.name: statistics.median(c.ips) for c in self.all if c.ips}
+        self.cpu_med = {c.name: statistics.median(c.cpu_ips) for c in self.all if c.cpu_ips}
+        # The ceiling: the best window of the run (a peak is what the machine can do; other load only lowers it)
+        self.peak = {p: max(next(c for c in cases if c.name == f"peak {p} mm2048").ips) for p in ("fp32", "bf16")}
+        self.flops = flops
+
+    def paired(self, num: str, den: str) -> float:
+        """Median over rounds of num/den measured in the same round (adjacent windows: similar load)."""
+        a, b = self.by_name[num].ips, self.by_name[den].ips
+        return statistics.median(x / y for x, y in zip(a, b))
+
+    def rows(self) -> list[dict]:
+        med, cpu_med, rows = self.med, self.cpu_med, []
+        for c in self.all:
+            if c.path == "peak":
+                rows.append(dict(name=c.name, path="peak", precision=c.precision, threads=c.threads,
+                                 gflops_median=med[c.name] / 1e9, gflops_all=[v / 1e9 for v in c.ips],
+                                 gflops_per_cpu_second_median=cpu_med[c.name] / 1e9))
+                continue
+            fpi = self.flops[c.model]
+            rows.append(dict(name=c.name, path=c.path, model=c.model, batch=c.batch, precision=c.precision,
+                             world_size=c.ws, threads_per_rank=c.threads, channels_last=c.channels_last,
+                             warmup_steps=c.warmup, last_timed_steps=c.steps, note=c.note,
+                             images_per_sec_median=med[c.name], images_per_sec_all=c.ips,
+                             images_per_cpu_second_median=cpu_med[c.name], images_per_cpu_second_all=c.cpu_ips,
+                             spread_max_over_min=max(c.ips) / min(c.ips),
+                             flops_per_image=fpi, gflops=fpi * med[c.name] / 1e9,
+                             utilization_pct=100 * fpi * med[c.name] / self.peak[c.precision]))
+        return rows
+
+
+def print_table(rows: list[dict], res: Results, args) -> None:
     hdr = (f"{'case':34s} {'ws x thr':>8s} {'img/s med':>10s} {'min..max (best)':>15s} {'img/CPU-s':>9s} "
            f"{'MFLOP/img':>9s} {'GFLOP/s':>8s} {'util%':>6s}")
     log("\n" + hdr + "\n" + "-" * len(hdr))
@@ -577,28 +569,24 @@ def main(argv=None):
             f"{row['images_per_sec_median']:10.0f} {min(a):7.0f}..{max(a):<7.0f} "
             f"{row['images_per_cpu_second_median']:9.0f} {row['flops_per_image'] / 1e6:9.2f} "
             f"{row['gflops']:8.2f} {row['utilization_pct']:6.2f}")
+    flops, peak = res.flops, res.peak
     log(f"(seed: {flops['seed'] / 1e6:.2f} MFLOP per training image"
         + ("" if args.no_airbench else f"; airbench: {flops['airbench'] / 1e6:.1f} MFLOP") +
-        f"; util% = GFLOP/s / the best {threads}-thread mm window: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+        f"; util% = GFLOP/s / the best {args.threads}-thread mm window: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
         f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s (reference on this CPU, quiet: 222 / 640). img/CPU-s: images "
         f"per CPU-second of this process's threads, its DataLoader workers and both ranks: robust to other "
         f"load for 1-thread processes, but it counts OpenMP spin-waiting)")
 
-    # ---- targets
+
+def check_targets(res: Results) -> list[dict]:
     checks, lines = [], []
 
-    by_name = {c.name: c for c in cases + ws2_cases}
-
-    def paired(num, den):
-        """Median over rounds of num/den measured in the same round (adjacent windows: similar load)."""
-        a, b = by_name[num].ips, by_name[den].ips
-        return statistics.median(x / y for x, y in zip(a, b))
-
     def check(label, num, den, target):
-        if num not in med or den not in med:
+        if num not in res.med or den not in res.med:
             return
-        ratio, pair, cpu_ratio = med[num] / med[den], paired(num, den), cpu_med[num] / cpu_med[den]
-        best = max(by_name[num].ips) / max(by_name[den].ips)
+        ratio, pair = res.med[num] / res.med[den], res.paired(num, den)
+        cpu_ratio = res.cpu_med[num] / res.cpu_med[den]
+        best = max(res.by_name[num].ips) / max(res.by_name[den].ips)
         ok = pair >= target
         checks.append(dict(label=label, numerator=num, denominator=den, paired_ratio_median=pair,
                            ratio_of_medians=ratio, ratio_of_best=best, per_cpu_second_ratio=cpu_ratio,
@@ -615,45 +603,90 @@ def main(argv=None):
     log("\nTargets (PASS/FAIL on the median over rounds of the same-round ratio):")
     for line in lines:
         log("  " + line)
+    return checks
 
-    info = []
+
+def other_ratios(res: Results, threads: int) -> tuple[list[str], dict]:
+    info, precision_choice = [], {}
     for b in (64, 256):
         for p in ("fp32", "bf16"):
             for num, den, what in ((f"c device seed b{b} {p} nchw", f"d hand seed b{b} {p}", "(c, --no-channels-last) / (d)"),
                                    (f"c device seed b{b} {p}", f"a tutorial seed b{b}", f"(c) / (a) tutorial at b{b}"),
                                    (f"b loader seed b{b} {p}", f"c device seed b{b} {p}", "(b) loader / (c) device")):
-                if num in med and den in med:
-                    info.append(f"seed b{b} {p}: {what} = {paired(num, den):.2f}x")
-    precision_choice = {}
+                if num in res.med and den in res.med:
+                    info.append(f"seed b{b} {p}: {what} = {res.paired(num, den):.2f}x")
     for model, b in (("seed", 64), ("seed", 256), ("airbench", 256)):
         for path in ("c device", "d hand"):
             f32, b16 = f"{path} {model} b{b} fp32", f"{path} {model} b{b} bf16"
-            if f32 in med and b16 in med:
-                r = paired(b16, f32)
+            if f32 in res.med and b16 in res.med:
+                r = res.paired(b16, f32)
                 precision_choice[f"{path} {model} b{b}"] = dict(bf16_over_fp32=r, faster="bf16" if r > 1 else "fp32")
                 info.append(f"{model} b{b} {path}: bf16 / fp32 = {r:.2f}x -> {'bf16' if r > 1 else 'fp32'} faster")
         f1, f2 = f"c device {model} b{b} fp32", f"c device {model} b{b} fp32 ws2"
-        if f1 in med and f2 in med:
+        if f1 in res.med and f2 in res.med:
             info.append(f"{model} b{b} fp32 (c): ws2 (2x1 thread, gloo) / ws1 (1x{threads} threads) = "
-                        f"{paired(f2, f1):.2f}x")
+                        f"{res.paired(f2, f1):.2f}x")
     log("\nOther ratios (median over rounds of the same-round ratio):")
     for line in info:
         log("  " + line)
+    return info, precision_choice
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.malloc_tune and not tune_malloc():
+        log("NOTE: --malloc-tune: mallopt failed (not glibc?); measuring without it")
+        args.malloc_tune = False
+    torch.set_num_threads(args.threads)
+    load0, t_start = os.getloadavg(), time.time()
+
+    data, source = get_data(args.data_dir)
+    mean, std = normalization_stats(data.train_x, "dataset")
+    xf = Normalize(mean, std, "cpu", False)(data.train_x)  # (d)'s preloaded normalized float tensor
+    image_dir = args.data_dir if source.startswith("imagefolder") else synthetic_imagefolder(data)
+    tmp = tempfile.mkdtemp(prefix="throughput-runs-")
+    cases, ws2_cases = plan_cases(args)
+    log(f"data: {source}; torch {torch.__version__}, {args.threads} threads; malloc tuned: {args.malloc_tune}; "
+        f"load average {load0[0]:.2f}; {len(cases)} ws1 cases + {len(ws2_cases)} ws2 cases, "
+        f"{args.rounds} rounds (airbench {args.airbench_rounds})")
+    attach_runners(cases, data, xf, image_dir, tmp)
+    flops = {m: training_flops_per_image(m, 64 if m == "seed" else 32, xf, data.train_y)
+             for m in ("seed",) + (() if args.no_airbench else ("airbench",))}
+    flops["-"] = 0.0
+
+    pool = None
+    if ws2_cases:
+        specs = [dict(name=c.name, path=c.path, model=c.model, batch=c.batch, precision=c.precision,
+                      channels_last=c.channels_last) for c in ws2_cases]
+        log("starting 2 spawned ranks (gloo) for the ws2 cases ...")
+        pool = WS2Pool(specs, args.data_dir, args.malloc_tune)
+    try:
+        profile_txt = run_rounds(args, cases, ws2_cases, pool)
+    finally:
+        if pool:
+            pool.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if image_dir != args.data_dir:
+            shutil.rmtree(image_dir, ignore_errors=True)
+
+    res = Results(cases, ws2_cases, flops)
+    rows = res.rows()
+    print_table(rows, res, args)
+    checks = check_targets(res)
+    info, precision_choice = other_ratios(res, args.threads)
     if profile_txt:
         log("\n" + profile_txt)
-
     load1 = os.getloadavg()
     spreads = [r["spread_max_over_min"] for r in rows if r["path"] != "peak"]
-    noise = (f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (this process uses {threads} cores); "
-             f"median max/min spread of a case over rounds {statistics.median(spreads):.2f}x")
+    noise = (f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (this process uses {args.threads} "
+             f"cores); median max/min spread of a case over rounds {statistics.median(spreads):.2f}x")
     log(f"\nnoise: {noise}; {time.time() - t_start:.0f} s in all")
-
-    out = {"data": source, "torch": torch.__version__, "threads": threads, "rounds": rounds,
-           "malloc_tune": args.malloc_tune,
-           "airbench_rounds": air_rounds, "quick": quick, "peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+    out = {"data": source, "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+           "malloc_tune": args.malloc_tune, "airbench_rounds": args.airbench_rounds, "quick": args.quick,
+           "peak_gflops": {k: v / 1e9 for k, v in res.peak.items()},
            "flops_per_image": {k: v for k, v in flops.items() if k != "-"}, "results": rows, "targets": checks,
            "precision": precision_choice, "ratios": info, "noise": noise,
-           "cpu_native_bf16": __import__("dist_cnn.precision", fromlist=["x"]).cpu_has_native_bf16()}
+           "cpu_native_bf16": cpu_has_native_bf16()}
     if profile_txt:
         out["profile"] = profile_txt
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
