@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite from a fresh clone: .venv, the Debian packages the tests use (a real SLURM
-# controller, Fashion-MNIST), then pytest. Extra arguments go to pytest (e.g. -k ddp, -m "not slow").
+# controller, Fashion-MNIST), then pytest. Extra arguments go to pytest (e.g. tests/unit, -k ddp, -m "not slow").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/launch/setup.sh"

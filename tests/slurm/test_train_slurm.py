@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from common import ROOT, SMALL, clean_env, read_events, read_summary
+from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary
 from tests.slurm.helpers import (TRAIN_SH, cluster_env, job_info, job_state, sbatch, scancel, wait_for_file_text,
                                  wait_job)
 

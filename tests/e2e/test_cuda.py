@@ -5,7 +5,7 @@ runs them on a lent GPU machine."""
 import pytest
 import torch
 
-from common import read_events, read_summary, torchrun, train
+from tests.support.common import read_events, read_summary, torchrun, train
 
 GPU_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.cuda,
@@ -74,7 +74,7 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
     one, an all_reduce, and DDP (with dist_cnn's wrapping settings) through a training step."""
     import subprocess
     import sys
-    from common import ROOT, clean_env, free_port
+    from tests.support.common import ROOT, clean_env, free_port
     code = (
         "import torch, torch.distributed as dist\n"
         "from dist_cnn.models import build_model\n"

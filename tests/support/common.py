@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 # Small enough to train in seconds on 2 cores, big enough that the seed CNN gets far above chance.
 SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "2048", "--synthetic-test-size", "500",

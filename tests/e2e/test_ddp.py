@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from common import PY, ROOT, SMALL, clean_env, free_port, read_summary, run_py, torchrun, train
+from tests.support.common import PY, ROOT, SMALL, clean_env, free_port, read_summary, run_py, torchrun, train
 
 
 def weights(run_dir):
@@ -64,7 +64,7 @@ def test_two_nodes_on_loopback(tmp_path):
 def test_a_failing_rank_ends_the_job(tmp_path):
     t0 = time.time()
     p = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                ROOT / "tests/helpers/fail_rank.py", *SMALL, "--timeout", "30", "--out", tmp_path / "r"],
+                ROOT / "tests/support/fail_rank.py", *SMALL, "--timeout", "30", "--out", tmp_path / "r"],
                env=clean_env(FAIL_RANK="1", FAIL_STEP="3"), timeout=200)
     assert p.returncode != 0
     assert "injected failure on rank 1 at step 3" in p.stdout + p.stderr

@@ -1,7 +1,7 @@
 """Bad input: one line on stderr, exit code 2, no traceback, nothing already written overwritten."""
 import pytest
 
-from common import SMALL, read_summary, train
+from tests.support.common import SMALL, read_summary, train
 
 
 def assert_clean_error(p, *needles):

@@ -1,7 +1,7 @@
 """End-to-end single-process training through train.py, and what it leaves in the run directory."""
 import json
 
-from common import SMALL, read_events, read_summary, train
+from tests.support.common import SMALL, read_events, read_summary, train
 
 
 def test_synthetic_run_learns_and_writes_run_dir(tmp_path):
@@ -38,7 +38,7 @@ def test_config_file_with_flag_override(tmp_path):
 
 def test_seed_config_is_the_tutorial_recipe():
     from dist_cnn.config import Config, apply_dict, load_file
-    from common import ROOT
+    from tests.support.common import ROOT
     cfg = Config()
     apply_dict(cfg, load_file(str(ROOT / "configs" / "seed.toml")))
     assert (cfg.model.name, cfg.train.batch_size, cfg.train.epochs) == ("seed", 4, 2)

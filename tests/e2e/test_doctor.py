@@ -5,8 +5,8 @@ import socket
 
 import pytest
 
-from common import SMALL, clean_env, run_py, train
 from dist_cnn import launch
+from tests.support.common import SMALL, clean_env, run_py, train
 
 SRUN_RANK1 = {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "t", "SLURM_JOB_NODELIST": "localhost",
               "SLURM_JOB_NUM_NODES": "1",

@@ -6,7 +6,6 @@ and clears the W&B environment, so nothing leaks in from the machine or out to i
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from dist_cnn.config import LogConfig
 from dist_cnn.observability import wandb_logger
 from dist_cnn.observability.wandb_logger import WandbLogger, resolve_mode
 
-sys.path.insert(0, str(Path(__file__).parent))
-from wandb_records import offline_run_dirs, read_offline_run  # noqa: E402
+from tests.support.wandb_records import offline_run_dirs, read_offline_run
 
 wandb = pytest.importorskip("wandb")
 

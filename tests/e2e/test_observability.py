@@ -3,7 +3,7 @@ the run directory's metrics.jsonl / summary.json / plots and `dist-cnn report`.
 
 Every subprocess gets HOME, WANDB_DIR, WANDB_CONFIG_DIR, WANDB_CACHE_DIR and WANDB_DATA_DIR in tmp
 dirs (and no WANDB_* / NETRC from the machine), so nothing leaks in from the real home or out to it.
-W&B runs are read back from disk with tests/wandb_records.py (the .wandb file `wandb sync` uploads).
+W&B runs are read back from disk with tests/support/wandb_records.py (the .wandb file `wandb sync` uploads).
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import re
 
 import pytest
 
-from common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
-from wandb_records import offline_run_dirs, read_offline_run
+from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
+from tests.support.wandb_records import offline_run_dirs, read_offline_run
 
 pytest.importorskip("wandb")
 
-FAIL = ROOT / "tests/helpers/fail_rank.py"
+FAIL = ROOT / "tests/support/fail_rank.py"
 LOG_EVERY = 2
 # 512 images / batch 64 = 8 steps an epoch, 2 epochs = 16 steps; a train event every 2 steps.
 ARGS = [*SMALL, "--synthetic-train-size", "512", "--synthetic-test-size", "500", "--epochs", "2",

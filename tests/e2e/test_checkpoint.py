@@ -8,9 +8,9 @@ import subprocess
 import pytest
 import torch
 
-from common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
+from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
 
-FAIL = ROOT / "tests/helpers/fail_rank.py"
+FAIL = ROOT / "tests/support/fail_rank.py"
 # 1024 images / batch 64 = 16 steps an epoch; 2 epochs; a checkpoint every 5 steps.
 ARGS = [*SMALL, "--synthetic-train-size", "1024", "--epochs", "2", "--checkpoint-every-steps", "5", "--log-every", "4", "--crop-padding", "2", "--flip"]
 NOISE = {"time", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", "epoch_seconds",

@@ -1,11 +1,11 @@
 """--compile on the CPU: torch.compile (inductor, C++ codegen through the system compiler) trains the seed
 model through train.py and lands where the eager run lands. Slow (the first compile takes tens of seconds
-on 2 cores) but it runs in CI: the CUDA twin lives in tests/test_cuda.py."""
+on 2 cores) but it runs in CI: the CUDA twin lives in tests/e2e/test_cuda.py."""
 import shutil
 
 import pytest
 
-from common import SMALL, read_events, read_summary, train
+from tests.support.common import SMALL, read_events, read_summary, train
 
 # 512 images / batch 64 = 8 steps an epoch; 2 epochs; the test set is one eval batch (one shape to compile)
 ARGS = [*SMALL, "--synthetic-train-size", "512", "--synthetic-test-size", "256", "--epochs", "2",

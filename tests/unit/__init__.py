@@ -1,0 +1,1 @@
+"""Fast in-process unit tests: no subprocess runs of train.py, each file a few seconds."""
