@@ -1,0 +1,41 @@
+"""A real gloo process group of N processes inside a unit test (torch.multiprocessing, spawn).
+
+    results = run_group(3, fn, arg, tmp_dir=tmp_path)   # fn(env: DistEnv, arg) on every rank
+
+`fn` must be importable (a module-level function); each rank's return value comes back through a
+file (torch.save, weights_only types), in rank order. A rank that raises fails the call with its
+traceback (torch.multiprocessing.ProcessRaisedException).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_cnn.distributed import DistEnv
+
+
+def _rank_main(rank: int, world: int, store: str, out_dir: str, fn, args) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        env = DistEnv(rank=rank, world_size=world, local_rank=rank, launcher="torchrun", backend="gloo",
+                      device=torch.device("cpu"))
+        result = fn(env, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(world: int, fn, *args, tmp_dir: Path) -> list:
+    out = Path(tmp_dir) / f"group{world}"
+    out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_rank_main, args=(world, str(out / "store"), str(out), fn, args), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
