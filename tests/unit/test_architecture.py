@@ -1,0 +1,124 @@
+"""The package's import structure, read from the source (tests/support/import_graph.py).
+
+Imports flow one way: commands (dist_cnn/commands/*, dist_cnn/cli.py, dist_cnn/__main__.py) -> trainer
+-> components -> errors. So:
+  (a) no import cycle among the package's modules;
+  (b) no library module imports a command module;
+  (c) no import of a package module inside a function (the usual way to hide a cycle).
+Each failure names the file, line and statement to change.
+"""
+import textwrap
+
+import pytest
+
+from tests.support.common import ROOT
+from tests.support.import_graph import ImportGraph
+
+PACKAGE = "dist_cnn"
+COMMANDS = (f"{PACKAGE}.commands", f"{PACKAGE}.cli", f"{PACKAGE}.__main__")
+# Function-local imports kept on purpose, as {(module, imported module): why}. Empty: none is needed.
+LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {}
+
+
+def graph() -> ImportGraph:
+    return ImportGraph.of_package(ROOT / PACKAGE)
+
+
+def is_command(module: str) -> bool:
+    return any(module == c or module.startswith(c + ".") for c in COMMANDS)
+
+
+def test_no_import_cycle():
+    g = graph()
+    edges, problems = g.edges(), []
+    for comp, cycle in zip(g.components(), g.cycles()):
+        chain = " -> ".join([cycle[0].src] + [imp.dst for imp in cycle])
+        inside = sorted((imp for a in comp for b in comp for imp in edges[a].get(b, [])),
+                        key=lambda imp: (imp.path, imp.line, imp.dst))
+        problems.append(f"import cycle among {len(comp)} modules ({', '.join(comp)}), e.g. {chain}:\n" +
+                        "".join(f"    {imp.src} -> {imp.dst} at {imp.where()}\n" for imp in cycle) +
+                        "  all imports inside this group:\n" +
+                        "".join(f"    {imp.src} -> {imp.dst} at {imp.where()}\n" for imp in inside))
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def test_library_modules_do_not_import_commands():
+    bad = [imp for imp in graph().imports if is_command(imp.dst) and not is_command(imp.src)]
+    if bad:
+        pytest.fail("library modules importing command modules (only dist_cnn/commands/*, dist_cnn/cli.py and "
+                    "dist_cnn/__main__.py may):\n" +
+                    "\n".join(f"  {imp.src} imports {imp.dst} at {imp.where()}" for imp in bad), pytrace=False)
+
+
+def test_no_function_local_imports_of_the_package():
+    bad = [imp for imp in graph().imports
+           if imp.function is not None and (imp.src, imp.dst) not in LOCAL_IMPORTS_ALLOWED]
+    if bad:
+        pytest.fail("imports of package modules inside functions (move them to the top of the module; a cycle "
+                    "they hide shows in test_no_import_cycle):\n" + "\n".join(f"  {imp.where()}" for imp in bad),
+                    pytrace=False)
+
+
+def test_the_graph_sees_the_package():
+    g = graph()
+    assert {f"{PACKAGE}.trainer", f"{PACKAGE}.loader", f"{PACKAGE}.cli"} <= g.modules
+    trainer_imports = {imp.dst for imp in g.imports if imp.src == f"{PACKAGE}.trainer"}
+    assert {f"{PACKAGE}.loader", f"{PACKAGE}.optim", f"{PACKAGE}.checkpoint"} <= trainer_imports
+
+
+# ------------------------------------------------------------------------------ the graph builder itself
+
+def write_package(tmp_path, files: dict[str, str]):
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return ImportGraph.of_package(tmp_path / "pkg")
+
+
+def test_builder_resolves_every_import_form(tmp_path):
+    g = write_package(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/errors.py": "import os\n",
+        "pkg/a.py": """\
+            import pkg.errors
+            import pkg.sub.deep as deep
+            from . import b
+            from .sub.deep import thing
+            from pkg.sub import leaf, NAME
+            from .errors import *
+            import numpy, os.path
+            """,
+        "pkg/b.py": "from pkg import errors\n",
+        "pkg/sub/__init__.py": "NAME = 1\nfrom .. import errors\n",
+        "pkg/sub/deep.py": "from ..b import x\nfrom . import leaf\n",
+        "pkg/sub/leaf.py": "",
+    })
+    assert g.modules == {"pkg", "pkg.errors", "pkg.a", "pkg.b", "pkg.sub", "pkg.sub.deep", "pkg.sub.leaf"}
+    by_src = {}
+    for imp in g.imports:
+        by_src.setdefault(imp.src, set()).add((imp.line, imp.dst))
+    assert by_src["pkg.a"] == {(1, "pkg.errors"), (2, "pkg.sub.deep"), (3, "pkg.b"), (4, "pkg.sub.deep"),
+                               (5, "pkg.sub.leaf"), (5, "pkg.sub"), (6, "pkg.errors")}
+    assert by_src["pkg.b"] == {(1, "pkg.errors")}
+    assert by_src["pkg.sub"] == {(2, "pkg.errors")}
+    assert by_src["pkg.sub.deep"] == {(1, "pkg.b"), (2, "pkg.sub.leaf")}
+    assert "pkg.errors" not in by_src and g.components() == []
+
+
+def test_builder_finds_cycles_and_local_imports(tmp_path):
+    g = write_package(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "from . import b\n",
+        "pkg/b.py": "def f():\n    from .c import g\n",
+        "pkg/c.py": "import pkg.a\nclass K:\n    async def m(self):\n        from . import d\n",
+        "pkg/d.py": "from . import d\n",  # imports itself
+        "pkg/e.py": "from . import a\n",  # depends on the cycle, not part of it
+    })
+    assert g.components() == [["pkg.a", "pkg.b", "pkg.c"], ["pkg.d"]]
+    cycle = g.cycles()[0]
+    assert [(i.src, i.dst) for i in cycle] == [("pkg.a", "pkg.b"), ("pkg.b", "pkg.c"), ("pkg.c", "pkg.a")]
+    assert cycle[1].where() == "pkg/b.py:2 in f(): from .c import g"
+    local = sorted((i.src, i.function, i.dst) for i in g.imports if i.function)
+    assert local == [("pkg.b", "f", "pkg.c"), ("pkg.c", "K.m", "pkg.d")]
