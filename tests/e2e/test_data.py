@@ -116,8 +116,14 @@ def test_cifar_refuses_code_in_pickles(tmp_path):
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
     write_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_3", {b"data": Evil(), b"labels": []}, 4)
-    user_error(DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=False), "data_batch_3.*refusing")
-    assert not marker.exists() and batches
+    cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=False)
+    user_error(cfg, "data_batch_3.*refusing")
+    assert not marker.exists()
+    # the refusal was about that file's content: with the genuine batch back, the same folder loads
+    x, y = batches["data_batch_3"]
+    write_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_3", {b"data": x, b"labels": y}, 2)
+    ds = load_dataset(cfg)
+    assert ds.train_x.shape == (20, 3, 32, 32) and ds.train_y[8:12].tolist() == y
 
 
 def test_cifar_labels_out_of_range(tmp_path):

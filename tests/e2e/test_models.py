@@ -107,7 +107,8 @@ def test_tta_levels():
         views = [x, p[..., :16, :16], p[..., 2:, 2:]]
         views += [v.flip(-1) for v in views]
         weights = [0.25, 0.125, 0.125] * 2
-        assert torch.allclose(tta_logits(m, x, 2), sum(w * m(v) for w, v in zip(weights, views)), atol=1e-6)
+        assert torch.allclose(l2, sum(w * m(v) for w, v in zip(weights, views)), atol=1e-6)
+        assert not torch.allclose(l2, l1, atol=1e-4)  # the translated views count
     with pytest.raises(UserError):
         tta_logits(m, x, 3)
 
