@@ -1,7 +1,11 @@
 """End-to-end single-process training through train.py, and what it leaves in the run directory."""
 import json
 
-from tests.support.common import SMALL, read_events, read_summary, train
+import pytest
+import torch
+
+from dist_cnn.config import load_file
+from tests.support.common import ROOT, SMALL, read_events, read_summary, train
 
 
 def test_synthetic_run_learns_and_writes_run_dir(tmp_path):
@@ -36,21 +40,41 @@ def test_config_file_with_flag_override(tmp_path):
     assert read_summary(out)["steps"] == 5
 
 
-def test_seed_config_is_the_tutorial_recipe():
-    from dist_cnn.config import Config, apply_dict, load_file
-    from tests.support.common import ROOT
-    cfg = Config()
-    apply_dict(cfg, load_file(str(ROOT / "configs" / "seed.toml")))
-    assert (cfg.model.name, cfg.train.batch_size, cfg.train.epochs) == ("seed", 4, 2)
-    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.001, 0.9, False, 0.0)
-    assert cfg.optim.schedule == "constant" and cfg.data.normalize == "half"
-    assert cfg.data.crop_padding == 0 and not cfg.data.flip and cfg.optim.label_smoothing == 0
-    assert cfg.train.precision == "fp32"
+def test_seed_config_drives_the_run(tmp_path):
+    """configs/seed.toml's values reach a real run: the saved config, the batch size, a constant LR, the
+    optimizer's settings in the checkpoint, 0.5/0.5 normalization and plain NCHW weights."""
+    seed_toml = ROOT / "configs" / "seed.toml"
+    out = tmp_path / "run"
+    train(["--config", seed_toml, "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size",
+           "40", "--max-steps", "12", "--log-every", "3", "--eval-every", "0", "--wandb", "disabled", "--no-progress",
+           "--out", out], check=0)
+    saved = json.loads((out / "config.json").read_text())
+    overridden = {("data", "dataset"), ("train", "log_every")}  # by the flags above
+    file = load_file(str(seed_toml))
+    assert file["train"]["batch_size"] == 4 and file["optim"]["schedule"] == "constant"  # what is checked below
+    for section, values in file.items():
+        for key, value in values.items():
+            if (section, key) not in overridden:
+                assert saved[section][key] == value, (section, key, saved[section][key], value)
+
+    s = read_summary(out)
+    assert (s["global_batch_size"], s["per_rank_batch_size"], s["steps"]) == (4, 4, 12), s
+    assert (s["model"], s["precision"]) == ("seed", "fp32"), s
+    lr = file["optim"]["lr"]
+    assert [(t["step"], t["lr"]) for t in read_events(out, "train")] == [(k, pytest.approx(lr)) for k in (3, 6, 9, 12)]
+
+    state = torch.load(out / "checkpoints" / "step-00000012.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) for g in groups] == \
+        [(pytest.approx(lr), file["optim"]["momentum"], False, 0.0)] * 2
+    final = torch.load(out / "model.pt", weights_only=True)
+    assert final["mean"] == [0.5] * 3 and final["std"] == [0.5] * 3  # normalize = "half"
+    convs = [v for v in final["model"].values() if v.ndim == 4]
+    assert convs and all(v.is_contiguous() for v in convs)  # channels_last = false (the default is true)
 
 
 def test_grad_accum_matches_plain_batch(tmp_path):
     """Accumulating 2 micro-batches of 32 is the same optimizer step as one batch of 64."""
-    import torch
     outs = []
     for accum in (1, 2):
         out = tmp_path / f"a{accum}"
