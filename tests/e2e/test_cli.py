@@ -8,7 +8,7 @@ def assert_clean_error(p, *needles):
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert "Traceback" not in p.stderr, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 or lines[-1].startswith("error:"), p.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     for n in needles:
         assert n in p.stderr, (n, p.stderr)
 

@@ -54,6 +54,26 @@ def train_steps(run_dir) -> dict[int, dict]:
     return {e["step"]: e for e in read_events(run_dir, "train")}
 
 
+def wandb_core_parents(cache_dir) -> set[int]:
+    """The pids that started a wandb-core, from its debug logs (one JSON object a line)."""
+    logs = list(cache_dir.rglob("core-debug-*.log"))
+    assert logs, f"no wandb-core debug log under {cache_dir}: has this wandb moved it?"
+    pids = set()
+    for log in logs:
+        for line in log.read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("msg", "").endswith("starting server"):  # "main: starting server"
+                pids.add(record["pid"])
+    return pids
+
+
+def debug_log_pid(offline_run_dir) -> int:
+    """The pid of the process that ran wandb.init, from the run's logs/debug.log ("MainThread:<pid>")."""
+    m = re.search(r"MainThread:(\d+) ", (offline_run_dir / "logs" / "debug.log").read_text())
+    assert m, f"no pid in {offline_run_dir / 'logs' / 'debug.log'}"
+    return int(m.group(1))
+
+
 def history_by_step(rows, key="train/loss") -> dict[int, float]:
     return {r["_step"]: r[key] for r in rows if key in r}
 
@@ -80,9 +100,10 @@ def test_two_ranks_make_one_offline_run_matching_the_run_files(ddp_run):
     assert len(dirs) == 1, dirs
     assert [d.name for d in (run_dir / "wandb").glob("*run-*") if d.is_dir()] == [dirs[0].name]
     assert not (base / "wandb_dir").exists()  # WANDB_DIR unused: the logger passes dir=<run dir>
-    # each process that starts wandb starts its own wandb-core with its own debug log (if this wandb
-    # writes one there at all): at most one here
-    assert len(list((base / "wandb_cache").rglob("core-debug-*.log"))) <= 1
+    # each process that starts wandb starts its own wandb-core, which logs "starting server" with the pid
+    # of the process that started it (in WANDB_CACHE_DIR/wandb/logs/core-debug-*.log): exactly one,
+    # rank 0, the process that wrote the offline run's debug.log
+    assert wandb_core_parents(base / "wandb_cache") == {debug_log_pid(dirs[0])}
     assert "[rank 1]" not in p.stdout + p.stderr and "wandb" not in p.stdout
 
     back = read_offline_run(run_dir)
