@@ -7,6 +7,7 @@ Imports flow one way: commands (dist_cnn/commands/*, dist_cnn/cli.py, dist_cnn/_
   (c) no import of a package module inside a function (the usual way to hide a cycle).
 Each failure names the file, line and statement to change.
 """
+import functools
 import textwrap
 
 import pytest
@@ -20,6 +21,7 @@ COMMANDS = (f"{PACKAGE}.commands", f"{PACKAGE}.cli", f"{PACKAGE}.__main__")
 LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {}
 
 
+@functools.lru_cache(maxsize=1)
 def graph() -> ImportGraph:
     return ImportGraph.of_package(ROOT / PACKAGE)
 
