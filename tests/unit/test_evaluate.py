@@ -4,6 +4,7 @@
 as one process. The model has BatchNorm and the eval batches differ between world sizes, so
 evaluating in training mode (batch statistics) would also change the result.
 """
+import pytest
 import torch
 from torch import nn
 
@@ -59,9 +60,10 @@ def test_single_process_matches_a_plain_loop():
     assert one["test_accuracy"] == one["test_correct"] / N
 
 
-def test_three_ranks_count_every_image_once_and_match_one_process(tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_three_ranks_count_every_image_once_and_match_one_process(tmp_path, start_method):
     one = score(DistEnv(), batch_size=64)
-    ranks = run_group(3, score, 64, tmp_dir=tmp_path)
+    ranks = run_group(3, score, 64, tmp_dir=tmp_path, start_method=start_method)
     assert [r["shard"] for r in ranks] == [[0, 166], [166, 332], [332, 499]]
     for r in ranks:  # every rank gets the summed counts
         assert r["test_total"] == N, r["test_total"]
