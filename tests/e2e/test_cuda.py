@@ -76,6 +76,7 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
     one, an all_reduce, and DDP (with dist_cnn's wrapping settings) through a training step."""
     import subprocess
     import sys
+
     from tests.support.common import ROOT, clean_env, free_port
     code = (
         "import torch, torch.distributed as dist\n"

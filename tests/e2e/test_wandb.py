@@ -14,7 +14,6 @@ import pytest
 from dist_cnn.config import LogConfig
 from dist_cnn.observability import wandb_logger
 from dist_cnn.observability.wandb_logger import WandbLogger, resolve_mode
-
 from tests.support.wandb_records import offline_run_dirs, read_offline_run
 
 wandb = pytest.importorskip("wandb")

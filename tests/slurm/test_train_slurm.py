@@ -13,9 +13,17 @@ import time
 
 import pytest
 
+from tests.slurm.helpers import (
+    TRAIN_SH,
+    cluster_env,
+    job_info,
+    job_state,
+    sbatch,
+    scancel,
+    wait_for_file_text,
+    wait_job,
+)
 from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary
-from tests.slurm.helpers import (TRAIN_SH, cluster_env, job_info, job_state, sbatch, scancel, wait_for_file_text,
-                                 wait_job)
 
 pytestmark = pytest.mark.slurm
 

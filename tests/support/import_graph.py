@@ -42,7 +42,7 @@ class ImportGraph:
             self.imports += self._imports_of(module)
 
     @classmethod
-    def of_package(cls, package_dir: Path) -> "ImportGraph":
+    def of_package(cls, package_dir: Path) -> ImportGraph:
         package_dir = Path(package_dir).resolve()
         files = {}
         for path in sorted(package_dir.rglob("*.py")):

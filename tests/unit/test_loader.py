@@ -3,8 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-from dist_cnn.loader import (Augment, DevicePipeline, LoaderPipeline, Normalize, crop_flip, epoch_plan,
-                             eval_shard, normalization_stats, rank_slice)
+from dist_cnn.loader import (
+    Augment,
+    DevicePipeline,
+    LoaderPipeline,
+    Normalize,
+    crop_flip,
+    epoch_plan,
+    eval_shard,
+    normalization_stats,
+    rank_slice,
+)
 
 N, GLOBAL_BATCH = 1000, 32
 AUG = Augment(crop_padding=2, flip=True)
