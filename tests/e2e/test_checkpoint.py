@@ -2,7 +2,6 @@
 the non-finite guard, weights_only loading and `dist-cnn eval`."""
 import json
 import os
-import pickle
 import subprocess
 
 import pytest
@@ -12,7 +11,8 @@ from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summa
 
 FAIL = ROOT / "tests/support/fail_rank.py"
 # 1024 images / batch 64 = 16 steps an epoch; 2 epochs; a checkpoint every 5 steps.
-ARGS = [*SMALL, "--synthetic-train-size", "1024", "--epochs", "2", "--checkpoint-every-steps", "5", "--log-every", "4", "--crop-padding", "2", "--flip"]
+ARGS = [*SMALL, "--synthetic-train-size", "1024", "--epochs", "2", "--checkpoint-every-steps", "5", "--log-every", "4",
+        "--crop-padding", "2", "--flip"]
 NOISE = {"time", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", "epoch_seconds",
          "eta_seconds", "memory_mb", "train_seconds", "path", "from"}
 

@@ -81,7 +81,7 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
     code = (
         "import torch, torch.distributed as dist\n"
         "from dist_cnn.models import build_model\n"
-        "dist.init_process_group('nccl', init_method='tcp://127.0.0.1:%d', rank=0, world_size=1,\n"
+        f"dist.init_process_group('nccl', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1,\n"
         "                        device_id=torch.device('cuda', 0))\n"
         "t = torch.ones(4, device='cuda'); dist.all_reduce(t); assert t.tolist() == [1.0] * 4\n"
         "m = torch.nn.parallel.DistributedDataParallel(build_model('seed', 3, 10, 32).cuda(), device_ids=[0],\n"
@@ -92,7 +92,7 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
         "                                             torch.randint(0, 10, (8,), device='cuda'))\n"
         "    loss.backward(); opt.step(); opt.zero_grad()\n"
         "torch.cuda.synchronize(); dist.destroy_process_group(); print('nccl ok', torch.cuda.nccl.version())\n"
-    ) % free_port()
+    )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT)),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "nccl ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]

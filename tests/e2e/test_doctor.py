@@ -1,5 +1,6 @@
-"""Preflight checks and `dist-cnn doctor` / `train.py --dry-run` (dist_cnn/launch.py, dist_cnn/commands/doctor.py), with fake
-launcher environments; the same inside real SLURM jobs: tests/slurm/test_train_slurm.py."""
+"""Preflight checks and `dist-cnn doctor` / `train.py --dry-run` (dist_cnn/launch.py,
+dist_cnn/commands/doctor.py), with fake launcher environments; the same inside real SLURM jobs:
+tests/slurm/test_train_slurm.py."""
 import json
 import socket
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from dist_cnn.errors import UserError
 from dist_cnn.commands.report import main_report as report_command
+from dist_cnn.errors import UserError
 from dist_cnn.observability.report import format_report, read_metrics, write_plots
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

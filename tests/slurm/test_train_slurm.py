@@ -118,7 +118,7 @@ def preempted_jobs(slurm_cluster, tmp_path_factory):
     for mode in MODES:
         d = tmp_path_factory.mktemp(f"preempt-{mode}")
         jobs[mode] = (d, *submit_slow_run(d, mode))
-    for mode, (d, job, run) in jobs.items():
+    for _, job, run in jobs.values():
         wait_training(job, run)
         scancel(job, "USR1", batch=True)   # what --signal=B:USR1@120 does before the time limit
     yield jobs
