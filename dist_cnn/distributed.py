@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+# What a collective raises when another rank went away: gloo's transport errors (a peer killed or
+# crashed: connection reset/closed; a peer hung or unreachable: timed out), torch's store and network
+# errors, NCCL's backend errors.
+_COMM_FAILURE = re.compile(r"gloo/transport|Connection (reset|closed) by peer|Timed out waiting \S+ for (recv|send)")
+
+
+def comm_failure(exc: BaseException) -> str | None:
+    """One line for a collective that failed because a peer process or node was lost; None otherwise."""
+    lost = isinstance(exc, (dist.DistNetworkError, dist.DistStoreError, dist.DistBackendError))
+    text = str(exc)
+    if not lost and not (isinstance(exc, RuntimeError) and _COMM_FAILURE.search(text)):
+        return None
+    # "[.../pair.cc:545] Read error [10.0.0.2]:45769: Connection reset by peer. This is typically ..."
+    detail = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text.strip().splitlines()[0] if text.strip() else "")
+    detail = detail.split(". This is typically")[0].rstrip(". ")
+    return (f"lost contact with another process of the job ({detail or type(exc).__name__}): a rank or node "
+            f"died, hung or became unreachable; its own log says why. Checkpoints written so far are kept")
 
 
 def main_only(env: DistEnv, fn):

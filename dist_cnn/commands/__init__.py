@@ -1,7 +1,8 @@
 """The command line: `dist-cnn [train] [flags]`, `dist-cnn eval`, `dist-cnn report`, `dist-cnn doctor`.
 
 Bad input (UserError) is one line on stderr and exit code 2; a run that cannot go on (non-finite
-loss, failed checkpoint write) is one line and exit code 1. Bugs keep their traceback.
+loss, failed checkpoint write, a lost peer process or node) is one line and exit code 1. Bugs keep
+their traceback.
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{_rank_prefix()}interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        lost = distributed.comm_failure(e)
+        if lost is None:
+            raise
+        print(f"{_rank_prefix()}error: {lost}", file=sys.stderr)  # a peer's failure: its own log has the cause
+        return 1
 
 
 def entry() -> None:

@@ -1,0 +1,18 @@
+"""train.py with a fixed sleep (STEP_SLEEP seconds) in every optimizer step, so that a short run lasts
+long enough to be interrupted (a killed node, a signal) while it trains."""
+import os
+import time
+
+from dist_cnn import trainer
+from dist_cnn.cli import entry
+
+_step = trainer.Trainer.train_step
+
+
+def slow_step(self, micro):
+    time.sleep(float(os.environ.get("STEP_SLEEP", "0.3")))
+    return _step(self, micro)
+
+
+trainer.Trainer.train_step = slow_step
+entry()
