@@ -12,9 +12,9 @@
 #   tests/netns/netns.sh list                # namespaces made by this script (any NAME)
 #
 # Node I has address $SUBNET.I/24 on its eth0 (SUBNET: DIST_CNN_NETNS_SUBNET, default 10.77.0) and
-# host name nI: `exec` runs CMD in a UTS namespace of its own with that host name, and `ip netns
-# exec` shows it /etc/netns/NAME-I/hosts as /etc/hosts (localhost and every node's name and address),
-# so the nodes find each other by name as on a real cluster. NAME: letters, digits, '_' (it prefixes
+# host name nI: `exec` runs CMD in UTS and mount namespaces of its own, with that host name and
+# /etc/netns/NAME-I/hosts (localhost and every node's name and address; `ip netns exec` uses it too)
+# as /etc/hosts, so the nodes find each other by name as on a real cluster. NAME: letters, digits, '_' (it prefixes
 # the namespace names; use one per test run). Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
 set -euo pipefail
 
@@ -72,8 +72,13 @@ cmd_exec() {
     local name=$1 i=$2; shift 2
     check_name "$name"
     [ $# -gt 0 ] || die "exec NAME I CMD...: no CMD"
-    ip netns exec "$(node_ns "$name" "$i")" unshare --uts -- \
-        /bin/sh -c 'hostname "$0" && exec "$@"' "n$i" "$@"
+    local ns; ns=$(node_ns "$name" "$i")
+    [ -e "/run/netns/$ns" ] || die "no namespace $ns (netns.sh up $name)"
+    # Not `ip netns exec`: it mounts a fresh /sys, without the cgroup hierarchy slurmd needs. A mount
+    # namespace of its own (private: nothing propagates back) shows the node's hosts file as /etc/hosts.
+    exec nsenter --net="/run/netns/$ns" unshare --mount --uts --propagation private -- \
+        /bin/sh -c 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"' \
+        "n$i" "/etc/netns/$ns/hosts" "$@"
 }
 
 cmd_pids() {
