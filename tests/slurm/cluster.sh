@@ -48,6 +48,14 @@ pid_of() {
     echo "$pid"
 }
 
+# started NAME: the process recorded for NAME still exists. Right after `launch` it may not have
+# exec'd the daemon yet (its name is still the shell's), which pid_of would take for an exit.
+started() {
+    local pid
+    pid=$(tr -dc '0-9' <"$RUN/$1.pid" 2>/dev/null) && [ -n "$pid" ] && [ -d "/proc/$pid" ] &&
+        ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
+}
+
 # launch NAME CMD... : run CMD in its own session in the background, stdout and
 # stderr to $LOG/NAME.out, and record its PID.
 launch() {
@@ -98,7 +106,7 @@ node_state() { sinfo -h -N -o '%T' 2>/dev/null | head -n1; }
 wait_idle() {
     local deadline=$((SECONDS + START_TIMEOUT)) state="" resumed=0
     while [ $SECONDS -lt $deadline ]; do
-        if ! all_running; then
+        if ! started munged || ! started slurmctld || ! started slurmd; then
             log_tail
             die "a daemon exited during start-up (state dir $D)"
         fi
@@ -223,7 +231,7 @@ start_munged() {
         if [ -S "$MUNGE_SOCKET" ] && munge -n -S "$MUNGE_SOCKET" 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; then
             return 0
         fi
-        pid_of munged >/dev/null || break
+        started munged || break
         sleep 0.1
     done
     log_tail
@@ -236,7 +244,7 @@ start_slurmctld() {
     local _
     for _ in $(seq 1 150); do
         scontrol ping 2>/dev/null | grep -q 'is UP' && return 0
-        pid_of slurmctld >/dev/null || break
+        started slurmctld || break
         sleep 0.2
     done
     log_tail
