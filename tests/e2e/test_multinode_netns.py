@@ -170,11 +170,12 @@ def weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "model.pt", weights_only=True)["model"]
 
 
+@pytest.mark.timeout(420)
 def test_two_nodes_match_one_node_of_two_processes(nodes, tmp_path):
     args = [*SMALL, "--max-steps", "6", "--eval-every", "0"]
     agents = [start_agent(nodes, i, [*args, "--out", tmp_path / "two_nodes"], "run") for i in (1, 2)]
-    assert wait_all(agents, timeout=240) == [0, 0], [log_text(p)[-3000:] for p in agents]
-    torchrun(2, [*args, "--out", tmp_path / "one_node"], env=agent_env(), timeout=240, check=0)
+    assert wait_all(agents, timeout=180) == [0, 0], [log_text(p)[-3000:] for p in agents]
+    torchrun(2, [*args, "--out", tmp_path / "one_node"], env=agent_env(), timeout=180, check=0)
     s = read_summary(tmp_path / "two_nodes")
     assert (s["world_size"], s["backend"], s["steps"], s["per_rank_batch_size"]) == (2, "gloo", 6, 32)
     w2, w1 = weights(tmp_path / "two_nodes"), weights(tmp_path / "one_node")
@@ -191,6 +192,7 @@ SLOW_ENV = {"DIST_CNN_ENTRY": str(SLOW_ENTRY), "STEP_SLEEP": "0.3"}
 TIMEOUT = 60   # --timeout: every collective gives up after this long
 
 
+@pytest.mark.timeout(300)
 def test_killed_node_ends_the_job_with_one_clear_line(nodes, tmp_path):
     run = tmp_path / "run"
     args = [*SLOW_ARGS, "--timeout", TIMEOUT, "--out", run]
@@ -206,6 +208,7 @@ def test_killed_node_ends_the_job_with_one_clear_line(nodes, tmp_path):
     assert not (run / "summary.json").exists()
 
 
+@pytest.mark.timeout(480)
 def test_restarted_node_rejoins_and_the_job_resumes(nodes, tmp_path):
     run = tmp_path / "run"
     args = [*SLOW_ARGS, "--timeout", TIMEOUT, "--out", run]
@@ -216,7 +219,7 @@ def test_restarted_node_rejoins_and_the_job_resumes(nodes, tmp_path):
     # A new torchrun agent on node 2, as after a reboot; node 1's agent restarts its worker and waits
     # for it in the next rendezvous round.
     node2 = start_agent(nodes, 2, args, "again", restarts=1, **SLOW_ENV)
-    assert wait_all([node1, node2], timeout=300) == [0, 0], [log_text(p)[-3000:] for p in (node1, node2)]
+    assert wait_all([node1, node2], timeout=240) == [0, 0], [log_text(p)[-3000:] for p in (node1, node2)]
     resumes = read_events(run, "resume")
     assert len(resumes) == 1 and resumes[0]["step"] >= 4, resumes
     assert f"step-{resumes[0]['step']:08d}.pt" in resumes[0]["from"]
@@ -305,7 +308,9 @@ def assert_done(info: dict, text: str) -> None:
     assert info["NodeList"] == "n[1-2]", info
 
 
+# The first test's time includes the module fixtures: the cluster's start and all four submissions.
 @pytest.mark.slurm
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", MODES)
 def test_slurm_two_nodes_complete(slurm2, slurm2_jobs, mode):
     job, d, run = slurm2_jobs["complete", mode]
@@ -318,6 +323,7 @@ def test_slurm_two_nodes_complete(slurm2, slurm2_jobs, mode):
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("mode", MODES)
 def test_slurm_two_nodes_usr1_requeues_and_resumes(slurm2, slurm2_jobs, mode):
     job, d, run = slurm2_jobs["usr1", mode]
