@@ -90,6 +90,9 @@ class Nodes:
         subprocess.run(["bash", NETNS_SH, "kill", self.name, str(i), sig], check=True, timeout=30)
         return [int(p) for p in pids]
 
+    def link(self, i: int, state: str) -> None:
+        subprocess.run(["bash", NETNS_SH, "link", self.name, str(i), state], check=True, timeout=30)
+
     def down(self) -> None:
         subprocess.run(["bash", NETNS_SH, "down", self.name], capture_output=True, timeout=60)
         for p in self.procs:
@@ -205,6 +208,22 @@ def test_killed_node_ends_the_job_with_one_clear_line(nodes, tmp_path):
     assert codes[0] != 0 and codes[1] == -9, (codes, text[-4000:])
     assert "[rank 0] error: lost contact with another process of the job" in text, text[-4000:]
     assert "[rank0]: Traceback" not in text, text[-4000:]   # one line from the worker, not a traceback
+    assert not (run / "summary.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_cut_off_node_ends_the_job_after_timeout(nodes, tmp_path):
+    """Node 2's link goes down while its processes live on: nothing fails fast, node 1 must give up
+    after --timeout with the same clear line."""
+    run, timeout = tmp_path / "run", 30
+    args = [*SLOW_ARGS, "--timeout", timeout, "--out", run]
+    agents = [start_agent(nodes, i, args, "run", **SLOW_ENV) for i in (1, 2)]
+    wait_for_event(run, r'"event": "train"', agents)
+    nodes.link(2, "down")
+    codes = wait_all(agents[:1], timeout=timeout + 60)   # --timeout, then torchrun's own shutdown
+    text = log_text(agents[0])
+    assert codes[0] != 0, text[-4000:]
+    assert "[rank 0] error: lost contact with another process of the job" in text, text[-4000:]
     assert not (run / "summary.json").exists()
 
 

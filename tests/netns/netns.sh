@@ -8,6 +8,7 @@
 #   tests/netns/netns.sh exec NAME I CMD...  # run CMD on node I (exec: it becomes that process)
 #   tests/netns/netns.sh pids NAME I         # PIDs of the processes on node I, one a line
 #   tests/netns/netns.sh kill NAME I [SIG]   # send SIG (default KILL) to every process on node I
+#   tests/netns/netns.sh link NAME I up|down # plug node I's cable in or pull it out (its processes live on)
 #   tests/netns/netns.sh down NAME           # kill what still runs on the nodes, delete them (idempotent)
 #   tests/netns/netns.sh list                # namespaces made by this script (any NAME)
 #
@@ -91,6 +92,12 @@ cmd_kill() {
     for pid in $(cmd_pids "$name" "$i"); do kill -s "$sig" "$pid" 2>/dev/null || true; done
 }
 
+cmd_link() {
+    check_name "$1"
+    case "$3" in up|down) ;; *) die "link NAME I up|down, not '$3'" ;; esac
+    ip -n "$(node_ns "$1" "$2")" link set eth0 "$3"
+}
+
 cmd_down() {
     local name=$1 i ns _
     check_name "$name"
@@ -125,8 +132,9 @@ case "${1:-}" in
     exec) [ $# -ge 4 ] || die "usage: exec NAME I CMD..."; shift; cmd_exec "$@" ;;
     pids) [ $# -eq 3 ] || die "usage: pids NAME I"; cmd_pids "$2" "$3" ;;
     kill) [ $# -ge 3 ] || die "usage: kill NAME I [SIG]"; cmd_kill "$2" "$3" "${4:-KILL}" ;;
+    link) [ $# -eq 4 ] || die "usage: link NAME I up|down"; cmd_link "$2" "$3" "$4" ;;
     down) [ $# -eq 2 ] || die "usage: down NAME"; cmd_down "$2" ;;
     list) cmd_list ;;
-    *)    echo "usage: $0 up NAME [NODES] | exec NAME I CMD... | pids NAME I | kill NAME I [SIG] | down NAME | list" >&2
+    *)    echo "usage: $0 up NAME [NODES] | exec NAME I CMD... | pids NAME I | kill NAME I [SIG] | link NAME I up|down | down NAME | list" >&2
           exit 2 ;;
 esac
