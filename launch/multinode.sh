@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Several nodes through torchrun's c10d rendezvous. Run the same command on every node:
-#   bash launch/multinode.sh --nnodes 2 --node-rank 0 --head node01:29500 [--procs N] [--run-id ID] [--max-restarts K] [train.py options]
-# Node rank 0 hosts the rendezvous store at --head; the others connect to it. --procs defaults to the
-# GPU count of the node. --run-id must be the same on all nodes (default: dist_cnn).
+# Several nodes through torchrun's c10d rendezvous. Run the same command on every node, changing only
+# --node-rank; e.g. two nodes n1 (10.77.0.1) and n2, one process each, restartable once:
+#   n1$ bash launch/multinode.sh --nnodes 2 --node-rank 0 --head 10.77.0.1:29500 --procs 1 --run-id job7 --max-restarts 1 --out runs/job7 [train.py options]
+#   n2$ bash launch/multinode.sh --nnodes 2 --node-rank 1 --head 10.77.0.1:29500 --procs 1 --run-id job7 --max-restarts 1 --out runs/job7 [train.py options]
+# (tests/e2e/test_multinode_netns.py runs exactly this on two network namespaces with their own
+# addresses and host names.)
+# --head HOST[:PORT] (port 29500 by default) is node rank 0's address: that node hosts the rendezvous;
+# the c10d rendezvous then numbers the nodes itself. --procs defaults to the GPU count of the node.
+# --run-id must be the same on all nodes (default: dist_cnn). --max-restarts K: after a failure the
+# surviving nodes restart their workers and wait for the missing node; run this command again there
+# and the job resumes from its newest checkpoint. Every node's host name must resolve, on every node,
+# to an address the others reach (gloo picks its interface that way; else set GLOO_SOCKET_IFNAME).
+# DIST_CNN_PYTHON / DIST_CNN_VENV: the interpreter; DIST_CNN_ENTRY: the script (default train.py).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${DIST_CNN_PYTHON:-${DIST_CNN_VENV:-$root/.venv}/bin/python}"
