@@ -309,17 +309,28 @@ def slurm2_jobs(slurm2, tmp_path_factory):
                            env=slurm2.job_env(mode, SLOW_ENTRY, STEP_SLEEP="0.4"))
         jobs["usr1", mode] = job, d, d / "run"
     try:
-        for mode in MODES:
-            job, d, run = jobs["usr1", mode]
-            # The trainer handles USR1 from before its first step on: a train event means it is armed.
-            slurm.wait_for_file_text(run / "metrics.jsonl", r'"event": "train"', timeout=180, job_id=job,
-                                     env=slurm2.env)
-            slurm.scancel(job, "USR1", batch=True, env=slurm2.env)   # what --signal=B:USR1@120 does
+        signal_when_training([jobs["usr1", mode] for mode in MODES], slurm2.env)
         yield jobs
     finally:
         for job, _, _ in jobs.values():
             if slurm.job_state(job, env=slurm2.env) is not None:
                 slurm.scancel(job, env=slurm2.env)
+
+
+def signal_when_training(jobs, env, timeout: float = 180) -> None:
+    """SIGUSR1 to each job's batch shell as soon as it trains (the trainer handles USR1 from before
+    its first step on, so a train event means it is armed), whichever job gets there first."""
+    pending, deadline = list(jobs), time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for job, d, run in list(pending):
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and '"event": "train"' in metrics.read_text(errors="replace"):
+                slurm.scancel(job, "USR1", batch=True, env=env)   # what --signal=B:USR1@120 does
+                pending.remove((job, d, run))
+            elif slurm.job_state(job, env=env) is None:
+                pytest.fail(f"job {job} ended before training:\n{out_file(d, job)[-4000:]}", pytrace=False)
+        time.sleep(0.2)
+    assert not pending, f"not training after {timeout} s: {[job for job, _, _ in pending]}"
 
 
 def assert_done(info: dict, text: str) -> None:
