@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from common import PY, ROOT, SMALL, clean_env, read_events, read_summary, torchrun
+
 from tests.slurm import helpers as slurm
-from tests.slurm.fixtures import in_ci, unavailable_reason as slurm_unavailable
+from tests.slurm.fixtures import in_ci
+from tests.slurm.fixtures import unavailable_reason as slurm_unavailable
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import os
 import time
 
 from dist_cnn import trainer
-from dist_cnn.cli import entry
+from dist_cnn.commands import entry
 
 _step = trainer.Trainer.train_step
 
