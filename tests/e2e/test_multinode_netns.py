@@ -362,7 +362,9 @@ def test_slurm_two_nodes_usr1_requeues_and_resumes(slurm2, slurm2_jobs, mode):
     text = out_file(d, job)
     assert_done(info, text)
     assert info["Restarts"] == "1", (info, text[-4000:])
-    assert "batch shell got SIGUSR1" in text and "requeued SLURM job" in text and "restart 1" in text, text[-4000:]
+    # Not "requeued SLURM job": `scontrol requeue` SIGTERMs the whole job at once, and under load rank 0
+    # can be gone before it prints that line. Restarts=1 and the rerun's "restart 1" show the requeue.
+    assert "batch shell got SIGUSR1" in text and "restart 1" in text, text[-4000:]
     resumes = read_events(run, "resume")
     assert len(resumes) == 1 and resumes[0]["step"] > 0, resumes
     assert f"step-{resumes[0]['step']:08d}.pt" in resumes[0]["from"]   # written at the signal
