@@ -12,6 +12,7 @@ Needs root (network, mount and UTS namespaces): skipped with the reason otherwis
 CI=true. Each test makes its own namespaces (unique names) and deletes them, and whatever still runs
 in them, even when it fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,23 +25,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import PY, ROOT, SMALL, clean_env, read_events, read_summary, torchrun
 
 from tests.slurm import helpers as slurm
 from tests.slurm.fixtures import in_ci
 from tests.slurm.fixtures import unavailable_reason as slurm_unavailable
+from tests.support.common import PY, ROOT, SMALL, clean_env, read_events, read_summary, torchrun
 
 pytestmark = pytest.mark.slow
 
 NETNS_SH = ROOT / "tests" / "netns" / "netns.sh"
 SLURM2_SH = ROOT / "tests" / "netns" / "slurm2.sh"
 MULTINODE_SH = ROOT / "launch" / "multinode.sh"
-SLOW_ENTRY = ROOT / "tests" / "helpers" / "slow_train.py"
+SLOW_ENTRY = ROOT / "tests" / "support" / "slow_train.py"
 SUBNET = os.environ.get("DIST_CNN_NETNS_SUBNET", "10.77.0")
 HEAD = f"{SUBNET}.1"
 
 
 # ---- namespaces -----------------------------------------------------------------------------------
+
 
 def netns_unavailable() -> str | None:
     missing = [b for b in ("ip", "nsenter", "unshare", "mount", "hostname") if shutil.which(b) is None]
@@ -73,7 +75,7 @@ class Nodes:
 
     def start(self, i: int, args, tag: str, env: dict) -> subprocess.Popen:
         log = self.logs / f"n{i}-{tag}.log"
-        with open(log, "w") as f:   # a file, not a pipe: a chatty process never blocks on it
+        with open(log, "w") as f:  # a file, not a pipe: a chatty process never blocks on it
             p = subprocess.Popen(self.cmd(i, args), env=env, stdout=f, stderr=subprocess.STDOUT)
         p.log = log
         self.procs.append(p)
@@ -86,8 +88,9 @@ class Nodes:
 
     def kill(self, i: int, sig: str = "KILL") -> list[int]:
         """Signal every process on node i (by PID, from `ip netns pids`); returns those PIDs."""
-        pids = subprocess.run(["bash", NETNS_SH, "pids", self.name, str(i)], capture_output=True, text=True,
-                              timeout=30).stdout.split()
+        pids = subprocess.run(
+            ["bash", NETNS_SH, "pids", self.name, str(i)], capture_output=True, text=True, timeout=30
+        ).stdout.split()
         subprocess.run(["bash", NETNS_SH, "kill", self.name, str(i), sig], check=True, timeout=30)
         return [int(p) for p in pids]
 
@@ -99,7 +102,7 @@ class Nodes:
         for p in self.procs:
             try:
                 p.wait(timeout=10)
-            except subprocess.TimeoutExpired:   # started outside the nodes (cannot happen): leave it
+            except subprocess.TimeoutExpired:  # started outside the nodes (cannot happen): leave it
                 pass
 
 
@@ -137,8 +140,11 @@ def wait_all(procs, timeout: float) -> list[int]:
         try:
             codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
-            pytest.fail(f"still running after {timeout:.0f} s:\n" + "\n".join(
-                f"--- {q.log.name}\n{log_text(q)[-3000:]}" for q in procs), pytrace=False)
+            pytest.fail(
+                f"still running after {timeout:.0f} s:\n"
+                + "\n".join(f"--- {q.log.name}\n{log_text(q)[-3000:]}" for q in procs),
+                pytrace=False,
+            )
     return codes
 
 
@@ -151,13 +157,16 @@ def wait_for_event(run: Path, pattern: str, procs, timeout: float = 180) -> None
             return
         ended = [p for p in procs if p.poll() is not None]
         if ended:
-            pytest.fail(f"{ended[0].log.name} exited ({ended[0].returncode}) before {pattern!r}:\n"
-                        f"{log_text(ended[0])[-4000:]}", pytrace=False)
+            pytest.fail(
+                f"{ended[0].log.name} exited ({ended[0].returncode}) before {pattern!r}:\n{log_text(ended[0])[-4000:]}",
+                pytrace=False,
+            )
         time.sleep(0.2)
     pytest.fail(f"no {pattern!r} in {metrics} after {timeout} s", pytrace=False)
 
 
 # ---- torchrun: one agent per node ---------------------------------------------------------------------
+
 
 def agent_env(**extra) -> dict:
     # One thread per process: two nodes share this machine's cores.
@@ -165,8 +174,23 @@ def agent_env(**extra) -> dict:
 
 
 def start_agent(nodes: Nodes, i: int, args, tag: str, restarts: int = 0, **env) -> subprocess.Popen:
-    cmd = ["bash", MULTINODE_SH, "--nnodes", "2", "--node-rank", i - 1, "--head", f"{HEAD}:29500", "--procs", "1",
-           "--run-id", "netns", "--max-restarts", restarts, *args]
+    cmd = [
+        "bash",
+        MULTINODE_SH,
+        "--nnodes",
+        "2",
+        "--node-rank",
+        i - 1,
+        "--head",
+        f"{HEAD}:29500",
+        "--procs",
+        "1",
+        "--run-id",
+        "netns",
+        "--max-restarts",
+        restarts,
+        *args,
+    ]
     return nodes.start(i, cmd, tag, agent_env(**env))
 
 
@@ -188,12 +212,23 @@ def test_two_nodes_match_one_node_of_two_processes(nodes, tmp_path):
     assert diff <= 1e-5, diff
 
 
-# A run of 2 x 16 steps slowed to ~0.3 s a step (tests/helpers/slow_train.py), so that it is still
+# A run of 2 x 16 steps slowed to ~0.3 s a step (tests/support/slow_train.py), so that it is still
 # training when node 2 is killed; a checkpoint every 4 steps.
-SLOW_ARGS = [*SMALL, "--synthetic-train-size", "1024", "--epochs", "2", "--log-every", "2",
-             "--checkpoint-every-steps", "4", "--checkpoint-every-minutes", "0"]
+SLOW_ARGS = [
+    *SMALL,
+    "--synthetic-train-size",
+    "1024",
+    "--epochs",
+    "2",
+    "--log-every",
+    "2",
+    "--checkpoint-every-steps",
+    "4",
+    "--checkpoint-every-minutes",
+    "0",
+]
 SLOW_ENV = {"DIST_CNN_ENTRY": str(SLOW_ENTRY), "STEP_SLEEP": "0.3"}
-TIMEOUT = 60   # --timeout: every collective gives up after this long
+TIMEOUT = 60  # --timeout: every collective gives up after this long
 
 
 @pytest.mark.timeout(300)
@@ -208,7 +243,7 @@ def test_killed_node_ends_the_job_with_one_clear_line(nodes, tmp_path):
     text = log_text(agents[0])
     assert codes[0] != 0 and codes[1] == -9, (codes, text[-4000:])
     assert "[rank 0] error: lost contact with another process of the job" in text, text[-4000:]
-    assert "[rank0]: Traceback" not in text, text[-4000:]   # one line from the worker, not a traceback
+    assert "[rank0]: Traceback" not in text, text[-4000:]  # one line from the worker, not a traceback
     assert not (run / "summary.json").exists()
 
 
@@ -221,7 +256,7 @@ def test_cut_off_node_ends_the_job_after_timeout(nodes, tmp_path):
     agents = [start_agent(nodes, i, args, "run", **SLOW_ENV) for i in (1, 2)]
     wait_for_event(run, r'"event": "train"', agents)
     nodes.link(2, "down")
-    codes = wait_all(agents[:1], timeout=timeout + 60)   # --timeout, then torchrun's own shutdown
+    codes = wait_all(agents[:1], timeout=timeout + 60)  # --timeout, then torchrun's own shutdown
     text = log_text(agents[0])
     assert codes[0] != 0, text[-4000:]
     assert "[rank 0] error: lost contact with another process of the job" in text, text[-4000:]
@@ -264,13 +299,15 @@ class Slurm2:
         self.env = {**os.environ, "PATH": f"{d / 'bin'}:{os.environ.get('PATH', '')}"}
 
     def script(self, cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(SLURM2_SH), cmd], env=self.script_env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["bash", str(SLURM2_SH), cmd], env=self.script_env, capture_output=True, text=True, timeout=timeout
+        )
 
     def job_env(self, mode: str, entry=None, **extra) -> dict:
-        env = clean_env(DIST_CNN_PYTHON=PY, DIST_CNN_ENTRY=str(entry or ROOT / "train.py"), DIST_CNN_LAUNCH=mode,
-                        **extra)
-        env["PATH"] = self.env["PATH"]   # sbatch through the wrapper (which drops itself from the job's PATH)
+        env = clean_env(
+            DIST_CNN_PYTHON=PY, DIST_CNN_ENTRY=str(entry or ROOT / "train.py"), DIST_CNN_LAUNCH=mode, **extra
+        )
+        env["PATH"] = self.env["PATH"]  # sbatch through the wrapper (which drops itself from the job's PATH)
         return env
 
 
@@ -283,8 +320,7 @@ def slurm2(tmp_path_factory):
     try:
         p = cluster.script("start")
         if p.returncode != 0:
-            pytest.fail(f"tests/netns/slurm2.sh start failed ({p.returncode}):\n{p.stdout}\n{p.stderr}",
-                        pytrace=False)
+            pytest.fail(f"tests/netns/slurm2.sh start failed ({p.returncode}):\n{p.stdout}\n{p.stderr}", pytrace=False)
         yield cluster
     finally:
         cluster.script("stop")
@@ -306,8 +342,9 @@ def slurm2_jobs(slurm2, tmp_path_factory):
         jobs["complete", mode] = job, d, d / "run"
         d = tmp_path_factory.mktemp(f"usr1-{mode}")
         args = [*SLOW_ARGS, "--checkpoint-every-steps", "0", "--out", d / "run"]
-        job = slurm.sbatch([*TWO_NODES, slurm.TRAIN_SH, *args], cwd=d,
-                           env=slurm2.job_env(mode, SLOW_ENTRY, STEP_SLEEP="0.4"))
+        job = slurm.sbatch(
+            [*TWO_NODES, slurm.TRAIN_SH, *args], cwd=d, env=slurm2.job_env(mode, SLOW_ENTRY, STEP_SLEEP="0.4")
+        )
         jobs["usr1", mode] = job, d, d / "run"
     try:
         signal_when_training([jobs["usr1", mode] for mode in MODES], slurm2.env)
@@ -326,7 +363,7 @@ def signal_when_training(jobs, env, timeout: float = 180) -> None:
         for job, d, run in list(pending):
             metrics = run / "metrics.jsonl"
             if metrics.exists() and '"event": "train"' in metrics.read_text(errors="replace"):
-                slurm.scancel(job, "USR1", batch=True, env=env)   # what --signal=B:USR1@120 does
+                slurm.scancel(job, "USR1", batch=True, env=env)  # what --signal=B:USR1@120 does
                 pending.remove((job, d, run))
             elif slurm.job_state(job, env=env) is None:
                 pytest.fail(f"job {job} ended before training:\n{out_file(d, job)[-4000:]}", pytrace=False)
@@ -367,6 +404,6 @@ def test_slurm_two_nodes_usr1_requeues_and_resumes(slurm2, slurm2_jobs, mode):
     assert "batch shell got SIGUSR1" in text and "restart 1" in text, text[-4000:]
     resumes = read_events(run, "resume")
     assert len(resumes) == 1 and resumes[0]["step"] > 0, resumes
-    assert f"step-{resumes[0]['step']:08d}.pt" in resumes[0]["from"]   # written at the signal
+    assert f"step-{resumes[0]['step']:08d}.pt" in resumes[0]["from"]  # written at the signal
     s = read_summary(run)
     assert (s["world_size"], s["epochs"], s["steps"]) == (2, 2, 2 * 1024 // 64)

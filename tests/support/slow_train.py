@@ -1,5 +1,6 @@
 """train.py with a fixed sleep (STEP_SLEEP seconds) in every optimizer step, so that a short run lasts
 long enough to be interrupted (a killed node, a signal) while it trains."""
+
 import os
 import time
 
