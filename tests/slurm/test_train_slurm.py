@@ -132,7 +132,9 @@ def test_usr1_checkpoints_requeues_and_resumes(preempted_jobs, mode):
     text = out_file(d, job)
     assert_done(info, text)
     assert info["Restarts"] == "1", (info, text[-4000:])
-    assert "batch shell got SIGUSR1" in text and "requeued SLURM job" in text
+    # Restarts=1 proves the requeue; rank 0's "requeued SLURM job" line can lose the race against the
+    # SIGTERM that `scontrol requeue` sends to the whole job, so it is not required here.
+    assert "batch shell got SIGUSR1" in text
     assert "restart 1" in text  # the rerun saw SLURM_RESTART_COUNT=1 (train.sh's first line)
     resumes = read_events(run, "resume")
     assert len(resumes) == 1 and resumes[0]["step"] > 0, resumes
