@@ -238,12 +238,23 @@ def run_dist_cnn(precision: str, procs: int, data_dir: str, epochs: int, env: di
             "test_accuracy": s["test_accuracy"], "precision": s["precision"]}
 
 
+class ProgramFailed(Exception):
+    pass
+
+
 def _run(cmd: list[str], env: dict, log: Path):
     with open(log, "w") as f:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
         tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {rc}); last lines of {log}:\n{tail}")
+        raise ProgramFailed(f"{' '.join(cmd[:4])} ... failed (exit {rc}); last lines of {log}:\n{tail}")
+
+
+def medians(runs: list[dict]) -> dict | None:
+    ok = [x for x in runs if x]
+    if not ok:
+        return None
+    return {k: statistics.median(x[k] for x in ok) for k in ("images_per_sec", "test_accuracy")}
 
 
 def main():
@@ -269,37 +280,51 @@ def main():
     tensors = cached_tensors(a.data_dir, Path(a.cache_dir))
     env = child_env(a.threads)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
-    programs = [("dist_cnn fp32", lambda n: run_dist_cnn("fp32", n, a.data_dir, a.epochs, env, work)),
-                ("dist_cnn auto", lambda n: run_dist_cnn("auto", n, a.data_dir, a.epochs, env, work)),
-                *[(peer, lambda n, peer=peer: run_peer(peer, n, tensors, a.epochs, env, work)) for peer in PEERS]]
+    programs = [*[(peer, lambda n, peer=peer: run_peer(peer, n, tensors, a.epochs, env, work)) for peer in PEERS],
+                ("dist_cnn fp32", lambda n: run_dist_cnn("fp32", n, a.data_dir, a.epochs, env, work)),
+                ("dist_cnn auto", lambda n: run_dist_cnn("auto", n, a.data_dir, a.epochs, env, work))]
     runs = {(name, n): [] for name, _ in programs for n in procs}
+
+    def save():
+        if a.json:
+            Path(a.json).write_text(json.dumps({"runs": {f"{k[0]}|{k[1]}": v for k, v in runs.items()},
+                                                "summary": summary, "epochs": a.epochs, "repeats": a.repeats},
+                                               indent=2))
+
+    summary: dict = {}
     for r in range(a.repeats):  # interleaved, so load changes on the machine hit every program alike
         for n in procs:
             for name, run in programs:
-                res = run(n)
+                try:
+                    res = run(n)
+                except ProgramFailed as e:  # one broken program must not cost the other figures
+                    print(f"round {r + 1}/{a.repeats}  {n} proc  {name}: {e}", flush=True)
+                    res = None
                 runs[name, n].append(res)
-                print(f"round {r + 1}/{a.repeats}  {n} proc  {name:<14} {res['images_per_sec']:8.0f} img/s  "
-                      f"acc {res['test_accuracy']:.4f}", flush=True)
+                save()
+                if res:
+                    print(f"round {r + 1}/{a.repeats}  {n} proc  {name:<14} {res['images_per_sec']:8.0f} img/s  "
+                          f"acc {res['test_accuracy']:.4f}", flush=True)
 
     print(f"\nseed CNN, CIFAR-10 (image folder), global batch {GLOBAL_BATCH}, {a.epochs} epochs, "
           f"medians of {a.repeats} interleaved runs")
     print(f"{'procs':>5}  {'program':<14} {'img/s':>8} {'test acc':>9}  {'vs faster peer':>14}")
-    summary = {}
     for n in procs:
-        med = {name: {"images_per_sec": statistics.median(x["images_per_sec"] for x in runs[name, n]),
-                      "test_accuracy": statistics.median(x["test_accuracy"] for x in runs[name, n])}
-               for name, _ in programs}
-        faster = max(PEERS, key=lambda peer: med[peer]["images_per_sec"])
+        med = {name: medians(runs[name, n]) for name, _ in programs}
+        peers = [peer for peer in PEERS if med[peer]]
+        faster = max(peers, key=lambda peer: med[peer]["images_per_sec"]) if peers else None
         for name, _ in programs:
-            ratio = med[name]["images_per_sec"] / med[faster]["images_per_sec"]
-            med[name]["ratio_to_faster_peer"] = ratio
-            extra = f"{ratio:13.2f}x" if name.startswith("dist_cnn") else ""
+            if not med[name]:
+                print(f"{n:>5}  {name:<14} {'failed':>8}")
+                continue
+            extra = ""
+            if faster:
+                med[name]["ratio_to_faster_peer"] = med[name]["images_per_sec"] / med[faster]["images_per_sec"]
+                extra = f"{med[name]['ratio_to_faster_peer']:13.2f}x" if name.startswith("dist_cnn") else ""
             print(f"{n:>5}  {name:<14} {med[name]['images_per_sec']:8.0f} {med[name]['test_accuracy']:9.4f}  {extra}")
         print(f"{'':>5}  faster peer: {faster}")
         summary[n] = {"faster_peer": faster, **med}
-    if a.json:
-        Path(a.json).write_text(json.dumps({"summary": summary, "runs": {f"{k[0]}|{k[1]}": v for k, v in runs.items()},
-                                            "epochs": a.epochs, "repeats": a.repeats}, indent=2))
+    save()
     print(f"\nlogs: {work}")
 
 

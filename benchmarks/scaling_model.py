@@ -71,13 +71,18 @@ GPU_SPECS = {
     # NVLink: 900 GB/s per GPU in total (both directions together) for H100 SXM and H200 SXM (same datasheets).
     "h100": {"name": "H100 SXM 80GB", "hbm_bps": 3.35e12, "nvlink_total_bps": 900e9},
     "h200": {"name": "H200 SXM 141GB", "hbm_bps": 4.8e12, "nvlink_total_bps": 900e9},
+    # NVIDIA A100 datasheet, A100 80GB SXM: 2,039 GB/s HBM2e, NVLink 600 GB/s (third generation); DGX A100
+    # has 8 ConnectX-6 200 Gb/s HDR InfiniBand adapters for the compute fabric (DGX A100 datasheet).
+    "a100": {"name": "A100 SXM 80GB", "hbm_bps": 2.039e12, "nvlink_total_bps": 600e9, "nic_bps": 200e9 / 8},
 }
-A100_HBM_BPS = 2.039e12  # NVIDIA A100 datasheet, A100 80GB SXM: 2,039 GB/s
+A100_HBM_BPS = GPU_SPECS["a100"]["hbm_bps"]
 
 # Achieved training throughput of the reference runs, on one A100 (published):
 # - ResNet-50 v1.5, mixed precision, batch 256: 2,470 img/s on 1 GPU of a DGX A100 80GB (NVIDIA
 #   DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md, "Training performance").
 A100_RESNET50_IMG_S = 2470.0
+# The same table, 8 GPUs: 16,621 img/s, i.e. 0.84 of 8 x 2,470 (published multi-GPU efficiency, checked below).
+A100_RESNET50_8GPU_IMG_S = 16621.0
 # - airbench94: 0.36 PFLOP in 3.83 s on one A100 (github.com/KellerJordan/cifar10-airbench README), i.e. the
 #   achieved FLOP rate of 3x3 convolutions on 32x32 CIFAR images at batch 1024, with bf16 and channels_last.
 A100_AIRBENCH_FLOPS = 0.36e15 / 3.83
@@ -492,23 +497,39 @@ def plot(results: dict, path: Path, title: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, (name, res) in enumerate(k for k in results.items() if not k[0].startswith("_")):
         color = f"C{i}"
-        for hook, style in (("fp32", "-"), ("bf16", "--")):
+        labels = {"fp32": f"{name}, {res['per_gpu_batch']}/GPU",
+                  "bf16": f"{name}, {res['per_gpu_batch']}/GPU, bf16 hook",
+                  "strong": f"{name}, global batch {res['workload']['max_global_batch']}"}
+        for hook, style in (("fp32", "-"), ("bf16", "--"), ("strong", ":")):
             rows = res[hook]
             ax.plot([r["gpus"] for r in rows], [r["efficiency"] for r in rows], style, color=color, marker="o",
-                    markersize=3, label=f"{name} ({'bf16 hook' if hook == 'bf16' else 'fp32 grads'})")
+                    markersize=3, label=labels[hook])
     ax.set_xscale("log", base=2)
+    ax.set_xticks(GPU_COUNTS, [str(n) for n in GPU_COUNTS])
     ax.set_xlabel("GPUs (8 per node)")
-    ax.set_ylabel("scaling efficiency (weak scaling)")
+    ax.set_ylabel("scaling efficiency")
     ax.set_ylim(0, 1.05)
     ax.grid(True, alpha=0.3)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6.5, ncol=2, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def make_net(gpu: dict) -> Net:
+    return Net(GPUS_PER_NODE, gpu["nvlink_total_bps"] / 2 * NVLINK_EFF, gpu.get("nic_bps", IB_NIC_BPS) * IB_EFF)
+
+
+def published_check(prof: Profile, step_syncs: int) -> tuple[float, float]:
+    """(model, published) efficiency of ResNet-50 on the 8 A100s of one DGX A100 (NVLink only)."""
+    w = next(w for w in WORKLOADS if w.model == "resnet50")
+    gpu = GPU_SPECS["a100"]
+    rows = project(w, prof, compute_model(w, prof, "gpu", gpu, 0), make_net(gpu), 4, step_syncs, strong=False)
+    return rows[3]["efficiency"], A100_RESNET50_8GPU_IMG_S / (8 * A100_RESNET50_IMG_S)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -530,7 +551,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = GPU_SPECS[a.gpu]
-    net = Net(GPUS_PER_NODE, gpu["nvlink_total_bps"] / 2 * NVLINK_EFF, IB_NIC_BPS * IB_EFF)
+    net = make_net(gpu)
     compute = gpu["name"] if a.compute == "gpu" else "this CPU, 1 thread, fp32 (measured)"
     print(f"Weak scaling, per-GPU batch fixed. Compute: {compute}. Network: {GPUS_PER_NODE} GPUs per node, "
           f"NVLink {net.nvlink_bps / 1e9:.0f} GB/s, InfiniBand {net.nic_bps / 1e9:.0f} GB/s per GPU "
@@ -540,10 +561,11 @@ def main():
     results: dict = {"_constants": {"gpu": gpu, "gpus_per_node": GPUS_PER_NODE, "nvlink_bps": net.nvlink_bps,
                                     "nic_bps": net.nic_bps, "launch_s": LAUNCH_S, "compute": a.compute,
                                     "step_syncs": a.step_syncs}}
+    profiles = {}
     for w in WORKLOADS:
         if w.model not in a.models.split(","):
             continue
-        prof = profile(w)
+        prof = profiles[w.model] = profile(w)
         times = compute_model(w, prof, a.compute, gpu, a.cpu_batch)
         fwd, bwd, opt = times(w.per_gpu_batch)
         res = {"workload": asdict(w), "per_gpu_batch": w.per_gpu_batch, "params": prof.params,
@@ -571,6 +593,11 @@ def main():
         a100 = (r["flops_per_image"] * 9.9 * 50_000) / A100_AIRBENCH_FLOPS
         print(f"\ncheck: the model's airbench94 on one A100 = {a100:.2f} s of compute (published: 3.83 s, "
               "by construction of its achieved rate)")
+    if "resnet50" in profiles and a.compute == "gpu":
+        model_eff, published = published_check(profiles["resnet50"], a.step_syncs)
+        results["_published_check"] = {"model_efficiency": model_eff, "published_efficiency": published}
+        print(f"check: ResNet-50 on 8 A100s (DGX A100), efficiency {model_eff:.3f} in this model against "
+              f"{published:.3f} published (16,621 / 8 x 2,470 img/s): the model counts communication only")
     if not a.no_validate:
         print("\nValidation: gloo all_reduce, 2 ranks on loopback, 1 thread each "
               "(alpha/beta fitted on the sizes marked 'fit', checked on the others)")
@@ -587,7 +614,8 @@ def main():
               f"({'PASS' if v['pass'] else 'FAIL'}: <= 25%)")
     (out / "scaling_model.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "scaling_model.png",
-         f"Projected DDP scaling, {compute}, {GPUS_PER_NODE}/node, NVLink + IB NDR")
+         f"Projected DDP scaling, {compute}, {GPUS_PER_NODE}/node, NVLink + InfiniBand\n"
+         "solid: per-GPU batch fixed; dashed: + bf16 hook; dotted: global batch fixed")
     if a.markdown:
         print("\n" + markdown(results))
     print(f"\nwrote {out / 'scaling_model.json'} and {out / 'scaling_model.png'}")
