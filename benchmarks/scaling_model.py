@@ -473,7 +473,7 @@ def stops_scaling(rows: list[dict], floor: float = 0.9) -> int | None:
 
 def markdown(results: dict) -> str:
     shown = [1, 8, 64, 256, 1024]
-    head = "| model (per-GPU batch) | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in shown) + " |"
+    head = "| model, batch | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in shown) + " |"
     lines = [head, "|---|" + "---|" * len(shown)]
     for name, res in results.items():
         if name.startswith("_"):
