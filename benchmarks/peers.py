@@ -244,7 +244,7 @@ class ProgramFailed(Exception):
 
 def _run(cmd: list[str], env: dict, log: Path):
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise ProgramFailed(f"{' '.join(cmd[:4])} ... failed (exit {rc}); last lines of {log}:\n{tail}")
