@@ -32,8 +32,8 @@ Not modelled: input pipelines, stragglers and jitter, NCCL kernels slowing the c
 BatchNorm and other memory-bound ops beyond what the published throughputs already include. The
 projection is what communication allows, an upper bound on efficiency.
 
-    python benchmarks/scaling_model.py [--out DIR] [--quick] [--compute gpu|cpu] [--gpu h100|h200]
-                                       [--no-validate] [--markdown]
+    python benchmarks/scaling_model.py [--out DIR] [--quick] [--compute gpu|cpu] [--gpu h100|h200|a100]
+                                       [--models seed,...] [--step-syncs 1] [--no-validate] [--markdown]
 Writes DIR/scaling_model.json and DIR/scaling_model.png (DIR defaults to benchmarks/results).
 """
 from __future__ import annotations
