@@ -264,7 +264,7 @@ def main():
                    help="where the decoded tensors handed to the peers are saved")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--procs", default="1,2", help="process counts to compare, comma-separated")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="training epochs (the job: 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="set OMP_NUM_THREADS for every program (default: each framework's own choice)")
     p.add_argument("--json", help="write every run and the medians here")
