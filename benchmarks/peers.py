@@ -30,6 +30,7 @@ per round), the table shows medians, and the ratio is dist_cnn's img/s over the 
     python benchmarks/peers.py [--data-dir DIR] [--repeats 3] [--procs 1,2] [--epochs 2] [--json PATH]
 Needs the `bench` extra: pip install -e '.[bench]' (pytorch-lightning; accelerate is a dependency).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,17 +56,22 @@ PEERS = ("lightning", "accelerate")
 
 # ------------------------------------------------------------------------------------------ the recipe
 
+
 def seed_model(num_classes: int, image_size: int) -> torch.nn.Module:
     from dist_cnn.models import build_model  # the same architecture and initialization for everyone
+
     return build_model("seed", in_channels=3, num_classes=num_classes, image_size=image_size)
 
 
 def sgd(model: torch.nn.Module) -> torch.optim.SGD:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # biases
-    return torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=PEAK_LR, momentum=MOMENTUM, nesterov=True)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=PEAK_LR,
+        momentum=MOMENTUM,
+        nesterov=True,
+    )
 
 
 def warmup_linear(optimizer, total_steps: int):
@@ -73,6 +79,7 @@ def warmup_linear(optimizer, total_steps: int):
 
     def factor(step):
         return (step + 1) / warm if step < warm else max(0.0, 1 - (step - warm) / max(1, total_steps - warm))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -104,6 +111,7 @@ def write_result(path: str, **fields):
 
 # ------------------------------------------------------------------------------------------ Lightning
 
+
 def run_lightning(a):
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
@@ -132,21 +140,37 @@ def run_lightning(a):
         def on_train_end(self, trainer, module):
             self.seconds = time.perf_counter() - self.t0
 
-    loader = DataLoader(TensorDataset(d["train_x"], d["train_y"]), batch_size=GLOBAL_BATCH // a.procs,
-                        shuffle=True, drop_last=True)
+    loader = DataLoader(
+        TensorDataset(d["train_x"], d["train_y"]), batch_size=GLOBAL_BATCH // a.procs, shuffle=True, drop_last=True
+    )
     clock, module = Clock(), SeedModule()
-    trainer = pl.Trainer(accelerator="cpu", devices=a.procs, strategy="ddp" if a.procs > 1 else "auto",
-                         max_epochs=a.epochs, precision="32-true", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[clock])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=a.procs,
+        strategy="ddp" if a.procs > 1 else "auto",
+        max_epochs=a.epochs,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+    )
     trainer.fit(module, loader)
     if trainer.global_rank == 0:
-        write_result(a.result, images_per_sec=trainer.global_step * GLOBAL_BATCH / clock.seconds,
-                     seconds=clock.seconds, steps=trainer.global_step, threads=torch.get_num_threads(),
-                     test_accuracy=test_accuracy(module.model, d, mean, std))
+        write_result(
+            a.result,
+            images_per_sec=trainer.global_step * GLOBAL_BATCH / clock.seconds,
+            seconds=clock.seconds,
+            steps=trainer.global_step,
+            threads=torch.get_num_threads(),
+            test_accuracy=test_accuracy(module.model, d, mean, std),
+        )
 
 
 # ------------------------------------------------------------------------------------------ Accelerate
+
 
 def run_accelerate(a):
     from accelerate import Accelerator
@@ -157,8 +181,9 @@ def run_accelerate(a):
     d, mean, std = load_tensors(a.tensors)
     set_seed(0)
     model = seed_model(len(d["classes"]), d["train_x"].shape[-1])
-    loader = DataLoader(TensorDataset(d["train_x"], d["train_y"]), batch_size=GLOBAL_BATCH, shuffle=True,
-                        drop_last=True)
+    loader = DataLoader(
+        TensorDataset(d["train_x"], d["train_y"]), batch_size=GLOBAL_BATCH, shuffle=True, drop_last=True
+    )
     optimizer = sgd(model)
     scheduler = warmup_linear(optimizer, len(loader) * a.epochs)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -176,28 +201,52 @@ def run_accelerate(a):
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - t0
     if accelerator.is_main_process:
-        write_result(a.result, images_per_sec=steps * GLOBAL_BATCH / seconds, seconds=seconds, steps=steps,
-                     threads=torch.get_num_threads(),
-                     test_accuracy=test_accuracy(accelerator.unwrap_model(model), d, mean, std))
+        write_result(
+            a.result,
+            images_per_sec=steps * GLOBAL_BATCH / seconds,
+            seconds=seconds,
+            steps=steps,
+            threads=torch.get_num_threads(),
+            test_accuracy=test_accuracy(accelerator.unwrap_model(model), d, mean, std),
+        )
     accelerator.end_training()
 
 
 # ------------------------------------------------------------------------------------------ driver
+
 
 def cached_tensors(data_dir: str, cache_dir: Path) -> Path:
     """Decode the image folder with dist_cnn's loader (its own cache makes this fast after the first time)
     and save the tensors for the peers, keyed by what was decoded."""
     from dist_cnn.config import DataConfig
     from dist_cnn.data import load_dataset
+
     ds = load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir), log=print)
-    key = hashlib.sha1(repr((os.path.abspath(data_dir), tuple(ds.train_x.shape), int(ds.train_x.sum()),
-                             tuple(ds.test_x.shape), int(ds.test_x.sum()))).encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        repr(
+            (
+                os.path.abspath(data_dir),
+                tuple(ds.train_x.shape),
+                int(ds.train_x.sum()),
+                tuple(ds.test_x.shape),
+                int(ds.test_x.sum()),
+            )
+        ).encode()
+    ).hexdigest()[:16]
     path = cache_dir / f"peers-{key}.pt"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x, "test_y": ds.test_y,
-                    "classes": ds.classes}, tmp)
+        torch.save(
+            {
+                "train_x": ds.train_x,
+                "train_y": ds.train_y,
+                "test_x": ds.test_x,
+                "test_y": ds.test_y,
+                "classes": ds.classes,
+            },
+            tmp,
+        )
         os.replace(tmp, path)
     return path
 
@@ -214,11 +263,35 @@ def child_env(threads: int | None) -> dict:
 
 def run_peer(peer: str, procs: int, tensors: Path, epochs: int, env: dict, work: Path) -> dict:
     result = work / f"{peer}-{procs}-{time.monotonic_ns()}.json"
-    args = [str(Path(__file__).resolve()), "--peer", peer, "--procs", str(procs), "--tensors", str(tensors),
-            "--epochs", str(epochs), "--result", str(result)]
+    args = [
+        str(Path(__file__).resolve()),
+        "--peer",
+        peer,
+        "--procs",
+        str(procs),
+        "--tensors",
+        str(tensors),
+        "--epochs",
+        str(epochs),
+        "--result",
+        str(result),
+    ]
     if peer == "accelerate" and procs > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *args,
+        ]
     else:
         cmd = [sys.executable, *args]
     _run(cmd, env, work / f"{result.stem}.log")
@@ -227,15 +300,38 @@ def run_peer(peer: str, procs: int, tensors: Path, epochs: int, env: dict, work:
 
 def run_dist_cnn(precision: str, procs: int, data_dir: str, epochs: int, env: dict, work: Path) -> dict:
     out = work / f"dist_cnn-{precision}-{procs}-{time.monotonic_ns()}"
-    args = [str(ROOT / "train.py"), "--dataset", "imagefolder", "--data-dir", data_dir, "--batch-size",
-            str(GLOBAL_BATCH), "--epochs", str(epochs), "--precision", precision, "--wandb", "disabled",
-            "--no-progress", "--out", str(out)]
-    launch = [sys.executable] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    args = [
+        str(ROOT / "train.py"),
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        data_dir,
+        "--batch-size",
+        str(GLOBAL_BATCH),
+        "--epochs",
+        str(epochs),
+        "--precision",
+        precision,
+        "--wandb",
+        "disabled",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    launch = (
+        [sys.executable]
+        if procs == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    )
     _run([*launch, *args], env, work / f"{out.name}.log")
     s = json.loads((out / "summary.json").read_text())
-    return {"images_per_sec": s["train_images_per_sec"], "seconds": s["train_seconds"], "steps": s["steps"],
-            "test_accuracy": s["test_accuracy"], "precision": s["precision"]}
+    return {
+        "images_per_sec": s["train_images_per_sec"],
+        "seconds": s["train_seconds"],
+        "steps": s["steps"],
+        "test_accuracy": s["test_accuracy"],
+        "precision": s["precision"],
+    }
 
 
 class ProgramFailed(Exception):
@@ -260,13 +356,20 @@ def medians(runs: list[dict]) -> dict | None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="CIFAR-10 as an image folder")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dist_cnn"),
-                   help="where the decoded tensors handed to the peers are saved")
+    p.add_argument(
+        "--cache-dir",
+        default=str(Path.home() / ".cache" / "dist_cnn"),
+        help="where the decoded tensors handed to the peers are saved",
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--procs", default="1,2", help="process counts to compare, comma-separated")
     p.add_argument("--epochs", type=int, default=2, help="training epochs (the job: 2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="set OMP_NUM_THREADS for every program (default: each framework's own choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="set OMP_NUM_THREADS for every program (default: each framework's own choice)",
+    )
     p.add_argument("--json", help="write every run and the medians here")
     p.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)  # internal: run one peer program
     p.add_argument("--tensors", help=argparse.SUPPRESS)
@@ -280,16 +383,26 @@ def main():
     tensors = cached_tensors(a.data_dir, Path(a.cache_dir))
     env = child_env(a.threads)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
-    programs = [*[(peer, lambda n, peer=peer: run_peer(peer, n, tensors, a.epochs, env, work)) for peer in PEERS],
-                ("dist_cnn fp32", lambda n: run_dist_cnn("fp32", n, a.data_dir, a.epochs, env, work)),
-                ("dist_cnn auto", lambda n: run_dist_cnn("auto", n, a.data_dir, a.epochs, env, work))]
+    programs = [
+        *[(peer, lambda n, peer=peer: run_peer(peer, n, tensors, a.epochs, env, work)) for peer in PEERS],
+        ("dist_cnn fp32", lambda n: run_dist_cnn("fp32", n, a.data_dir, a.epochs, env, work)),
+        ("dist_cnn auto", lambda n: run_dist_cnn("auto", n, a.data_dir, a.epochs, env, work)),
+    ]
     runs = {(name, n): [] for name, _ in programs for n in procs}
 
     def save():
         if a.json:
-            Path(a.json).write_text(json.dumps({"runs": {f"{k[0]}|{k[1]}": v for k, v in runs.items()},
-                                                "summary": summary, "epochs": a.epochs, "repeats": a.repeats},
-                                               indent=2))
+            Path(a.json).write_text(
+                json.dumps(
+                    {
+                        "runs": {f"{k[0]}|{k[1]}": v for k, v in runs.items()},
+                        "summary": summary,
+                        "epochs": a.epochs,
+                        "repeats": a.repeats,
+                    },
+                    indent=2,
+                )
+            )
 
     summary: dict = {}
     for r in range(a.repeats):  # interleaved, so load changes on the machine hit every program alike
@@ -303,11 +416,16 @@ def main():
                 runs[name, n].append(res)
                 save()
                 if res:
-                    print(f"round {r + 1}/{a.repeats}  {n} proc  {name:<14} {res['images_per_sec']:8.0f} img/s  "
-                          f"acc {res['test_accuracy']:.4f}", flush=True)
+                    print(
+                        f"round {r + 1}/{a.repeats}  {n} proc  {name:<14} {res['images_per_sec']:8.0f} img/s  "
+                        f"acc {res['test_accuracy']:.4f}",
+                        flush=True,
+                    )
 
-    print(f"\nseed CNN, CIFAR-10 (image folder), global batch {GLOBAL_BATCH}, {a.epochs} epochs, "
-          f"medians of {a.repeats} interleaved runs")
+    print(
+        f"\nseed CNN, CIFAR-10 (image folder), global batch {GLOBAL_BATCH}, {a.epochs} epochs, "
+        f"medians of {a.repeats} interleaved runs"
+    )
     print(f"{'procs':>5}  {'program':<14} {'img/s':>8} {'test acc':>9}  {'vs faster peer':>14}")
     for n in procs:
         med = {name: medians(runs[name, n]) for name, _ in programs}

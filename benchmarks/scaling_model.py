@@ -36,6 +36,7 @@ projection is what communication allows, an upper bound on efficiency.
                                        [--models seed,...] [--step-syncs 1] [--no-validate] [--markdown]
 Writes DIR/scaling_model.json and DIR/scaling_model.png (DIR defaults to benchmarks/results).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,7 +118,7 @@ TREE_BW_FACTOR = 0.9
 DDP_BUCKET_BYTES = 25 * 1024 * 1024
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024
 
-GPU_COUNTS = [2 ** i for i in range(11)]  # 1 .. 1024
+GPU_COUNTS = [2**i for i in range(11)]  # 1 .. 1024
 
 
 @dataclass
@@ -139,26 +140,35 @@ class Workload:
 WORKLOADS = [
     # The default recipe: batch 128, 2 epochs, ~65% (this project's README, measured on the shared CIFAR-10).
     # ASSUMPTION: CIFAR recipes with SGD are published up to global batches of a few thousand; 4,096 here.
-    Workload("seed", 128, 32, 10, 50_000, 2, "~65% CIFAR-10", 4096, A100_AIRBENCH_FLOPS,
-             "default recipe; tiny model: launch-bound on a GPU"),
+    Workload(
+        "seed",
+        128,
+        32,
+        10,
+        50_000,
+        2,
+        "~65% CIFAR-10",
+        4096,
+        A100_AIRBENCH_FLOPS,
+        "default recipe; tiny model: launch-bound on a GPU",
+    ),
     # airbench94: batch 1024, 9.9 epochs to 94.01% (cifar10-airbench README / airbench94.py).
-    Workload("airbench", 1024, 32, 10, 50_000, 9.9, "94% CIFAR-10", 4096, A100_AIRBENCH_FLOPS,
-             "airbench94 recipe"),
+    Workload("airbench", 1024, 32, 10, 50_000, 9.9, "94% CIFAR-10", 4096, A100_AIRBENCH_FLOPS, "airbench94 recipe"),
     # ASSUMPTION: ResNet-18 at batch 256 per GPU with a one-cycle schedule reaches ~94% in ~40 epochs; the
     # achieved FLOP rate is airbench's (same 3x3 convolutions on 32x32 images).
-    Workload("resnet18", 256, 32, 10, 50_000, 40, "~94% CIFAR-10", 4096, A100_AIRBENCH_FLOPS,
-             "epochs assumed"),
+    Workload("resnet18", 256, 32, 10, 50_000, 40, "~94% CIFAR-10", 4096, A100_AIRBENCH_FLOPS, "epochs assumed"),
     # ResNet-50 v1.5, batch 256 per GPU, 90 epochs to 77.1% top-1 (DeepLearningExamples README, DGX A100);
     # Goyal et al. 2017 ("Accurate, Large Minibatch SGD") keep that accuracy up to a global batch of 8,192.
-    Workload("resnet50", 256, 224, 1000, 1_281_167, 90, "~77% ImageNet top-1", 8192, 0.0,
-             "torchvision resnet50"),
+    Workload("resnet50", 256, 224, 1000, 1_281_167, 90, "~77% ImageNet top-1", 8192, 0.0, "torchvision resnet50"),
 ]
 
 
 # ------------------------------------------------------------------------------------------ profiling
 
+
 class _OpCounter(TorchDispatchMode):
     """Counts the aten ops a step dispatches (views excluded: they launch no kernel)."""
+
     def __init__(self):
         super().__init__()
         self.count = 0
@@ -172,6 +182,7 @@ class _OpCounter(TorchDispatchMode):
 def build(w: Workload) -> nn.Module:
     if w.model == "resnet50":
         import torchvision
+
         return torchvision.models.resnet50(num_classes=w.num_classes)
     return build_model(w.model, in_channels=3, num_classes=w.num_classes, image_size=w.image_size)
 
@@ -179,6 +190,7 @@ def build(w: Workload) -> nn.Module:
 @dataclass
 class Profile:
     """One training step at batch 1 (FLOPs scale linearly with the batch; op counts do not)."""
+
     params: int
     fwd_flops: float
     bwd_flops: float
@@ -192,8 +204,11 @@ def profile(w: Workload, batch: int = 2) -> Profile:
     model = build(w)
     x = torch.randn(batch, 3, w.image_size, w.image_size)
     order = []  # leaf modules with parameters, in forward execution order
-    hooks = [m.register_forward_hook(lambda m, i, o: order.append(m) if m not in order else None)
-             for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: order.append(m) if m not in order else None)
+        for m in model.modules()
+        if any(True for _ in m.parameters(recurse=False))
+    ]
     names = {m: n for n, m in model.named_modules()}
     with torch.no_grad(), FlopCounterMode(display=False) as fwd_only:
         model(x)
@@ -221,9 +236,14 @@ def profile(w: Workload, batch: int = 2) -> Profile:
         if nbytes:
             ready.append((nbytes, done / total_bwd))
     fwd_total = fwd_only.get_total_flops()
-    return Profile(params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                   fwd_flops=fwd_total / batch, bwd_flops=(fc.get_total_flops() - fwd_total) / batch,
-                   fwd_ops=ops_f.count, bwd_ops=ops_b.count, ready=ready)
+    return Profile(
+        params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        fwd_flops=fwd_total / batch,
+        bwd_flops=(fc.get_total_flops() - fwd_total) / batch,
+        fwd_ops=ops_f.count,
+        bwd_ops=ops_b.count,
+        ready=ready,
+    )
 
 
 def _flop_key(model: nn.Module, name: str) -> str:
@@ -253,11 +273,12 @@ def cpu_step_seconds(w: Workload, batch: int, repeats: int = 5) -> tuple[float, 
 
 # ------------------------------------------------------------------------------------------ network
 
+
 @dataclass
 class Net:
     gpus_per_node: int
-    nvlink_bps: float   # achieved, per direction
-    nic_bps: float      # achieved, per GPU (one NIC each), per direction
+    nvlink_bps: float  # achieved, per direction
+    nic_bps: float  # achieved, per GPU (one NIC each), per direction
 
 
 def allreduce_seconds(nbytes: float, gpus: int, net: Net) -> tuple[float, str]:
@@ -270,18 +291,27 @@ def allreduce_seconds(nbytes: float, gpus: int, net: Net) -> tuple[float, str]:
     # NICs, so across nodes the ring's bus bandwidth is the node's NICs together (g x nic), capped by NVLink.
     bus = net.nvlink_bps if nodes == 1 else min(net.nvlink_bps, g * net.nic_bps)
     steps, inter_steps = 2 * (gpus - 1), 2 * (nodes - 1)
-    ring = (RING_BASE_S + (steps - inter_steps) * RING_NVLINK_S + inter_steps * RING_NET_S
-            + 2 * (gpus - 1) / gpus * nbytes / bus)
-    tree = (TREE_BASE_S + 2 * ((g - 1) * TREE_NVLINK_S + math.ceil(math.log2(nodes)) * TREE_NET_S)
-            + 2 * nbytes / (TREE_BW_FACTOR * bus))
+    ring = (
+        RING_BASE_S
+        + (steps - inter_steps) * RING_NVLINK_S
+        + inter_steps * RING_NET_S
+        + 2 * (gpus - 1) / gpus * nbytes / bus
+    )
+    tree = (
+        TREE_BASE_S
+        + 2 * ((g - 1) * TREE_NVLINK_S + math.ceil(math.log2(nodes)) * TREE_NET_S)
+        + 2 * nbytes / (TREE_BW_FACTOR * bus)
+    )
     options = {"ring": ring, "tree": tree}
     if nodes > 1:
         # Two-level: reduce-scatter and all-gather over NVLink inside the node, and in between each GPU
         # all_reduces its 1/g shard with its peers on the other nodes through its own NIC (ring or tree).
         intra = 2 * ((g - 1) * RING_NVLINK_S + (g - 1) / g * nbytes / net.nvlink_bps)
         shard = nbytes / g
-        inter = min(2 * (nodes - 1) * RING_NET_S + 2 * (nodes - 1) / nodes * shard / net.nic_bps,
-                    2 * math.ceil(math.log2(nodes)) * TREE_NET_S + 2 * shard / (TREE_BW_FACTOR * net.nic_bps))
+        inter = min(
+            2 * (nodes - 1) * RING_NET_S + 2 * (nodes - 1) / nodes * shard / net.nic_bps,
+            2 * math.ceil(math.log2(nodes)) * TREE_NET_S + 2 * shard / (TREE_BW_FACTOR * net.nic_bps),
+        )
         options["2-level"] = RING_BASE_S + intra + inter
     algo = min(options, key=options.get)
     return options[algo], algo
@@ -315,8 +345,8 @@ def exposed_comm(buckets, bwd_s: float, gpus: int, net: Net) -> tuple[float, flo
 
 # ------------------------------------------------------------------------------------------ projection
 
-def project(w: Workload, prof: Profile, times, net: Net, grad_bytes: int, step_syncs: int,
-            strong: bool) -> list[dict]:
+
+def project(w: Workload, prof: Profile, times, net: Net, grad_bytes: int, step_syncs: int, strong: bool) -> list[dict]:
     """times(batch) -> (forward, backward, optimizer) seconds. Weak scaling: the per-GPU batch is the
     workload's at every GPU count; strong: the global batch stays at the largest known to work."""
     buckets = ddp_buckets(prof.ready, grad_bytes / 4)
@@ -330,14 +360,25 @@ def project(w: Workload, prof: Profile, times, net: Net, grad_bytes: int, step_s
         ips = n * batch / step
         base = base or ips
         global_batch = n * batch
-        rows.append({"gpus": n, "nodes": max(1, n // net.gpus_per_node), "per_gpu_batch": batch,
-                     "global_batch": global_batch,
-                     "step_ms": step * 1e3, "compute_ms": (fwd_s + bwd_s + opt_s) * 1e3,
-                     "allreduce_ms": comm * 1e3, "exposed_ms": exposed * 1e3, "sync_ms": sync * 1e3,
-                     "algorithm": algo, "efficiency": ips / (n * base), "images_per_sec": ips,
-                     "time_to_target_s": w.epochs * w.dataset_images / ips,
-                     "beyond_known_batch": global_batch > w.max_global_batch,
-                     "steps_per_epoch": w.dataset_images / global_batch})
+        rows.append(
+            {
+                "gpus": n,
+                "nodes": max(1, n // net.gpus_per_node),
+                "per_gpu_batch": batch,
+                "global_batch": global_batch,
+                "step_ms": step * 1e3,
+                "compute_ms": (fwd_s + bwd_s + opt_s) * 1e3,
+                "allreduce_ms": comm * 1e3,
+                "exposed_ms": exposed * 1e3,
+                "sync_ms": sync * 1e3,
+                "algorithm": algo,
+                "efficiency": ips / (n * base),
+                "images_per_sec": ips,
+                "time_to_target_s": w.epochs * w.dataset_images / ips,
+                "beyond_known_batch": global_batch > w.max_global_batch,
+                "steps_per_epoch": w.dataset_images / global_batch,
+            }
+        )
     return rows
 
 
@@ -355,6 +396,7 @@ def compute_model(w: Workload, prof: Profile, mode: str, gpu: dict, cpu_batch: i
         bwd = max(prof.bwd_flops * batch / rate, prof.bwd_ops * LAUNCH_S)
         opt = OPT_BYTES_PER_PARAM * prof.params / gpu["hbm_bps"] + 2 * LAUNCH_S
         return fwd, bwd, opt
+
     return times
 
 
@@ -370,6 +412,7 @@ def resnet50_a100_flops() -> float:
 
 
 # ------------------------------------------------------------------------------------------ validation
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -426,22 +469,36 @@ def fit_alpha_beta(points: dict[int, float]) -> tuple[float, float]:
 
 def validate(quick: bool) -> dict:
     kib = 1024
-    sizes = [64 * kib * 2 ** i for i in range(0, 11, 2 if quick else 1)]
+    sizes = [64 * kib * 2**i for i in range(0, 11, 2 if quick else 1)]
     measured = measure_gloo(sizes, rounds=10 if quick else 30)
     fit_sizes = sorted(set(sizes[::2]) | {sizes[-1]})  # the ends are fitted: the others are interpolated
     alpha, beta = fit_alpha_beta({n: measured[n][0] for n in fit_sizes})
     rows = []
     for n in sizes:
         pred, fastest = 2 * alpha + n * beta, measured[n][0]
-        rows.append({"bytes": n, "measured_ms": fastest * 1e3, "median_ms": measured[n][1] * 1e3,
-                     "predicted_ms": pred * 1e3, "error": pred / fastest - 1, "fitted": n in fit_sizes})
+        rows.append(
+            {
+                "bytes": n,
+                "measured_ms": fastest * 1e3,
+                "median_ms": measured[n][1] * 1e3,
+                "predicted_ms": pred * 1e3,
+                "error": pred / fastest - 1,
+                "fitted": n in fit_sizes,
+            }
+        )
     held_out = [r for r in rows if not r["fitted"]]
     worst = max(abs(r["error"]) for r in held_out)
-    return {"alpha_us": alpha * 1e6, "bandwidth_GBps": 1 / beta / 1e9, "rows": rows,
-            "max_held_out_error": worst, "pass": worst <= 0.25}
+    return {
+        "alpha_us": alpha * 1e6,
+        "bandwidth_GBps": 1 / beta / 1e9,
+        "rows": rows,
+        "max_held_out_error": worst,
+        "pass": worst <= 0.25,
+    }
 
 
 # ------------------------------------------------------------------------------------------ output
+
 
 def fmt_time(s: float) -> str:
     if s >= 3600:
@@ -452,18 +509,24 @@ def fmt_time(s: float) -> str:
 
 
 def print_model(w: Workload, prof: Profile, rows: list[dict], hook: str):
-    mb = 4 * prof.params / 2 ** 20
-    print(f"\n{w.model}: {prof.params:,} parameters ({mb:.1f} MiB of fp32 gradients, {hook} on the wire), "
-          f"{(prof.fwd_flops + prof.bwd_flops) / 1e9:.3f} GFLOP per image, per-GPU batch {w.per_gpu_batch}, "
-          f"{w.epochs:g} epochs x {w.dataset_images:,} images to {w.target}")
-    print(f"  {'GPUs':>5} {'global':>7} {'step ms':>8} {'compute':>8} {'allred.':>8} {'exposed':>8} "
-          f"{'algo':>7} {'eff.':>6} {'img/s':>11} {'to target':>10}")
+    mb = 4 * prof.params / 2**20
+    print(
+        f"\n{w.model}: {prof.params:,} parameters ({mb:.1f} MiB of fp32 gradients, {hook} on the wire), "
+        f"{(prof.fwd_flops + prof.bwd_flops) / 1e9:.3f} GFLOP per image, per-GPU batch {w.per_gpu_batch}, "
+        f"{w.epochs:g} epochs x {w.dataset_images:,} images to {w.target}"
+    )
+    print(
+        f"  {'GPUs':>5} {'global':>7} {'step ms':>8} {'compute':>8} {'allred.':>8} {'exposed':>8} "
+        f"{'algo':>7} {'eff.':>6} {'img/s':>11} {'to target':>10}"
+    )
     for r in rows:
         star = "*" if r["beyond_known_batch"] else " "
         target = fmt_time(r["time_to_target_s"]) if r["steps_per_epoch"] >= 1 else "<1 step/ep"
-        print(f"  {r['gpus']:>5} {r['global_batch']:>7} {r['step_ms']:>8.2f} {r['compute_ms']:>8.2f} "
-              f"{r['allreduce_ms']:>8.2f} {r['exposed_ms'] + r['sync_ms']:>8.3f} {r['algorithm']:>7} "
-              f"{r['efficiency']:>6.3f} {r['images_per_sec']:>11,.0f} {target:>10}{star}")
+        print(
+            f"  {r['gpus']:>5} {r['global_batch']:>7} {r['step_ms']:>8.2f} {r['compute_ms']:>8.2f} "
+            f"{r['allreduce_ms']:>8.2f} {r['exposed_ms'] + r['sync_ms']:>8.3f} {r['algorithm']:>7} "
+            f"{r['efficiency']:>6.3f} {r['images_per_sec']:>11,.0f} {target:>10}{star}"
+        )
 
 
 def stops_scaling(rows: list[dict], floor: float = 0.9) -> int | None:
@@ -486,27 +549,40 @@ def markdown(results: dict) -> str:
                 t = fmt_time(r["time_to_target_s"]) if r["steps_per_epoch"] >= 1 else "<1 step/epoch"
                 t += "\\*" if r["beyond_known_batch"] else ""
                 cells.append(f"{r['efficiency']:.2f} / {t}")
-            label = {"fp32": f"`{name}`, {res['per_gpu_batch']}/GPU",
-                     "bf16": f"`{name}`, {res['per_gpu_batch']}/GPU, bf16 hook",
-                     "strong": f"`{name}`, global {res['workload']['max_global_batch']}"}[hook]
+            label = {
+                "fp32": f"`{name}`, {res['per_gpu_batch']}/GPU",
+                "bf16": f"`{name}`, {res['per_gpu_batch']}/GPU, bf16 hook",
+                "strong": f"`{name}`, global {res['workload']['max_global_batch']}",
+            }[hook]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path, title: str):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, (name, res) in enumerate(k for k in results.items() if not k[0].startswith("_")):
         color = f"C{i}"
-        labels = {"fp32": f"{name}, {res['per_gpu_batch']}/GPU",
-                  "bf16": f"{name}, {res['per_gpu_batch']}/GPU, bf16 hook",
-                  "strong": f"{name}, global batch {res['workload']['max_global_batch']}"}
+        labels = {
+            "fp32": f"{name}, {res['per_gpu_batch']}/GPU",
+            "bf16": f"{name}, {res['per_gpu_batch']}/GPU, bf16 hook",
+            "strong": f"{name}, global batch {res['workload']['max_global_batch']}",
+        }
         for hook, style in (("fp32", "-"), ("bf16", "--"), ("strong", ":")):
             rows = res[hook]
-            ax.plot([r["gpus"] for r in rows], [r["efficiency"] for r in rows], style, color=color, marker="o",
-                    markersize=3, label=labels[hook])
+            ax.plot(
+                [r["gpus"] for r in rows],
+                [r["efficiency"] for r in rows],
+                style,
+                color=color,
+                marker="o",
+                markersize=3,
+                label=labels[hook],
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(GPU_COUNTS, [str(n) for n in GPU_COUNTS])
     ax.set_xlabel("GPUs (8 per node)")
@@ -534,16 +610,25 @@ def published_check(prof: Profile, step_syncs: int) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------ main
 
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON and PNG")
     p.add_argument("--quick", action="store_true", help="fewer sizes and rounds in the validation")
-    p.add_argument("--compute", choices=("gpu", "cpu"), default="gpu",
-                   help="gpu: FLOPs / published achieved rate (default); cpu: measured here, 1 thread")
+    p.add_argument(
+        "--compute",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="gpu: FLOPs / published achieved rate (default); cpu: measured here, 1 thread",
+    )
     p.add_argument("--gpu", choices=sorted(GPU_SPECS), default="h100", help="GPU the projection is for")
     p.add_argument("--cpu-batch", type=int, default=16, help="--compute cpu: batch measured (scaled linearly)")
-    p.add_argument("--step-syncs", type=int, default=1,
-                   help="small blocking all_reduces per step outside DDP (dist_cnn's per-step agreement: 1)")
+    p.add_argument(
+        "--step-syncs",
+        type=int,
+        default=1,
+        help="small blocking all_reduces per step outside DDP (dist_cnn's per-step agreement: 1)",
+    )
     p.add_argument("--models", default="seed,airbench,resnet18,resnet50", help="comma-separated subset")
     p.add_argument("--no-validate", action="store_true", help="skip the gloo measurement")
     p.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
@@ -553,14 +638,26 @@ def main():
     gpu = GPU_SPECS[a.gpu]
     net = make_net(gpu)
     compute = gpu["name"] if a.compute == "gpu" else "this CPU, 1 thread, fp32 (measured)"
-    print(f"Weak scaling, per-GPU batch fixed. Compute: {compute}. Network: {GPUS_PER_NODE} GPUs per node, "
-          f"NVLink {net.nvlink_bps / 1e9:.0f} GB/s, InfiniBand {net.nic_bps / 1e9:.0f} GB/s per GPU "
-          f"(achieved, per direction). DDP buckets 1 MiB + 25 MiB.")
-    print("Columns: exposed = all_reduce time not hidden under backward + the per-step agreement all_reduce; "
-          "* = global batch beyond the largest known to reach the target in these epochs.")
-    results: dict = {"_constants": {"gpu": gpu, "gpus_per_node": GPUS_PER_NODE, "nvlink_bps": net.nvlink_bps,
-                                    "nic_bps": net.nic_bps, "launch_s": LAUNCH_S, "compute": a.compute,
-                                    "step_syncs": a.step_syncs}}
+    print(
+        f"Weak scaling, per-GPU batch fixed. Compute: {compute}. Network: {GPUS_PER_NODE} GPUs per node, "
+        f"NVLink {net.nvlink_bps / 1e9:.0f} GB/s, InfiniBand {net.nic_bps / 1e9:.0f} GB/s per GPU "
+        f"(achieved, per direction). DDP buckets 1 MiB + 25 MiB."
+    )
+    print(
+        "Columns: exposed = all_reduce time not hidden under backward + the per-step agreement all_reduce; "
+        "* = global batch beyond the largest known to reach the target in these epochs."
+    )
+    results: dict = {
+        "_constants": {
+            "gpu": gpu,
+            "gpus_per_node": GPUS_PER_NODE,
+            "nvlink_bps": net.nvlink_bps,
+            "nic_bps": net.nic_bps,
+            "launch_s": LAUNCH_S,
+            "compute": a.compute,
+            "step_syncs": a.step_syncs,
+        }
+    }
     profiles = {}
     for w in WORKLOADS:
         if w.model not in a.models.split(","):
@@ -568,54 +665,79 @@ def main():
         prof = profiles[w.model] = profile(w)
         times = compute_model(w, prof, a.compute, gpu, a.cpu_batch)
         fwd, bwd, opt = times(w.per_gpu_batch)
-        res = {"workload": asdict(w), "per_gpu_batch": w.per_gpu_batch, "params": prof.params,
-               "flops_per_image": prof.fwd_flops + prof.bwd_flops, "ops_per_step": prof.fwd_ops + prof.bwd_ops,
-               "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt * 1e3}
+        res = {
+            "workload": asdict(w),
+            "per_gpu_batch": w.per_gpu_batch,
+            "params": prof.params,
+            "flops_per_image": prof.fwd_flops + prof.bwd_flops,
+            "ops_per_step": prof.fwd_ops + prof.bwd_ops,
+            "fwd_ms": fwd * 1e3,
+            "bwd_ms": bwd * 1e3,
+            "opt_ms": opt * 1e3,
+        }
         for hook, grad_bytes in (("fp32", 4), ("bf16", 2)):
             res[hook] = project(w, prof, times, net, grad_bytes, a.step_syncs, strong=False)
         res["strong"] = project(w, prof, times, net, 4, a.step_syncs, strong=True)
         results[w.model] = res
         print_model(w, prof, res["fp32"], "fp32")
         bf16 = {r["gpus"]: r for r in res["bf16"]}
-        print("  with the bf16 hook: efficiency " + ", ".join(
-            f"{n}: {bf16[n]['efficiency']:.3f}" for n in (8, 64, 1024)))
+        print(
+            "  with the bf16 hook: efficiency " + ", ".join(f"{n}: {bf16[n]['efficiency']:.3f}" for n in (8, 64, 1024))
+        )
         strong = {r["gpus"]: r for r in res["strong"]}
-        print(f"  strong scaling at a global batch of {w.max_global_batch}: efficiency " + ", ".join(
-            f"{n}: {strong[n]['efficiency']:.3f}" for n in (8, 64, 1024)) +
-            f" (per-GPU batch {strong[1024]['per_gpu_batch']} at 1024)")
+        print(
+            f"  strong scaling at a global batch of {w.max_global_batch}: efficiency "
+            + ", ".join(f"{n}: {strong[n]['efficiency']:.3f}" for n in (8, 64, 1024))
+            + f" (per-GPU batch {strong[1024]['per_gpu_batch']} at 1024)"
+        )
         flops_ratio = (prof.fwd_flops + prof.bwd_flops) * w.per_gpu_batch / (4 * prof.params)
         below = stops_scaling(res["fp32"])
-        print(f"  compute per gradient byte: {flops_ratio:,.0f} FLOP/B; efficiency below 0.9 from "
-              f"{below if below else 'never (up to 1024)'} GPUs")
+        print(
+            f"  compute per gradient byte: {flops_ratio:,.0f} FLOP/B; efficiency below 0.9 from "
+            f"{below if below else 'never (up to 1024)'} GPUs"
+        )
     if "airbench" in results and a.compute == "gpu":
         # Cross-check of the compute side against a published time: airbench94 on one A100 takes 3.83 s.
         r = results["airbench"]
         a100 = (r["flops_per_image"] * 9.9 * 50_000) / A100_AIRBENCH_FLOPS
-        print(f"\ncheck: the model's airbench94 on one A100 = {a100:.2f} s of compute (published: 3.83 s, "
-              "by construction of its achieved rate)")
+        print(
+            f"\ncheck: the model's airbench94 on one A100 = {a100:.2f} s of compute (published: 3.83 s, "
+            "by construction of its achieved rate)"
+        )
     if "resnet50" in profiles and a.compute == "gpu":
         model_eff, published = published_check(profiles["resnet50"], a.step_syncs)
         results["_published_check"] = {"model_efficiency": model_eff, "published_efficiency": published}
-        print(f"check: ResNet-50 on 8 A100s (DGX A100), efficiency {model_eff:.3f} in this model against "
-              f"{published:.3f} published (16,621 / 8 x 2,470 img/s): the model counts communication only")
+        print(
+            f"check: ResNet-50 on 8 A100s (DGX A100), efficiency {model_eff:.3f} in this model against "
+            f"{published:.3f} published (16,621 / 8 x 2,470 img/s): the model counts communication only"
+        )
     if not a.no_validate:
-        print("\nValidation: gloo all_reduce, 2 ranks on loopback, 1 thread each "
-              "(alpha/beta fitted on the sizes marked 'fit', checked on the others)")
+        print(
+            "\nValidation: gloo all_reduce, 2 ranks on loopback, 1 thread each "
+            "(alpha/beta fitted on the sizes marked 'fit', checked on the others)"
+        )
         v = validate(a.quick)
         results["_validation"] = v
         print(f"  fitted: alpha {v['alpha_us']:.1f} us, bandwidth {v['bandwidth_GBps']:.2f} GB/s")
         print(f"  {'size':>9} {'fastest ms':>11} {'median ms':>10} {'predicted ms':>13} {'error':>7}")
         for r in v["rows"]:
-            size = f"{r['bytes'] // 1024} KiB" if r["bytes"] < 2 ** 20 else f"{r['bytes'] // 2 ** 20} MiB"
-            print(f"  {size:>9} {r['measured_ms']:>11.3f} {r['median_ms']:>10.3f} {r['predicted_ms']:>13.3f} "
-                  f"{r['error']:>+7.1%}"
-                  f"{'  fit' if r['fitted'] else ''}")
-        print(f"  largest error on held-out sizes: {v['max_held_out_error']:.1%} "
-              f"({'PASS' if v['pass'] else 'FAIL'}: <= 25%)")
+            size = f"{r['bytes'] // 1024} KiB" if r["bytes"] < 2**20 else f"{r['bytes'] // 2**20} MiB"
+            print(
+                f"  {size:>9} {r['measured_ms']:>11.3f} {r['median_ms']:>10.3f} {r['predicted_ms']:>13.3f} "
+                f"{r['error']:>+7.1%}"
+                f"{'  fit' if r['fitted'] else ''}"
+            )
+        print(
+            f"  largest error on held-out sizes: {v['max_held_out_error']:.1%} "
+            f"({'PASS' if v['pass'] else 'FAIL'}: <= 25%)"
+        )
     (out / "scaling_model.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "scaling_model.png",
-         f"Projected DDP scaling, {compute}, {GPUS_PER_NODE}/node, NVLink + InfiniBand\n"
-         "solid: per-GPU batch fixed; dashed: + bf16 hook; dotted: global batch fixed")
+    plot(
+        results,
+        out / "scaling_model.png",
+        f"Projected DDP scaling, {compute}, {GPUS_PER_NODE}/node, NVLink + InfiniBand\n"
+        "solid: per-GPU batch fixed; dashed: + bf16 hook; dotted: global batch fixed",
+    )
     if a.markdown:
         print("\n" + markdown(results))
     print(f"\nwrote {out / 'scaling_model.json'} and {out / 'scaling_model.png'}")

@@ -1,11 +1,12 @@
 """The scaling model's arithmetic (benchmarks/scaling_model.py): fit, all_reduce costs, DDP buckets, overlap."""
+
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
