@@ -160,7 +160,10 @@ class Trainer:
                 "config": config_mod.to_dict(self.cfg), "wandb_id": self.wandb.run_id,
                 "metrics": self.metrics.history, "finished": False, "precision": self.precision,
                 "mean": self.mean, "std": self.std,
-                "lookahead": self.lookahead.state_dict() if self.lookahead else {}}
+                "lookahead": self.lookahead.state_dict() if self.lookahead else {},
+                # what `dist-cnn predict/export` need without the dataset (model.pt carries the same)
+                "model_name": self.cfg.model.name, "classes": self.data.classes,
+                "in_channels": self.data.in_channels, "image_size": self.data.image_size}
 
     def _load_state(self, s: dict) -> None:
         checkpoint.check_compatible(s, self.cfg.model.name, self.cfg.data.dataset,

@@ -1,4 +1,5 @@
-"""The command line: `dist-cnn [train] [flags]`, `dist-cnn eval`, `dist-cnn report`, `dist-cnn doctor`.
+"""The command line: `dist-cnn [train] [flags]`, `dist-cnn eval`, `dist-cnn report`, `dist-cnn doctor`,
+`dist-cnn predict`, `dist-cnn export`.
 
 Bad input (UserError) is one line on stderr and exit code 2; a run that cannot go on (non-finite
 loss, failed checkpoint write, a lost peer process or node) is one line and exit code 1. Bugs keep
@@ -15,8 +16,19 @@ from .. import distributed
 from ..errors import PeerError, TrainingFailed, UserError
 from . import doctor, eval as eval_command, report, train
 
+
+def _predict(argv) -> int:  # imported on use: torchvision's decoders and the exporters load slowly
+    from .predict import main_predict
+    return main_predict(argv)
+
+
+def _export(argv) -> int:
+    from .export import main_export
+    return main_export(argv)
+
+
 COMMANDS = {"train": train.main_train, "eval": eval_command.main_eval, "report": report.main_report,
-            "doctor": doctor.main_doctor}
+            "doctor": doctor.main_doctor, "predict": _predict, "export": _export}
 
 
 def _rank_prefix() -> str:
