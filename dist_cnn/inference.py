@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 from . import checkpoint
 from .data import IMAGE_EXTS
@@ -153,8 +154,6 @@ def list_images(paths) -> list[str]:
 def decode(path: str, channels: int) -> torch.Tensor:
     """One file -> uint8 [channels, H, W]: grayscale, palette, RGBA and CMYK become RGB (or gray),
     exactly as the image-folder loader decodes training data. Raises ValueError if unreadable."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
     mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
     try:
         with warnings.catch_warnings():

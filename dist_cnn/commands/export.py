@@ -1,0 +1,92 @@
+"""`dist-cnn export RUN/model.pt --format onnx|torchscript|safetensors --output FILE`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import config as config_mod
+from ..errors import UserError
+from ..export import FORMATS, SUFFIX, ExportFailed, check_available, export
+from ..inference import InferenceModel, list_images, load_image, load_model
+from ..loader import Normalize
+
+
+def export_parser():
+    p = config_mod.ArgumentParser(
+        prog="dist-cnn export",
+        description="Export a trained model with its class names, normalization and image size as "
+                    "metadata, then check that the exported file computes the same logits as PyTorch.")
+    p.add_argument("model_file", metavar="MODEL_FILE", help="a run's model.pt or a checkpoint (step-N.pt, best.pt)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (dynamic batch axis, checked "
+                   "with ONNX Runtime), torchscript (scripted, else traced) or safetensors (weights only) "
+                   "(default: onnx)")
+    p.add_argument("--output", metavar="FILE", help="where to write it (default: beside MODEL_FILE, "
+                   f"{', '.join(f'<name>{s}' for s in SUFFIX.values())})")
+    p.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders for the parity check "
+                   "(default: the run's test set when it is readable here, else random images)")
+    p.add_argument("--parity-images", type=int, default=16, metavar="N", help="how many images the parity "
+                   "check runs (default: 16)")
+    p.add_argument("--tolerance", type=float, default=1e-4, metavar="X", help="largest allowed absolute "
+                   "difference of a logit between the export and PyTorch (default: 0.0001)")
+    return p
+
+
+def _test_images(im: InferenceModel, n: int) -> tuple[torch.Tensor, str]:
+    """uint8 [n, C, S, S] from the run's test set, else random pixels; and where they came from."""
+    from ..config import DataConfig
+    from ..data import load_dataset
+
+    stored = im.config.get("data", {})
+    known = {k: v for k, v in stored.items() if k in DataConfig.__dataclass_fields__}
+    try:
+        data = load_dataset(DataConfig(**{**known, "download": False}))
+        if data.test_x.shape[1:] == (im.in_channels, im.image_size, im.image_size) and len(data.test_x):
+            return data.test_x[:n], f"{min(n, len(data.test_x))} test images of {data.name}"
+    except (UserError, OSError, TypeError):
+        pass
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, im.in_channels, im.image_size, im.image_size), generator=g, dtype=torch.uint8)
+    return x, f"{n} random images (the run's test set is not readable here; --images to use real ones)"
+
+
+def _given_images(im: InferenceModel, paths, n: int) -> tuple[torch.Tensor, str]:
+    files = list_images(paths)[:n]
+    try:
+        return torch.stack([load_image(f, im) for f in files]), f"{len(files)} given images"
+    except ValueError as e:
+        raise UserError(f"--images: {e}") from None
+
+
+def main_export(argv) -> int:
+    args = export_parser().parse_args(argv)
+    if args.parity_images < 3:
+        raise UserError(f"--parity-images must be at least 3, got {args.parity_images}")
+    if not args.tolerance >= 0:
+        raise UserError(f"--tolerance must be >= 0, got {args.tolerance}")
+    check_available(args.format)
+    src = Path(args.model_file)
+    output = Path(args.output) if args.output else src.with_name(src.stem + SUFFIX[args.format])
+    if output.is_dir() or not output.resolve().parent.is_dir():
+        raise UserError(f"--output {output}: not a file in an existing folder")
+    if output.resolve() == src.resolve():
+        raise UserError(f"--output {output} is the model file itself")
+    im = load_model(src)
+    pixels, source = (_given_images(im, args.images, args.parity_images) if args.images
+                      else _test_images(im, args.parity_images))
+    x = Normalize(im.mean, im.std, "cpu", channels_last=False)(pixels)
+    try:
+        res = export(im, args.format, output, x, args.tolerance)
+    except ExportFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot write {output}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    size = output.stat().st_size / 2**20
+    print(f"exported {im.name} ({im.num_classes} classes, {im.in_channels}x{im.image_size}x{im.image_size}) "
+          f"to {output} ({args.format}, {res['how']}, {size:.1f} MiB)")
+    print(f"parity on {source}, batches of {len(x)} and 3: max abs diff {res['max_abs_diff']:.3g} "
+          f"(tolerance {args.tolerance:g})")
+    return 0
