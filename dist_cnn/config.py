@@ -115,6 +115,8 @@ class LogConfig:
     wandb_tags: list = opt([], "W&B tags")
     wandb_group: str = opt("", "W&B group")
     run_name: str = opt("", "run name (W&B and reports)")
+    tensorboard: bool = opt(False, "rank 0 writes TensorBoard event files into <run dir>/tensorboard/ "
+                            "(needs the tensorboard package)")
 
 
 @dataclass
@@ -250,6 +252,9 @@ def validate(cfg: Config) -> None:
         obj = getattr(cfg, section)
         for f in fields(cls):
             _check_field(f, getattr(obj, f.name))
+    if cfg.log.tensorboard:  # an optional extra: say so now, not after the data is loaded
+        from .observability.tensorboard_logger import check_available
+        check_available()
 
 
 def from_args(ns: argparse.Namespace) -> Config:

@@ -32,6 +32,7 @@ from .optim import Lookahead, build_optimizer, build_schedule
 from .preempt import StopSignal, requeue_slurm_job
 from .prepare import prepare_model
 from .rundir import prepare_run_dir, resolve_resume
+from .observability.tensorboard_logger import TensorBoardLogger
 
 
 class StepSignals(NamedTuple):
@@ -117,6 +118,8 @@ class Trainer:
         self.progress = Progress(main, cfg.log.progress, self.total_steps)
         self.log = self.progress.print
         self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, main, self.log)
+        self.tensorboard = TensorBoardLogger(self.run_dir, main and cfg.log.tensorboard,
+                                             self.step if state is not None else None, self.log)
         self.stop = StopSignal()
         self.stop.install()
 
@@ -327,12 +330,14 @@ class Trainer:
             rec["scaler_scale"] = self.scaler.get_scale()
         self.metrics.write(rec)
         self.wandb.log_train(rec)
+        self.tensorboard.log_train(rec)
         self.progress.update(self.step, rec)
 
     def handle_stop(self) -> bool:
         requeue = D.broadcast_object(self.stop.wants_requeue, self.env)
         self.log(f"stop signal: checkpoint written at step {self.step}")
         self.wandb.finish()  # complete the W&B files inside the grace period; a requeue resumes the run
+        self.tensorboard.finish()
         failed = requeue and self.env.is_main and not requeue_slurm_job(self.log)
         if D.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
             raise TrainingFailed(f"stopped at step {self.step} and could not requeue; continue with "
@@ -346,6 +351,7 @@ class Trainer:
         rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.meter.seconds}
         self.metrics.write(rec)
         self.wandb.log_eval(rec, d.classes)
+        self.tensorboard.log_eval(rec, d.classes)
         self.log(f"epoch {self.epoch}: test accuracy {res['test_accuracy']:.4f} "
                  f"({res['test_correct']}/{res['test_total']}), {self.meter.seconds:.1f} s of training")
         is_best = res["test_accuracy"] > self.best_acc
@@ -364,6 +370,7 @@ class Trainer:
                         "mean": self.mean, "std": self.std, "config": config_mod.to_dict(cfg)}, self.run_dir / "model.pt")
             write_json_atomic(self.run_dir / "summary.json", summary)
             self.wandb.finish(summary)
+            self.tensorboard.finish(summary)
             self._report(summary)
         self.progress.close()
         return summary
