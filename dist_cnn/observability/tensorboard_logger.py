@@ -62,6 +62,7 @@ class TensorBoardLogger:
             for k, v in record.items():
                 if is_number(v) and k not in ("step", "time"):
                     w.add_scalar(f"train/{k}", v, record["step"])
+            w.flush()  # on disk at once, as metrics.jsonl: a crash loses no logged step
         self._safely(write)
 
     def log_eval(self, record: dict, classes: list[str]) -> None:
@@ -82,7 +83,7 @@ class TensorBoardLogger:
             if matrix:
                 w.add_image("test/confusion_matrix", _confusion_image(matrix, class_names(classes, len(matrix)),
                                                                      record.get("epoch")), step)
-            w.flush()  # evaluations are rare and worth having on disk at once
+            w.flush()
         self._safely(write)
 
     def finish(self, summary: dict | None = None) -> None:
