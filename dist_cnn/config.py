@@ -6,6 +6,7 @@ Every field is a flag: `--<field-name>` with dashes, unless its metadata names a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import typing
@@ -252,9 +253,8 @@ def validate(cfg: Config) -> None:
         obj = getattr(cfg, section)
         for f in fields(cls):
             _check_field(f, getattr(obj, f.name))
-    if cfg.log.tensorboard:  # an optional extra: say so now, not after the data is loaded
-        from .observability.tensorboard_logger import check_available
-        check_available()
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
+        raise UserError("--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'")
 
 
 def from_args(ns: argparse.Namespace) -> Config:

@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as TF
 
 from . import checkpoint
-from .data import IMAGE_EXTS
-from .errors import UserError
-from .loader import Normalize
+from .config import DataConfig
+from .data import IMAGE_EXTS, load_dataset
+from .errors import UserError, one_line
+from .loader import Normalize, normalization_stats
 from .models import build_model, tta_logits
 
 
@@ -80,10 +82,6 @@ def _raw_config(state: dict) -> dict:
 
 def _from_dataset(state: dict, path: Path) -> dict:
     """Older checkpoints lack class names and normalization: take them from the run's dataset."""
-    from .config import DataConfig
-    from .data import load_dataset
-    from .loader import normalization_stats
-
     stored = _raw_config(state).get("data", {})
     known = {k: v for k, v in stored.items() if k in DataConfig.__dataclass_fields__}
     cfg = DataConfig(**{**known, "download": False})
@@ -117,7 +115,7 @@ def load_model(path: str | Path) -> InferenceModel:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise UserError(f"{path}: the weights do not fit a {name} model with {len(info['classes'])} classes "
-                        f"({str(e).splitlines()[0][:200]})") from None
+                        f"({one_line(e)[:200]})") from None
     model.eval()
     return InferenceModel(model, name, [str(c) for c in info["classes"]], int(info["in_channels"]),
                           int(info["image_size"]), [float(v) for v in info["mean"]],
@@ -177,7 +175,6 @@ def decode(path: str, channels: int) -> torch.Tensor:
 def resize(img: torch.Tensor, size: int, crop_ratio: float | None) -> torch.Tensor:
     """uint8 [C, H, W] -> uint8 [C, size, size] the way the run's evaluation data was prepared."""
     if crop_ratio:  # Resize(size / ratio) of the shorter side, then CenterCrop(size)
-        from torchvision.transforms.v2 import functional as TF
         img = TF.resize(img, [round(size / crop_ratio)], antialias=True)
         return TF.center_crop(img, [size, size])
     if img.shape[1:] != (size, size):  # the image-folder loader's square resize (dist_cnn.data)

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from .. import config as config_mod
+from ..config import DataConfig
+from ..data import load_dataset
 from ..errors import UserError
 from ..export import FORMATS, SUFFIX, ExportFailed, check_available, export
 from ..inference import InferenceModel, list_images, load_image, load_model
@@ -35,9 +37,6 @@ def export_parser():
 
 def _test_images(im: InferenceModel, n: int) -> tuple[torch.Tensor, str]:
     """uint8 [n, C, S, S] from the run's test set, else random pixels; and where they came from."""
-    from ..config import DataConfig
-    from ..data import load_dataset
-
     stored = im.config.get("data", {})
     known = {k: v for k, v in stored.items() if k in DataConfig.__dataclass_fields__}
     try:

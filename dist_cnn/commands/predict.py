@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import config as config_mod, distributed as D
 from ..errors import UserError
+from ..fileio import write_text_atomic
 from ..inference import InferenceModel, list_images, load_image, load_model, logits
 from ..loader import eval_shard
 
@@ -145,13 +145,9 @@ def _write(text: str, output: str | None) -> None:
     if not output:
         sys.stdout.write(text)
         return
-    path = Path(output)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(Path(output), text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"--output {output}: cannot write it ({e.strerror or e})") from None
 
 

@@ -4,7 +4,8 @@ The same numbers as the W&B logger at the same global steps (train/<field>, test
 test/per_class_accuracy/<class>, ...) plus the confusion matrix as an image. A resumed run opens a
 new event file in the same folder with purge_step = the checkpoint's step + 1, so TensorBoard drops
 whatever the interrupted attempt logged after that checkpoint and the curves continue at increasing
-steps. Like W&B, a failing writer never stops training: one line, then logging is off.
+steps. Like W&B, a failing writer never stops training: one line, then logging is off. (The
+tensorboard package is an optional extra; config validation refuses --tensorboard without it.)
 """
 from __future__ import annotations
 
@@ -13,18 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UserError, one_line
+from ..errors import one_line
 from .format import class_names, is_number
-
-INSTALL_HINT = "--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'"
-
-
-def check_available() -> None:
-    """Before any work, on every rank: a one-line error instead of an ImportError mid-run."""
-    import importlib.util
-    if importlib.util.find_spec("tensorboard") is None:
-        raise UserError(INSTALL_HINT)
-
 
 class TensorBoardLogger:
     """log_train / log_eval / finish, as WandbLogger. A no-op unless enabled (rank 0 with --tensorboard)."""
