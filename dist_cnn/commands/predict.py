@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import config as config_mod, distributed as D
 from ..errors import UserError
 from ..fileio import write_text_atomic
-from ..inference import InferenceModel, list_images, load_image, load_model, logits
+from ..inference import InferenceModel, decode, list_images, load_model, logits, resize
 from ..loader import eval_shard
 
 FORMATS = ("table", "json", "csv")
@@ -68,17 +68,19 @@ def _check(args) -> None:
 
 
 class _Files(Dataset):
-    """(position, uint8 image or None, error or None): a bad file is a row, not an exception."""
+    """(position, uint8 image or None, error or None): a bad file is a row, not an exception.
+    Holds only what decoding needs (workers get a copy of it, not of the model)."""
 
     def __init__(self, files: list[str], start: int, im: InferenceModel):
-        self.files, self.start, self.im = files, start, im
+        self.files, self.start = files, start
+        self.channels, self.size, self.crop_ratio = im.in_channels, im.image_size, im.eval_crop_ratio
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return self.start + i, load_image(self.files[i], self.im), None
+            return self.start + i, resize(decode(self.files[i], self.channels), self.size, self.crop_ratio), None
         except (ValueError, OSError, RuntimeError) as e:
             return self.start + i, None, str(e)
 
