@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .. import config as config_mod, distributed as D
+from .. import config as config_mod, distributed as D, precision as P
 from ..errors import UserError
 from ..fileio import write_text_atomic
 from ..inference import InferenceModel, decode, list_images, load_model, logits, resize
@@ -48,6 +48,8 @@ def predict_parser():
                    "images, per rank; 0 decodes in the main process (default: 0)")
     p.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time augmentation: 0 none, 1 mirror, "
                    "2 mirror + translations (default: the run's --tta)")
+    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision of the forward pass (default: fp32)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="X", help="seconds a collective may "
                    "wait under torchrun (default: 300.0)")
     return p
@@ -98,6 +100,7 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
     if im.channels_last:  # the run's memory format: the same arithmetic as its evaluation
         model = model.to(memory_format=torch.channels_last)
     normalize = im.normalizer(env.device)
+    precision = P.resolve(args.precision, env.device)
     k = min(args.top_k, im.num_classes)
     loader = DataLoader(_Files(files[part], part.start, im), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, collate_fn=_collate, pin_memory=env.device.type == "cuda")
@@ -106,7 +109,9 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
         errors += bad
         if batch is None:
             continue
-        probs = logits(im, model, batch.to(env.device, non_blocking=True), normalize, args.tta).softmax(1)
+        with P.autocast(precision, env.device):
+            out = logits(im, model, batch.to(env.device, non_blocking=True), normalize, args.tta)
+        probs = out.float().softmax(1)
         top = probs.topk(k, dim=1)
         rows += zip(positions, top.indices.cpu().tolist(), top.values.cpu().tolist())
     return rows, errors
