@@ -66,7 +66,7 @@ class InferenceModel:
         resize = (f"resize the shorter side to round({self.image_size} / {ratio}), center-crop "
                   f"{self.image_size}x{self.image_size}" if ratio else
                   f"resize to {self.image_size}x{self.image_size} (bilinear, antialiased)")
-        colour = "RGB" if self.in_channels == 3 else "grayscale" if self.in_channels == 1 else f"{self.in_channels}-channel"
+        colour = {3: "RGB", 1: "grayscale"}.get(self.in_channels, f"{self.in_channels}-channel")
         return {"model": self.name, "classes": self.classes, "num_classes": self.num_classes,
                 "in_channels": self.in_channels, "image_size": self.image_size,
                 "mean": self.mean, "std": self.std, "eval_crop_ratio": ratio,

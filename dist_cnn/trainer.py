@@ -27,12 +27,12 @@ from .loader import Augment, DevicePipeline, LoaderPipeline
 from .observability.metrics import MetricsLog
 from .observability.progress import Progress
 from .observability.report import format_report, write_plots
+from .observability.tensorboard_logger import TensorBoardLogger
 from .observability.wandb_logger import WandbLogger
 from .optim import Lookahead, build_optimizer, build_schedule
 from .preempt import StopSignal, requeue_slurm_job
 from .prepare import prepare_model
 from .rundir import prepare_run_dir, resolve_resume
-from .observability.tensorboard_logger import TensorBoardLogger
 
 
 class StepSignals(NamedTuple):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import one_line
 from .format import class_names, is_number
+
 
 class TensorBoardLogger:
     """log_train / log_eval / finish, as WandbLogger. A no-op unless enabled (rank 0 with --tensorboard)."""
@@ -44,7 +45,7 @@ class TensorBoardLogger:
         try:
             fn(self._writer)
         except Exception as e:  # never let monitoring stop training
-            self._log(f"tensorboard: write failed ({one_line(e)}); TensorBoard logging disabled for the rest of the run")
+            self._log(f"tensorboard: write failed ({one_line(e)}); TensorBoard logging off for the rest of the run")
             self._close()
 
     def log_train(self, record: dict) -> None:

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
-
 from common import SMALL, train
+from PIL import Image
 
 CLASSES = ("circles", "squares", "stripes")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 48, 10

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from common import SMALL, run_py, train
+
 from dist_cnn import cli
 from dist_cnn.export import ExportFailed, export
 from dist_cnn.inference import InferenceModel, load_model
@@ -75,7 +75,8 @@ def test_export_round_trips_with_parity(model, tmp_path, capsys):
         assert (module(x) - ref).abs().max() <= 1e-4
 
     # safetensors: weights alone plus metadata; a fresh model loading them computes the same
-    code, out, err = _export(capsys, run / "model.pt", "--format", "safetensors", "--output", tmp_path / "m.safetensors")
+    st = tmp_path / "m.safetensors"
+    code, out, err = _export(capsys, run / "model.pt", "--format", "safetensors", "--output", st)
     assert code == 0, err
     figures["safetensors"] = _diff(out)
     from safetensors import safe_open

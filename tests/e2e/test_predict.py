@@ -8,8 +8,8 @@ import random
 
 import pytest
 import torch
-
 from common import ROOT, clean_env, run_py
+
 from dist_cnn import cli
 
 # cli.main's torchrun error handler cannot install its fault handler under pytest's captured stderr

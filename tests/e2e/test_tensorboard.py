@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-
 from common import ROOT, SMALL, clean_env, read_events, run_py, train
+
 from dist_cnn import config as config_mod
 from dist_cnn.errors import UserError
 
