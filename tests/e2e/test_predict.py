@@ -9,8 +9,11 @@ import random
 import pytest
 import torch
 from common import ROOT, clean_env, run_py
+from torchvision.io import decode_image
+from torchvision.transforms import v2
 
 from dist_cnn import cli
+from dist_cnn.inference import InferenceModel, load_image
 
 # cli.main's torchrun error handler cannot install its fault handler under pytest's captured stderr
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
@@ -95,3 +98,15 @@ def test_predict_bad_input_is_one_line_exit_2(seed_run, image_folder, tmp_path, 
         assert cli.main(["predict", *args]) == 2, args
         out = capsys.readouterr()
         assert out.out == "" and len(out.err.strip().splitlines()) == 1 and words in out.err, (args, out.err)
+
+
+def test_streamed_runs_resize_and_center_crop(image_folder):
+    """A run whose config has data.eval_crop_ratio evaluated Resize(size / ratio) + CenterCrop(size):
+    predict prepares files the same way (torchvision's transforms are the reference)."""
+    im = InferenceModel(torch.nn.Identity(), "seed", ["a", "b"], 3, 32, [0.5] * 3, [0.5] * 3,
+                        {"data": {"eval_crop_ratio": 0.875}})
+    path = image_folder / "test" / "squares" / "wide.jpg"  # 40 wide, 48 high
+    reference = v2.Compose([v2.Resize(37, antialias=True), v2.CenterCrop(32)])(decode_image(str(path)))
+    assert torch.equal(load_image(str(path), im), reference)
+    square = InferenceModel(torch.nn.Identity(), "seed", ["a", "b"], 3, 32, [0.5] * 3, [0.5] * 3, {})
+    assert load_image(str(path), square).shape == (3, 32, 32)
