@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2 import functional as TF
 
 from . import checkpoint
 from .config import DataConfig
@@ -149,9 +147,18 @@ def list_images(paths) -> list[str]:
     return out
 
 
+def load_decoders() -> None:
+    """Import torchvision's decoders and transforms now (seconds on a busy machine). Every command
+    imports this module; only the ones that read image files pay for torchvision."""
+    import torchvision.io  # noqa: F401
+    import torchvision.transforms.v2.functional  # noqa: F401
+
+
 def decode(path: str, channels: int) -> torch.Tensor:
     """One file -> uint8 [channels, H, W]: grayscale, palette, RGBA and CMYK become RGB (or gray),
     exactly as the image-folder loader decodes training data. Raises ValueError if unreadable."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
     mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
     try:
         with warnings.catch_warnings():
@@ -175,6 +182,8 @@ def decode(path: str, channels: int) -> torch.Tensor:
 def resize(img: torch.Tensor, size: int, crop_ratio: float | None) -> torch.Tensor:
     """uint8 [C, H, W] -> uint8 [C, size, size] the way the run's evaluation data was prepared."""
     if crop_ratio:  # Resize(size / ratio) of the shorter side, then CenterCrop(size)
+        from torchvision.transforms.v2 import functional as TF
+
         img = TF.resize(img, [round(size / crop_ratio)], antialias=True)
         return TF.center_crop(img, [size, size])
     if img.shape[1:] != (size, size):  # the image-folder loader's square resize (dist_cnn.data)

@@ -14,21 +14,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from .. import distributed
 from ..errors import PeerError, TrainingFailed, UserError
-from . import doctor, eval as eval_command, report, train
-
-
-def _predict(argv) -> int:  # imported on use: torchvision's decoders and the exporters load slowly
-    from .predict import main_predict
-    return main_predict(argv)
-
-
-def _export(argv) -> int:
-    from .export import main_export
-    return main_export(argv)
-
+from . import doctor, export, predict, report, train
+from . import eval as eval_command
 
 COMMANDS = {"train": train.main_train, "eval": eval_command.main_eval, "report": report.main_report,
-            "doctor": doctor.main_doctor, "predict": _predict, "export": _export}
+            "doctor": doctor.main_doctor, "predict": predict.main_predict, "export": export.main_export}
 
 
 def _rank_prefix() -> str:

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .. import config as config_mod, distributed as D, precision as P
+from .. import config as config_mod
+from .. import distributed as D
+from .. import precision as P
 from ..errors import UserError
 from ..fileio import write_text_atomic
-from ..inference import InferenceModel, decode, list_images, load_model, logits, resize
+from ..inference import InferenceModel, decode, list_images, load_decoders, load_model, logits, resize
 from ..loader import eval_shard
 
 FORMATS = ("table", "json", "csv")
@@ -169,6 +171,7 @@ def _run(args, env) -> int:
     files = D.main_only(env, lambda: list_images(args.paths))
     im = D.main_then_all(env, lambda: load_model(args.model_file))
     part = eval_shard(len(files), env.rank, env.world_size)
+    load_decoders()  # the clock below measures predicting, not importing
     start = time.perf_counter()
     rows, errors = _predict_shard(im, files, part, args, env)
     gathered = _gather((rows, errors), env)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import one_line
 from .format import class_names, is_number
+from .report import _plot_confusion
 
 
 class TensorBoardLogger:
@@ -97,8 +98,6 @@ class TensorBoardLogger:
 def _confusion_image(matrix, names, epoch):
     """The report's confusion-matrix plot as a uint8 [3, H, W] tensor."""
     from torchvision.io import ImageReadMode, decode_png, read_file
-
-    from .report import _plot_confusion
 
     with tempfile.TemporaryDirectory() as d:
         path = _plot_confusion(matrix, names, Path(d) / "confusion.png", f"confusion matrix, epoch {epoch}")

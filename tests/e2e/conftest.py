@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import SMALL, train
 from PIL import Image
+
+from tests.support.common import SMALL, train
 
 CLASSES = ("circles", "squares", "stripes")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 48, 10

@@ -8,12 +8,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from common import SMALL, run_py, train
 
 from dist_cnn import cli
 from dist_cnn.export import ExportFailed, export
 from dist_cnn.inference import InferenceModel, load_model
 from dist_cnn.loader import Normalize
+from tests.support.common import SMALL, run_py, train
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

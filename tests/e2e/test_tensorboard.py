@@ -5,16 +5,16 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from common import ROOT, SMALL, clean_env, read_events, run_py, train
 
 from dist_cnn import config as config_mod
 from dist_cnn.errors import UserError
+from tests.support.common import ROOT, SMALL, clean_env, read_events, run_py, train
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # noqa: E402
 
-FAIL = ROOT / "tests/helpers/fail_rank.py"
+FAIL = ROOT / "tests/support/fail_rank.py"
 # 1024 images / batch 64 = 16 steps an epoch, 2 epochs; train events every 4 steps, checkpoints every 5
 ARGS = [*SMALL, "--synthetic-train-size", "1024", "--synthetic-test-size", "200", "--epochs", "2",
         "--log-every", "4", "--checkpoint-every-steps", "5", "--tensorboard"]
