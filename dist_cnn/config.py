@@ -47,11 +47,21 @@ class DataConfig:
     flip: bool = opt(False, "random horizontal flip augmentation")
     alternate_flip: bool = opt(False, "with --flip: each image is flipped in alternate epochs (airbench) "
                                "instead of independently at random")
+    auto_augment: str = opt("none", "per-image auto-augment policy (torchvision v2): RandAugment, "
+                            "TrivialAugmentWide or AugMix", choices=("none", "ra", "ta_wide", "augmix"))
+    random_erase: float = opt(0.0, "probability of random erasing per image (v2.RandomErasing)", low=0, high=1)
+    mixup_alpha: float = opt(0.0, "MixUp on each batch with this Beta alpha, soft-target loss (0 = off)", low=0)
+    cutmix_alpha: float = opt(0.0, "CutMix on each batch with this Beta alpha (0 = off; with MixUp: one of "
+                              "the two per batch)", low=0)
 
 
 @dataclass
 class ModelConfig:
-    name: str = opt("seed", "model architecture", choices=tuple(models.MODELS), flag="--model")
+    name: str = opt("seed", models.model_help(), flag="--model")  # checked by models.check_spec
+    pretrained: bool = opt(False, "torchvision:/timm: models: start from the library's pretrained weights "
+                           "(read from the local torch hub / Hugging Face cache)")
+    init_from: str = opt("", "start from the weights of a dist_cnn model.pt or checkpoint (fine-tuning); a "
+                         "classifier head for another class count is re-initialized")
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
@@ -69,6 +79,7 @@ class OptimConfig:
     schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
                         "warmup then cosine, or constant", choices=("onecycle", "cosine", "constant"))
     warmup: float = opt(0.2, "warmup length as a fraction of all steps", low=0, high=1)
+    clip_grad_norm: float = opt(0.0, "clip the gradients' global norm to this value (0 = off)", low=0)
 
 
 @dataclass
@@ -87,6 +98,10 @@ class TrainConfig:
     lookahead_decay: float = opt(0.95, "per-step EMA decay of the lookahead, ramped up cubically over training",
                                  above=0, below=1)
     tta: int = opt(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations", low=0, high=2)
+    model_ema: bool = opt(False, "keep an EMA of the weights, evaluated and checkpointed beside the model")
+    model_ema_decay: float = opt(0.99998, "EMA decay, adjusted by global batch x steps / epochs as "
+                                 "torchvision's reference", above=0, below=1)
+    model_ema_steps: int = opt(32, "update the EMA every N optimizer steps", low=1)
 
 
 @dataclass
@@ -255,6 +270,7 @@ def validate(cfg: Config) -> None:
             _check_field(f, getattr(obj, f.name))
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
         raise UserError("--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'")
+    models.check_spec(cfg.model.name)
 
 
 def from_args(ns: argparse.Namespace) -> Config:

@@ -60,8 +60,14 @@ def parse_spec(spec: str) -> Spec:
         return Spec(prefix, rest)
     if sep and rest and all(part.isidentifier() for part in prefix.split(".") + rest.split(".")):
         return Spec("module", spec)
-    raise UserError(f"unknown model {spec!r}; use a built-in model ({', '.join(sorted(MODELS))}) "
-                    f"or a spec: {', '.join(SPEC_FORMS)}")
+    raise UserError(f"unknown model {spec!r}; known models: {', '.join(sorted(MODELS))}, or a spec: "
+                    f"{', '.join(SPEC_FORMS)}")
+
+
+def model_help() -> str:
+    return (f"model: a built-in ({', '.join(MODELS)}) or torchvision:NAME (any torchvision classification "
+            f"model), timm:NAME (needs timm), package.module:factory (your own nn.Module class or function, "
+            f"called with in_channels, num_classes, image_size)")
 
 
 def short_name(spec: str) -> str:

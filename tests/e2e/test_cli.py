@@ -15,7 +15,7 @@ def assert_clean_error(p, *needles):
 
 @pytest.mark.parametrize("args,needle", [
     (["--dataset", "imagenet"], "invalid choice"),
-    (["--model", "vgg"], "invalid choice"),
+    (["--model", "vgg"], "unknown model 'vgg'; known models: airbench, resnet18, seed, or a spec"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--epochs", "-3"], "--epochs must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
