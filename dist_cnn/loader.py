@@ -87,16 +87,22 @@ def _draws(plan: dict, key: str, pos: slice, device=None):
     return plan[key][pos].to(device) if key in plan else None
 
 
+def _image_aug(aug, x: torch.Tensor, epoch: int, pos: slice) -> torch.Tensor:
+    """The recipe's per-image transforms (augment.ImageAugment), keyed by each image's plan position."""
+    return aug(x, epoch, range(pos.start, pos.stop)) if aug else x
+
+
 def rank_slice(step: int, batch: int, rank: int, world: int) -> slice:
     start = step * batch * world + rank * batch
     return slice(start, start + batch)
 
 
 class DevicePipeline:
-    def __init__(self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize, device):
+    def __init__(self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize, device,
+                 image_aug=None):
         self.x, self.y = x.to(device), y.to(device)
         self.batch, self.rank, self.world, self.seed, self.aug = batch_per_rank, rank, world, seed, aug
-        self.normalize, self.device = normalize, device
+        self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = len(x) // (batch_per_rank * world)
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -105,7 +111,7 @@ class DevicePipeline:
             pos = rank_slice(step, self.batch, self.rank, self.world)
             idx = plan["perm"][pos]
             x = crop_flip(self.x[idx], _draws(plan, "shift", pos), _draws(plan, "flip", pos), self.aug.crop_padding)
-            yield self.normalize(x), self.y[idx]
+            yield self.normalize(_image_aug(self.image_aug, x, epoch, pos)), self.y[idx]
 
 
 class _ShardSampler(Sampler):
@@ -136,9 +142,9 @@ class _Images(TorchDataset):
 
 class LoaderPipeline:
     def __init__(self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize,
-                 device, workers: int):
+                 device, workers: int, image_aug=None):
         self.n, self.batch, self.rank, self.world, self.seed, self.aug = len(x), batch_per_rank, rank, world, seed, aug
-        self.normalize, self.device = normalize, device
+        self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step = None, 0
         self.loader = DataLoader(_Images(x, y), batch_size=batch_per_rank, sampler=_ShardSampler(self),
@@ -151,7 +157,8 @@ class LoaderPipeline:
             pos = rank_slice(step, self.batch, self.rank, self.world)
             shift, flip = _draws(self.plan, "shift", pos, self.device), _draws(self.plan, "flip", pos, self.device)
             x = x.to(self.device, non_blocking=True)
-            yield self.normalize(crop_flip(x, shift, flip, self.aug.crop_padding)), y.to(self.device, non_blocking=True)
+            x = _image_aug(self.image_aug, crop_flip(x, shift, flip, self.aug.crop_padding), epoch, pos)
+            yield self.normalize(x), y.to(self.device, non_blocking=True)
 
 
 def eval_shard(n: int, rank: int, world: int) -> slice:

@@ -4,6 +4,7 @@ device in the configured memory format. The same steps in the same order give th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from .config import Config
 from .data import Dataset
 from .loader import Normalize, normalization_stats
 from .models import build_model
+from .weights import init_from, load_pretrained
 
 
 @dataclass
@@ -23,9 +25,14 @@ class Prepared:
     std: list[float]
 
 
-def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict | None = None) -> Prepared:
-    """state: a checkpoint or model.pt whose weights to load (checked against this model first)."""
-    model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size)
+def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict | None = None, *,
+                  factory: Callable[..., nn.Module] | None = None, starting_weights: bool = False,
+                  log=print) -> Prepared:
+    """state: a checkpoint or model.pt whose weights to load (checked against this model first).
+    factory: builds the model instead of the spec (the Python API). starting_weights: a new run, so
+    --pretrained / --init-from apply (a resumed one loads its own checkpoint afterwards)."""
+    shape = dict(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size)
+    model = factory(**shape) if factory else build_model(cfg.model.name, **shape)
     if state is not None and "mean" in state:
         mean, std = list(state["mean"]), list(state["std"])  # the run's own normalization, as trained
     else:
@@ -35,8 +42,13 @@ def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict 
         check_compatible(state, cfg.model.name, state["config"]["data"]["dataset"],
                          {k: tuple(v.shape) for k, v in model.state_dict().items()})
         model.load_state_dict(state["model"])
-    elif hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
-        model.init_from_data(normalize(data.train_x[:5000].to(device)).cpu())
+    else:
+        if hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
+            model.init_from_data(normalize(data.train_x[:5000].to(device)).cpu())
+        if starting_weights and cfg.model.pretrained:
+            load_pretrained(model, cfg.model.name, data.num_classes, data.in_channels, log)
+        if starting_weights and cfg.model.init_from:
+            init_from(model, cfg.model.init_from, data.num_classes, log)
     model.to(device)
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import checkpoint, distributed as D
 from .config import Config
 from .errors import UserError
+from .models import short_name
 
 
 def default_run_name(cfg: Config, environ=os.environ) -> str:
@@ -15,7 +16,7 @@ def default_run_name(cfg: Config, environ=os.environ) -> str:
     # rendezvous id are stable across requeues and elastic restarts, a timestamp is not.
     run_id = environ.get("SLURM_JOB_ID") or environ.get("TORCHELASTIC_RUN_ID", "")
     stamp = f"job{run_id}" if run_id and run_id != "none" else time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{cfg.model.name}-{cfg.data.dataset}"
+    return f"{stamp}-{short_name(cfg.model.name)}-{cfg.data.dataset}"
 
 
 def restarted(environ=os.environ) -> bool:

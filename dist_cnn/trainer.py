@@ -19,7 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, config as config_mod, distributed as D, parallel, precision as P
 from .checkpoint import CheckpointPolicy
 from .config import Config
+from .augment import BatchMix, ImageAugment
 from .data import Dataset, load_dataset
+from .ema import ModelEMA, adjusted_decay
 from .errors import TrainingFailed, UserError
 from .evaluate import evaluate
 from .fileio import write_json_atomic
@@ -70,9 +72,10 @@ def memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    """Build everything from the config, then fit(). `data` skips loading (benchmarks, the Python API)."""
+    """Build everything from the config, then fit(). `data` skips loading (benchmarks, the Python API);
+    `model_factory` builds the model instead of `cfg.model.name` (the Python API)."""
 
-    def __init__(self, cfg: Config, env: D.DistEnv, data: Dataset | None = None):
+    def __init__(self, cfg: Config, env: D.DistEnv, data: Dataset | None = None, model_factory=None):
         self.cfg, self.env = cfg, env
         t, main = cfg.train, env.is_main
         self.log = Progress(main, False, 0).print  # replaced once the step count is known
@@ -88,7 +91,8 @@ class Trainer:
         self.data = data or D.main_then_all(env, lambda: load_dataset(cfg.data, log=self.log))
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
 
-        prepared = prepare_model(cfg, self.data, env.device)
+        prepared = prepare_model(cfg, self.data, env.device, factory=model_factory, starting_weights=state is None,
+                                 log=self.log)
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
         self.model, self.raw_model = parallel.wrap(prepared.model, env, cfg.model, t.grad_accum)
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
@@ -106,6 +110,11 @@ class Trainer:
         self.scaler = P.grad_scaler(self.precision, env.device)
         self.lookahead = Lookahead(self.raw_model, t.lookahead_every, t.lookahead_decay, self.total_steps) \
             if t.lookahead_every else None
+        self.ema = ModelEMA(self.raw_model, adjusted_decay(t.model_ema_decay, t.batch_size, t.model_ema_steps, t.epochs),
+                            t.model_ema_steps, warmup_steps=int(cfg.optim.warmup * self.total_steps)) \
+            if t.model_ema else None
+        self.mix = BatchMix(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, self.data.num_classes, t.seed, env.rank)
+        self.best_weights = "model"  # which weights best.pt holds the best score of: model or ema
 
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self._live_batches, self._batches_at = None, None
@@ -138,6 +147,7 @@ class Trainer:
         self.loader_kind = kind
         kw = dict(batch_per_rank=self.batch_per_rank, rank=env.rank, world=env.world_size, seed=cfg.train.seed,
                   aug=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.alternate_flip),
+                  image_aug=ImageAugment(cfg.data.auto_augment, cfg.data.random_erase, cfg.train.seed, self.mean),
                   normalize=self.normalize, device=env.device)
         if kind == "device":
             return DevicePipeline(d.train_x, d.train_y, **kw)
@@ -164,6 +174,7 @@ class Trainer:
                 "metrics": self.metrics.history, "finished": False, "precision": self.precision,
                 "mean": self.mean, "std": self.std,
                 "lookahead": self.lookahead.state_dict() if self.lookahead else {},
+                "ema": self.ema.state_dict() if self.ema else {}, "best_weights": self.best_weights,
                 # what `dist-cnn predict/export` need without the dataset (model.pt carries the same)
                 "model_name": self.cfg.model.name, "classes": self.data.classes,
                 "in_channels": self.data.in_channels, "image_size": self.data.image_size}
@@ -177,6 +188,9 @@ class Trainer:
         self.scaler.load_state_dict(s["scaler"])
         if self.lookahead:
             self.lookahead.load_state_dict(s["lookahead"])
+        if self.ema:
+            self.ema.load_state_dict(s["ema"])
+        self.best_weights = s.get("best_weights", "model")
         self.step, self.epoch, self.epoch_step = s["step"], s["epoch"], s["epoch_step"]
         self.meter, self.best_acc, self.skipped_steps = Meter(s["train_seconds"]), s["best_acc"], s["skipped_steps"]
         self.wandb_id = s["wandb_id"]
@@ -220,6 +234,9 @@ class Trainer:
         whiten = getattr(self.raw_model, "whiten", None)
         if whiten is not None and self.epoch >= self.cfg.model.freeze_whiten_bias_after:
             whiten.bias.grad = None  # airbench trains the whitening bias for the first epochs only
+        if self.cfg.optim.clip_grad_norm:  # on the true gradients: unscaled from fp16's loss scale first
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
         if not signals.nonfinite or self.precision == "fp16":  # fp16's scaler skips bad steps by itself
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -265,7 +282,8 @@ class Trainer:
         interval = time.perf_counter(), 0, 0.0  # start, steps, seconds waiting for data
         while self.epoch_step < self.steps_per_epoch and self.step < end:
             wait_from = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
+            # MixUp/CutMix (when on) turn each micro-batch's labels into soft targets, seeded by its position
+            micro = [self.mix(*next(batches), self.epoch, self.epoch_step * accum + i) for i in range(accum)]
             waited = time.perf_counter() - wait_from
             signals, loss = self.train_step(micro)
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
@@ -273,6 +291,8 @@ class Trainer:
             interval = interval[0], interval[1] + 1, interval[2] + waited
             if self.lookahead:
                 self.lookahead.step(self.step)
+            if self.ema:
+                self.ema.update(self.raw_model, self.step)
             self._guard_nonfinite(signals.nonfinite)
             if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
                 self.log_train(float(loss), interval[1], time.perf_counter() - interval[0], interval[2])
@@ -344,19 +364,29 @@ class Trainer:
                                  f"--out {self.run_dir} --resume auto")
         return True
 
-    def run_eval(self) -> dict:
+    def _evaluate(self, model) -> dict:
         d = self.data
-        res = evaluate(self.model, d.test_x, d.test_y, num_classes=d.num_classes, normalize=self.normalize,
-                       env=self.env, precision=self.precision, tta=self.cfg.train.tta)
+        return evaluate(model, d.test_x, d.test_y, num_classes=d.num_classes, normalize=self.normalize,
+                        env=self.env, precision=self.precision, tta=self.cfg.train.tta)
+
+    def run_eval(self) -> dict:
+        res = self._evaluate(self.model)
         rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.meter.seconds}
+        score, winner, ema_note = res["test_accuracy"], "model", ""
+        if self.ema:  # the average is scored beside the model; the better of the two may make best.pt
+            ema = self._evaluate(self.ema.module)
+            rec.update({f"ema_{k}": v for k, v in ema.items() if k != "confusion_matrix"})
+            if ema["test_accuracy"] > score:
+                score, winner = ema["test_accuracy"], "ema"
+            rec["best_weights"] = winner
+            ema_note = f", EMA {ema['test_accuracy']:.4f}"
         self.metrics.write(rec)
-        self.wandb.log_eval(rec, d.classes)
-        self.tensorboard.log_eval(rec, d.classes)
+        self.wandb.log_eval(rec, self.data.classes)
+        self.tensorboard.log_eval(rec, self.data.classes)
         self.log(f"epoch {self.epoch}: test accuracy {res['test_accuracy']:.4f} "
-                 f"({res['test_correct']}/{res['test_total']}), {self.meter.seconds:.1f} s of training")
-        is_best = res["test_accuracy"] > self.best_acc
-        self.best_acc = max(self.best_acc, res["test_accuracy"])
-        if is_best:
+                 f"({res['test_correct']}/{res['test_total']}){ema_note}, {self.meter.seconds:.1f} s of training")
+        if score > self.best_acc:
+            self.best_acc, self.best_weights = score, winner
             self.save_checkpoint(is_best=True)
         return rec
 
@@ -365,9 +395,12 @@ class Trainer:
         self.save_checkpoint(final=True)
         if self.env.is_main:
             cfg, d = self.cfg, self.data
-            torch.save({"model": self.raw_model.state_dict(), "model_name": cfg.model.name, "classes": d.classes,
-                        "in_channels": d.in_channels, "image_size": d.image_size,
-                        "mean": self.mean, "std": self.std, "config": config_mod.to_dict(cfg)}, self.run_dir / "model.pt")
+            export = {"model": self.raw_model.state_dict(), "model_name": cfg.model.name, "classes": d.classes,
+                      "in_channels": d.in_channels, "image_size": d.image_size,
+                      "mean": self.mean, "std": self.std, "config": config_mod.to_dict(cfg)}
+            if self.ema:
+                export["ema"] = self.ema.module.state_dict()
+            torch.save(export, self.run_dir / "model.pt")
             write_json_atomic(self.run_dir / "summary.json", summary)
             self.wandb.finish(summary)
             self.tensorboard.finish(summary)
@@ -386,6 +419,8 @@ class Trainer:
             "model": cfg.model.name, "dataset": cfg.data.dataset, "precision": self.precision,
             "loader": self.loader_kind, "device": str(self.env.device), "skipped_steps": self.skipped_steps,
             "parameters": sum(p.numel() for p in self.raw_model.parameters()), "run_dir": str(self.run_dir)})
+        if self.ema:
+            summary.update({k: ev[k] for k in ("ema_test_accuracy", "ema_test_correct", "best_weights")})
         return summary
 
     def _report(self, summary: dict) -> None:
@@ -396,6 +431,6 @@ class Trainer:
         self.log(format_report(summary, self.metrics.history))
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, data: Dataset | None = None, model_factory=None) -> dict:
     with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
-        return Trainer(cfg, env).fit()
+        return Trainer(cfg, env, data=data, model_factory=model_factory).fit()

@@ -20,6 +20,8 @@ def eval_parser():
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast precision (default: fp32)")
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch per rank (default: 1000)")
+    p.add_argument("--weights", default="model", choices=("model", "ema"),
+                   help="the trained weights, or their EMA (runs with --model-ema) (default: model)")
     p.add_argument("--output", help="write the metrics here as JSON (default: eval-<checkpoint>.json beside it)")
     return p
 
@@ -29,6 +31,11 @@ def main_eval(argv) -> int:
     state = checkpoint.load(Path(args.checkpoint))
     if "config" not in state or "model" not in state:
         raise UserError(f"{args.checkpoint} is not a dist_cnn checkpoint (no config/model)")
+    if args.weights == "ema":
+        if not state.get("ema"):
+            raise UserError(f"{args.checkpoint} has no EMA weights (the run had no --model-ema)")
+        # checkpoints keep the AveragedModel's state (module.* and its update count), model.pt the plain one
+        state = dict(state, model={k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
     cfg = config_mod.from_dict(state["config"])
     if args.dataset:
         cfg.data.dataset = args.dataset
@@ -46,7 +53,7 @@ def main_eval(argv) -> int:
 
 
 def _report(args, cfg, data, env, res: dict) -> None:
-    res = {"checkpoint": str(args.checkpoint), "dataset": cfg.data.dataset, "model": cfg.model.name,
+    res = {"checkpoint": str(args.checkpoint), "weights": args.weights, "dataset": cfg.data.dataset, "model": cfg.model.name,
            "classes": data.classes, "world_size": env.world_size, **res}
     print(f"test accuracy {res['test_accuracy']:.4f} ({res['test_correct']}/{res['test_total']})")
     for name, acc in zip(data.classes, res["per_class_accuracy"]):
