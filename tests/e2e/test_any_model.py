@@ -155,4 +155,9 @@ def test_recipe_options_resume_exactly(tmp_path, nproc):
     evals = read_events(tmp_path / "resumed", "eval")
     assert all({"ema_test_accuracy", "best_weights"} <= e.keys() for e in evals)
     best = torch.load(tmp_path / "resumed" / "checkpoints" / "best.pt", weights_only=True)
-    assert best["best_weights"] in ("model", "ema")
+    assert best["best_weights"] in ("model", "ema") and best["ema"]
+    if nproc == 1:  # `dist-cnn eval --weights ema` scores the average, as training did
+        run_py(["-m", "dist_cnn.cli", "eval", "--checkpoint", tmp_path / "resumed" / "model.pt", "--weights", "ema",
+                "--output", tmp_path / "ema.json"], check=0)
+        ema = json.loads((tmp_path / "ema.json").read_text())
+        assert ema["weights"] == "ema" and ema["test_correct"] == evals[-1]["ema_test_correct"]
