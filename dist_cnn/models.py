@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 SPEC_FORMS = ("torchvision:NAME", "timm:NAME", "package.module:factory")
@@ -166,8 +166,7 @@ def _user_callable(target: str):
                             f"directory") from None
         raise UserError(f"--model {target}: importing {module_name} failed: {e}") from None
     except Exception as e:  # the user's module itself raised: its first line is the useful part
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"--model {target}: importing {module_name} failed: {type(e).__name__}: {first}") from None
+        raise UserError(f"--model {target}: importing {module_name} failed: {type(e).__name__}: {one_line(e)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UserError(f"--model {target}: module {module_name} has no attribute {attr!r}")
@@ -196,8 +195,7 @@ def call_factory(fn, spec: str, in_channels: int, num_classes: int, image_size: 
     except UserError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"--model {spec}: calling it with {kw} failed: {type(e).__name__}: {first}") from None
+        raise UserError(f"--model {spec}: calling it with {kw} failed: {type(e).__name__}: {one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model

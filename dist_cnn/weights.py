@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .errors import UserError
+from .errors import UserError, one_line
 from .models import _TV_NO_AUX, parse_spec, tv_weights
 
 
@@ -41,8 +41,7 @@ def load_pretrained(model: nn.Module, spec: str, num_classes: int, in_channels: 
         try:  # timm reads its hub cache (or downloads), and adapts in_chans and the head itself
             ref = timm.create_model(s.name, pretrained=True, num_classes=num_classes, in_chans=in_channels)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"--pretrained: timm could not load weights for {s.name} ({first}); put them in the "
+            raise UserError(f"--pretrained: timm could not load weights for {s.name} ({one_line(e)[:200]}); put them in the "
                             f"Hugging Face cache (HF_HOME) on a machine with network access") from None
         trained = ref.pretrained_cfg.get("num_classes")
         model.load_state_dict(ref.state_dict())
@@ -68,7 +67,7 @@ def _read(path: Path, what: str, whole: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{what}: unreadable ({str(e).strip().splitlines()[0][:200]})") from None
+        raise UserError(f"{what}: unreadable ({one_line(e)[:200]})") from None
 
 
 def load_into(model: nn.Module, state: dict, num_classes: int, source: str, log) -> None:
