@@ -243,6 +243,8 @@ class WandbLogger:
                 data[f"test/{k.removeprefix('test_')}"] = record[k]
         if is_number(record.get("train_seconds")):
             data["train_seconds"] = record["train_seconds"]
+        if is_number(record.get("ema_test_accuracy")):  # --model-ema: the average's score beside the model's
+            data["test/ema_accuracy"] = record["ema_test_accuracy"]
         per_class = record.get("per_class_accuracy") or []
         names = class_names(classes, len(per_class))
         for name, acc in zip(names, per_class):
