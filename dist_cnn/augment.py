@@ -18,7 +18,7 @@ tensor's device, whose generator this seeding does not cover).
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import v2

@@ -20,8 +20,8 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,8 @@ def _user_callable(target: str):
                             f"directory") from None
         raise UserError(f"--model {target}: importing {module_name} failed: {e}") from None
     except Exception as e:  # the user's module itself raised: its first line is the useful part
-        raise UserError(f"--model {target}: importing {module_name} failed: {type(e).__name__}: {one_line(e)}") from None
+        raise UserError(f"--model {target}: importing {module_name} failed: "
+                        f"{type(e).__name__}: {one_line(e)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UserError(f"--model {target}: module {module_name} has no attribute {attr!r}")

@@ -3,8 +3,8 @@ the data, fix the normalization, let the model see the data (or load saved weigh
 device in the configured memory format. The same steps in the same order give the same arithmetic."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -110,9 +110,9 @@ class Trainer:
         self.scaler = P.grad_scaler(self.precision, env.device)
         self.lookahead = Lookahead(self.raw_model, t.lookahead_every, t.lookahead_decay, self.total_steps) \
             if t.lookahead_every else None
-        self.ema = ModelEMA(self.raw_model, adjusted_decay(t.model_ema_decay, t.batch_size, t.model_ema_steps, t.epochs),
-                            t.model_ema_steps, warmup_steps=int(cfg.optim.warmup * self.total_steps)) \
-            if t.model_ema else None
+        ema_decay = adjusted_decay(t.model_ema_decay, t.batch_size, t.model_ema_steps, t.epochs)
+        self.ema = ModelEMA(self.raw_model, ema_decay, t.model_ema_steps,
+                            warmup_steps=int(cfg.optim.warmup * self.total_steps)) if t.model_ema else None
         self.mix = BatchMix(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, self.data.num_classes, t.seed, env.rank)
         self.best_weights = "model"  # which weights best.pt holds the best score of: model or ema
 

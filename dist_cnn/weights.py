@@ -41,7 +41,8 @@ def load_pretrained(model: nn.Module, spec: str, num_classes: int, in_channels: 
         try:  # timm reads its hub cache (or downloads), and adapts in_chans and the head itself
             ref = timm.create_model(s.name, pretrained=True, num_classes=num_classes, in_chans=in_channels)
         except Exception as e:
-            raise UserError(f"--pretrained: timm could not load weights for {s.name} ({one_line(e)[:200]}); put them in the "
+            raise UserError(f"--pretrained: timm could not load weights for {s.name} ({one_line(e)[:200]}); "
+                            f"put them in the "
                             f"Hugging Face cache (HF_HOME) on a machine with network access") from None
         trained = ref.pretrained_cfg.get("num_classes")
         model.load_state_dict(ref.state_dict())

@@ -53,7 +53,8 @@ def main_eval(argv) -> int:
 
 
 def _report(args, cfg, data, env, res: dict) -> None:
-    res = {"checkpoint": str(args.checkpoint), "weights": args.weights, "dataset": cfg.data.dataset, "model": cfg.model.name,
+    res = {"checkpoint": str(args.checkpoint), "weights": args.weights, "dataset": cfg.data.dataset,
+           "model": cfg.model.name,
            "classes": data.classes, "world_size": env.world_size, **res}
     print(f"test accuracy {res['test_accuracy']:.4f} ({res['test_correct']}/{res['test_total']})")
     for name, acc in zip(data.classes, res["per_class_accuracy"]):

@@ -4,9 +4,8 @@ import textwrap
 
 import pytest
 import torch
-from PIL import Image
-
 from common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
+from PIL import Image
 
 FAIL = ROOT / "tests/helpers/fail_rank.py"
 FAST = [*SMALL, "--max-steps", "4", "--eval-every", "0"]
@@ -135,7 +134,8 @@ NOISE = {"time", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", 
 
 
 def _history(run_dir):
-    return [{k: v for k, v in e.items() if k not in NOISE} for e in read_events(run_dir) if e["event"] in ("train", "eval")]
+    return [{k: v for k, v in e.items() if k not in NOISE} for e in read_events(run_dir)
+            if e["event"] in ("train", "eval")]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -56,7 +56,8 @@ def one_line_error(fn, *args, match=None):
 def test_parse_spec_forms():
     assert parse_spec("seed").kind == "builtin"
     assert parse_spec("torchvision:resnet50") == parse_spec("torchvision:resnet50")
-    assert (parse_spec("torchvision:resnet50").kind, parse_spec("torchvision:resnet50").name) == ("torchvision", "resnet50")
+    tv = parse_spec("torchvision:resnet50")
+    assert (tv.kind, tv.name) == ("torchvision", "resnet50")
     assert parse_spec("timm:resnet18").kind == "timm"
     assert parse_spec("my_pkg.my_mod:build").kind == "module"
     assert parse_spec("my_pkg.my_mod:Outer.build").kind == "module"
@@ -129,6 +130,7 @@ def test_timm_model_or_one_line_without_timm(monkeypatch):
 
 def test_pretrained_from_the_hub_cache_reinitializes_another_head(tmp_path, monkeypatch):
     import torchvision
+
     from dist_cnn.models import tv_weights
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     path = hub_file(tv_weights("resnet18").url)
@@ -145,7 +147,8 @@ def test_pretrained_from_the_hub_cache_reinitializes_another_head(tmp_path, monk
     assert torch.equal(model.conv1.weight, ref.conv1.weight) and torch.equal(model.layer4[1].bn2.running_var,
                                                                               ref.layer4[1].bn2.running_var)
     assert torch.equal(model.fc.weight, head_before) and model.fc.out_features == 10
-    assert logs == ["torchvision:resnet18 weights: classifier head fc re-initialized for 10 classes (the weights have 1000)"]
+    assert logs == ["torchvision:resnet18 weights: classifier head fc re-initialized for 10 classes "
+                    "(the weights have 1000)"]
     one_line_error(load_pretrained, build_model("seed", 3, 10, 32), "seed", 10, 3, print, match="--init-from")
 
 
