@@ -31,6 +31,7 @@ from . import config as config_mod
 from .data import Dataset
 from .errors import UserError
 from .models import call_factory, object_spec
+from .trainer import train as run_training
 
 API_DATASET = "python"  # the dataset name recorded when fit() gets Dataset objects
 
@@ -150,6 +151,5 @@ def fit(model, train="cifar10", test=None, *, classes=None, **options) -> dict:
         config_mod.validate(cfg)
         cfg.data.dataset = API_DATASET
         data = datasets_from(train, test, classes)
-    from .trainer import train as run
-    return run(cfg, data=data, model_factory=factory)
+    return run_training(cfg, data=data, model_factory=factory)
 

@@ -4,10 +4,10 @@ import textwrap
 
 import pytest
 import torch
-from common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
+from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
 from PIL import Image
 
-FAIL = ROOT / "tests/helpers/fail_rank.py"
+FAIL = ROOT / "tests/support/fail_rank.py"
 FAST = [*SMALL, "--max-steps", "4", "--eval-every", "0"]
 
 
