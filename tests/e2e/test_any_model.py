@@ -4,8 +4,9 @@ import textwrap
 
 import pytest
 import torch
-from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
 from PIL import Image
+
+from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
 
 FAIL = ROOT / "tests/support/fail_rank.py"
 FAST = [*SMALL, "--max-steps", "4", "--eval-every", "0"]
