@@ -20,6 +20,7 @@ Run it under torchrun, srun or plain python: every process calls fit() and it ge
 the run's summary dict (on every rank), or {"stopped": True, "step": N} when a stop signal ended it.
 Bad options raise dist_cnn.errors.UserError (one line). The module passed in is trained in place.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -67,9 +68,11 @@ def build_config(options: dict) -> config_mod.Config:
 def _image(img, where: str) -> torch.Tensor:
     if not isinstance(img, torch.Tensor):
         from PIL import Image
+
         if not isinstance(img, Image.Image):
             raise UserError(f"{where}: images must be tensors or PIL images, got {type(img).__name__}")
         from torchvision.transforms.v2 import functional as TF
+
         img = TF.pil_to_tensor(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
     if img.ndim == 2:
         img = img.unsqueeze(0)
@@ -79,8 +82,10 @@ def _image(img, where: str) -> torch.Tensor:
         return img
     if img.is_floating_point():
         if img.numel() and not (0 <= float(img.min()) and float(img.max()) <= 1):
-            raise UserError(f"{where}: float images must be in [0, 1] (ToTensor's output), got values in "
-                            f"[{float(img.min()):.3g}, {float(img.max()):.3g}]; normalization is dist_cnn's job")
+            raise UserError(
+                f"{where}: float images must be in [0, 1] (ToTensor's output), got values in "
+                f"[{float(img.min()):.3g}, {float(img.max()):.3g}]; normalization is dist_cnn's job"
+            )
         return img.mul(255).round_().to(torch.uint8)
     raise UserError(f"{where}: images must be uint8 or float tensors, got {img.dtype}")
 
@@ -100,8 +105,10 @@ def materialize(ds, where: str) -> tuple[torch.Tensor, torch.Tensor]:
             raise UserError(f"{where}[{i}]: must be an (image, label) pair")
         x = _image(item[0], f"{where}[{i}]")
         if xs and x.shape != xs[0].shape:
-            raise UserError(f"{where}[{i}]: image shape {tuple(x.shape)} differs from {tuple(xs[0].shape)}; "
-                            f"resize in the dataset's transform")
+            raise UserError(
+                f"{where}[{i}]: image shape {tuple(x.shape)} differs from {tuple(xs[0].shape)}; "
+                f"resize in the dataset's transform"
+            )
         xs.append(x)
         ys.append(int(item[1]))
     return torch.stack(xs).contiguous(), torch.tensor(ys, dtype=torch.int64)
@@ -152,4 +159,3 @@ def fit(model, train="cifar10", test=None, *, classes=None, **options) -> dict:
         cfg.data.dataset = API_DATASET
         data = datasets_from(train, test, classes)
     return run_training(cfg, data=data, model_factory=factory)
-

@@ -15,6 +15,7 @@ pair images within a rank's slice of the batch (as torchvision's reference does 
 function), so its draws do. Per-image work runs on the CPU (AugMix draws its mixing weights on the
 tensor's device, whose generator this seeding does not cover).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,9 +36,12 @@ def draw_seed(*parts: int) -> int:
 
 def auto_augment(name: str):
     interp = v2.InterpolationMode.BILINEAR  # the reference's default --interpolation
-    return {"none": None, "ra": v2.RandAugment(interpolation=interp),
-            "ta_wide": v2.TrivialAugmentWide(interpolation=interp),
-            "augmix": v2.AugMix(interpolation=interp)}[name]
+    return {
+        "none": None,
+        "ra": v2.RandAugment(interpolation=interp),
+        "ta_wide": v2.TrivialAugmentWide(interpolation=interp),
+        "augmix": v2.AugMix(interpolation=interp),
+    }[name]
 
 
 class ImageAugment:

@@ -7,6 +7,7 @@ is kept so one --model-ema-decay suits any batch size and length: the decay per 
 every update (it follows the weights), as in the reference. Its state (weights and update count) is
 part of each checkpoint, so a resumed run continues the same average.
 """
+
 from __future__ import annotations
 
 import torch

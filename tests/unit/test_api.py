@@ -1,4 +1,5 @@
 """fit()'s option table and dataset reading (the run itself: tests/e2e/test_any_model.py). In-process."""
+
 import pytest
 import torch
 from PIL import Image
@@ -21,8 +22,17 @@ class Pairs(torch.utils.data.Dataset):
 
 
 def test_options_are_config_fields_or_flag_names(tmp_path):
-    cfg = build_config({"epochs": 3, "batch_size": 32, "lr": 0.1, "out": tmp_path, "keep_checkpoints": 2,
-                        "mixup_alpha": 0.2, "flip": True})
+    cfg = build_config(
+        {
+            "epochs": 3,
+            "batch_size": 32,
+            "lr": 0.1,
+            "out": tmp_path,
+            "keep_checkpoints": 2,
+            "mixup_alpha": 0.2,
+            "flip": True,
+        }
+    )
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr, cfg.log.out) == (3, 32, 0.1, str(tmp_path))
     assert cfg.ckpt.keep == 2 and cfg.data.flip
     f = tmp_path / "c.toml"
@@ -45,13 +55,16 @@ def test_materialize_uint8_float_and_pil():
     assert gray.shape == (1, 1, 8, 8)
 
 
-@pytest.mark.parametrize("items,match", [
-    ([(torch.randn(3, 8, 8) * 5, 0)], r"float images must be in \[0, 1\]"),
-    ([(torch.zeros(3, 8, 8, dtype=torch.uint8), 0), (torch.zeros(3, 9, 9, dtype=torch.uint8), 0)], "differs"),
-    ([torch.zeros(3, 8, 8)], r"\(image, label\) pair"),
-    ([("x", 0)], "tensors or PIL images"),
-    ([], "empty"),
-])
+@pytest.mark.parametrize(
+    "items,match",
+    [
+        ([(torch.randn(3, 8, 8) * 5, 0)], r"float images must be in \[0, 1\]"),
+        ([(torch.zeros(3, 8, 8, dtype=torch.uint8), 0), (torch.zeros(3, 9, 9, dtype=torch.uint8), 0)], "differs"),
+        ([torch.zeros(3, 8, 8)], r"\(image, label\) pair"),
+        ([("x", 0)], "tensors or PIL images"),
+        ([], "empty"),
+    ],
+)
 def test_bad_datasets_are_one_line(items, match):
     with pytest.raises(UserError, match=match) as e:
         materialize(Pairs(items), "train")

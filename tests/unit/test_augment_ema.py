@@ -1,4 +1,5 @@
 """Recipe augmentations (seeded per position) and model EMA. In-process, CPU."""
+
 import pytest
 import torch
 from torchvision.transforms import v2

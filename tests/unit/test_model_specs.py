@@ -1,4 +1,5 @@
 """Model specs (built-in, torchvision:, timm:, package.module:factory) and starting weights. In-process."""
+
 import sys
 import textwrap
 
@@ -16,7 +17,8 @@ def user_module(tmp_path, monkeypatch):
     pkg = tmp_path / "mynets"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "nets.py").write_text(textwrap.dedent("""
+    (pkg / "nets.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
 
         class Tiny(nn.Module):
@@ -39,7 +41,8 @@ def user_module(tmp_path, monkeypatch):
             raise ValueError("width must be even")
 
         WIDTH = 3
-        """))
+        """)
+    )
     monkeypatch.chdir(tmp_path)
     yield "mynets.nets"
     for name in [m for m in sys.modules if m.startswith("mynets")]:
@@ -87,6 +90,7 @@ def test_factory_gets_the_keywords_it_names():
 
     def g(**kw):
         pass
+
     avail = dict(in_channels=3, num_classes=10, image_size=32)
     assert factory_kwargs(f, **avail) == {"num_classes": 10, "image_size": 32}
     assert factory_kwargs(g, **avail) == avail
@@ -94,6 +98,7 @@ def test_factory_gets_the_keywords_it_names():
 
 def test_object_spec():
     from dist_cnn.models import SeedNet, seed
+
     assert object_spec(seed) == "dist_cnn.models:seed"
     assert object_spec(SeedNet) == "dist_cnn.models:SeedNet"
     assert object_spec(SeedNet()) == "python:dist_cnn.models.SeedNet"  # an instance: its arguments are unknown
@@ -119,6 +124,7 @@ def test_torchvision_vit_is_built_for_the_image_size():
 def test_timm_model_or_one_line_without_timm(monkeypatch):
     try:
         import timm  # noqa: F401
+
         m = build_model("timm:resnet18", 1, 6, 32)
         assert m(torch.randn(2, 1, 32, 32)).shape == (2, 6)
         one_line_error(check_spec, "timm:no_such_net", match="timm has no model")
@@ -132,6 +138,7 @@ def test_pretrained_from_the_hub_cache_reinitializes_another_head(tmp_path, monk
     import torchvision
 
     from dist_cnn.models import tv_weights
+
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     path = hub_file(tv_weights("resnet18").url)
     model, logs = build_model("torchvision:resnet18", 3, 10, 32), []
@@ -144,11 +151,13 @@ def test_pretrained_from_the_hub_cache_reinitializes_another_head(tmp_path, monk
     torch.save(ref.state_dict(), path)
     head_before = model.fc.weight.clone()
     load_pretrained(model, "torchvision:resnet18", 10, 3, logs.append)
-    assert torch.equal(model.conv1.weight, ref.conv1.weight) and torch.equal(model.layer4[1].bn2.running_var,
-                                                                              ref.layer4[1].bn2.running_var)
+    assert torch.equal(model.conv1.weight, ref.conv1.weight) and torch.equal(
+        model.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var
+    )
     assert torch.equal(model.fc.weight, head_before) and model.fc.out_features == 10
-    assert logs == ["torchvision:resnet18 weights: classifier head fc re-initialized for 10 classes "
-                    "(the weights have 1000)"]
+    assert logs == [
+        "torchvision:resnet18 weights: classifier head fc re-initialized for 10 classes (the weights have 1000)"
+    ]
     one_line_error(load_pretrained, build_model("seed", 3, 10, 32), "seed", 10, 3, print, match="--init-from")
 
 
@@ -164,15 +173,33 @@ def test_init_from_replaces_a_head_and_refuses_other_mismatches(tmp_path):
     init_from(same, str(tmp_path / "model.pt"), 10, logs.append)
     assert logs == [] and torch.equal(same.fc3.weight, src.fc3.weight)
     # another image size changes fc1: not a head, an error
-    one_line_error(init_from, build_model("seed", 3, 10, 16), str(tmp_path / "model.pt"), 10, print,
-                   match=r"fc1.weight is \(120, 2048\) there, \(120, 512\) here")
-    one_line_error(init_from, build_model("resnet18", 3, 10, 32), str(tmp_path / "model.pt"), 10, print,
-                   match="do not fit this model: .* missing here")
+    one_line_error(
+        init_from,
+        build_model("seed", 3, 10, 16),
+        str(tmp_path / "model.pt"),
+        10,
+        print,
+        match=r"fc1.weight is \(120, 2048\) there, \(120, 512\) here",
+    )
+    one_line_error(
+        init_from,
+        build_model("resnet18", 3, 10, 32),
+        str(tmp_path / "model.pt"),
+        10,
+        print,
+        match="do not fit this model: .* missing here",
+    )
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     one_line_error(init_from, build_model("seed", 3, 10, 32), str(tmp_path / "junk.pt"), 10, print, match="unreadable")
     torch.save({"weights": {}}, tmp_path / "other.pt")
-    one_line_error(init_from, build_model("seed", 3, 10, 32), str(tmp_path / "other.pt"), 10, print,
-                   match="not a dist_cnn model.pt")
+    one_line_error(
+        init_from,
+        build_model("seed", 3, 10, 32),
+        str(tmp_path / "other.pt"),
+        10,
+        print,
+        match="not a dist_cnn model.pt",
+    )
 
 
 def test_load_into_two_mismatched_modules_is_an_error():
