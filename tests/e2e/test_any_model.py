@@ -1,4 +1,5 @@
 """Any model, starting weights, the Python API and the recipe options, through the real entry points."""
+
 import json
 import textwrap
 
@@ -27,7 +28,8 @@ def user_dir(tmp_path):
     pkg = tmp_path / "mynets"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "nets.py").write_text(textwrap.dedent("""
+    (pkg / "nets.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
 
         def build(in_channels, num_classes, image_size):
@@ -36,13 +38,14 @@ def user_dir(tmp_path):
 
         def not_a_model(num_classes):
             return [num_classes]
-        """))
+        """)
+    )
     return tmp_path
 
 
 def evaluate_model_pt(run_dir, cwd=ROOT):
-    p = run_py(["-m", "dist_cnn.cli", "eval", "--checkpoint", run_dir / "model.pt", "--output", run_dir / "e.json"],
-               cwd=cwd, check=0)
+    args = ["-m", "dist_cnn.cli", "eval", "--checkpoint", run_dir / "model.pt", "--output", run_dir / "e.json"]
+    p = run_py(args, cwd=cwd, check=0)
     return json.loads((run_dir / "e.json").read_text()), p
 
 
@@ -75,13 +78,13 @@ def test_init_from_replaces_the_head(tmp_path):
             for i in range(8):
                 Image.new("RGB", (32, 32), (80 * c, 10 * i, 0)).save(folder / split / f"c{c}" / f"{i}.png")
     first = tmp_path / "three-classes"
-    train([*SMALL, "--dataset", "imagefolder", "--data-dir", folder, "--batch-size", "8", "--max-steps", "2",
-           "--out", first], check=0)
+    args = [*SMALL, *"--dataset imagefolder --batch-size 8 --max-steps 2".split()]
+    train([*args, "--data-dir", folder, "--out", first], check=0)
     old = torch.load(first / "model.pt", weights_only=True)["model"]
     second = tmp_path / "ten-classes"
     p = train([*FAST, "--init-from", first / "model.pt", "--out", second], check=0)
-    assert f"--init-from {first / 'model.pt'}: classifier head fc3 re-initialized for 10 classes " \
-           f"(the weights have 3)" in p.stdout
+    head = "classifier head fc3 re-initialized for 10 classes (the weights have 3)"
+    assert f"--init-from {first / 'model.pt'}: {head}" in p.stdout
     cfg = json.loads((second / "config.json").read_text())
     assert cfg["model"]["init_from"] == str(first / "model.pt")
     (first / "model.pt").unlink()  # a missing file: one line
@@ -90,16 +93,19 @@ def test_init_from_replaces_the_head(tmp_path):
     assert old["fc3.weight"].shape == (3, 84)
 
 
-@pytest.mark.parametrize("spec,needle", [
+BAD_SPECS = [
     ("nosuchpkg.mod:build", "no module 'nosuchpkg'"),
     ("mynets.nets:missing", "module mynets.nets has no attribute 'missing'"),
     ("torchvision:resnet5", "torchvision has no classification model 'resnet5'"),
     ("vgg", "unknown model 'vgg'"),
-])
+]
+
+
+@pytest.mark.parametrize("spec,needle", BAD_SPECS)
 def test_bad_specs_fail_before_the_data_is_read(user_dir, spec, needle):
     # the data dir does not exist: an error about the model shows the model was checked first
-    p = train([*SMALL, "--dataset", "cifar10", "--data-dir", user_dir / "none", "--no-download",
-               "--model", spec, "--out", user_dir / "r"], cwd=user_dir)
+    args = [*SMALL, "--dataset", "cifar10", "--data-dir", user_dir / "none", "--no-download", "--model", spec]
+    p = train([*args, "--out", user_dir / "r"], cwd=user_dir)
     assert_one_line_error(p, needle)
 
 
@@ -111,14 +117,14 @@ def test_factory_returning_something_else_is_one_line(user_dir):
 def test_pretrained_offline_says_where_the_file_goes(tmp_path):
     env = clean_env(TORCH_HOME=str(tmp_path / "torch"))
     p = train([*FAST, "--model", "torchvision:resnet18", "--pretrained", "--out", tmp_path / "r"], env=env)
-    assert_one_line_error(p, str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
-                          "https://download.pytorch.org/models/resnet18-f37072fd.pth")
+    where = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert_one_line_error(p, str(where), "https://download.pytorch.org/models/resnet18-f37072fd.pth")
 
 
 def test_api_example_under_torchrun(tmp_path):
     out = tmp_path / "api"
-    p = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                ROOT / "examples" / "custom_model.py", out], check=0)
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = run_py([*launch, ROOT / "examples" / "custom_model.py", out], check=0)
     s = read_summary(out)
     assert s["world_size"] == 2 and s["model"] == "python:__main__.SmallNet" and s["dataset"] == "python"
     assert s["test_total"] == 128 and s["steps"] == 2 * 512 // 64
@@ -126,17 +132,20 @@ def test_api_example_under_torchrun(tmp_path):
     assert (out / "checkpoints").is_dir() and (out / "model.pt").exists()
 
 
-RECIPE = [*SMALL, "--synthetic-train-size", "1024", "--epochs", "2", "--checkpoint-every-steps", "5",
-          "--log-every", "4", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--auto-augment", "ta_wide",
-          "--random-erase", "0.25", "--clip-grad-norm", "1.0", "--model-ema", "--model-ema-steps", "2",
-          "--flip", "--crop-padding", "2"]
-NOISE = {"time", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", "epoch_seconds",
-         "eta_seconds", "memory_mb", "train_seconds", "path", "from"}
+# 1024 images / batch 64 = 16 steps an epoch, 2 epochs, a checkpoint every 5 steps; every recipe option on
+RECIPE = [
+    *SMALL,
+    *"--synthetic-train-size 1024 --epochs 2 --checkpoint-every-steps 5 --log-every 4 --flip --crop-padding 2".split(),
+    *"--mixup-alpha 0.2 --cutmix-alpha 1.0 --auto-augment ta_wide --random-erase 0.25 --clip-grad-norm 1.0".split(),
+    *"--model-ema --model-ema-steps 2".split(),
+]
+NOISE = set("time images_per_sec images_per_sec_per_rank data_wait_frac epoch_seconds eta_seconds memory_mb".split())
+NOISE |= {"train_seconds", "path", "from"}
 
 
 def _history(run_dir):
-    return [{k: v for k, v in e.items() if k not in NOISE} for e in read_events(run_dir)
-            if e["event"] in ("train", "eval")]
+    events = [e for e in read_events(run_dir) if e["event"] in ("train", "eval")]
+    return [{k: v for k, v in e.items() if k not in NOISE} for e in events]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -158,7 +167,21 @@ def test_recipe_options_resume_exactly(tmp_path, nproc):
     best = torch.load(tmp_path / "resumed" / "checkpoints" / "best.pt", weights_only=True)
     assert best["best_weights"] in ("model", "ema") and best["ema"]
     if nproc == 1:  # `dist-cnn eval --weights ema` scores the average, as training did
-        run_py(["-m", "dist_cnn.cli", "eval", "--checkpoint", tmp_path / "resumed" / "model.pt", "--weights", "ema",
-                "--output", tmp_path / "ema.json"], check=0)
-        ema = json.loads((tmp_path / "ema.json").read_text())
+        ema_json = tmp_path / "ema.json"
+        args = ["--checkpoint", tmp_path / "resumed" / "model.pt", "--weights", "ema", "--output", ema_json]
+        run_py(["-m", "dist_cnn.cli", "eval", *args], check=0)
+        ema = json.loads(ema_json.read_text())
         assert ema["weights"] == "ema" and ema["test_correct"] == evals[-1]["ema_test_correct"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+def test_torchvision_model_with_the_recipe_on_cuda_fp16(tmp_path):
+    """The recipe's CUDA paths: per-image transforms on the CPU and back, MixUp/CutMix on the device, clipping
+    of fp16-unscaled gradients, the EMA on the device (benchmarks/gpu_check.sh runs the `cuda` tests)."""
+    out = tmp_path / "run"
+    train([*RECIPE, "--model", "torchvision:resnet18", "--precision", "fp16", "--out", out], check=0)
+    s = read_summary(out)
+    assert s["precision"] == "fp16" and s["device"].startswith("cuda") and s["steps"] == 32, s
+    assert s["skipped_steps"] == 0 and 0 <= s["ema_test_accuracy"] <= 1 and s["best_weights"] in ("model", "ema")
+    assert all(t["loss"] == t["loss"] for t in read_events(out, "train"))  # finite (NaN != NaN)
