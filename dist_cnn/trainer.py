@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, config as config_mod, distributed as D, parallel, precision as P
+from .augment import BatchMix, ImageAugment
 from .checkpoint import CheckpointPolicy
 from .config import Config
-from .augment import BatchMix, ImageAugment
 from .data import Dataset, load_dataset
 from .ema import ModelEMA, adjusted_decay
 from .errors import TrainingFailed, UserError
