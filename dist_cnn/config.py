@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import models
 from .errors import UserError
+from .profiling import parse_range
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 
@@ -66,6 +67,12 @@ class ModelConfig:
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
     freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs", low=0)
+    ddp_comm_hook: str = opt("none", "DDP gradient communication: as is, compressed to bf16 or fp16 on the "
+                             "wire, or PowerSGD low-rank compression (torch's ddp_comm_hooks)",
+                             choices=("none", "bf16", "fp16", "powersgd"))
+    powersgd_rank: int = opt(1, "--ddp-comm-hook powersgd: rank of the gradient approximation", low=1)
+    powersgd_warmup_steps: int = opt(100, "--ddp-comm-hook powersgd: plain all_reduce for the first N steps",
+                                     low=2)
 
 
 @dataclass
@@ -73,18 +80,27 @@ class OptimConfig:
     lr: float = opt(0.08, "peak learning rate for the global batch", above=0)
     momentum: float = opt(0.9, "SGD momentum", low=0, below=1)
     nesterov: bool = opt(True, "Nesterov momentum")
-    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)", low=0)
+    weight_decay: float = opt(5e-4, "weight decay, SGD's coupled form; a group whose LR is k x --lr gets it / k, "
+                              "so the decay per step is the same everywhere (biases and norm parameters: "
+                              "only with --bias-decay)", low=0)
+    bias_decay: bool = opt(False, "weight decay on biases and norm parameters too (airbench)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", low=0, below=1)
-    bias_lr_scale: float = opt(1.0, "LR multiplier for biases and norm parameters (airbench: 64)", above=0)
+    bias_lr_scale: float = opt(1.0, "LR multiplier for BatchNorm parameters (airbench: 64 for its BN biases)",
+                               above=0)
     schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
-                        "warmup then cosine, or constant", choices=("onecycle", "cosine", "constant"))
-    warmup: float = opt(0.2, "warmup length as a fraction of all steps", low=0, high=1)
+                        "warmup then cosine, constant, or triangle (airbench: --lr-start x LR at step 0, "
+                        "peak after --warmup of the steps, --lr-end x LR at the end)",
+                        choices=("onecycle", "cosine", "constant", "triangle"))
+    warmup: float = opt(0.2, "warmup length (steps to the peak LR) as a fraction of all steps", low=0, high=1)
+    lr_start: float = opt(0.2, "triangle schedule: LR multiplier at the first step", low=0, high=1)
+    lr_end: float = opt(0.07, "triangle schedule: LR multiplier at the last step", low=0, high=1)
     clip_grad_norm: float = opt(0.0, "clip the gradients' global norm to this value (0 = off)", low=0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(2, "training epochs", low=1)
+    epochs: float = opt(2.0, "training epochs; a fraction trains ceil(epochs x steps per epoch) steps "
+                        "(airbench: 9.9)", above=0)
     batch_size: int = opt(128, "global batch size, across all ranks", low=1)
     seed: int = opt(0, "random seed (weights, data order, augmentation)")
     precision: str = opt("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
@@ -102,6 +118,8 @@ class TrainConfig:
     model_ema_decay: float = opt(0.99998, "EMA decay, adjusted by global batch x steps / epochs as "
                                  "torchvision's reference", above=0, below=1)
     model_ema_steps: int = opt(32, "update the EMA every N optimizer steps", low=1)
+    malloc_tune: bool = opt(True, "CPU: glibc malloc keeps freed activation buffers (mallopt) instead of "
+                            "returning them to the OS every step, which page-faults them back in")
 
 
 @dataclass
@@ -133,6 +151,9 @@ class LogConfig:
     run_name: str = opt("", "run name (W&B and reports)")
     tensorboard: bool = opt(False, "rank 0 writes TensorBoard event files into <run dir>/tensorboard/ "
                             "(needs the tensorboard package)")
+    profile: str = opt("", "START:END: record torch.profiler for optimizer steps START..END-1 (0-based); a "
+                       "Chrome trace per rank in <run dir>/profile/, rank 0 prints the split of step time")
+    profile_stack: bool = opt(False, "--profile: record Python stacks too (larger traces, more overhead)")
 
 
 @dataclass
@@ -271,6 +292,7 @@ def validate(cfg: Config) -> None:
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
         raise UserError("--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'")
     models.check_spec(cfg.model.name)
+    parse_range(cfg.log.profile)
 
 
 def from_args(ns: argparse.Namespace) -> Config:

@@ -9,14 +9,23 @@ from .config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig):
-    # Weight decay on biases and norm scales only hurts (timm's convention); airbench also gives them
-    # a much larger LR (bias_lr_scale).
-    decay, no_decay = [], []
+    """Three groups: weights (ndim > 1), BatchNorm parameters (LR x bias_lr_scale, airbench's 64x group
+    is exactly its BatchNorm biases) and the other biases. torch's SGD scales the weight decay by the
+    group's LR, so a group whose LR is k times the base gets weight_decay / k: the decay per step
+    (lr x weight_decay) is then the same for every group, as in airbench. Without bias_decay, biases and
+    norm parameters get none (timm's convention)."""
+    norm = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            for p in m.parameters(recurse=False)}
+    weights, norms, biases = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * cfg.bias_lr_scale}]
+            (norms if id(p) in norm else weights if p.ndim > 1 else biases).append(p)
+    wd, scale = cfg.weight_decay, cfg.bias_lr_scale
+    small_wd = wd if cfg.bias_decay else 0.0
+    groups = [{"params": weights, "weight_decay": wd, "lr": cfg.lr},
+              {"params": norms, "weight_decay": small_wd / scale, "lr": cfg.lr * scale},
+              {"params": biases, "weight_decay": small_wd, "lr": cfg.lr}]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.SGD:
@@ -29,6 +38,8 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     """Multiplier of the peak LR at optimizer step `step` of `total`."""
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "triangle":
+        return triangle(step, total, cfg.lr_start, cfg.warmup, cfg.lr_end)
     warm = int(cfg.warmup * total)
     if step < warm:
         return (step + 1) / warm
@@ -36,6 +47,22 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return max(0.0, 1.0 - progress)  # onecycle: linear up, linear down to zero
+
+
+def triangle(step: int, total: int, start: float, peak_at: float, end: float) -> float:
+    """airbench's schedule: linear from `start` at step 0 to 1 at step int(peak_at * total), then linear
+    to `end` at step `total` (the first step already trains at `start`, not at 0)."""
+    peak = int(peak_at * total)
+    if step < peak:
+        return start + (1.0 - start) * step / peak
+    return 1.0 + (end - 1.0) * min(step - peak, total - peak) / max(1, total - peak)
+
+
+def total_steps(epochs: float, steps_per_epoch: int, max_steps: int = 0) -> int:
+    """Optimizer steps of a run: a fractional epoch count rounds up (airbench: ceil(9.9 x 48) = 476),
+    after rounding away float noise (0.1 x 30 is 3.0000000000000004, which must stay 3 steps)."""
+    steps = math.ceil(round(epochs * steps_per_epoch, 6))
+    return min(steps, max_steps) if max_steps else steps
 
 
 def build_schedule(optimizer, total_steps: int, cfg: OptimConfig):

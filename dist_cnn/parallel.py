@@ -1,9 +1,19 @@
-"""Data parallelism: how the model is wrapped for DDP (and compiled), with deliberate settings."""
+"""Data parallelism: how the model is wrapped for DDP (and compiled), with deliberate settings.
+
+Gradient buckets are sized to the model (plan_buckets): DDP's default is 25 MiB buckets, so a model of
+a few MB sends all its gradients in one all_reduce after the whole backward pass and nothing overlaps.
+Here they are cut between layers into buckets of about a quarter of the model, so the all_reduce of
+the late layers runs while the early layers are still computing their gradients.
+
+`--ddp-comm-hook` picks how a bucket travels: as it is (none), cast to bf16 or fp16 for the wire and
+back (half the bytes), or PowerSGD's low-rank compression (torch.distributed.algorithms.ddp_comm_hooks).
+"""
 from __future__ import annotations
 
 import inspect
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import ModelConfig
@@ -12,6 +22,40 @@ from .distributed import DistEnv
 # torch 2.14 renamed broadcast_buffers; older releases (which pyproject allows) only know the old name.
 _SYNC_BUFFERS = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
     else "broadcast_buffers"
+_PER_BUCKET_CAPS = "bucket_cap_mb_list" in inspect.signature(DDP).parameters
+
+BUCKETS = 4           # buckets of about gradient bytes / BUCKETS ...
+FIRST_BUCKET = 16     # ... except the first layers' bucket, about bytes / 16: its all_reduce cannot overlap
+MIN_BUCKET = 64 << 10  # no bucket target below 64 KiB: each all_reduce has a fixed latency
+COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
+
+
+def plan_buckets(model: torch.nn.Module) -> list[int]:
+    """Bytes of each gradient bucket, in parameter order, cut only between layers.
+
+    DDP fills buckets in parameter order and closes one as soon as it reaches its size limit (with
+    static_graph it keeps that assignment; it all-reduces the buckets in reverse, as the backward pass
+    readies them). Giving each bucket its exact size as the limit makes DDP cut where planned: never
+    inside a layer, the first layers in a small bucket of their own (the only all_reduce that cannot
+    overlap with any backward compute), then buckets of about a quarter of the model."""
+    layers: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            layer = name.rpartition(".")[0]
+            layers[layer] = layers.get(layer, 0) + p.numel() * p.element_size()
+    total = sum(layers.values())
+    buckets, size = [], 0
+    for nbytes in layers.values():
+        target = max(total / (FIRST_BUCKET if not buckets else BUCKETS), MIN_BUCKET)
+        if size and size + nbytes > target:
+            buckets.append(size)
+            size = 0
+        size += nbytes
+    return buckets + [size] if size else buckets
+
+
+def bucket_caps_mb(model: torch.nn.Module) -> list[float]:
+    return [b / 2**20 for b in plan_buckets(model)]
 
 
 def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int):
@@ -21,12 +65,89 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
         if cfg.sync_bn:
             raw = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         has_buffers = any(True for _ in model.buffers())
+        caps = bucket_caps_mb(model)
+        if cfg.ddp_comm_hook == "powersgd":
+            # PowerSGD chains two all_reduces per bucket from completion callbacks; with several buckets
+            # those chains interleave differently on different ranks (gloo then aborts on mismatched
+            # sizes), so all gradients go in one bucket: one chain a step, in the same order everywhere.
+            caps = [sum(caps)]
+        buckets = {"bucket_cap_mb_list": caps} if _PER_BUCKET_CAPS else {"bucket_cap_mb": max(caps)}
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                     gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: no copy
-                    bucket_cap_mb=25,
                     # the graph is the same every step, except under no_sync accumulation
                     static_graph=grad_accum == 1,
-                    **{_SYNC_BUFFERS: has_buffers})  # BatchNorm stats from rank 0; nothing to send otherwise
+                    **buckets, **{_SYNC_BUFFERS: has_buffers})  # BN stats from rank 0; nothing to send otherwise
+        register_comm_hook(model, cfg)
     if cfg.compile:
         model = torch.compile(model)  # after DDP, so DDPOptimizer splits graphs at bucket boundaries
     return model, raw
+
+
+def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:
+    """The bucket's trip over the network. PowerSGD keeps per-rank state (error feedback, warm-start
+    factors) that is not checkpointed: after a resume it starts over, with its vanilla all_reduce
+    warm-up of --powersgd-warmup-steps steps."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    name = cfg.ddp_comm_hook
+    if name == "none":
+        return
+    if name == "bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif name == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif name == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
+            # PowerSGD needs start_powerSGD_iter >= 2 with error feedback and warm start
+            start_powerSGD_iter=max(2, cfg.powersgd_warmup_steps), random_seed=0)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    else:  # config validation lists the choices; a new one must be wired here
+        raise ValueError(f"unknown DDP comm hook {name!r}")
+
+
+def comm_hook_record(cfg: ModelConfig, world_size: int) -> dict:
+    """What a checkpoint says about the comm hook (its name is also in the saved config)."""
+    rec = {"name": cfg.ddp_comm_hook if world_size > 1 else "none"}
+    if rec["name"] == "powersgd":
+        rec["state"] = "not saved: PowerSGD restarts its warm-up and error feedback on resume"
+    return rec
+
+
+class Agreement:
+    """The all-ranks max of a small flag vector, started before the backward pass and read after it,
+    so no rank waits for it on the critical path: the collective is queued ahead of the gradients'
+    all_reduce and has long finished when it is read.
+
+    On CUDA the flags are also copied to pinned host memory on a side stream as soon as the collective
+    is done, so reading them does not wait for the backward pass queued behind it on the compute
+    stream; `on_device()` gives the reduced flags to the fused optimizer (found_inf) without any host
+    synchronization."""
+
+    _side_streams: dict = {}
+
+    def __init__(self, flags: torch.Tensor):
+        self.flags, self.event = flags, None
+        self.work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True) \
+            if dist.is_available() and dist.is_initialized() else None
+        if flags.is_cuda:
+            side = self._side_streams.setdefault(flags.device, torch.cuda.Stream(flags.device))
+            side.wait_stream(torch.cuda.current_stream(flags.device))
+            flags.record_stream(side)
+            with torch.cuda.stream(side):
+                if self.work is not None:
+                    self.work.wait()
+                self.host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+                self.host.copy_(flags, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(side)
+
+    def on_device(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()  # CUDA: the current stream waits; CPU: long done
+        return self.flags
+
+    def read(self) -> list[bool]:
+        if self.event is not None:
+            self.event.synchronize()
+            return [v > 0 for v in self.host.tolist()]
+        return [v > 0 for v in self.on_device().tolist()]

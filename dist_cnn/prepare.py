@@ -13,7 +13,7 @@ from .checkpoint import check_compatible
 from .config import Config
 from .data import Dataset
 from .loader import Normalize, normalization_stats
-from .models import build_model
+from .models import build_model, init_sample
 from .weights import init_from, load_pretrained
 
 
@@ -44,7 +44,8 @@ def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict 
         model.load_state_dict(state["model"])
     else:
         if hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
-            model.init_from_data(normalize(data.train_x[:5000].to(device)).cpu())
+            sample = data.train_x[init_sample(len(data.train_x), 5000, cfg.train.seed)]
+            model.init_from_data(normalize(sample.to(device)).cpu())
         if starting_weights and cfg.model.pretrained:
             load_pretrained(model, cfg.model.name, data.num_classes, data.in_channels, log)
         if starting_weights and cfg.model.init_from:

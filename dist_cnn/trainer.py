@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, config as config_mod, distributed as D, parallel, precision as P
+from .allocator import tune_malloc
 from .augment import BatchMix, ImageAugment
 from .checkpoint import CheckpointPolicy
 from .config import Config
@@ -31,9 +32,10 @@ from .observability.progress import Progress
 from .observability.report import format_report, write_plots
 from .observability.tensorboard_logger import TensorBoardLogger
 from .observability.wandb_logger import WandbLogger
-from .optim import Lookahead, build_optimizer, build_schedule
+from .optim import Lookahead, build_optimizer, build_schedule, total_steps
 from .preempt import StopSignal, requeue_slurm_job
 from .prepare import prepare_model
+from .profiling import StepProfiler
 from .rundir import prepare_run_dir, resolve_resume
 
 
@@ -103,9 +105,7 @@ class Trainer:
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch == 0:
             raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({len(self.data.train_x)})")
-        self.total_steps = t.epochs * self.steps_per_epoch
-        if t.max_steps:
-            self.total_steps = min(self.total_steps, t.max_steps)
+        self.total_steps = total_steps(t.epochs, self.steps_per_epoch, t.max_steps)
         self.schedule = build_schedule(self.optimizer, self.total_steps, cfg.optim)
         self.scaler = P.grad_scaler(self.precision, env.device)
         self.lookahead = Lookahead(self.raw_model, t.lookahead_every, t.lookahead_decay, self.total_steps) \
@@ -131,6 +131,8 @@ class Trainer:
                                              self.step if state is not None else None, self.log)
         self.stop = StopSignal()
         self.stop.install()
+        self.profiler = StepProfiler(cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack,
+                                     self.log)
 
     # ---- setup -------------------------------------------------------------------------------
     def _resolve_precision(self) -> str:
@@ -173,6 +175,7 @@ class Trainer:
                 "config": config_mod.to_dict(self.cfg), "wandb_id": self.wandb.run_id,
                 "metrics": self.metrics.history, "finished": False, "precision": self.precision,
                 "mean": self.mean, "std": self.std,
+                "comm_hook": parallel.comm_hook_record(self.cfg.model, self.env.world_size),
                 "lookahead": self.lookahead.state_dict() if self.lookahead else {},
                 "ema": self.ema.state_dict() if self.ema else {}, "best_weights": self.best_weights,
                 # what `dist-cnn predict/export` need without the dataset (model.pt carries the same)
@@ -224,33 +227,53 @@ class Trainer:
         model, accum = self.model, len(micro_batches)
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (x, y) in enumerate(micro_batches):
-            sync = i == accum - 1 or not isinstance(model, DDP)
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with P.autocast(self.precision, self.env.device):
+            last = i == accum - 1
+            with (contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()):
+                with self.profiler.region("forward"), P.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
-                self.scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-        signals = self._agree(loss_sum)
+                loss_sum += loss.detach().float()
+                if last:  # the loss is known before the backward pass: agree while it runs
+                    agreement = self._agree(loss_sum)
+                with self.profiler.region("backward"):
+                    self.scaler.scale(loss).backward()
         whiten = getattr(self.raw_model, "whiten", None)
         if whiten is not None and self.epoch >= self.cfg.model.freeze_whiten_bias_after:
             whiten.bias.grad = None  # airbench trains the whitening bias for the first epochs only
         if self.cfg.optim.clip_grad_norm:  # on the true gradients: unscaled from fp16's loss scale first
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
-        if not signals.nonfinite or self.precision == "fp16":  # fp16's scaler skips bad steps by itself
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step()
+        with self.profiler.region("optimizer"):
+            signals = self._apply(agreement)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
         return signals, loss_sum
 
-    def _agree(self, loss: torch.Tensor) -> StepSignals:
-        """One small all_reduce a step carries everything the ranks must decide together."""
+    def _apply(self, agreement: parallel.Agreement) -> StepSignals:
+        """The optimizer step, unless some rank's loss was non-finite."""
+        if self.precision == "fp16":  # the scaler skips non-finite steps by itself
+            self.scaler.step(self.optimizer)
+            return StepSignals(*agreement.read())
+        if self.optimizer.defaults.get("fused"):
+            # fused SGD skips the update on the device when found_inf is 1: no host sync for the guard,
+            # and the flags are read after the step is queued (from pinned memory, see Agreement)
+            self.optimizer.found_inf = agreement.on_device()[:1]
+            self.optimizer.step()
+            del self.optimizer.found_inf
+            return StepSignals(*agreement.read())
+        signals = StepSignals(*agreement.read())  # long done: it ran alongside the backward pass
+        if not signals.nonfinite:
+            self.optimizer.step()
+        return signals
+
+    def _agree(self, loss: torch.Tensor) -> parallel.Agreement:
+        """One small all_reduce (max) a step carries everything the ranks must decide together; it is
+        started before the backward pass and read after it."""
         due = self.env.is_main and self.ckpt_policy.clock_due()
-        flags = torch.stack([(~torch.isfinite(loss)).float(),
-                             torch.tensor(float(self.stop.requested), device=self.env.device),
-                             torch.tensor(float(due), device=self.env.device)])
-        return StepSignals(*(f > 0 for f in D.all_reduce_sum(flags).tolist()))
+        host = torch.tensor([float(self.stop.requested), float(due)])
+        if loss.is_cuda:  # from pinned memory: an asynchronous copy, no wait for the GPU
+            host = host.pin_memory().to(loss.device, non_blocking=True)
+        return parallel.Agreement(torch.cat([(~torch.isfinite(loss)).float().view(1), host]))
 
     def fit(self) -> dict:
         """Train to the end (or a stop signal), evaluating as configured; returns the summary."""
@@ -268,6 +291,7 @@ class Trainer:
                 self.epoch, self.epoch_step = self.epoch + 1, 0
                 if t.eval_every and self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
                     last_eval = self.run_eval()
+        self.profiler.stop(self.step, force=True)  # a window past the end of training ends with it
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.run_eval()
         return self.finish(last_eval)
@@ -281,11 +305,14 @@ class Trainer:
         self.meter.start()
         interval = time.perf_counter(), 0, 0.0  # start, steps, seconds waiting for data
         while self.epoch_step < self.steps_per_epoch and self.step < end:
-            wait_from = time.perf_counter()
-            # MixUp/CutMix (when on) turn each micro-batch's labels into soft targets, seeded by its position
-            micro = [self.mix(*next(batches), self.epoch, self.epoch_step * accum + i) for i in range(accum)]
-            waited = time.perf_counter() - wait_from
-            signals, loss = self.train_step(micro)
+            self.profiler.start(self.step)
+            with self.profiler.region(f"step {self.step}"):
+                wait_from = time.perf_counter()
+                # MixUp/CutMix (when on) turn each micro-batch's labels into soft targets, seeded by its position
+                with self.profiler.region("data_wait"):
+                    micro = [self.mix(*next(batches), self.epoch, self.epoch_step * accum + i) for i in range(accum)]
+                waited = time.perf_counter() - wait_from
+                signals, loss = self.train_step(micro)
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
             self._batches_at = (self.epoch, self.epoch_step)
             interval = interval[0], interval[1] + 1, interval[2] + waited
@@ -293,6 +320,7 @@ class Trainer:
                 self.lookahead.step(self.step)
             if self.ema:
                 self.ema.update(self.raw_model, self.step)
+            self.profiler.stop(self.step)
             self._guard_nonfinite(signals.nonfinite)
             if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
                 self.log_train(float(loss), interval[1], time.perf_counter() - interval[0], interval[2])
@@ -433,4 +461,6 @@ class Trainer:
 
 def train(cfg: Config, data: Dataset | None = None, model_factory=None) -> dict:
     with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
+        if env.device.type == "cpu" and cfg.train.malloc_tune:
+            tune_malloc()  # before the model and the data take their memory
         return Trainer(cfg, env, data=data, model_factory=model_factory).fit()

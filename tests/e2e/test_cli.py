@@ -38,7 +38,7 @@ def test_cifar_missing_names_data_dir_and_synthetic(tmp_path):
 @pytest.mark.parametrize("text,needle", [
     ('[train]\nepochz = 3\n', "unknown key train.epochz"),
     ('[trian]\nepochs = 3\n', "unknown section"),
-    ('[train]\nepochs = "three"\n', "train.epochs must be int"),
+    ('[train]\nepochs = "three"\n', "train.epochs must be float"),
     ('[optim]\nlr = true\n', "optim.lr must be float"),
     ('[train\nepochs = 3\n', "c.toml"),
 ])

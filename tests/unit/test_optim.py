@@ -56,10 +56,11 @@ def test_schedule_scales_both_parameter_groups():
     sched = build_schedule(opt, 8, cfg)  # 2 warmup steps
     for step in range(8):
         want = lr_factor(step, 8, cfg)
-        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4 * want, 3.2 * want]), step
+        # weights, BatchNorm parameters (x bias_lr_scale), other biases
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4 * want, 3.2 * want, 0.4 * want]), step
         opt.step()
         sched.step()
-    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------------ parameter groups
@@ -69,16 +70,25 @@ def small_net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
 
 
-def test_only_weight_matrices_decay_and_biases_get_the_bias_lr():
+def test_only_weight_matrices_decay_and_batchnorm_gets_the_bias_lr():
     net = small_net()
     net[4].bias.requires_grad_(False)  # frozen: in no group
     cfg = OptimConfig(lr=0.1, weight_decay=5e-4, bias_lr_scale=64.0)
-    decay, no_decay = param_groups(net, cfg)
+    weights, norms, biases = param_groups(net, cfg)
     ids = lambda ps: {id(p) for p in ps}
-    assert ids(decay["params"]) == ids([net[0].weight, net[4].weight])
-    assert ids(no_decay["params"]) == ids([net[0].bias, net[1].weight, net[1].bias])
-    assert (decay["weight_decay"], decay["lr"]) == (5e-4, 0.1)
-    assert (no_decay["weight_decay"], no_decay["lr"]) == (0.0, pytest.approx(6.4))
+    assert ids(weights["params"]) == ids([net[0].weight, net[4].weight])
+    assert ids(norms["params"]) == ids([net[1].weight, net[1].bias])
+    assert ids(biases["params"]) == ids([net[0].bias])
+    assert (weights["weight_decay"], weights["lr"]) == (5e-4, 0.1)
+    assert (norms["weight_decay"], norms["lr"]) == (0.0, pytest.approx(6.4))
+    assert (biases["weight_decay"], biases["lr"]) == (0.0, 0.1)
+
+
+def test_bias_decay_gives_every_group_the_same_decay_per_step():
+    cfg = OptimConfig(lr=0.1, weight_decay=5e-4, bias_lr_scale=64.0, bias_decay=True)
+    groups = param_groups(small_net(), cfg)
+    assert len(groups) == 3
+    assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.1 * 5e-4) for g in groups)
 
 
 def test_optimizer_settings():

@@ -1,0 +1,97 @@
+"""DDP bucket plan, the CPU allocator setting and the profiler's time split. CPU only, seconds."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_cnn import allocator, parallel
+from dist_cnn.config import ModelConfig
+from dist_cnn.errors import UserError
+from dist_cnn.launch import DistEnv
+from dist_cnn.models import build_model
+from dist_cnn.profiling import parse_range, split_step_time
+
+
+def test_seed_buckets_are_cut_between_layers():
+    # forward order: conv1+conv2 (the last gradients to be ready) alone, fc1, then fc2+fc3
+    m = build_model("seed", 3, 10, 32)
+    assert parallel.plan_buckets(m) == [1792 + 18560, 983520, 40656 + 3400]
+
+
+def test_resnet18_buckets_cover_every_gradient_in_several_buckets():
+    m = build_model("resnet18", 3, 10, 32)
+    plan = parallel.plan_buckets(m)
+    total = sum(p.numel() * p.element_size() for p in m.parameters())
+    assert sum(plan) == total and 4 <= len(plan) <= 8
+    assert plan[0] <= total / 8  # the first layers' bucket is small
+
+
+@pytest.fixture
+def one_rank_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_uses_the_planned_buckets(one_rank_group):
+    m = build_model("seed", 3, 10, 32)
+    ddp, _ = parallel.wrap(m, DistEnv(world_size=2), ModelConfig(), grad_accum=1)  # a wrapped model
+    for _ in range(2):
+        ddp(torch.randn(4, 3, 32, 32)).sum().backward()
+    sizes = [int(s) for s in ddp._get_ddp_logging_data()["bucket_sizes"].split(",")]
+    assert sizes == parallel.plan_buckets(m)[::-1]  # DDP lists them in all_reduce order
+
+
+@pytest.mark.parametrize("hook", ["bf16", "fp16", "powersgd"])
+def test_comm_hooks_register_and_reduce(one_rank_group, hook):
+    torch.manual_seed(0)
+    m = build_model("seed", 3, 10, 32)
+    ref = [p.detach().clone() for p in m.parameters()]
+    ddp, raw = parallel.wrap(m, DistEnv(world_size=2), ModelConfig(ddp_comm_hook=hook, powersgd_warmup_steps=2), 1)
+    x = torch.randn(8, 3, 32, 32)
+    for _ in range(4):
+        ddp(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in raw.parameters())
+    assert ddp._get_ddp_logging_data().get("comm_hook") and all(torch.equal(a, b) for a, b in
+                                                                 zip(ref, raw.parameters()))
+    rec = parallel.comm_hook_record(ModelConfig(ddp_comm_hook=hook), world_size=2)
+    assert rec["name"] == hook and (("state" in rec) == (hook == "powersgd"))
+
+
+def test_agreement_is_the_max_over_ranks_and_reads_as_bools(one_rank_group):
+    a = parallel.Agreement(torch.tensor([0.0, 1.0, 0.0]))
+    assert a.read() == [False, True, False]
+    assert torch.equal(a.on_device(), torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_malloc_tune_sets_glibc_thresholds_and_the_environment_for_children():
+    env = {}
+    ok = allocator.tune_malloc(env)
+    if allocator._glibc() is None:
+        assert not ok and env == {}
+        return
+    assert ok
+    assert env == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+    env = {"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "junk"}
+    assert allocator.tune_malloc(env)
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "268435456"  # the user's value is kept
+
+
+def test_profile_range_parsing():
+    assert parse_range("") is None and parse_range("3:7") == (3, 7)
+    for bad in ("7:3", "3", "a:b", "-1:2", "2:2"):
+        with pytest.raises(UserError, match="--profile"):
+            parse_range(bad)
+
+
+def test_split_counts_each_moment_once_by_priority():
+    ev = [("dist_cnn/data_wait", 0, 10), ("aten::convolution", 10, 60), ("gloo:all_reduce", 50, 80),
+          ("Optimizer.step#SGD.step", 80, 90), ("aten::add_", 85, 95), ("dist_cnn/step 0", 0, 100)]
+    split = split_step_time(ev, (0, 100))
+    assert split == pytest.approx({"data wait": 0.1, "optimizer": 0.1, "compute": 0.55,
+                                   "communication": 0.2, "other": 0.05})
