@@ -77,7 +77,8 @@ def main():
     for mode in MODES:
         faults = statistics.median(r["faults_per_step"] for r in res[mode])
         cpu = statistics.median(r["cpu_ms_per_step"] for r in res[mode])
-        print(f"  {mode:8s} {faults:8.1f} page faults/step  {cpu:7.2f} CPU ms/step  {base / cpu:5.2f}x images per CPU-second")
+        print(f"  {mode:8s} {faults:8.1f} page faults/step  {cpu:7.2f} CPU ms/step  "
+              f"{base / cpu:5.2f}x images per CPU-second")
 
 
 if __name__ == "__main__":

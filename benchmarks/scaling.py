@@ -77,7 +77,7 @@ def _allreduce_worker(rank, port, numel, q, iters=60):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     t = torch.randn(numel)
     times = []
-    for i in range(iters):
+    for _ in range(iters):
         dist.barrier()
         t0 = time.perf_counter()
         dist.all_reduce(t)

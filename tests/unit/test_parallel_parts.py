@@ -1,5 +1,4 @@
 """DDP bucket plan, the CPU allocator setting and the profiler's time split. CPU only, seconds."""
-import os
 import socket
 
 import pytest
