@@ -41,7 +41,7 @@ def test_options_are_config_fields_or_flag_names(tmp_path):
     assert (cfg.train.epochs, cfg.train.seed) == (1, 4)
     with pytest.raises(UserError, match="unknown option 'epoch'"):
         build_config({"epoch": 1})
-    with pytest.raises(UserError, match="train.epochs must be int"):
+    with pytest.raises(UserError, match="train.epochs must be float"):
         build_config({"epochs": "3"})
 
 
