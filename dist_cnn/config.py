@@ -36,12 +36,26 @@ class DataConfig:
     dataset: str = opt("cifar10", "dataset to train on", choices=DATASETS)
     data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
-    image_size: int = opt(32, "imagefolder: images are resized to this square size", low=1)
+    image_size: int = opt(32, "imagefolder: images are resized to this square size (stream: the crop size)",
+                          low=1)
     synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1)
     synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1)
-    loader: str = opt("auto", "input pipeline: in-memory tensors on the device, or a DataLoader",
-                      choices=("auto", "device", "dataloader"))
-    workers: int = opt(2, "DataLoader worker processes (dataloader pipeline only)", low=0)
+    loader: str = opt("auto", "input pipeline: in-memory tensors on the device, a DataLoader over them, or "
+                      "stream (imagefolder: decode files per batch in workers, nothing cached); auto picks "
+                      "device, or stream for an image folder too large to decode into memory",
+                      choices=("auto", "device", "dataloader", "stream"))
+    workers: int = opt(-1, "DataLoader worker processes per rank (dataloader and stream pipelines); "
+                       "-1 = the CPUs available to each rank on the node", low=-1)
+    test_split: str = opt("test", "imagefolder: the test split's folder beside train/ (ImageNet: val)")
+    crop_scale: str = opt("0.08,1", "stream: RandomResizedCrop's area range 'MIN,MAX' for training "
+                          "images (one number s = 's,s'; 1 = the whole image, resized)")
+    eval_crop_ratio: float = opt(0.875, "stream: test images are resized to image_size / ratio (shorter "
+                                 "side), then centre-cropped to image_size (1 = no margin)", above=0, high=1)
+    skip_bad_images: bool = opt(False, "stream: replace unreadable training images by the next readable "
+                                "one and leave unreadable test images out, counted in the log and "
+                                "summary (default: stop with the file's name)")
+    decode: str = opt("cpu", "stream: decode JPEGs in the CPU workers, or in batches on the GPU (nvjpeg)",
+                      choices=("cpu", "gpu"))
     normalize: str = opt("dataset", "per-channel normalization: the training set's mean/std, or 0.5/0.5 "
                          "as in the tutorial", choices=("dataset", "half"))
     crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0)
@@ -293,6 +307,31 @@ def validate(cfg: Config) -> None:
         raise UserError("--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'")
     models.check_spec(cfg.model.name)
     parse_range(cfg.log.profile)
+    _check_data(cfg.data)
+
+
+def _check_data(d) -> None:
+    """What one field's metadata cannot say."""
+    if not d.test_split or d.test_split in (".", "..", "train") or "/" in d.test_split:
+        raise UserError(f"--test-split must name a folder beside train/ (e.g. test or val), got {d.test_split!r}")
+    parse_crop_scale(d.crop_scale)
+    if d.loader == "stream" and d.dataset != "imagefolder":
+        raise UserError(f"--loader stream reads image folders: use --dataset imagefolder (got {d.dataset})")
+    if d.decode == "gpu" and d.loader not in ("stream", "auto"):
+        raise UserError(f"--decode gpu is for --loader stream (got --loader {d.loader})")
+
+
+def parse_crop_scale(text: str) -> tuple[float, float]:
+    """'0.08,1' -> (0.08, 1.0); one number s means (s, s)."""
+    try:
+        parts = [float(p) for p in str(text).replace(" ", "").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 0 < parts[0] <= parts[1] <= 1:
+        raise UserError(f"--crop-scale: expected 'MIN,MAX' with 0 < MIN <= MAX <= 1 (or one number), got {text!r}")
+    return parts[0], parts[1]
 
 
 def from_args(ns: argparse.Namespace) -> Config:

@@ -1,0 +1,190 @@
+"""Streaming image folders in-process: the file index, decoding, per-image draws, shards and bad files."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dist_cnn.config import DataConfig, parse_crop_scale
+from dist_cnn.errors import UserError
+from dist_cnn.loader import Augment, Normalize, eval_shard
+from dist_cnn.stream import (StreamEval, StreamImages, StreamPipeline, decode_file, fits_in_memory, sample_images,
+                             scan_folder)
+
+CPU = torch.device("cpu")
+
+
+def write_folder(root, n_train=(7, 5), n_test=(3, 4), size=(40, 28), split="test", ext=".jpg"):
+    """Two classes of random images of mixed sizes (w x h); returns the root."""
+    rng = np.random.default_rng(0)
+    for split_name, counts in (("train", n_train), (split, n_test)):
+        for c, n in zip(("cat", "dog"), counts):
+            d = root / split_name / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = size[0] + i % 3, size[1] + 2 * (i % 2)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{i:03d}{ext}")
+    return root
+
+
+def no_norm():
+    return Normalize([0.0] * 3, [1 / 255] * 3, CPU, channels_last=False)  # x -> float(x)
+
+
+def pipeline(files, batch=2, rank=0, world=1, workers=0, **kw):
+    return StreamPipeline(files, batch_per_rank=batch, rank=rank, world=world, seed=3, aug=Augment(),
+                          normalize=no_norm(), device=CPU, workers=workers, image_size=16, **kw)
+
+
+def test_scan_sorted_layout_and_compact_paths(tmp_path):
+    root = write_folder(tmp_path / "d", split="val", ext=".JPEG")
+    (root / "train" / "dog" / "notes.txt").write_text("not an image: ignored")
+    idx = scan_folder(str(root), 16, test_split="val")
+    assert idx.classes == ["cat", "dog"] and len(idx.train) == 12 and len(idx.test) == 7
+    assert idx.train.paths.dtype.kind == "S" and idx.train.labels.tolist() == [0] * 7 + [1] * 5
+    assert idx.train.path(7).endswith("train/dog/000.JPEG") and idx.test.path(0).endswith("val/cat/000.JPEG")
+    with pytest.raises(UserError, match="test not found.*--test-split"):
+        scan_folder(str(root), 16)
+
+
+def test_grayscale_rgba_cmyk_palette_become_rgb(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    im = Image.fromarray(rgb)
+    files = {"gray.jpg": im.convert("L"), "cmyk.jpg": im.convert("CMYK"), "rgba.png": im.convert("RGBA"),
+             "pal.png": im.convert("P"), "pal.gif": im.convert("P"), "la.png": im.convert("LA"),
+             "x.bmp": im, "x.tiff": im.convert("CMYK")}
+    for name, img in files.items():
+        img.save(tmp_path / name)
+        x = decode_file(str(tmp_path / name))
+        assert x.shape == (3, 12, 10) and x.dtype == torch.uint8, name
+    assert torch.equal(decode_file(str(tmp_path / "rgba.png")), torch.from_numpy(rgb).permute(2, 0, 1))
+    assert torch.equal(decode_file(str(tmp_path / "x.bmp")), torch.from_numpy(rgb).permute(2, 0, 1))
+    gray = decode_file(str(tmp_path / "gray.jpg"))
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def test_crop_draws_are_a_function_of_seed_epoch_index(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d")), 16)
+    ds = StreamImages(idx.train, image_size=16, train=True, seed=3)
+    a, b = ds[(0, 5)].image, ds[(0, 5)].image
+    assert a.shape == (3, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a, ds[(1, 5)].image)  # another epoch, another crop
+    other = StreamImages(idx.train, image_size=16, train=True, seed=4)
+    assert not torch.equal(a, other[(0, 5)].image)
+    rng_before = torch.get_rng_state()
+    ds[(2, 3)]
+    assert torch.equal(rng_before, torch.get_rng_state())  # the global generator is left alone
+    whole = StreamImages(idx.train, image_size=16, train=True, crop_scale=(1.0, 1.0))
+    assert whole.draws(0, 1, 28, 28) == (0, 0, 28, 28)  # scale 1 on a square image: the whole image
+
+
+def test_eval_transform_resize_then_centre_crop(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d", size=(16, 16))), 16)
+    exact = StreamImages(idx.test, image_size=16, train=False, eval_crop_ratio=1.0)
+    assert torch.equal(exact[(0, 0)].image, decode_file(idx.test.path(0)))  # 16x16 at ratio 1: untouched
+    assert StreamImages(idx.test, image_size=12, train=False)[(0, 1)].image.shape == (3, 12, 12)
+
+
+def batches_of(pipe, epoch, start=0):
+    return [(x.clone(), y.clone()) for x, y in pipe.epoch(epoch, start)]
+
+
+def test_ranks_take_slices_of_the_global_batch_and_resume_replays(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d")), 16)
+    one = pipeline(idx.train, batch=4)
+    two = [pipeline(idx.train, batch=2, rank=r, world=2) for r in (0, 1)]
+    assert one.steps_per_epoch == two[0].steps_per_epoch == 3
+    full = batches_of(one, 1)
+    halves = [batches_of(p, 1) for p in two]
+    for step in range(3):
+        assert torch.equal(full[step][0], torch.cat([halves[0][step][0], halves[1][step][0]]))
+        assert torch.equal(full[step][1], torch.cat([halves[0][step][1], halves[1][step][1]]))
+    assert torch.equal(batches_of(one, 1, start=2)[0][0], full[2][0])
+    assert not torch.equal(batches_of(one, 0)[0][0], full[0][0])
+
+
+def test_workers_give_the_same_batches(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d")), 16)
+    ref = batches_of(pipeline(idx.train, batch=4), 0)
+    pipe = pipeline(idx.train, batch=4, workers=2)
+    for epoch in (0, 0):  # persistent workers, iterated twice
+        got = batches_of(pipe, epoch)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got))
+
+
+def test_eval_shards_cover_each_test_image_once(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d", n_test=(5, 6))), 16)
+    seen = []
+    for r in range(3):
+        ev = StreamEval(idx.test, rank=r, world=3, image_size=16, eval_crop_ratio=0.875, device=CPU, workers=0,
+                        batch_size=2)
+        ys = [y for _, y in ev.batches(no_norm())]
+        assert sum(len(y) for y in ys) == len(range(11)[eval_shard(11, r, 3)])
+        seen += torch.cat(ys).tolist()
+    assert seen == idx.test.labels.tolist()
+
+
+def bad_folder(tmp_path):
+    root = write_folder(tmp_path / "d", n_train=(4, 4), n_test=(2, 2))
+    (root / "train" / "cat" / "001.jpg").write_bytes(b"")
+    good = (root / "train" / "dog" / "000.jpg").read_bytes()
+    (root / "train" / "dog" / "002.jpg").write_bytes(good[: len(good) // 2])
+    (root / "train" / "dog" / "003.jpg").write_text("not an image")
+    (root / "test" / "dog" / "001.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_file_is_one_line_naming_it(tmp_path, workers):
+    idx = scan_folder(str(bad_folder(tmp_path)), 16)
+    with pytest.raises(UserError) as e:
+        batches_of(pipeline(idx.train, batch=8, workers=workers), 0)
+    msg = str(e.value)
+    assert "\n" not in msg and "--skip-bad-images" in msg
+    assert any(f"{name} (" in msg for name in ("cat/001.jpg", "dog/002.jpg", "dog/003.jpg")), msg
+
+
+def test_skip_bad_images_replaces_deterministically_and_counts(tmp_path):
+    idx = scan_folder(str(bad_folder(tmp_path)), 16)
+    pipe = pipeline(idx.train, batch=8, skip_bad=True)
+    first = batches_of(pipe, 0)
+    assert sorted(pipe.skipped) == [1, 6, 7]
+    assert torch.equal(first[0][0], batches_of(pipeline(idx.train, batch=8, skip_bad=True, workers=1), 0)[0][0])
+    # 001 -> 002 (cat), dog/002 and dog/003 -> the next readable in file order, wrapping: cat/000
+    perm = pipe.plan["perm"].tolist()
+    labels = first[0][1].tolist()
+    assert labels[perm.index(7)] == 0 and labels[perm.index(6)] == 0 and labels[perm.index(1)] == 0
+    ev = StreamEval(idx.test, rank=0, world=1, image_size=16, eval_crop_ratio=1.0, device=CPU, workers=0,
+                    skip_bad=True)
+    ys = torch.cat([y for _, y in ev.batches(no_norm())])
+    assert ys.tolist() == [0, 0, 1, -1] and ev.skipped == {3}  # left out of the score, counted
+
+
+def test_sample_is_random_not_class_ordered(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d", n_train=(30, 30))), 16)
+    x, y = sample_images(idx.train, 10, image_size=16, eval_crop_ratio=1.0, workers=0)
+    assert x.shape == (10, 3, 16, 16) and 0 < int(y.sum()) < 10  # both classes, not the first 10 (all cats)
+
+
+def test_memory_estimate(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d")), 224)
+    assert idx.decoded_bytes() == 19 * 3 * 224 * 224
+    fits, why = fits_in_memory(idx, CPU)
+    assert fits and "19 images at 224 px" in why
+
+
+@pytest.mark.parametrize("text,expected", [("0.08,1", (0.08, 1.0)), ("1", (1.0, 1.0)), (" 0.25, 0.5", (0.25, 0.5))])
+def test_crop_scale(text, expected):
+    assert parse_crop_scale(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "0.5,0.2", "a,b", "0.1,0.2,0.3", "1.5"])
+def test_crop_scale_bad(text):
+    with pytest.raises(UserError, match="--crop-scale"):
+        parse_crop_scale(text)
+
+
+def test_stream_needs_an_image_folder():
+    from dist_cnn import config
+    cfg = config.Config(data=DataConfig(loader="stream"))
+    with pytest.raises(UserError, match="--loader stream reads image folders"):
+        config.validate(cfg)
