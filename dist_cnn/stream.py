@@ -19,6 +19,7 @@ sees the same replacement) and a test image is left out of the score; both are c
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import math
@@ -284,6 +285,15 @@ def default_workers(workers: int) -> int:
     return max(1, cpus // local_world)
 
 
+def _iterate(loader: DataLoader):
+    """iter(loader), collecting garbage first when it is about to fork its workers: an abandoned
+    iterator of another loader (a run stopped mid-epoch) must not be collected inside a forked worker,
+    where its __del__ cannot stop its own workers and says so on stderr."""
+    if loader.num_workers and getattr(loader, "_iterator", None) is None:
+        gc.collect()
+    return iter(loader)
+
+
 def _loader(dataset, sampler, batch: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -371,7 +381,7 @@ class StreamPipeline:
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.plan, self.start_step, self.current_epoch = epoch_plan(self.n, self.seed, epoch, self.aug), start_step, epoch
-        for step, batch in enumerate(self.loader, start=start_step):
+        for step, batch in enumerate(_iterate(self.loader), start=start_step):
             x, y = self.to_device(batch)
             pos = rank_slice(step, self.batch, self.rank, self.world)
             shift, flip = _draws(self.plan, "shift", pos, self.device), _draws(self.plan, "flip", pos, self.device)
@@ -410,7 +420,7 @@ class StreamEval:
         return self.to_device.skipped
 
     def batches(self, normalize: Normalize):
-        for batch in self.loader:
+        for batch in _iterate(self.loader):
             x, y = self.to_device(batch)
             yield normalize(x), y
 

@@ -1,0 +1,246 @@
+"""Streaming image folders (`--loader stream`): the figures, side by side, from one run.
+
+1. throughput  training-pipeline images/s at 1 and 2 workers on generated ImageNet-like JPEGs (300-500 px,
+               cropped to 224): dist_cnn's stream pipeline against what one writes by hand (torchvision
+               ImageFolder + transforms.v2 RandomResizedCrop/flip/ToDtype/Normalize + DataLoader +
+               DistributedSampler, the same workers and batch).
+2. rss         peak RSS of a training process (train.py, 1 rank) on folders of 2,500 / 10,000 / 40,000
+               small JPEGs: the stream pipeline (flat) beside the in-memory one (grows with the data).
+3. resnet50    torchvision ResNet-50 at 224 px, 2 ranks on the CPU through the stream pipeline: images/s
+               and data_wait_frac (needs `--model torchvision:resnet50`).
+4. cifar       CIFAR-10 (an image folder of 32 px JPEGs) with the default recipe, 2 epochs: the device
+               pipeline against `--loader stream --crop-scale 1 --eval-crop-ratio 1`. Those two flags
+               make the stream transform the identity on 32x32 images (a "random resized crop" of the
+               whole image to its own size, and a centre crop without margin), i.e. the default
+               recipe's data exactly; the remaining difference is the normalization statistics (the
+               device path: the first 10,000 training images; stream: a random sample of 2,000).
+
+The generated folders are made once and cached (--cache). Figures taken on a busy machine vary; the
+ratios are what to read.
+
+    python benchmarks/data_pipeline.py [--images 10000] [--only throughput,rss,resnet50,cifar]
+                                       [--cifar-dir DIR] [--cache DIR] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dist_cnn.loader import Augment, Normalize  # noqa: E402
+from dist_cnn.stream import StreamPipeline, scan_folder  # noqa: E402
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # any fixed values: both pipelines use the same
+
+
+# ----------------------------------------------------------------------------- generated folders
+
+def make_folder(dest: Path, n_train: int, n_test: int, sizes: tuple[int, int], classes: int = 10,
+                seed: int = 0) -> Path:
+    """Real JPEGs of smooth random colour fields plus grain (files of ImageNet-like size), made once."""
+    stamp = dest / ".complete"
+    if stamp.is_file():
+        return dest
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            c = i % classes
+            w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+            base = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+            pix = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
+            d = dest / split / f"class{c:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pix.clip(0, 255).astype(np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
+    stamp.write_text(f"{n_train} {n_test} {sizes}\n")
+    return dest
+
+
+def folder_stats(root: Path) -> str:
+    files = list((root / "train").rglob("*.jpg"))
+    mb = sum(f.stat().st_size for f in files) / 2**20
+    return f"{len(files)} train JPEGs, {mb:.0f} MB, {mb * 1024 / max(len(files), 1):.0f} KB each"
+
+
+# ----------------------------------------------------------------------------- 1. throughput
+
+def time_batches(batches, warmup: int, count: int, batch: int) -> float:
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(count):
+        next(it)
+    ips = count * batch / (time.perf_counter() - t0)
+    del it
+    gc.collect()  # stop this loader's workers before the next one forks its own
+    return ips
+
+
+def ours(root: Path, workers: int, batch: int, steps: int) -> float:
+    idx = scan_folder(str(root), 224)
+    pipe = StreamPipeline(idx.train, batch_per_rank=batch, rank=0, world=1, seed=0, aug=Augment(flip=True),
+                          normalize=Normalize(MEAN, STD, torch.device("cpu"), channels_last=False),
+                          device=torch.device("cpu"), workers=workers, image_size=224)
+    ips = time_batches(pipe.epoch(0), 2, steps, batch)
+    del pipe
+    return ips
+
+
+def reference(root: Path, workers: int, batch: int, steps: int) -> float:
+    from torch.utils.data import DataLoader, DistributedSampler
+    from torchvision import datasets
+    from torchvision.transforms import v2
+    tf = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor(),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    ds = datasets.ImageFolder(str(root / "train"), transform=tf)
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=True,
+                        drop_last=True)
+    ips = time_batches(loader, 2, steps, batch)
+    del loader
+    return ips
+
+
+def throughput(root: Path, batch: int, steps: int) -> list[dict]:
+    rows = []
+    for workers in (1, 2):
+        ref = reference(root, workers, batch, steps)
+        gc.collect()  # the loaders' workers stop before the next ones start
+        mine = ours(root, workers, batch, steps)
+        gc.collect()
+        rows.append({"workers": workers, "reference_images_per_sec": ref, "stream_images_per_sec": mine,
+                     "ratio": mine / ref})
+    return rows
+
+
+# ----------------------------------------------------------------------------- runs of train.py
+
+def train(args: list, nproc: int = 1, timeout: float = 3600) -> tuple[dict, list[dict]]:
+    out = Path(tempfile.mkdtemp(prefix="data-bench-")) / "run"
+    launch = [sys.executable, str(ROOT / "train.py")] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(ROOT / "train.py")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    p = subprocess.run([*launch, *map(str, args), "--out", str(out), "--wandb", "disabled", "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError((p.stderr.strip() or p.stdout.strip()).splitlines()[-1])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((out / "summary.json").read_text()), rows
+
+
+def peak_rss(root: Path, loader: str) -> float:
+    _, rows = train(["--dataset", "imagefolder", "--data-dir", root, "--loader", loader, "--image-size", 64,
+                     "--batch-size", 64, "--max-steps", 30, "--log-every", 5, "--eval-every", 0,
+                     "--precision", "fp32", "--workers", 1, "--crop-scale", "0.35,1"])
+    return max(r["memory_mb"] for r in rows if r["event"] == "train")
+
+
+def rss(cache: Path, counts: list[int]) -> list[dict]:
+    rows = []
+    for n in counts:
+        root = make_folder(cache / f"small-{n}", n, 500, (56, 72), seed=n)
+        rows.append({"images": n, "stream_mb": peak_rss(root, "stream"), "device_mb": peak_rss(root, "device")})
+    return rows
+
+
+def resnet50(root: Path, steps: int) -> dict:
+    summary, rows = train(["--dataset", "imagefolder", "--data-dir", root, "--loader", "stream",
+                           "--model", "torchvision:resnet50", "--image-size", 224, "--batch-size", 16,
+                           "--max-steps", steps, "--log-every", max(1, steps // 4), "--eval-every", 0,
+                           "--precision", "fp32", "--flip"], nproc=2)
+    train_rows = [r for r in rows if r["event"] == "train"][1:] or [r for r in rows if r["event"] == "train"]
+    return {"steps": summary["steps"], "images_per_sec": sum(r["images_per_sec"] for r in train_rows) / len(train_rows),
+            "data_wait_frac": sum(r["data_wait_frac"] for r in train_rows) / len(train_rows)}
+
+
+def cifar(data_dir: str) -> dict:
+    base = ["--dataset", "imagefolder", "--data-dir", data_dir]
+    device, _ = train([*base, "--loader", "device"])
+    stream, _ = train([*base, "--loader", "stream", "--crop-scale", "1", "--eval-crop-ratio", "1"])
+    return {name: {k: s[k] for k in ("test_accuracy", "train_images_per_sec", "train_seconds", "loader")}
+            for name, s in (("device", device), ("stream", stream))}
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=10000, help="training JPEGs of the 300-500 px folder")
+    p.add_argument("--steps", type=int, default=20, help="timed batches of 64 per throughput figure")
+    p.add_argument("--rss-counts", default="2500,10000,40000", help="folder sizes for the RSS figure")
+    p.add_argument("--resnet-steps", type=int, default=200, help="ResNet-50 steps (batch 16, 2 ranks)")
+    p.add_argument("--cifar-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="CIFAR-10 as an image folder")
+    p.add_argument("--cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                   "dist_cnn", "bench"), help="where generated folders are kept")
+    p.add_argument("--only", default="throughput,rss,resnet50,cifar", help="comma-separated figures to take")
+    p.add_argument("--json", help="write all figures here")
+    args = p.parse_args()
+    only, cache, res = set(args.only.split(",")), Path(args.cache), {}
+    big = None
+    if only & {"throughput", "resnet50"}:
+        big = make_folder(cache / f"jpeg-{args.images}", args.images, max(100, args.images // 20), (300, 500))
+        print(f"generated folder: {folder_stats(big)}")
+    if "throughput" in only:
+        res["throughput"] = throughput(big, 64, args.steps)
+    if "rss" in only:
+        res["rss"] = rss(cache, [int(n) for n in args.rss_counts.split(",")])
+    if "resnet50" in only:
+        try:
+            res["resnet50"] = resnet50(big, args.resnet_steps)
+        except RuntimeError as e:
+            res["resnet50"] = {"skipped": str(e)}
+    if "cifar" in only:
+        res["cifar"] = cifar(args.cifar_dir)
+    report(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+def report(res: dict) -> None:
+    if "throughput" in res:
+        print(f"\n1. training pipeline, 224 px, batch 64 {'':14} {'hand-written':>12} {'stream':>8} {'ratio':>6}")
+        for r in res["throughput"]:
+            print(f"   {r['workers']} worker(s) {'':37} {r['reference_images_per_sec']:10.0f}/s "
+                  f"{r['stream_images_per_sec']:6.0f}/s {r['ratio']:5.2f}x")
+        print(f"   target >= 1.0x: {'PASS' if all(r['ratio'] >= 1.0 for r in res['throughput']) else 'FAIL'}")
+    if "rss" in res:
+        rows = res["rss"]
+        print(f"\n2. peak RSS of the training process {'':16} {'stream':>8} {'in-memory':>10}")
+        for r in rows:
+            print(f"   {r['images']:>6} images {'':34} {r['stream_mb']:6.0f} MB {r['device_mb']:7.0f} MB")
+        growth = rows[-1]["stream_mb"] / rows[0]["stream_mb"] - 1
+        print(f"   stream growth {rows[0]['images']} -> {rows[-1]['images']}: {growth:+.1%} "
+              f"(target < 10%: {'PASS' if growth < 0.10 else 'FAIL'}); in-memory: "
+              f"{rows[-1]['device_mb'] / rows[0]['device_mb'] - 1:+.1%}")
+    if "resnet50" in res:
+        r = res["resnet50"]
+        if "skipped" in r:
+            print(f"\n3. ResNet-50, 224 px, 2 ranks (CPU): skipped ({r['skipped']})")
+        else:
+            print(f"\n3. ResNet-50, 224 px, 2 ranks (CPU), {r['steps']} steps: {r['images_per_sec']:.1f} images/s, "
+                  f"data_wait_frac {r['data_wait_frac']:.3f}")
+    if "cifar" in res:
+        c = res["cifar"]
+        print(f"\n4. CIFAR-10, default recipe, 2 epochs {'':13} {'accuracy':>8} {'img/s':>8}")
+        for name in ("device", "stream"):
+            print(f"   {name:48} {c[name]['test_accuracy']:8.2%} {c[name]['train_images_per_sec']:8.0f}")
+        gap = abs(c["stream"]["test_accuracy"] - c["device"]["test_accuracy"])
+        print(f"   gap {gap * 100:.2f} points (target within 1: {'PASS' if gap <= 0.01 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()
