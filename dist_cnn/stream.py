@@ -425,28 +425,38 @@ class StreamEval:
             yield normalize(x), y
 
 
-def sample_images(files: FileList, n: int, *, image_size: int, eval_crop_ratio: float, workers: int,
-                  skip_bad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """An unbiased random sample of n training images (seeded, not the first n in class order),
-    through the evaluation transform: for the normalization statistics and start-up probes."""
+@dataclass
+class SampleStats:
+    mean: list[float]
+    std: list[float]
+    x: torch.Tensor  # the first `keep` images of the sample (uint8), for start-up probes
+    y: torch.Tensor
+
+
+def sample_stats(files: FileList, n: int = STATS_SAMPLE, *, image_size: int, eval_crop_ratio: float, workers: int,
+                 skip_bad: bool = False, keep: int = 64) -> SampleStats:
+    """Per-channel mean/std of an unbiased random sample of n training images (seeded, not the first n
+    in class order) through the evaluation transform, accumulated batch by batch; keeps `keep` images."""
     g = torch.Generator().manual_seed(STATS_SEED)
     picks = torch.randperm(len(files), generator=g)[:n].sort().values.tolist()
     dataset = StreamImages(files, image_size=image_size, train=False, eval_crop_ratio=eval_crop_ratio,
                            skip_bad=skip_bad)
     to_host = _Batches(files, image_size, torch.device("cpu"), train=False, crop_ratio=eval_crop_ratio)
-    loader = DataLoader(dataset, batch_size=100, sampler=_Range(picks), num_workers=default_workers(workers),
+    loader = DataLoader(dataset, batch_size=50, sampler=_Range(picks), num_workers=default_workers(workers),
                         collate_fn=collate)
-    xs, ys = zip(*(to_host(b) for b in loader))
-    x, y = torch.cat(xs), torch.cat(ys)
-    keep = y >= 0
-    return x[keep], y[keep]
-
-
-def normalization_stats(sample: torch.Tensor, mode: str) -> tuple[list[float], list[float]]:
-    if mode == "half":
-        return [0.5] * sample.shape[1], [0.5] * sample.shape[1]
-    x = sample.double().div_(255)
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+    total = torch.zeros(2, 3, dtype=torch.float64)  # per channel: sum, sum of squares (pixels in [0, 1])
+    count, xs, ys = 0, [], []
+    for batch in _iterate(loader):
+        x, y = to_host(batch)
+        x, y = x[y >= 0], y[y >= 0]  # unreadable ones (skip_bad) left out
+        v = x.double().div_(255)
+        total += torch.stack([v.sum(dim=(0, 2, 3)), v.square().sum(dim=(0, 2, 3))])
+        count += v.numel() // 3
+        if sum(len(k) for k in xs) < keep:
+            xs.append(x[:keep]), ys.append(y[:keep])
+    mean = total[0] / count
+    std = ((total[1] - count * mean.square()) / max(count - 1, 1)).clamp(min=0).sqrt()
+    return SampleStats(mean.tolist(), std.tolist(), torch.cat(xs)[:keep], torch.cat(ys)[:keep])
 
 
 # ----------------------------------------------------------------------------- choosing the pipeline

@@ -7,7 +7,7 @@ from PIL import Image
 from dist_cnn.config import DataConfig, parse_crop_scale
 from dist_cnn.errors import UserError
 from dist_cnn.loader import Augment, Normalize, eval_shard
-from dist_cnn.stream import (StreamEval, StreamImages, StreamPipeline, decode_file, fits_in_memory, sample_images,
+from dist_cnn.stream import (StreamEval, StreamImages, StreamPipeline, decode_file, fits_in_memory, sample_stats,
                              scan_folder)
 
 CPU = torch.device("cpu")
@@ -161,8 +161,12 @@ def test_skip_bad_images_replaces_deterministically_and_counts(tmp_path):
 
 def test_sample_is_random_not_class_ordered(tmp_path):
     idx = scan_folder(str(write_folder(tmp_path / "d", n_train=(30, 30))), 16)
-    x, y = sample_images(idx.train, 10, image_size=16, eval_crop_ratio=1.0, workers=0)
-    assert x.shape == (10, 3, 16, 16) and 0 < int(y.sum()) < 10  # both classes, not the first 10 (all cats)
+    s = sample_stats(idx.train, 10, image_size=16, eval_crop_ratio=1.0, workers=0, keep=10)
+    assert s.x.shape == (10, 3, 16, 16) and 0 < int(s.y.sum()) < 10  # both classes, not the first 10 (all cats)
+    x = s.x.double() / 255
+    assert np.allclose(s.mean, x.mean(dim=(0, 2, 3))) and np.allclose(s.std, x.std(dim=(0, 2, 3)))
+    few = sample_stats(idx.train, 10, image_size=16, eval_crop_ratio=1.0, workers=1, keep=3)
+    assert few.mean == s.mean and torch.equal(few.x, s.x[:3])
 
 
 def test_memory_estimate(tmp_path):
