@@ -9,7 +9,8 @@ The guarantees of the in-memory pipelines carry over:
   and rank r takes the r-th slice of it (loader.rank_slice), so resuming at step k replays exactly;
 - an image's random crop is a pure function of (seed, epoch, image index): torchvision's
   RandomResizedCrop draws its parameters from a generator seeded with a hash of the three, in the
-  worker; flips and padded crops (--flip, --crop-padding) are the plan's batched draws, as elsewhere;
+  worker; flips (--flip, --alternate-flip) are the epoch plan's draws, as elsewhere, applied in the
+  worker after the crop; padded crops (--crop-padding) are the plan's draws too, on the whole batch;
 - evaluation reads this rank's contiguous shard (loader.eval_shard) and scores each test image once.
 
 Unreadable files (zero bytes, truncated, not an image) are found when a worker decodes them: the run
@@ -210,10 +211,11 @@ class Sample:
     error: str = ""
     jpeg: bool = False
     box: tuple | None = None
+    flip: bool = False
 
 
 class StreamImages(TorchDataset):
-    """Map-style: dataset[(epoch, index)] decodes file `index` and applies the split's transform."""
+    """Map-style: dataset[(epoch, index, flip)] decodes file `index` and applies the split's transform."""
 
     def __init__(self, files: FileList, *, image_size: int, train: bool, seed: int = 0,
                  crop_scale=(0.08, 1.0), eval_crop_ratio: float = 0.875, skip_bad: bool = False,
@@ -226,11 +228,11 @@ class StreamImages(TorchDataset):
         return len(self.files)
 
     def __getitem__(self, key) -> Sample:
-        epoch, index = key
+        epoch, index, flip = key
         skipped, j = [], index
         while True:
             try:
-                return self._load(epoch, index, j, tuple(skipped))
+                return self._load(epoch, index, j, tuple(skipped), flip)
             except UserError as e:
                 if not self.skip_bad:
                     return Sample(torch.zeros(0, dtype=torch.uint8), -1, error=str(e))
@@ -241,7 +243,7 @@ class StreamImages(TorchDataset):
                 if j == index:
                     return Sample(torch.zeros(0, dtype=torch.uint8), -1, error="imagefolder: no readable training image")
 
-    def _load(self, epoch: int, index: int, j: int, skipped: tuple) -> Sample:
+    def _load(self, epoch: int, index: int, j: int, skipped: tuple, flip: bool) -> Sample:
         path, label = self.files.path(j), int(self.files.labels[j])
         if self.raw_jpeg:
             with open(path, "rb") as f:
@@ -253,13 +255,14 @@ class StreamImages(TorchDataset):
                 except Exception as e:
                     raise UserError(f"imagefolder: cannot decode image {path} ({_last_clause(e)})") from None
                 box = self.draws(epoch, index, height, width) if self.train else None
-                return Sample(torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, j, skipped, jpeg=True, box=box)
+                return Sample(torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, j, skipped, jpeg=True,
+                              box=box, flip=flip)
         img = decode_file(path)
         if self.train:
             img = train_transform(img, self.draws(epoch, index, img.shape[1], img.shape[2]), self.size)
         else:
             img = eval_transform(img, self.size, self.crop_ratio)
-        return Sample(img.contiguous(), label, j, skipped)
+        return Sample((img.flip(-1) if flip else img).contiguous(), label, j, skipped)
 
 
 def collate(samples: list[Sample]) -> dict:
@@ -270,7 +273,7 @@ def collate(samples: list[Sample]) -> dict:
     if errors:
         return batch
     if any(s.jpeg for s in samples):
-        batch["raw"] = [(s.image, s.jpeg, s.box, s.source) for s in samples]
+        batch["raw"] = [(s.image, s.jpeg, s.box, s.source, s.flip) for s in samples]
     else:
         batch["images"] = torch.stack([s.image for s in samples])
     return batch
@@ -326,8 +329,9 @@ class _Batches:
         except RuntimeError:  # one bad file fails the whole batch: decode one by one to name it
             decoded = [self._decode_one(raw[i][0], raw[i][3]) for i in jpegs]
         for i, img in zip(jpegs, decoded):
-            out[i] = train_transform(img, raw[i][2], self.size) if self.train else \
+            img = train_transform(img, raw[i][2], self.size) if self.train else \
                 eval_transform(img, self.size, self.crop_ratio)
+            out[i] = img.flip(-1) if raw[i][4] else img
         return torch.stack([o.to(self.device, non_blocking=True) for o in out])
 
     def _decode_one(self, data: torch.Tensor, source: int) -> torch.Tensor:
@@ -343,7 +347,7 @@ class _Batches:
 # ----------------------------------------------------------------------------- training pipeline
 
 class _PlanSampler(Sampler):
-    """This rank's (epoch, index) keys of the epoch plan from a given step on (DistributedSampler's
+    """This rank's (epoch, index, flip) keys of the epoch plan from a given step on (DistributedSampler's
     role); the epoch travels with the key because persistent workers keep their own dataset copy."""
 
     def __init__(self, pipeline: "StreamPipeline"):
@@ -352,8 +356,10 @@ class _PlanSampler(Sampler):
     def __iter__(self):
         p = self.p
         for step in range(p.start_step, p.steps_per_epoch):
-            for i in p.plan["perm"][rank_slice(step, p.batch, p.rank, p.world)].tolist():
-                yield p.current_epoch, i
+            pos = rank_slice(step, p.batch, p.rank, p.world)
+            flips = p.plan["flip"][pos].tolist() if "flip" in p.plan else [False] * p.batch
+            for i, flip in zip(p.plan["perm"][pos].tolist(), flips):
+                yield p.current_epoch, i, flip
 
     def __len__(self):
         return (self.p.steps_per_epoch - self.p.start_step) * self.p.batch
@@ -384,8 +390,9 @@ class StreamPipeline:
         for step, batch in enumerate(_iterate(self.loader), start=start_step):
             x, y = self.to_device(batch)
             pos = rank_slice(step, self.batch, self.rank, self.world)
-            shift, flip = _draws(self.plan, "shift", pos, self.device), _draws(self.plan, "flip", pos, self.device)
-            yield self.normalize(crop_flip(x, shift, flip, self.aug.crop_padding)), y
+            if self.aug.crop_padding:
+                x = crop_flip(x, _draws(self.plan, "shift", pos, self.device), None, self.aug.crop_padding)
+            yield self.normalize(x), y
 
 
 # ----------------------------------------------------------------------------- evaluation and statistics
@@ -395,7 +402,7 @@ class _Range(Sampler):
         self.indices = indices
 
     def __iter__(self):
-        return ((0, i) for i in self.indices)
+        return ((0, i, False) for i in self.indices)
 
     def __len__(self):
         return len(self.indices)

@@ -30,8 +30,8 @@ def no_norm():
     return Normalize([0.0] * 3, [1 / 255] * 3, CPU, channels_last=False)  # x -> float(x)
 
 
-def pipeline(files, batch=2, rank=0, world=1, workers=0, **kw):
-    return StreamPipeline(files, batch_per_rank=batch, rank=rank, world=world, seed=3, aug=Augment(),
+def pipeline(files, batch=2, rank=0, world=1, workers=0, aug=Augment(flip=True), **kw):
+    return StreamPipeline(files, batch_per_rank=batch, rank=rank, world=world, seed=3, aug=aug,
                           normalize=no_norm(), device=CPU, workers=workers, image_size=16, **kw)
 
 
@@ -65,13 +65,14 @@ def test_grayscale_rgba_cmyk_palette_become_rgb(tmp_path):
 def test_crop_draws_are_a_function_of_seed_epoch_index(tmp_path):
     idx = scan_folder(str(write_folder(tmp_path / "d")), 16)
     ds = StreamImages(idx.train, image_size=16, train=True, seed=3)
-    a, b = ds[(0, 5)].image, ds[(0, 5)].image
+    a, b = ds[(0, 5, False)].image, ds[(0, 5, False)].image
     assert a.shape == (3, 16, 16) and torch.equal(a, b)
-    assert not torch.equal(a, ds[(1, 5)].image)  # another epoch, another crop
+    assert not torch.equal(a, ds[(1, 5, False)].image)  # another epoch, another crop
     other = StreamImages(idx.train, image_size=16, train=True, seed=4)
-    assert not torch.equal(a, other[(0, 5)].image)
+    assert not torch.equal(a, other[(0, 5, False)].image)
+    assert torch.equal(ds[(0, 5, True)].image, a.flip(-1))
     rng_before = torch.get_rng_state()
-    ds[(2, 3)]
+    ds[(2, 3, False)]
     assert torch.equal(rng_before, torch.get_rng_state())  # the global generator is left alone
     whole = StreamImages(idx.train, image_size=16, train=True, crop_scale=(1.0, 1.0))
     assert whole.draws(0, 1, 28, 28) == (0, 0, 28, 28)  # scale 1 on a square image: the whole image
@@ -80,8 +81,8 @@ def test_crop_draws_are_a_function_of_seed_epoch_index(tmp_path):
 def test_eval_transform_resize_then_centre_crop(tmp_path):
     idx = scan_folder(str(write_folder(tmp_path / "d", size=(16, 16))), 16)
     exact = StreamImages(idx.test, image_size=16, train=False, eval_crop_ratio=1.0)
-    assert torch.equal(exact[(0, 0)].image, decode_file(idx.test.path(0)))  # 16x16 at ratio 1: untouched
-    assert StreamImages(idx.test, image_size=12, train=False)[(0, 1)].image.shape == (3, 12, 12)
+    assert torch.equal(exact[(0, 0, False)].image, decode_file(idx.test.path(0)))  # 16x16 at ratio 1: untouched
+    assert StreamImages(idx.test, image_size=12, train=False)[(0, 1, False)].image.shape == (3, 12, 12)
 
 
 def batches_of(pipe, epoch, start=0):
@@ -192,3 +193,11 @@ def test_stream_needs_an_image_folder():
     cfg = config.Config(data=DataConfig(loader="stream"))
     with pytest.raises(UserError, match="--loader stream reads image folders"):
         config.validate(cfg)
+
+
+def test_padded_crops_on_the_batch(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d")), 16)
+    plain = batches_of(pipeline(idx.train, batch=4, aug=Augment(flip=True)), 0)
+    padded = batches_of(pipeline(idx.train, batch=4, aug=Augment(crop_padding=2, flip=True)), 0)
+    assert padded[0][0].shape == (4, 3, 16, 16) and torch.equal(padded[0][1], plain[0][1])
+    assert not torch.equal(padded[0][0], plain[0][0])
