@@ -110,7 +110,7 @@ def rank_slice(step: int, batch: int, rank: int, world: int) -> slice:
 class DevicePipeline:
     def __init__(self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize, device,
                  image_aug=None):
-        self.x, self.y = x.to(device), y.to(device)
+        self.x, self.y, self.n = x.to(device), y.to(device), len(x)
         self.batch, self.rank, self.world, self.seed, self.aug = batch_per_rank, rank, world, seed, aug
         self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = len(x) // (batch_per_rank * world)

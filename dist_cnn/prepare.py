@@ -33,8 +33,11 @@ def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict 
     --pretrained / --init-from apply (a resumed one loads its own checkpoint afterwards)."""
     shape = dict(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size)
     model = factory(**shape) if factory else build_model(cfg.model.name, **shape)
+    sample = getattr(data, "sample", None)  # a streamed folder's (stream.attach_sample): no train_x in memory
     if state is not None and "mean" in state:
         mean, std = list(state["mean"]), list(state["std"])  # the run's own normalization, as trained
+    elif sample is not None:
+        mean, std = sample.mean, sample.std
     else:
         mean, std = normalization_stats(data.train_x, cfg.data.normalize)
     normalize = Normalize(mean, std, device, cfg.model.channels_last)
@@ -44,8 +47,8 @@ def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict 
         model.load_state_dict(state["model"])
     else:
         if hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
-            sample = data.train_x[init_sample(len(data.train_x), 5000, cfg.train.seed)]
-            model.init_from_data(normalize(sample.to(device)).cpu())
+            x = sample.x if sample is not None else data.train_x[init_sample(len(data.train_x), 5000, cfg.train.seed)]
+            model.init_from_data(normalize(x.to(device)).cpu())
         if starting_weights and cfg.model.pretrained:
             load_pretrained(model, cfg.model.name, data.num_classes, data.in_channels, log)
         if starting_weights and cfg.model.init_from:

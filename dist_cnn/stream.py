@@ -70,6 +70,7 @@ class FolderIndex:
     test: FileList
     image_size: int
     in_channels: int = 3
+    sample: "SampleStats | None" = None  # normalization statistics and a few images (attach_sample)
 
     @property
     def num_classes(self) -> int:
@@ -279,13 +280,17 @@ def collate(samples: list[Sample]) -> dict:
     return batch
 
 
+def _local_world() -> int:
+    """Ranks on this node (torchrun, or srun's tasks per node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 0) or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+
+
 def default_workers(workers: int) -> int:
     """-1: the CPUs this process may use, shared among the ranks on this node."""
     if workers >= 0:
         return workers
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0) or os.environ.get("SLURM_NTASKS_PER_NODE", 0) or 1)
-    return max(1, cpus // local_world)
+    return max(1, cpus // _local_world())
 
 
 def _iterate(loader: DataLoader):
@@ -371,6 +376,8 @@ class StreamPipeline:
     def __init__(self, files: FileList, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize,
                  device, workers: int, image_size: int, crop_scale=(0.08, 1.0), skip_bad: bool = False,
                  decode: str = "cpu"):
+        if decode == "gpu" and device.type != "cuda":
+            raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
         self.n, self.batch, self.rank, self.world, self.seed, self.aug = len(files), batch_per_rank, rank, world, seed, aug
         self.normalize, self.device = normalize, device
         self.steps_per_epoch = self.n // (batch_per_rank * world)
@@ -417,7 +424,7 @@ class StreamEval:
         self.files, self.n = files, len(files)
         part = eval_shard(len(files), rank, world)
         dataset = StreamImages(files, image_size=image_size, train=False, eval_crop_ratio=eval_crop_ratio,
-                               skip_bad=skip_bad, raw_jpeg=decode == "gpu")
+                               skip_bad=skip_bad, raw_jpeg=decode == "gpu" and device.type == "cuda")
         self.to_device = _Batches(files, image_size, device, train=False, crop_ratio=eval_crop_ratio)
         self.loader = _loader(dataset, _Range(range(part.start, part.stop)), batch_size,
                               default_workers(workers), device)
@@ -488,3 +495,33 @@ def fits_in_memory(index: FolderIndex, device: torch.device, local_world: int = 
     return need <= budget, (f"{len(index.train) + len(index.test)} images at {index.image_size} px decode to "
                             f"{need / gib:.1f} GiB, budget {budget / gib:.1f} GiB (half the free {where}"
                             f"{' per rank' if local_world > 1 and device.type != 'cuda' else ''})")
+
+
+def open_folder(data_cfg, env) -> tuple[FolderIndex | None, str]:
+    """The file index to stream, or None to load the dataset into memory; and why, for the log.
+    --loader stream streams; auto streams an image folder whose decoded size exceeds the budget."""
+    if data_cfg.dataset != "imagefolder" or data_cfg.loader not in ("auto", "stream"):
+        return None, ""
+    from .distributed import main_only
+    index = load_index(data_cfg, env)
+    if data_cfg.loader == "stream":
+        return index, "--loader stream"
+    fits, why = main_only(env, lambda: fits_in_memory(index, env.device, _local_world()))
+    return (None, f"auto: in memory, {why}") if fits else (index, f"auto: streamed, {why}")
+
+
+def attach_sample(index: FolderIndex, data_cfg, env, keep: int = 256) -> FolderIndex:
+    """Rank 0 measures the normalization statistics on a random sample; every rank gets them, with
+    `keep` of its images for start-up probes (precision timing, data-dependent initialization)."""
+    from .distributed import main_only
+
+    def measure():
+        n = keep if data_cfg.normalize == "half" else STATS_SAMPLE
+        s = sample_stats(index.train, n, image_size=index.image_size, eval_crop_ratio=data_cfg.eval_crop_ratio,
+                         workers=data_cfg.workers, skip_bad=data_cfg.skip_bad_images, keep=keep)
+        if data_cfg.normalize == "half":  # the tutorial's Normalize((0.5,)*3, (0.5,)*3)
+            s.mean, s.std = [0.5] * 3, [0.5] * 3
+        return s
+
+    index.sample = main_only(env, measure)
+    return index

@@ -24,9 +24,10 @@ from .config import Config
 from .data import Dataset, load_dataset
 from .ema import ModelEMA, adjusted_decay
 from .errors import TrainingFailed, UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_batches
 from .fileio import write_json_atomic
 from .loader import Augment, DevicePipeline, LoaderPipeline
+from .stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
 from .observability.metrics import MetricsLog
 from .observability.progress import Progress
 from .observability.report import format_report, write_plots
@@ -90,7 +91,8 @@ class Trainer:
         seed_everything(t.seed)
 
         self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg))
-        self.data = data or D.main_then_all(env, lambda: load_dataset(cfg.data, log=self.log))
+        self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
+        self.data = data or self._load_data()
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
 
         prepared = prepare_model(cfg, self.data, env.device, factory=model_factory, starting_weights=state is None,
@@ -104,7 +106,7 @@ class Trainer:
         self.pipeline = self._build_pipeline()
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({len(self.data.train_x)})")
+            raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({self.pipeline.n})")
         self.total_steps = total_steps(t.epochs, self.steps_per_epoch, t.max_steps)
         self.schedule = build_schedule(self.optimizer, self.total_steps, cfg.optim)
         self.scaler = P.grad_scaler(self.precision, env.device)
@@ -117,6 +119,7 @@ class Trainer:
         self.best_weights = "model"  # which weights best.pt holds the best score of: model or ema
 
         self.step, self.epoch, self.epoch_step = 0, 0, 0
+        self.skipped_images: set[str] = set()  # unreadable files found so far (--skip-bad-images)
         self._live_batches, self._batches_at = None, None
         self.meter, self.best_acc, self.bad_steps, self.skipped_steps = Meter(), -1.0, 0, 0
         self.ckpt_policy = CheckpointPolicy(cfg.ckpt)
@@ -135,25 +138,38 @@ class Trainer:
                                      self.log)
 
     # ---- setup -------------------------------------------------------------------------------
+    def _load_data(self):
+        """In-memory tensors, or the file index of an image folder to stream (stream.open_folder)."""
+        index, self.loader_note = open_folder(self.cfg.data, self.env)
+        if index is not None:
+            return attach_sample(index, self.cfg.data, self.env)
+        return D.main_then_all(self.env, lambda: load_dataset(self.cfg.data, log=self.log))
+
     def _resolve_precision(self) -> str:
         n = min(self.batch_per_rank, 64)
-        x = self.normalize(self.data.train_x[:n].to(self.env.device))
-        probe = P.time_training_step(self.raw_model, x, self.data.train_y[:n].to(self.env.device))
+        d = self.data
+        x, y = (d.sample.x, d.sample.y) if isinstance(d, FolderIndex) else (d.train_x, d.train_y)
+        probe = P.time_training_step(self.raw_model, self.normalize(x[:n].to(self.env.device)), y[:n].to(self.env.device))
         return P.resolve(self.cfg.train.precision, self.env.device, probe)
 
     def _build_pipeline(self):
         cfg, env, d = self.cfg, self.env, self.data
-        kind = cfg.data.loader
-        if kind == "auto":
-            kind = "device" if self._fits_on_device(d.train_x) else "dataloader"
-        self.loader_kind = kind
         kw = dict(batch_per_rank=self.batch_per_rank, rank=env.rank, world=env.world_size, seed=cfg.train.seed,
                   aug=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.alternate_flip),
                   image_aug=ImageAugment(cfg.data.auto_augment, cfg.data.random_erase, cfg.train.seed, self.mean),
                   normalize=self.normalize, device=env.device)
+        if isinstance(d, FolderIndex):
+            self.loader_kind, self._test_stream = "stream", None
+            return StreamPipeline(d.train, workers=cfg.data.workers, image_size=d.image_size,
+                                  crop_scale=config_mod.parse_crop_scale(cfg.data.crop_scale),
+                                  skip_bad=cfg.data.skip_bad_images, decode=cfg.data.decode, **kw)
+        kind = cfg.data.loader
+        if kind == "auto":
+            kind = "device" if self._fits_on_device(d.train_x) else "dataloader"
+        self.loader_kind = kind
         if kind == "device":
             return DevicePipeline(d.train_x, d.train_y, **kw)
-        return LoaderPipeline(d.train_x, d.train_y, workers=cfg.data.workers, **kw)
+        return LoaderPipeline(d.train_x, d.train_y, workers=default_workers(cfg.data.workers), **kw)
 
     def _fits_on_device(self, x: torch.Tensor) -> bool:
         if self.env.device.type != "cuda":
@@ -174,7 +190,8 @@ class Trainer:
                 "skipped_steps": self.skipped_steps, "rng": rngs, "world_size": self.env.world_size,
                 "config": config_mod.to_dict(self.cfg), "wandb_id": self.wandb.run_id,
                 "metrics": self.metrics.history, "finished": False, "precision": self.precision,
-                "mean": self.mean, "std": self.std,
+                "mean": self.mean, "std": self.std, "loader": self.loader_kind,
+                "skipped_images": sorted(self.skipped_images),
                 "comm_hook": parallel.comm_hook_record(self.cfg.model, self.env.world_size),
                 "lookahead": self.lookahead.state_dict() if self.lookahead else {},
                 "ema": self.ema.state_dict() if self.ema else {}, "best_weights": self.best_weights,
@@ -197,6 +214,7 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = s["step"], s["epoch"], s["epoch_step"]
         self.meter, self.best_acc, self.skipped_steps = Meter(s["train_seconds"]), s["best_acc"], s["skipped_steps"]
         self.wandb_id = s["wandb_id"]
+        self.skipped_images = set(s.get("skipped_images", []))
         checkpoint.set_rng_state(s["rng"][self.env.rank % len(s["rng"])])
         self.metrics.restore(s["metrics"])
         self.metrics.write({"event": "resume", "step": self.step, "epoch": self.epoch,
@@ -282,7 +300,8 @@ class Trainer:
             config_mod.save(cfg, self.run_dir / "config.json")
             self.log(f"run {self.run_dir}: {cfg.model.name} on {cfg.data.dataset}, world size {self.env.world_size} "
                      f"({self.env.backend}), {self.precision}, batch {t.batch_size} ({self.batch_per_rank}/rank), "
-                     f"{self.loader_kind} pipeline, {self.total_steps} steps")
+                     f"{self.loader_kind} pipeline{f' ({self.loader_note})' if self.loader_note else ''}, "
+                     f"{self.total_steps} steps")
         last_eval = None
         while self.step < self.total_steps and self.epoch < t.epochs:
             if self.run_epoch():
@@ -394,11 +413,16 @@ class Trainer:
 
     def _evaluate(self, model) -> dict:
         d = self.data
+        if isinstance(d, FolderIndex):
+            return evaluate_batches(model, self._test_batches(), len(d.test), num_classes=d.num_classes,
+                                    env=self.env, precision=self.precision, tta=self.cfg.train.tta)
         return evaluate(model, d.test_x, d.test_y, num_classes=d.num_classes, normalize=self.normalize,
                         env=self.env, precision=self.precision, tta=self.cfg.train.tta)
 
     def run_eval(self) -> dict:
         res = self._evaluate(self.model)
+        if isinstance(self.data, FolderIndex):
+            res["skipped_images"] = self._count_skipped()
         rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.meter.seconds}
         score, winner, ema_note = res["test_accuracy"], "model", ""
         if self.ema:  # the average is scored beside the model; the better of the two may make best.pt
@@ -418,13 +442,39 @@ class Trainer:
             self.save_checkpoint(is_best=True)
         return rec
 
+    def _test_batches(self):
+        """This rank's shard of a streamed test folder (workers started once, kept between evaluations)."""
+        if self._test_stream is None:
+            c, d = self.cfg.data, self.data
+            self._test_stream = StreamEval(d.test, rank=self.env.rank, world=self.env.world_size,
+                                           image_size=d.image_size, eval_crop_ratio=c.eval_crop_ratio,
+                                           device=self.env.device, workers=c.workers,
+                                           batch_size=2 * self.batch_per_rank, skip_bad=c.skip_bad_images,
+                                           decode=c.decode)
+        return self._test_stream.batches(self.normalize)
+
+    def _count_skipped(self) -> int:
+        """Distinct unreadable files any rank has found (--skip-bad-images); new ones are named in the log."""
+        d = self.data
+        mine = {d.train.path(i) for i in self.pipeline.skipped} | {d.test.path(i) for i in self._test_stream.skipped}
+        found = [mine]
+        if self.env.initialized:
+            found = [None] * self.env.world_size
+            torch.distributed.all_gather_object(found, mine)
+        new = sorted(set().union(*found) - self.skipped_images)
+        if new:
+            self.log(f"skipped {len(new)} unreadable image(s) (--skip-bad-images): {', '.join(new[:5])}"
+                     f"{' ...' if len(new) > 5 else ''}")
+        self.skipped_images.update(new)
+        return len(self.skipped_images)
+
     def finish(self, ev: dict) -> dict:
         summary = self.summary(ev)
         self.save_checkpoint(final=True)
         if self.env.is_main:
             cfg, d = self.cfg, self.data
             export = {"model": self.raw_model.state_dict(), "model_name": cfg.model.name, "classes": d.classes,
-                      "in_channels": d.in_channels, "image_size": d.image_size,
+                      "in_channels": d.in_channels, "image_size": d.image_size, "loader": self.loader_kind,
                       "mean": self.mean, "std": self.std, "config": config_mod.to_dict(cfg)}
             if self.ema:
                 export["ema"] = self.ema.module.state_dict()
@@ -446,6 +496,7 @@ class Trainer:
             "train_seconds": seconds, "train_images_per_sec": self.step * cfg.train.batch_size / max(seconds, 1e-9),
             "model": cfg.model.name, "dataset": cfg.data.dataset, "precision": self.precision,
             "loader": self.loader_kind, "device": str(self.env.device), "skipped_steps": self.skipped_steps,
+            "skipped_images": len(self.skipped_images),
             "parameters": sum(p.numel() for p in self.raw_model.parameters()), "run_dir": str(self.run_dir)})
         if self.ema:
             summary.update({k: ev[k] for k in ("ema_test_accuracy", "ema_test_correct", "best_weights")})

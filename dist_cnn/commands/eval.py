@@ -6,9 +6,10 @@ from pathlib import Path
 from .. import checkpoint, config as config_mod, distributed as D, precision as P
 from ..data import load_dataset
 from ..errors import UserError
-from ..evaluate import evaluate
+from ..evaluate import evaluate, evaluate_batches
 from ..fileio import write_json_atomic
 from ..prepare import prepare_model
+from ..stream import StreamEval, load_index
 
 
 def eval_parser():
@@ -42,11 +43,21 @@ def main_eval(argv) -> int:
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
     with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
-        data = D.main_then_all(env, lambda: load_dataset(cfg.data))
-        prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
-        res = evaluate(prepared.model, data.test_x, data.test_y, num_classes=data.num_classes,
-                       normalize=prepared.normalize, env=env, precision=P.resolve(args.precision, env.device),
-                       batch_size=args.batch_size, tta=cfg.train.tta)
+        if state.get("loader") == "stream":  # trained on a streamed folder: evaluated the same way
+            data = load_index(cfg.data, env)
+            prepared = prepare_model(cfg, data, env.device, state)
+            test = StreamEval(data.test, rank=env.rank, world=env.world_size, image_size=data.image_size,
+                              eval_crop_ratio=cfg.data.eval_crop_ratio, device=env.device, workers=cfg.data.workers,
+                              batch_size=args.batch_size, skip_bad=cfg.data.skip_bad_images, decode=cfg.data.decode)
+            res = evaluate_batches(prepared.model, test.batches(prepared.normalize), len(data.test),
+                                   num_classes=data.num_classes, env=env,
+                                   precision=P.resolve(args.precision, env.device), tta=cfg.train.tta)
+        else:
+            data = D.main_then_all(env, lambda: load_dataset(cfg.data))
+            prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
+            res = evaluate(prepared.model, data.test_x, data.test_y, num_classes=data.num_classes,
+                           normalize=prepared.normalize, env=env, precision=P.resolve(args.precision, env.device),
+                           batch_size=args.batch_size, tta=cfg.train.tta)
         if env.is_main:
             _report(args, cfg, data, env, res)
     return 0
