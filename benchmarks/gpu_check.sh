@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU machine (an H200 with CUDA): one short script, no network, no pip installs.
 #
-#   1. the CUDA-only tests:      python3 -m pytest -m cuda tests/   (tests/e2e/test_cuda.py)
+#   1. the CUDA-only tests:      python3 -m pytest -m cuda tests/   (tests/e2e/test_cuda.py; the stream
+#                                pipeline's --decode gpu (nvjpeg) against CPU decoding and a --decode gpu
+#                                run: tests/unit/test_stream.py, tests/e2e/test_stream.py)
 #   2. unpack CIFAR-10 (JPEG):   .gpu_data/cifar10-jpeg.tar.gz -> .gpu_data/cifar10-jpeg
 #   3. the fast recipe, timed:   python3 train.py --config configs/fast94.toml --dataset imagefolder ...
 #   4. a table: test / result / seconds, then the recipe's accuracy, train_seconds and images/s

@@ -504,6 +504,8 @@ def open_folder(data_cfg, env) -> tuple[FolderIndex | None, str]:
     --loader stream streams; auto streams an image folder whose decoded size exceeds the budget."""
     if data_cfg.dataset != "imagefolder" or data_cfg.loader not in ("auto", "stream"):
         return None, ""
+    if data_cfg.decode == "gpu" and env.device.type != "cuda":
+        raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
     from .distributed import main_only
     index = load_index(data_cfg, env)
     if data_cfg.loader == "stream":

@@ -122,3 +122,19 @@ def test_grayscale_rgba_cmyk_palette_mix(tmp_path):
     train(args(root, "--out", tmp_path / "run", "--epochs", "1"), check=0)
     s = read_summary(tmp_path / "run")
     assert s["test_total"] == 15 and s["skipped_images"] == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+def test_decode_gpu_run(tmp_path, folder):
+    """--decode gpu end to end: nvjpeg decodes, the run trains, evaluates and resumes like the CPU path."""
+    train(args(folder, "--out", tmp_path / "gpu", "--decode", "gpu"), check=0)
+    s = read_summary(tmp_path / "gpu")
+    assert s["loader"] == "stream" and s["device"].startswith("cuda") and s["test_total"] == 20, s
+
+
+def test_decode_gpu_on_the_cpu_is_one_line(tmp_path, folder):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU's refusal")
+    p = train(args(folder, "--out", tmp_path / "run", "--decode", "gpu"))
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--decode gpu" in p.stderr, p.stderr

@@ -201,3 +201,37 @@ def test_padded_crops_on_the_batch(tmp_path):
     padded = batches_of(pipeline(idx.train, batch=4, aug=Augment(crop_padding=2, flip=True)), 0)
     assert padded[0][0].shape == (4, 3, 16, 16) and torch.equal(padded[0][1], plain[0][1])
     assert not torch.equal(padded[0][0], plain[0][0])
+
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU's one-line refusal")
+def test_decode_gpu_needs_cuda(tmp_path):
+    idx = scan_folder(str(write_folder(tmp_path / "d")), 16)
+    with pytest.raises(UserError, match="--decode gpu .* CUDA"):
+        pipeline(idx.train, decode="gpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+def test_decode_gpu_matches_cpu_decoding(tmp_path):
+    """nvjpeg + GPU resize against libjpeg + CPU resize: the same crops and flips, pixels within rounding
+    and decoder differences; a PNG in the batch is decoded by the worker."""
+    root = write_folder(tmp_path / "d", size=(64, 48))
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(root / "train" / "cat" / "zz.png")
+    idx = scan_folder(str(root), 32)
+    cuda = torch.device("cuda")
+    kw = dict(batch_per_rank=4, rank=0, world=1, seed=3, aug=Augment(flip=True),
+              normalize=Normalize([0.0] * 3, [1 / 255] * 3, cuda, channels_last=False), device=cuda,
+              workers=1, image_size=32)
+    cpu = [(x.cpu(), y.cpu()) for x, y in StreamPipeline(idx.train, decode="cpu", **kw).epoch(0)]
+    gpu = [(x.cpu(), y.cpu()) for x, y in StreamPipeline(idx.train, decode="gpu", **kw).epoch(0)]
+    assert len(cpu) == len(gpu) == 3
+    for (xc, yc), (xg, yg) in zip(cpu, gpu):
+        assert torch.equal(yc, yg) and xg.shape == xc.shape
+        assert (xg - xc).abs().mean() < 4, (xg - xc).abs().mean()  # out of 255
+    ev = StreamEval(idx.test, rank=0, world=1, image_size=32, eval_crop_ratio=0.875, device=cuda, workers=0,
+                    decode="gpu")
+    ys = torch.cat([y for _, y in ev.batches(kw["normalize"])])
+    assert ys.tolist() == idx.test.labels.tolist()
