@@ -332,7 +332,8 @@ class _Batches:
         jpegs = [i for i, r in enumerate(raw) if r[1]]
         out: list = [r[0] for r in raw]  # non-JPEGs arrive decoded and transformed by the worker
         try:
-            decoded = decode_jpeg([raw[i][0] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            decoded = decode_jpeg([raw[i][0] for i in jpegs], mode=ImageReadMode.RGB, device=self.device) \
+                if jpegs else []
         except RuntimeError:  # one bad file fails the whole batch: decode one by one to name it
             decoded = [self._decode_one(raw[i][0], raw[i][3]) for i in jpegs]
         for i, img in zip(jpegs, decoded):
