@@ -227,12 +227,12 @@ def main():
 
 def report(res: dict) -> None:
     if "throughput" in res:
-        print(f"\n1. training pipeline, 224 px, batch 64     hand-written     stream   ratio   "
-              f"(CPU ms per image: training process + workers)")
+        print("\n1. training pipeline, 224 px, batch 64     hand-written     stream   ratio   "
+              "(CPU ms per image: training process + workers)")
         for r in res["throughput"]:
             ref, mine = r["reference"], r["stream"]
-            print(f"   {r['workers']} worker(s), images/s {'':20} {ref['images_per_sec']:8.0f} {mine['images_per_sec']:10.0f}"
-                  f" {r['ratio_wall']:6.2f}x")
+            print(f"   {r['workers']} worker(s), images/s {'':20} {ref['images_per_sec']:8.0f} "
+                  f"{mine['images_per_sec']:10.0f} {r['ratio_wall']:6.2f}x")
             print(f"   {r['workers']} worker(s), CPU ms/image {'':16} {ref['cpu_ms_per_image']:8.2f} "
                   f"{mine['cpu_ms_per_image']:10.2f} {r['ratio_cpu']:6.2f}x")
         ok = all(min(r["ratio_wall"], r["ratio_cpu"]) >= 1.0 for r in res["throughput"])

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms.v2 import RandomResizedCrop
 
 from .errors import UserError
-from .loader import Augment, Normalize, crop_flip, epoch_plan, eval_shard, rank_slice, _draws
+from .loader import Augment, Normalize, _draws, crop_flip, epoch_plan, eval_shard, rank_slice
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios (torchvision's and timm's default)
@@ -70,7 +71,7 @@ class FolderIndex:
     test: FileList
     image_size: int
     in_channels: int = 3
-    sample: "SampleStats | None" = None  # normalization statistics and a few images (attach_sample)
+    sample: SampleStats | None = None  # normalization statistics and a few images (attach_sample)
 
     @property
     def num_classes(self) -> int:
@@ -244,7 +245,8 @@ class StreamImages(TorchDataset):
                     return Sample(torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, j, tuple(skipped))
                 j = (j + 1) % len(self.files)  # the next readable image, the same at every world size
                 if j == index:
-                    return Sample(torch.zeros(0, dtype=torch.uint8), -1, error="imagefolder: no readable training image")
+                    return Sample(torch.zeros(0, dtype=torch.uint8), -1,
+                                  error="imagefolder: no readable training image")
 
     def _load(self, epoch: int, index: int, j: int, skipped: tuple, flip: bool) -> Sample:
         path, label = self.files.path(j), int(self.files.labels[j])
@@ -358,7 +360,7 @@ class _PlanSampler(Sampler):
     """This rank's (epoch, index, flip) keys of the epoch plan from a given step on (DistributedSampler's
     role); the epoch travels with the key because persistent workers keep their own dataset copy."""
 
-    def __init__(self, pipeline: "StreamPipeline"):
+    def __init__(self, pipeline: StreamPipeline):
         self.p = pipeline
 
     def __iter__(self):
@@ -381,7 +383,8 @@ class StreamPipeline:
                  decode: str = "cpu"):
         if decode == "gpu" and device.type != "cuda":
             raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
-        self.n, self.batch, self.rank, self.world, self.seed, self.aug = len(files), batch_per_rank, rank, world, seed, aug
+        self.n, self.batch, self.rank, self.world = len(files), batch_per_rank, rank, world
+        self.seed, self.aug = seed, aug
         self.normalize, self.device = normalize, device
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step, self.current_epoch = None, 0, 0
@@ -396,7 +399,8 @@ class StreamPipeline:
         return self.to_device.skipped
 
     def epoch(self, epoch: int, start_step: int = 0):
-        self.plan, self.start_step, self.current_epoch = epoch_plan(self.n, self.seed, epoch, self.aug), start_step, epoch
+        self.plan = epoch_plan(self.n, self.seed, epoch, self.aug)
+        self.start_step, self.current_epoch = start_step, epoch
         for step, batch in enumerate(_iterate(self.loader), start=start_step):
             x, y = self.to_device(batch)
             pos = rank_slice(step, self.batch, self.rank, self.world)

@@ -27,7 +27,6 @@ from .errors import TrainingFailed, UserError
 from .evaluate import evaluate, evaluate_batches
 from .fileio import write_json_atomic
 from .loader import Augment, DevicePipeline, LoaderPipeline
-from .stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
 from .observability.metrics import MetricsLog
 from .observability.progress import Progress
 from .observability.report import format_report, write_plots
@@ -38,6 +37,7 @@ from .preempt import StopSignal, requeue_slurm_job
 from .prepare import prepare_model
 from .profiling import StepProfiler
 from .rundir import prepare_run_dir, resolve_resume
+from .stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
 
 
 class StepSignals(NamedTuple):
@@ -149,7 +149,8 @@ class Trainer:
         n = min(self.batch_per_rank, 64)
         d = self.data
         x, y = (d.sample.x, d.sample.y) if isinstance(d, FolderIndex) else (d.train_x, d.train_y)
-        probe = P.time_training_step(self.raw_model, self.normalize(x[:n].to(self.env.device)), y[:n].to(self.env.device))
+        x, y = self.normalize(x[:n].to(self.env.device)), y[:n].to(self.env.device)
+        probe = P.time_training_step(self.raw_model, x, y)
         return P.resolve(self.cfg.train.precision, self.env.device, probe)
 
     def _build_pipeline(self):

@@ -7,8 +7,15 @@ from PIL import Image
 from dist_cnn.config import DataConfig, parse_crop_scale
 from dist_cnn.errors import UserError
 from dist_cnn.loader import Augment, Normalize, eval_shard
-from dist_cnn.stream import (StreamEval, StreamImages, StreamPipeline, decode_file, fits_in_memory, sample_stats,
-                             scan_folder)
+from dist_cnn.stream import (
+    StreamEval,
+    StreamImages,
+    StreamPipeline,
+    decode_file,
+    fits_in_memory,
+    sample_stats,
+    scan_folder,
+)
 
 CPU = torch.device("cpu")
 
