@@ -242,3 +242,17 @@ def test_decode_gpu_matches_cpu_decoding(tmp_path):
                     decode="gpu")
     ys = torch.cat([y for _, y in ev.batches(kw["normalize"])])
     assert ys.tolist() == idx.test.labels.tolist()
+
+
+def test_auto_streams_a_folder_over_the_memory_budget(tmp_path, monkeypatch):
+    from dist_cnn import stream
+    from dist_cnn.distributed import DistEnv
+    root = write_folder(tmp_path / "d")
+    cfg = DataConfig(dataset="imagefolder", data_dir=str(root), image_size=16, loader="auto")
+    index, why = stream.open_folder(cfg, DistEnv())
+    assert index is None and why.startswith("auto: in memory, 19 images at 16 px")
+    monkeypatch.setattr(stream, "available_memory", lambda device: 2 * 19 * 3 * 16 * 16 - 2)  # a byte short
+    index, why = stream.open_folder(cfg, DistEnv())
+    assert len(index.train) == 12 and why.startswith("auto: streamed") and "half the free RAM" in why
+    cfg.loader, cfg.dataset = "auto", "synthetic"
+    assert stream.open_folder(cfg, DistEnv()) == (None, "")
