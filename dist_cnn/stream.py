@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms.v2 import RandomResizedCrop
 
+from .data import IMAGE_EXTS
+from .distributed import main_only
 from .errors import UserError
 from .loader import Augment, Normalize, _draws, crop_flip, epoch_plan, eval_shard, rank_slice
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios (torchvision's and timm's default)
 STATS_SAMPLE = 2000  # training images whose pixels give the normalization mean/std
 STATS_SEED = 20_240_601  # the sample does not depend on --seed: the same statistics for every run
@@ -122,7 +123,6 @@ def scan_folder(root: str, image_size: int, test_split: str = "test") -> FolderI
 
 def load_index(data_cfg, env) -> FolderIndex:
     """One rank lists the folder (a million files on a shared filesystem), the others receive the list."""
-    from .distributed import main_only
     return main_only(env, lambda: scan_folder(data_cfg.data_dir, data_cfg.image_size, data_cfg.test_split))
 
 
@@ -511,7 +511,6 @@ def open_folder(data_cfg, env) -> tuple[FolderIndex | None, str]:
         return None, ""
     if data_cfg.decode == "gpu" and env.device.type != "cuda":
         raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
-    from .distributed import main_only
     index = load_index(data_cfg, env)
     if data_cfg.loader == "stream":
         return index, "--loader stream"
@@ -522,7 +521,6 @@ def open_folder(data_cfg, env) -> tuple[FolderIndex | None, str]:
 def attach_sample(index: FolderIndex, data_cfg, env, keep: int = 256) -> FolderIndex:
     """Rank 0 measures the normalization statistics on a random sample; every rank gets them, with
     `keep` of its images for start-up probes (precision timing, data-dependent initialization)."""
-    from .distributed import main_only
 
     def measure():
         n = keep if data_cfg.normalize == "half" else STATS_SAMPLE
