@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from common import ROOT, clean_env, read_events, read_summary, run_py, torchrun, train
 from PIL import Image
 
-FAIL = ROOT / "tests/helpers/fail_rank.py"
+from tests.support.common import ROOT, clean_env, read_events, read_summary, run_py, torchrun, train
+
+FAIL = ROOT / "tests/support/fail_rank.py"
 NOISE = {"time", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", "epoch_seconds",
          "eta_seconds", "memory_mb", "train_seconds", "path", "from"}
 

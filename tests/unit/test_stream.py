@@ -5,7 +5,9 @@ import torch
 from PIL import Image
 
 from dist_cnn.config import DataConfig, parse_crop_scale
+from dist_cnn.distributed import DistEnv
 from dist_cnn.errors import UserError
+from dist_cnn.evaluate import score
 from dist_cnn.loader import Augment, Normalize, eval_shard
 from dist_cnn.stream import (
     StreamEval,
@@ -13,9 +15,11 @@ from dist_cnn.stream import (
     StreamPipeline,
     decode_file,
     fits_in_memory,
+    load_index,
     sample_stats,
     scan_folder,
 )
+from tests.support.dist import run_group
 
 CPU = torch.device("cpu")
 
@@ -129,6 +133,23 @@ def test_eval_shards_cover_each_test_image_once(tmp_path):
         assert sum(len(y) for y in ys) == len(range(11)[eval_shard(11, r, 3)])
         seen += torch.cat(ys).tolist()
     assert seen == idx.test.labels.tolist()
+
+
+def _score_streamed(env, root):
+    index = load_index(DataConfig(dataset="imagefolder", data_dir=root, image_size=16), env)  # rank 0 lists
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
+    test = StreamEval(index.test, rank=env.rank, world=env.world_size, image_size=16, eval_crop_ratio=0.875,
+                      device=CPU, workers=0, batch_size=4)
+    norm = Normalize([0.5] * 3, [0.25] * 3, CPU, channels_last=False)
+    return score(model, test.batches(norm), len(index.test), num_classes=2, env=env, precision="fp32")
+
+
+def test_streamed_eval_in_a_3_process_group_equals_one_process(tmp_path):
+    root = str(write_folder(tmp_path / "d", n_test=(8, 9)))
+    three = run_group(3, _score_streamed, root, tmp_dir=tmp_path)
+    one = _score_streamed(DistEnv(), root)
+    assert one["test_total"] == 17 and all(r == one for r in three), (one, three)
 
 
 def bad_folder(tmp_path):
