@@ -306,10 +306,17 @@ def _iterate(loader: DataLoader):
     return iter(loader)
 
 
+def _own_generator() -> torch.Generator:
+    """For a DataLoader's worker seeds, which it otherwise draws from the global generator: starting a
+    loader must not change the weight initialization or anything else drawn after it (every draw of
+    this pipeline is seeded explicitly, so the workers' seeds do not matter)."""
+    return torch.Generator().manual_seed(0)
+
+
 def _loader(dataset, sampler, batch: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, drop_last=False)
+                      prefetch_factor=4 if workers > 0 else None, drop_last=False, generator=_own_generator())
 
 
 class _Batches:
@@ -464,7 +471,7 @@ def sample_stats(files: FileList, n: int = STATS_SAMPLE, *, image_size: int, eva
                            skip_bad=skip_bad)
     to_host = _Batches(files, image_size, torch.device("cpu"), train=False, crop_ratio=eval_crop_ratio)
     loader = DataLoader(dataset, batch_size=50, sampler=_Range(picks), num_workers=default_workers(workers),
-                        collate_fn=collate)
+                        collate_fn=collate, generator=_own_generator())
     total = torch.zeros(2, 3, dtype=torch.float64)  # per channel: sum, sum of squares (pixels in [0, 1])
     count, xs, ys = 0, [], []
     for batch in _iterate(loader):

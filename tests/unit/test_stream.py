@@ -118,6 +118,9 @@ def test_workers_give_the_same_batches(tmp_path):
     idx = scan_folder(str(write_folder(tmp_path / "d")), 16)
     ref = batches_of(pipeline(idx.train, batch=4), 0)
     pipe = pipeline(idx.train, batch=4, workers=2)
+    rng = torch.get_rng_state()
+    batches_of(pipe, 1)
+    assert torch.equal(rng, torch.get_rng_state())  # starting the loader draws nothing from the global generator
     for epoch in (0, 0):  # persistent workers, iterated twice
         got = batches_of(pipe, epoch)
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got))
