@@ -155,7 +155,7 @@ def train(args: list, nproc: int = 1, timeout: float = 3600) -> tuple[dict, list
                        env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         lines = (p.stderr + p.stdout).splitlines()
-        raise RuntimeError(next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else "failed"))
+        raise RuntimeError(next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "failed"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return json.loads((out / "summary.json").read_text()), rows
 
