@@ -40,7 +40,7 @@ from torchvision.transforms.v2 import RandomResizedCrop
 from .data import IMAGE_EXTS
 from .distributed import main_only
 from .errors import UserError
-from .loader import Augment, Normalize, _draws, crop_flip, epoch_plan, eval_shard, rank_slice
+from .loader import Augment, Normalize, _draws, _image_aug, crop_flip, epoch_plan, eval_shard, rank_slice
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios (torchvision's and timm's default)
 STATS_SAMPLE = 2000  # training images whose pixels give the normalization mean/std
@@ -387,11 +387,11 @@ class StreamPipeline:
 
     def __init__(self, files: FileList, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize,
                  device, workers: int, image_size: int, crop_scale=(0.08, 1.0), skip_bad: bool = False,
-                 decode: str = "cpu"):
+                 decode: str = "cpu", image_aug=None):
         if decode == "gpu" and device.type != "cuda":
             raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
         self.n, self.batch, self.rank, self.world = len(files), batch_per_rank, rank, world
-        self.seed, self.aug = seed, aug
+        self.seed, self.aug, self.image_aug = seed, aug, image_aug
         self.normalize, self.device = normalize, device
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step, self.current_epoch = None, 0, 0
@@ -413,7 +413,7 @@ class StreamPipeline:
             pos = rank_slice(step, self.batch, self.rank, self.world)
             if self.aug.crop_padding:
                 x = crop_flip(x, _draws(self.plan, "shift", pos, self.device), None, self.aug.crop_padding)
-            yield self.normalize(x), y
+            yield self.normalize(_image_aug(self.image_aug, x, epoch, pos)), y
 
 
 # ----------------------------------------------------------------------------- evaluation and statistics
