@@ -7,7 +7,7 @@ from PIL import Image
 from dist_cnn.config import DataConfig, parse_crop_scale
 from dist_cnn.distributed import DistEnv
 from dist_cnn.errors import UserError
-from dist_cnn.evaluate import score
+from dist_cnn.evaluate import evaluate_batches
 from dist_cnn.loader import Augment, Normalize, eval_shard
 from dist_cnn.stream import (
     StreamEval,
@@ -145,7 +145,7 @@ def _score_streamed(env, root):
     test = StreamEval(index.test, rank=env.rank, world=env.world_size, image_size=16, eval_crop_ratio=0.875,
                       device=CPU, workers=0, batch_size=4)
     norm = Normalize([0.5] * 3, [0.25] * 3, CPU, channels_last=False)
-    return score(model, test.batches(norm), len(index.test), num_classes=2, env=env, precision="fp32")
+    return evaluate_batches(model, test.batches(norm), len(index.test), num_classes=2, env=env, precision="fp32")
 
 
 def test_streamed_eval_in_a_3_process_group_equals_one_process(tmp_path):
