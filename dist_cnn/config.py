@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from . import models
-from .errors import UserError
+from .errors import UserError, one_line
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 
@@ -35,15 +35,16 @@ class DataConfig:
     dataset: str = opt("cifar10", "dataset to train on", choices=DATASETS)
     data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
-    image_size: int = opt(32, "imagefolder: images are resized to this square size", low=1)
-    synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1)
-    synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1)
+    image_size: int = opt(32, "imagefolder: images are resized to this square size", low=4, high=1024)
+    synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=1_000_000)
+    synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=1_000_000)
     loader: str = opt("auto", "input pipeline: in-memory tensors on the device, or a DataLoader",
                       choices=("auto", "device", "dataloader"))
-    workers: int = opt(2, "DataLoader worker processes (dataloader pipeline only)", low=0)
+    workers: int = opt(2, "DataLoader worker processes (dataloader pipeline only)", low=0, high=256)
     normalize: str = opt("dataset", "per-channel normalization: the training set's mean/std, or 0.5/0.5 "
                          "as in the tutorial", choices=("dataset", "half"))
-    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0)
+    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0,
+                       high=16)
     flip: bool = opt(False, "random horizontal flip augmentation")
     alternate_flip: bool = opt(False, "with --flip: each image is flipped in alternate epochs (airbench) "
                                "instead of independently at random")
@@ -65,17 +66,19 @@ class ModelConfig:
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
-    freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs", low=0)
+    freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs", low=0,
+                                       high=1_000_000)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(0.08, "peak learning rate for the global batch", above=0)
+    lr: float = opt(0.08, "peak learning rate for the global batch", above=0, high=10)
     momentum: float = opt(0.9, "SGD momentum", low=0, below=1)
     nesterov: bool = opt(True, "Nesterov momentum")
-    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)", low=0)
+    weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)", low=0, high=1)
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", low=0, below=1)
-    bias_lr_scale: float = opt(1.0, "LR multiplier for biases and norm parameters (airbench: 64)", above=0)
+    bias_lr_scale: float = opt(1.0, "LR multiplier for biases and norm parameters (airbench: 64)", above=0,
+                             high=1000)
     schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
                         "warmup then cosine, or constant", choices=("onecycle", "cosine", "constant"))
     warmup: float = opt(0.2, "warmup length as a fraction of all steps", low=0, high=1)
@@ -84,17 +87,17 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(2, "training epochs", low=1)
-    batch_size: int = opt(128, "global batch size, across all ranks", low=1)
-    seed: int = opt(0, "random seed (weights, data order, augmentation)")
+    epochs: int = opt(2, "training epochs", low=1, high=100_000)
+    batch_size: int = opt(128, "global batch size, across all ranks", low=1, high=1 << 24)
+    seed: int = opt(0, "random seed (weights, data order, augmentation)", low=0, high=2**32 - 1)
     precision: str = opt("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
-    grad_accum: int = opt(1, "micro-batches per optimizer step", low=1)
-    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", low=0)
-    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", low=0)
-    log_every: int = opt(50, "log train loss every N optimizer steps", low=1)
-    nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps", low=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", low=1, high=4096)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", low=0, high=10**9)
+    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", low=0, high=100_000)
+    log_every: int = opt(50, "log train loss every N optimizer steps", low=1, high=1_000_000)
+    nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps", low=1, high=1_000_000)
     lookahead_every: int = opt(0, "lookahead/EMA of weights every N steps, weights reset to the EMA (0 = off)",
-                               low=0)
+                               low=0, high=1_000_000)
     lookahead_decay: float = opt(0.95, "per-step EMA decay of the lookahead, ramped up cubically over training",
                                  above=0, below=1)
     tta: int = opt(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations", low=0, high=2)
@@ -107,16 +110,19 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
-    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", above=0)
+    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", above=0,
+                           high=7 * 86400)
 
 
 @dataclass
 class CheckpointConfig:
     resume: str = opt("none", "resume from: auto (newest valid checkpoint in --out), none, or a path")
-    keep: int = opt(3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints", low=1)
-    every_steps: int = opt(0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps", low=0)
+    keep: int = opt(3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints", low=1,
+               high=1_000_000)
+    every_steps: int = opt(0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps", low=0,
+                      high=10**9)
     every_minutes: float = opt(10.0, "checkpoint every N minutes (0 = off)", flag="--checkpoint-every-minutes",
-                               low=0)
+                               low=0, high=1_000_000)
     on_write_error: str = opt("continue", "when a checkpoint write fails: warn and continue, or stop",
                               choices=("continue", "stop"))
 
@@ -202,32 +208,67 @@ def _check_type(where: str, value, typ):
     if typ is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     if type(value) is not typ:
-        raise UserError(f"config: {where} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        prefix = "" if where.startswith("--") else "config: "
+        raise UserError(f"{prefix}{where} must be {typ.__name__}, got {type(value).__name__} {str(value)[:80]!r}")
     return value
 
 
+class _UniqueKeyLoader:
+    """A yaml SafeLoader whose mappings refuse a key given twice (YAML's own rule; PyYAML keeps the last)."""
+
+    @staticmethod
+    def make():
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                seen = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+                    seen.add(key)
+                return super().construct_mapping(node, deep)
+        return Loader
+
+
+def _json_no_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
 def load_file(path: str) -> dict:
+    """A config file as a nested dict: TOML, YAML (duplicate keys refused) or JSON (parsed as JSON,
+    so the run's own config.json can be fed back)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
+    if p.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise UserError(f"config file {path}: use .toml, .yaml or .json")
     try:
+        text = p.read_text()
         if p.suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
-            return tomllib.loads(p.read_text())
-        if p.suffix in (".yaml", ".yml", ".json"):
-            import yaml  # JSON is YAML, so one parser reads both
-            data = yaml.safe_load(p.read_text()) or {}
-            if not isinstance(data, dict):
-                raise UserError(f"config file {path}: top level must be a mapping")
-            return data
-    except UserError:
-        raise
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_json_no_duplicates)
+        else:
+            import yaml
+            data = yaml.load(text, Loader=_UniqueKeyLoader.make())
+            data = {} if data is None else data
     except Exception as e:  # parser errors: one line naming the file
-        raise UserError(f"config file {path}: {str(e).splitlines()[0]}") from None
-    raise UserError(f"config file {path}: use .toml, .yaml or .json")
+        raise UserError(f"config file {path}: {one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: top level must be a mapping of sections")
+    return data
 
 
 def apply_dict(cfg: Config, data: dict, where: str = "config") -> None:
@@ -262,12 +303,35 @@ def _check_field(f, value) -> None:
             raise UserError(f"{flag} must be {'positive' if positive else f'{word} {m[key]}'}, got {value}")
 
 
+# Free-text options that must not be empty; characters W&B refuses in project names.
+NONEMPTY = {"data.data_dir", "ckpt.resume", "log.wandb_project"}
+WANDB_NAME_FORBIDDEN = set("/\\#?%:")
+
+
+def _check_text(flag: str, value: str, key: str) -> None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise UserError(f"{flag}: control characters are not allowed, got {value[:80]!r}")
+    if key in NONEMPTY and not value.strip():
+        raise UserError(f"{flag} must not be empty")
+    if key == "log.wandb_project" and WANDB_NAME_FORBIDDEN & set(value):
+        raise UserError(f"{flag}: W&B project names cannot contain any of {' '.join(sorted(WANDB_NAME_FORBIDDEN))}")
+    if key == "log.wandb_tags" and len(value) > 64:
+        raise UserError(f"{flag}: W&B tags are at most 64 characters, got {len(value)}")
+
+
 def validate(cfg: Config) -> None:
-    """Every field against its own metadata (choices, range, finiteness), before any work starts."""
+    """Every field against its type and its own metadata (choices, range, finiteness; text without
+    control characters), before any work starts; cross-field rules last."""
     for section, cls in _sections():
-        obj = getattr(cfg, section)
+        obj, hints = getattr(cfg, section), typing.get_type_hints(cls)
         for f in fields(cls):
-            _check_field(f, getattr(obj, f.name))
+            value, typ = getattr(obj, f.name), hints[f.name]
+            _check_type(_flag(f), value, typ)
+            _check_field(f, value)
+            for text in (value if typ is list else [value] if typ is str else []):
+                _check_text(_flag(f), text, f"{section}.{f.name}")
+    if cfg.data.dataset == "imagefolder" and cfg.data.crop_padding >= cfg.data.image_size:
+        raise UserError(f"--crop-padding {cfg.data.crop_padding} must be smaller than --image-size {cfg.data.image_size}")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
         raise UserError("--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'")
     models.check_spec(cfg.model.name)
@@ -303,3 +367,7 @@ def save(cfg: Config, path: Path) -> None:
 
 
 assert all(is_dataclass(t) for _, t in _sections())
+assert all(any(f.metadata.get(k) is not None for k in ("low", "above")) and
+           any(f.metadata.get(k) is not None for k in ("high", "below"))
+           for _, t in _sections() for f in fields(t) if typing.get_type_hints(t)[f.name] in (int, float)), \
+    "every number needs both ends of its range"
