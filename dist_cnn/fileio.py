@@ -2,11 +2,14 @@
 never a half-written one, even when the process is killed or the disk fills up mid-write."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from .errors import one_line
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool = False) -> None:
@@ -14,12 +17,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool
 
     durable: fsync the file and the directory, so the new file survives a power loss or a node crash
     (checkpoints); without it the rename is still atomic for every reader of this machine.
+    Every failure is an OSError, torch.save's RuntimeError on a full disk included, so that callers
+    apply one write-error policy; the temporary file is removed.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:  # torch's PytorchStreamWriter "file write failed" (ENOSPC, EIO, quota)
+                raise OSError(errno.EIO, f"write failed ({one_line(e, 120)})") from None
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
