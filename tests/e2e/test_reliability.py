@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common import SMALL, train
+from common import SMALL, clean_env, train
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -20,3 +20,18 @@ def test_bad_values_in_a_real_process(tmp_path, args, needle):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_keeps_its_files_under_the_run_directory(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(HOME=str(home), WANDB_MODE="offline")
+    env.pop("XDG_CACHE_HOME", None)
+    train([*SMALL, "--max-steps", "2", "--wandb", "offline", "--out", tmp_path / "run"], env=env, check=0)
+    assert [p for p in home.rglob("*") if "wandb" in str(p.relative_to(home))] == []
+    assert (tmp_path / "run" / "wandb" / ".cache").is_dir()
+    # The user's own choice wins.
+    mine = tmp_path / "mycache"
+    env["WANDB_CACHE_DIR"] = str(mine)
+    train([*SMALL, "--max-steps", "2", "--wandb", "offline", "--out", tmp_path / "run2"], env=env, check=0)
+    assert mine.is_dir() and not (tmp_path / "run2" / "wandb" / ".cache").exists()
