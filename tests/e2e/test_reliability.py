@@ -35,3 +35,15 @@ def test_wandb_keeps_its_files_under_the_run_directory(tmp_path):
     env["WANDB_CACHE_DIR"] = str(mine)
     train([*SMALL, "--max-steps", "2", "--wandb", "offline", "--out", tmp_path / "run2"], env=env, check=0)
     assert mine.is_dir() and not (tmp_path / "run2" / "wandb" / ".cache").exists()
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2.5"}, "WORLD_SIZE='2.5'"),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "LOCAL_RANK is not set"),
+])
+def test_contradictory_launch_environment_is_one_line_before_anything_runs(tmp_path, env, needle):
+    p = train([*SMALL, "--out", tmp_path / "run"], env=clean_env(**env), timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
+    assert not (tmp_path / "run").exists()
