@@ -5,6 +5,8 @@ image exactly once; the total is checked against the test set's size.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -12,6 +14,10 @@ from .distributed import DistEnv, all_reduce_sum
 from .loader import Normalize, eval_shard
 from .models import tta_logits
 from .precision import autocast
+
+
+def _any_rank(flag: bool, env: DistEnv) -> bool:
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=env.device)).item())
 
 
 def sync_buffers(model: torch.nn.Module, env: DistEnv) -> None:
@@ -23,13 +29,25 @@ def sync_buffers(model: torch.nn.Module, env: DistEnv) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
-             normalize: Normalize, env: DistEnv, precision: str, batch_size: int = 1000, tta: int = 0) -> dict:
+             normalize: Normalize, env: DistEnv, precision: str, batch_size: int = 1000, tta: int = 0,
+             should_stop: Callable[[], bool] | None = None) -> dict | None:
+    """The test metrics; None when `should_stop` (a stop signal) became true on any rank: the ranks
+    agree on it before every batch (one tiny all_reduce), so a stop never waits for a long evaluation."""
     was_training = model.training
     model.eval()
     sync_buffers(model, env)
     part = eval_shard(len(x), env.rank, env.world_size)
     conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=env.device)
-    for i in range(part.start, part.stop, batch_size):
+    # Every rank runs the same number of rounds (shards differ by at most one image), so the
+    # per-batch stop vote always has all ranks.
+    rounds = -(-(-(-len(x) // env.world_size)) // batch_size)
+    for k in range(rounds):
+        if should_stop is not None and _any_rank(should_stop(), env):
+            model.train(was_training)
+            return None
+        i = part.start + k * batch_size
+        if i >= part.stop:
+            continue
         xb = normalize(x[i:min(i + batch_size, part.stop)].to(env.device, non_blocking=True))
         yb = y[i:min(i + batch_size, part.stop)].to(env.device, non_blocking=True)
         with autocast(precision, env.device):
