@@ -205,8 +205,11 @@ def train_parser(prog: str = "train.py") -> ArgumentParser:
 def _check_type(where: str, value, typ):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typ is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
+    if typ is list and isinstance(value, list):
+        if all(isinstance(v, str) for v in value):
+            return value
+        raise UserError(f"{'' if where.startswith('--') else 'config: '}{where} must be a list of strings, "
+                        f"got {str(value)[:80]!r}")
     if type(value) is not typ:
         prefix = "" if where.startswith("--") else "config: "
         raise UserError(f"{prefix}{where} must be {typ.__name__}, got {type(value).__name__} {str(value)[:80]!r}")

@@ -76,7 +76,7 @@ def test_node_launch_error_found_by_the_workers_is_their_line_only(tmp_path):
 def test_node_launch_crash_is_reported_in_one_torchrun_line(tmp_path):
     env = clean_env(DIST_CNN_PYTHON=sys.executable, OMP_NUM_THREADS="1", FAIL_RANK="1", FAIL_STEP="2",
                     FAIL_MODE="kill", PYTHONPATH=f"{ROOT}")
-    p = subprocess.run([sys.executable, "-m", "dist_cnn.launcher", "--standalone", "--nproc_per_node=2",
+    p = subprocess.run([sys.executable, "-m", "dist_cnn.torchrun", "--standalone", "--nproc_per_node=2",
                         ROOT / "tests/helpers/fail_rank.py", *SMALL, "--out", tmp_path / "run"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 128 + 9, p.stderr

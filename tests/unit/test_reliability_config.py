@@ -17,7 +17,8 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dist_cnn import cli, config
+from dist_cnn import config
+from dist_cnn.commands import main as cli_main
 
 BASE = ["--dataset", "synthetic", "--synthetic-train-size", "256", "--synthetic-test-size", "64",
         "--batch-size", "64", "--max-steps", "1", "--wandb", "disabled", "--no-progress", "--precision", "fp32",
@@ -31,8 +32,16 @@ def flag_of(f) -> str:
 
 # ---------------------------------------------------------------------------------------- bad values
 
-def bad_numbers(key: str, typ) -> st.SearchStrategy:
-    lo, hi, lo_open, hi_open = config._limit(config.LIMITS[key])
+def limits(f) -> tuple:
+    """(low, high, low is open, high is open) from the field's metadata."""
+    m = f.metadata
+    lo, lo_open = (m["above"], True) if m.get("above") is not None else (m["low"], False)
+    hi, hi_open = (m["below"], True) if m.get("below") is not None else (m["high"], False)
+    return lo, hi, lo_open, hi_open
+
+
+def bad_numbers(f, typ) -> st.SearchStrategy:
+    lo, hi, lo_open, hi_open = limits(f)
     below = st.integers(min_value=-10**12, max_value=lo - 1) if typ is int else \
         st.floats(max_value=lo, exclude_max=not lo_open, allow_nan=False, allow_infinity=False)
     above = st.integers(min_value=hi + 1, max_value=10**30) if typ is int else \
@@ -72,8 +81,8 @@ def bad_option(draw):
     routes = ["json"] + (["flag"] if typ in (int, float, str) else [])
     route = draw(st.sampled_from(routes))
     if typ in (int, float):
-        value = draw(st.one_of(bad_numbers(key, typ), wrong_type_json(typ)) if route == "json"
-                     else st.one_of(bad_numbers(key, typ),
+        value = draw(st.one_of(bad_numbers(f, typ), wrong_type_json(typ)) if route == "json"
+                     else st.one_of(bad_numbers(f, typ),
                                     st.sampled_from(["abc", "", "1e", "0x10", "--", "1,5"] + (["1.5"] if typ is int else []))))
         if route == "json" and typ is float and isinstance(value, float) and not math.isfinite(value):
             pass  # json.dumps writes NaN/Infinity, which Python's json reads back
@@ -93,7 +102,7 @@ def run_main(argv: list[str], cwd: Path) -> tuple[int, str]:
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:
-                code = cli.main(argv)
+                code = cli_main(argv)
             except SystemExit as e:
                 code = e.code
     finally:
@@ -144,7 +153,7 @@ def test_each_option_has_a_refused_value(section, f, typ):
     """Deterministic coverage of every field (the property test samples them at random)."""
     key = f"{section}.{f.name}"
     if typ in (int, float):
-        lo, hi, lo_open, _ = config._limit(config.LIMITS[key])
+        lo, hi, lo_open, _ = limits(f)
         check_refused("flag", section, f, lo - 1 if typ is int else (lo if lo_open else lo - 1))
         check_refused("json", section, f, "1")
     elif typ is str:

@@ -1,4 +1,4 @@
-"""`python -m dist_cnn.launcher [torchrun options] train.py [train options]`: torchrun, made quiet.
+"""`python -m dist_cnn.torchrun [torchrun options] train.py [train options]`: torchrun, made quiet.
 
 The launch scripts (launch/node.sh, launch/multinode.sh, slurm/train.sh) start torchrun through this:
 - the training flags are validated once, before any worker starts: a bad flag is the one-line error
@@ -6,7 +6,7 @@ The launch scripts (launch/node.sh, launch/multinode.sh, slurm/train.sh) start t
 - when a worker fails, the workers' own messages stand (a one-line error, exit code 2, needs nothing
   more) and torchrun's report becomes one line naming the first failed rank and its exit code or
   signal (`DIST_CNN_TORCHRUN_VERBOSE=1` keeps torchrun's full report and logs).
-`python -m dist_cnn.launcher --check-only [train.py] [train options]` only validates (exit 0 or 2).
+`python -m dist_cnn.torchrun --check-only [train.py] [train options]` only validates (exit 0 or 2).
 """
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ def check_train_args(args: list[str]) -> int | None:
     if "--dry-run" in args:  # the doctor runs in every worker and takes its own flags (--json)
         return None
     from . import config
-    from .cli import train_parser
     from .errors import UserError
     try:
-        config.from_args(train_parser().parse_args(args))
+        config.from_args(config.train_parser().parse_args(args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
