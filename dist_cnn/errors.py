@@ -14,6 +14,10 @@ class TrainingFailed(Exception):
     """The run could not go on (non-finite loss, failed checkpoint write): one line, exit code 1."""
 
 
+class PeerFailed(TrainingFailed):
+    """Rank 0's TrainingFailed, raised on the other ranks too: rank 0 already reported it."""
+
+
 def one_line(e: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message (at most `limit` characters), or its type."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

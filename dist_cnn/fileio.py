@@ -50,3 +50,33 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+class WritePolicy:
+    """--on-write-error for every file of the run directory (checkpoints, metrics.jsonl, config.json,
+    model.pt, summary.json, plots): `continue` warns once per file and goes on, `stop` ends the run
+    (exit code 1) at the next point where all ranks agree (`pending` holds the reason until then)."""
+
+    def __init__(self, mode: str, log: Callable[[str], None]):
+        self.mode, self.log = mode, log
+        self.pending: str | None = None
+        self._warned: set[str] = set()
+
+    def failed(self, what: str, e: BaseException) -> None:
+        why = getattr(e, "strerror", None) or one_line(e, 160)
+        if self.mode == "stop":
+            self.pending = self.pending or f"{what} could not be written ({why}); stopping (--on-write-error stop)"
+        elif what not in self._warned:
+            self._warned.add(what)
+            self.log(f"warning: {what} could not be written ({why}); going on (--on-write-error continue)")
+
+    def attempt(self, what: str, write: Callable[[], None]) -> bool:
+        """write(); False when it failed (the failure is handled by the policy)."""
+        if self.pending:
+            return False  # stopping: nothing more is written
+        try:
+            write()
+            return True
+        except OSError as e:
+            self.failed(what, e)
+            return False
