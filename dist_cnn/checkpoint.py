@@ -118,7 +118,7 @@ def load(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         if "global" in str(e).lower():  # weights_only met a class or function to import
             raise UserError(f"checkpoint {path} holds Python objects other than tensors and plain containers; "
-                            "refused for safety (it could run code when loaded)") from None
+                            "refused for safety (loading them could run code; torch.load weights_only=True)") from None
         raise UserError(f"checkpoint {path} is unreadable ({one_line(e, 150)})") from None
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable or truncated ({one_line(e, 150)})") from None

@@ -68,15 +68,19 @@ def lock_run_dir(run_dir: Path) -> None:
                         "or choose another --out") from None
     except OSError:  # a filesystem without locks (some NFS setups): go on unlocked rather than not at all
         pass
+    _locks[key] = fd
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Under the lock, once the run may start: name this process as the holder, and prove that the
+    directory takes writes (a read-only mount or an immutable directory fails here, not mid-run)."""
+    fd = _locks[os.path.realpath(run_dir)]
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        probe = tempfile.NamedTemporaryFile(dir=run_dir, prefix=".probe", suffix=".tmp")
-        probe.close()
+        tempfile.NamedTemporaryFile(dir=run_dir, prefix=".probe", suffix=".tmp").close()
     except OSError as e:
-        os.close(fd)
         raise UserError(f"--out {run_dir}: cannot write there ({e.strerror})") from None
-    _locks[key] = fd
 
 
 def unlock_run_dir(run_dir: Path) -> None:
@@ -120,12 +124,13 @@ def prepare_run_dir(cfg: Config, log=lambda msg: None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {run_dir}: cannot create it ({e.strerror})") from None
-    lock_run_dir(run_dir)
+    lock_run_dir(run_dir)  # before looking inside: another live run is the first thing to report
     if (run_dir / "summary.json").exists():
         raise UserError(f"--out {run_dir} already holds a finished run (summary.json); choose another --out")
     if _has_checkpoints(run_dir) and resume == "none":
         raise UserError(f"--out {run_dir} holds checkpoints of an unfinished run: pass --resume auto to "
                         f"continue it, or choose another --out")
+    claim_run_dir(run_dir)
     for p in clean_stale_temporaries(run_dir):
         log(f"removed {p}, left by a run that was killed while writing it")
     return run_dir

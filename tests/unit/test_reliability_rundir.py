@@ -36,7 +36,8 @@ def _release_locks():
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that takes the run directory's lock and keeps it."""
     code = ("import sys, time; from pathlib import Path; from dist_cnn import rundir; "
-            "rundir.lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
+            "rundir.lock_run_dir(Path(sys.argv[1])); rundir.claim_run_dir(Path(sys.argv[1])); "
+            "print('locked', flush=True); time.sleep(120)")
     p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], env=clean_env(), cwd=ROOT,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
@@ -135,5 +136,16 @@ def test_a_fresh_start_does_not_append_to_a_killed_runs_metrics(tmp_path):
 def test_lock_is_reentrant_within_one_process(tmp_path):
     rundir.lock_run_dir(tmp_path)
     rundir.lock_run_dir(tmp_path)
+    rundir.claim_run_dir(tmp_path)
     content = (tmp_path / rundir.LOCK_NAME).read_text()
     assert f"pid {os.getpid()}" in content and time.time()
+
+
+def test_a_refused_run_leaves_the_lock_file_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.LOCK_NAME).write_text("host other pid 1\n")
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="finished run"):
+        rundir.prepare_run_dir(cfg_for(run))
+    assert (run / rundir.LOCK_NAME).read_text() == "host other pid 1\n"
