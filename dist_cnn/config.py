@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(0.08, "peak learning rate for the global batch", above=0, high=10)
+    lr: float = opt(0.08, "peak learning rate for the global batch", above=0, high=1e9)
     momentum: float = opt(0.9, "SGD momentum", low=0, below=1)
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "weight decay (not applied to biases and norm parameters)", low=0, high=1)
