@@ -36,8 +36,8 @@ class DataConfig:
     data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
     image_size: int = opt(32, "imagefolder: images are resized to this square size", low=4, high=1024)
-    synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=1_000_000)
-    synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=1_000_000)
+    synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=200_000)
+    synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=200_000)
     loader: str = opt("auto", "input pipeline: in-memory tensors on the device, or a DataLoader",
                       choices=("auto", "device", "dataloader"))
     workers: int = opt(2, "DataLoader worker processes (dataloader pipeline only)", low=0, high=256)
@@ -110,7 +110,7 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
-    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", above=0,
+    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", low=1,
                            high=7 * 86400)
 
 
@@ -168,6 +168,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def _range_text(f) -> str:
+    """'; 1 to 1000' etc. for --help, from the field's range."""
+    m = f.metadata
+    lo = f">= {m['low']}" if m.get("low") is not None else f"> {m['above']}" if m.get("above") is not None else ""
+    hi = f"<= {m['high']}" if m.get("high") is not None else f"< {m['below']}" if m.get("below") is not None else ""
+    return f"; {lo}, {hi}" if lo and hi else f"; {lo or hi}" if lo or hi else ""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; defaults are shown but not set, so only given flags override."""
     parser.add_argument("--config", help="config file (.toml, .yaml or .json); flags override it")
@@ -177,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
             kw = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                      help=f"{f.metadata['help']} (default: {default!r})")
+                      help=f"{f.metadata['help']} (default: {default!r}{_range_text(f)})")
             typ = hints[f.name]
             if typ is bool:
                 kw["action"] = argparse.BooleanOptionalAction

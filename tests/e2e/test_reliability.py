@@ -49,6 +49,7 @@ def test_wandb_keeps_its_files_under_the_run_directory(tmp_path):
     ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2"),
     ({"RANK": "0", "WORLD_SIZE": "2.5"}, "WORLD_SIZE='2.5'"),
     ({"RANK": "1", "WORLD_SIZE": "2"}, "LOCAL_RANK is not set"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "no.such.host.invalid"}, "does not resolve"),
 ])
 def test_contradictory_launch_environment_is_one_line_before_anything_runs(tmp_path, env, needle):
     p = train([*SMALL, "--out", tmp_path / "run"], env=clean_env(**env), timeout=120)
