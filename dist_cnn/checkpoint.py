@@ -73,7 +73,12 @@ def loadable(path: Path) -> bool:
     return ok
 
 
-def save(run_dir: Path, state: dict, keep: int, is_best: bool) -> tuple[Path, list[Path]]:
+def save(run_dir: Path, state: dict, keep: int, is_best: bool) -> Path:
+    """write(), returning only the new file."""
+    return write(run_dir, state, keep, is_best)[0]
+
+
+def write(run_dir: Path, state: dict, keep: int, is_best: bool) -> tuple[Path, list[Path]]:
     """Write step-N.pt (and best.pt), then prune; returns the new file and the files pruned.
 
     Pruning happens only after the new file is in place, removes unloadable step files first, and
@@ -146,7 +151,7 @@ def load_training(path: Path) -> dict:
 
 def newest_valid(run_dir: Path, log) -> tuple[Path, dict] | None:
     """The loadable checkpoint with the highest step, best.pt included; unloadable ones are reported
-    and skipped, and the choice is said."""
+    and skipped."""
     found = None
     for path in reversed(list_checkpoints(run_dir)):
         try:
@@ -164,8 +169,6 @@ def newest_valid(run_dir: Path, log) -> tuple[Path, dict] | None:
                 found = best, state
         except UserError as e:
             log(f"warning: skipping {e}")
-    if found is not None:
-        log(f"--resume auto: taking {found[0]} (step {found[1]['step']}), the newest loadable checkpoint")
     return found
 
 

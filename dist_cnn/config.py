@@ -342,7 +342,8 @@ def validate(cfg: Config) -> None:
             for text in (value if typ is list else [value] if typ is str else []):
                 _check_text(_flag(f), text, f"{section}.{f.name}")
     if cfg.data.dataset == "imagefolder" and cfg.data.crop_padding >= cfg.data.image_size:
-        raise UserError(f"--crop-padding {cfg.data.crop_padding} must be smaller than --image-size {cfg.data.image_size}")
+        raise UserError(f"--crop-padding {cfg.data.crop_padding} must be smaller than "
+                        f"--image-size {cfg.data.image_size}")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
         raise UserError("--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'")
     models.check_spec(cfg.model.name)

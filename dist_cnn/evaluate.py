@@ -6,7 +6,7 @@ image exactly once; the total is checked against the test set's size.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

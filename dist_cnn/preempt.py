@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 
-
 INTERRUPT_NOTICE = ("\nCtrl-C: writing a checkpoint at the next step, then stopping "
                     "(press Ctrl-C again to abort at once, without it)\n")
 

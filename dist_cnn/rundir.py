@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import checkpoint, distributed as D
+from . import checkpoint
+from . import distributed as D
 from .config import Config
 from .errors import UserError
 from .models import short_name
@@ -146,7 +147,9 @@ def resolve_resume(cfg: Config, env: D.DistEnv, run_dir: Path, log) -> tuple[Pat
         found = None
         if mode == "auto":
             found = checkpoint.newest_valid(run_dir, log)
-            if found is None:
+            if found is not None:
+                log(f"--resume auto: taking {found[0]} (step {found[1]['step']}), the newest loadable checkpoint")
+            else:
                 log(f"--resume auto: no loadable checkpoint in {run_dir}, starting from scratch")
         elif mode != "none":
             found = Path(mode), checkpoint.load_training(Path(mode))

@@ -15,13 +15,14 @@ import os
 import signal
 import sys
 
+from . import config
+from .errors import UserError
+
 
 def check_train_args(args: list[str]) -> int | None:
     """None when the flags are fine; otherwise the exit code (0 after --help, 2 after an error line)."""
     if "--dry-run" in args:  # the doctor runs in every worker and takes its own flags (--json)
         return None
-    from . import config
-    from .errors import UserError
     try:
         config.from_args(config.train_parser().parse_args(args))
     except UserError as e:

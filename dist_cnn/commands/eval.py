@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import checkpoint, config as config_mod, distributed as D, precision as P
+from .. import checkpoint
+from .. import config as config_mod
+from .. import distributed as D
+from .. import precision as P
 from ..data import load_dataset
 from ..errors import UserError
 from ..evaluate import evaluate

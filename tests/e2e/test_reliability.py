@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import PY, ROOT, SMALL, clean_env, read_summary, run_py, train
+from tests.support.common import PY, ROOT, SMALL, clean_env, read_summary, run_py, train
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -83,7 +83,7 @@ def test_node_launch_crash_is_reported_in_one_torchrun_line(tmp_path):
     env = clean_env(DIST_CNN_PYTHON=sys.executable, OMP_NUM_THREADS="1", FAIL_RANK="1", FAIL_STEP="2",
                     FAIL_MODE="kill", PYTHONPATH=f"{ROOT}")
     p = subprocess.run([sys.executable, "-m", "dist_cnn.torchrun", "--standalone", "--nproc_per_node=2",
-                        ROOT / "tests/helpers/fail_rank.py", *SMALL, "--out", tmp_path / "run"],
+                        ROOT / "tests/support/fail_rank.py", *SMALL, "--out", tmp_path / "run"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 128 + 9, p.stderr
     assert "rank 1" in p.stderr and "SIGKILL" in p.stderr and "ChildFailedError" not in p.stderr, p.stderr
@@ -164,7 +164,7 @@ def test_metrics_never_name_a_pruned_checkpoint(tmp_path):
 def crashed_run(tmp_path) -> Path:
     """A run that died at step 13 with checkpoints every 4 steps (no summary)."""
     out = tmp_path / "run"
-    p = run_py([ROOT / "tests/helpers/fail_rank.py", *SMALL, "--checkpoint-every-steps", "4", "--out", out],
+    p = run_py([ROOT / "tests/support/fail_rank.py", *SMALL, "--checkpoint-every-steps", "4", "--out", out],
                env=clean_env(FAIL_RANK="0", FAIL_STEP="13"))
     assert p.returncode != 0 and (out / "checkpoints" / "step-00000012.pt").exists()
     return out

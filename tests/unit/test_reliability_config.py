@@ -13,12 +13,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dist_cnn import config
 from dist_cnn.commands import main as cli_main
+
+pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
 BASE = ["--dataset", "synthetic", "--synthetic-train-size", "256", "--synthetic-test-size", "64",
         "--batch-size", "64", "--max-steps", "1", "--wandb", "disabled", "--no-progress", "--precision", "fp32",
@@ -55,7 +56,8 @@ def wrong_type_json(typ) -> st.SearchStrategy:
     pool = {"text": st.text(max_size=8), "none": st.none(), "bool": st.booleans(),
             "int": st.integers(min_value=-10**20, max_value=10**20),
             "float": st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: v != int(v)),
-            "list": st.lists(st.integers(), min_size=1, max_size=2), "dict": st.dictionaries(st.text(max_size=3), st.integers(), max_size=1)}
+            "list": st.lists(st.integers(), min_size=1, max_size=2),
+            "dict": st.dictionaries(st.text(max_size=3), st.integers(), max_size=1)}
     exclude = {int: {"int"}, float: {"int", "float"}, str: {"text"}, bool: {"bool"}, list: set()}[typ]
     return st.one_of([v for k, v in pool.items() if k not in exclude])
 
@@ -83,7 +85,8 @@ def bad_option(draw):
     if typ in (int, float):
         value = draw(st.one_of(bad_numbers(f, typ), wrong_type_json(typ)) if route == "json"
                      else st.one_of(bad_numbers(f, typ),
-                                    st.sampled_from(["abc", "", "1e", "0x10", "--", "1,5"] + (["1.5"] if typ is int else []))))
+                                    st.sampled_from(["abc", "", "1e", "0x10", "--", "1,5"]
+                                                    + (["1.5"] if typ is int else []))))
         if route == "json" and typ is float and isinstance(value, float) and not math.isfinite(value):
             pass  # json.dumps writes NaN/Infinity, which Python's json reads back
     elif typ is str:
@@ -151,7 +154,6 @@ def test_every_bad_option_value_is_one_line_exit_2(case):
 @pytest.mark.parametrize("section,f,typ", SCHEMA, ids=[f"{s}.{f.name}" for s, f, _ in SCHEMA])
 def test_each_option_has_a_refused_value(section, f, typ):
     """Deterministic coverage of every field (the property test samples them at random)."""
-    key = f"{section}.{f.name}"
     if typ in (int, float):
         lo, hi, lo_open, _ = limits(f)
         check_refused("flag", section, f, lo - 1 if typ is int else (lo if lo_open else lo - 1))

@@ -1,7 +1,6 @@
 """Normalization statistics from the whole training set; one image cache per image size."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

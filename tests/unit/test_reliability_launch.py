@@ -6,7 +6,8 @@ import pytest
 from dist_cnn import launch as D
 from dist_cnn.errors import UserError
 
-OK = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+OK = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
+      "MASTER_PORT": "29500"}
 
 
 @pytest.mark.parametrize("change,needle", [

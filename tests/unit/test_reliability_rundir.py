@@ -15,7 +15,7 @@ import pytest
 from dist_cnn import config, rundir
 from dist_cnn.distributed import DistEnv
 from dist_cnn.errors import UserError
-from common import ROOT, clean_env
+from tests.support.common import ROOT, clean_env
 
 
 def cfg_for(out: Path, **ckpt) -> config.Config:
@@ -149,3 +149,22 @@ def test_a_refused_run_leaves_the_lock_file_as_it_was(tmp_path):
     with pytest.raises(UserError, match="finished run"):
         rundir.prepare_run_dir(cfg_for(run))
     assert (run / rundir.LOCK_NAME).read_text() == "host other pid 1\n"
+
+
+def test_resume_auto_says_which_checkpoint_it_took(tmp_path):
+    import torch
+
+    from dist_cnn import checkpoint
+    run = tmp_path / "run"
+    state = {"model": {}, "optimizer": {}, "schedule": {}, "step": 7, "epoch": 0, "epoch_step": 7,
+             "config": {}, "rng": []}
+    checkpoint.write(run, state, keep=3, is_best=True)
+    torch.save({"x": 1}, run / "checkpoints" / "step-00000009.pt")
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    said = []
+    cfg = cfg_for(run, resume="auto")
+    rundir.prepare_run_dir(cfg)
+    path, _ = rundir.resolve_resume(cfg, DistEnv(), run, said.append)
+    assert path.name == "step-00000007.pt"
+    assert any("taking" in m and "step-00000007.pt" in m and "(step 7)" in m for m in said), said
