@@ -51,9 +51,10 @@ class DataConfig:
     auto_augment: str = opt("none", "per-image auto-augment policy (torchvision v2): RandAugment, "
                             "TrivialAugmentWide or AugMix", choices=("none", "ra", "ta_wide", "augmix"))
     random_erase: float = opt(0.0, "probability of random erasing per image (v2.RandomErasing)", low=0, high=1)
-    mixup_alpha: float = opt(0.0, "MixUp on each batch with this Beta alpha, soft-target loss (0 = off)", low=0)
+    mixup_alpha: float = opt(0.0, "MixUp on each batch with this Beta alpha, soft-target loss (0 = off)", low=0,
+                              high=100)
     cutmix_alpha: float = opt(0.0, "CutMix on each batch with this Beta alpha (0 = off; with MixUp: one of "
-                              "the two per batch)", low=0)
+                              "the two per batch)", low=0, high=100)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class OptimConfig:
     schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
                         "warmup then cosine, or constant", choices=("onecycle", "cosine", "constant"))
     warmup: float = opt(0.2, "warmup length as a fraction of all steps", low=0, high=1)
-    clip_grad_norm: float = opt(0.0, "clip the gradients' global norm to this value (0 = off)", low=0)
+    clip_grad_norm: float = opt(0.0, "clip the gradients' global norm to this value (0 = off)", low=0,
+                                 high=1e9)
 
 
 @dataclass
@@ -104,7 +106,7 @@ class TrainConfig:
     model_ema: bool = opt(False, "keep an EMA of the weights, evaluated and checkpointed beside the model")
     model_ema_decay: float = opt(0.99998, "EMA decay, adjusted by global batch x steps / epochs as "
                                  "torchvision's reference", above=0, below=1)
-    model_ema_steps: int = opt(32, "update the EMA every N optimizer steps", low=1)
+    model_ema_steps: int = opt(32, "update the EMA every N optimizer steps", low=1, high=1_000_000)
 
 
 @dataclass

@@ -13,9 +13,9 @@ import io
 import os
 import pickle
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch

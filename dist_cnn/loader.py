@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Sampler
-from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
 
 PLAN_SEED_OFFSET = 1_000_003  # keeps data-order draws independent of the weight-init stream
 
@@ -134,7 +133,7 @@ class DevicePipeline:
 class _ShardSampler(Sampler):
     """Yields this rank's indices of the epoch plan from a given step on (DistributedSampler's role)."""
 
-    def __init__(self, pipeline: LoaderPipeline):
+    def __init__(self, pipeline: "LoaderPipeline"):
         self.p = pipeline
 
     def __iter__(self):

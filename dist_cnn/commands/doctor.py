@@ -13,20 +13,12 @@ import sys
 
 import torch
 
-from .. import config as config_mod
-from .. import launch
+from .. import config as config_mod, launch
 from ..errors import UserError
-from ..launch import (
-    DistEnv,
-    env_int,
-    head_address,
-    problems,
-    resolve_backend,
-    resolve_head,
-    slurm_tasks_on_node,
-    threads_for,
-)
+from ..launch import DistEnv, env_int, head_address, problems, resolve_backend, resolve_head, slurm_tasks_on_node, \
+    threads_for
 from ..rundir import default_run_name, effective_resume
+
 
 
 def launcher_name(env: DistEnv | None, environ=os.environ) -> str:

@@ -21,8 +21,8 @@ import os
 import secrets
 import string
 import threading
-from collections.abc import Callable
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 from ..config import LogConfig
