@@ -224,7 +224,7 @@ class Trainer:
         err = None
         if self.env.is_main:
             try:
-                path, pruned = checkpoint.save(self.run_dir, state, self.cfg.ckpt.keep, is_best)
+                path, pruned = checkpoint.write(self.run_dir, state, self.cfg.ckpt.keep, is_best)
             except OSError as e:  # torch.save's own write errors arrive as OSError too (fileio)
                 err = f"checkpoint write failed at step {self.step} ({e.strerror or e}); the previous one is intact"
                 self.log(f"warning: {err}")
