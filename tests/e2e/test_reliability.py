@@ -20,7 +20,7 @@ from tests.support.common import PY, ROOT, SMALL, clean_env, read_summary, run_p
     (["--timeout", "inf"], "--timeout must be a finite number"),
     (["--log-every", "0"], "--log-every must be positive"),
     (["--synthetic-test-size", "0"], "--synthetic-test-size must be positive"),
-    (["--image-size", "-4"], "--image-size must be in [4, 1024]"),
+    (["--image-size", "-4"], "--image-size must be >= 4"),
     (["--checkpoint-every-minutes", "nan"], "--checkpoint-every-minutes must be a finite number"),
 ])
 def test_bad_values_in_a_real_process(tmp_path, args, needle):
