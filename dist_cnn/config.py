@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from . import models
-from .errors import UserError
+from .errors import UserError, one_line
 from .profiling import parse_range
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
@@ -37,15 +37,15 @@ class DataConfig:
     data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
     image_size: int = opt(32, "imagefolder: images are resized to this square size (stream: the crop size)",
-                          low=1)
-    synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1)
-    synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1)
+                          low=4, high=1024)
+    synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=200_000)
+    synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=200_000)
     loader: str = opt("auto", "input pipeline: in-memory tensors on the device, a DataLoader over them, or "
                       "stream (imagefolder: decode files per batch in workers, nothing cached); auto picks "
                       "device, or stream for an image folder too large to decode into memory",
                       choices=("auto", "device", "dataloader", "stream"))
     workers: int = opt(-1, "DataLoader worker processes per rank (dataloader and stream pipelines); "
-                       "-1 = the CPUs available to each rank on the node", low=-1)
+                       "-1 = the CPUs available to each rank on the node", low=-1, high=256)
     test_split: str = opt("test", "imagefolder: the test split's folder beside train/ (ImageNet: val)")
     crop_scale: str = opt("0.08,1", "stream: RandomResizedCrop's area range 'MIN,MAX' for training "
                           "images (one number s = 's,s'; 1 = the whole image, resized)")
@@ -58,16 +58,18 @@ class DataConfig:
                       choices=("cpu", "gpu"))
     normalize: str = opt("dataset", "per-channel normalization: the training set's mean/std, or 0.5/0.5 "
                          "as in the tutorial", choices=("dataset", "half"))
-    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0)
+    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0,
+                       high=16)
     flip: bool = opt(False, "random horizontal flip augmentation")
     alternate_flip: bool = opt(False, "with --flip: each image is flipped in alternate epochs (airbench) "
                                "instead of independently at random")
     auto_augment: str = opt("none", "per-image auto-augment policy (torchvision v2): RandAugment, "
                             "TrivialAugmentWide or AugMix", choices=("none", "ra", "ta_wide", "augmix"))
     random_erase: float = opt(0.0, "probability of random erasing per image (v2.RandomErasing)", low=0, high=1)
-    mixup_alpha: float = opt(0.0, "MixUp on each batch with this Beta alpha, soft-target loss (0 = off)", low=0)
+    mixup_alpha: float = opt(0.0, "MixUp on each batch with this Beta alpha, soft-target loss (0 = off)", low=0,
+                              high=100)
     cutmix_alpha: float = opt(0.0, "CutMix on each batch with this Beta alpha (0 = off; with MixUp: one of "
-                              "the two per batch)", low=0)
+                              "the two per batch)", low=0, high=100)
 
 
 @dataclass
@@ -80,27 +82,28 @@ class ModelConfig:
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
-    freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs", low=0)
+    freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs", low=0,
+                                        high=1_000_000)
     ddp_comm_hook: str = opt("none", "DDP gradient communication: as is, compressed to bf16 or fp16 on the "
                              "wire, or PowerSGD low-rank compression (torch's ddp_comm_hooks)",
                              choices=("none", "bf16", "fp16", "powersgd"))
-    powersgd_rank: int = opt(1, "--ddp-comm-hook powersgd: rank of the gradient approximation", low=1)
+    powersgd_rank: int = opt(1, "--ddp-comm-hook powersgd: rank of the gradient approximation", low=1, high=1024)
     powersgd_warmup_steps: int = opt(100, "--ddp-comm-hook powersgd: plain all_reduce for the first N steps",
-                                     low=2)
+                                     low=2, high=10**9)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(0.08, "peak learning rate for the global batch", above=0)
+    lr: float = opt(0.08, "peak learning rate for the global batch", above=0, high=1e9)
     momentum: float = opt(0.9, "SGD momentum", low=0, below=1)
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "weight decay, SGD's coupled form; a group whose LR is k x --lr gets it / k, "
                               "so the decay per step is the same everywhere (biases and norm parameters: "
-                              "only with --bias-decay)", low=0)
+                              "only with --bias-decay)", low=0, high=1)
     bias_decay: bool = opt(False, "weight decay on biases and norm parameters too (airbench)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", low=0, below=1)
     bias_lr_scale: float = opt(1.0, "LR multiplier for BatchNorm parameters (airbench: 64 for its BN biases)",
-                               above=0)
+                               above=0, high=1000)
     schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
                         "warmup then cosine, constant, or triangle (airbench: --lr-start x LR at step 0, "
                         "peak after --warmup of the steps, --lr-end x LR at the end)",
@@ -108,30 +111,30 @@ class OptimConfig:
     warmup: float = opt(0.2, "warmup length (steps to the peak LR) as a fraction of all steps", low=0, high=1)
     lr_start: float = opt(0.2, "triangle schedule: LR multiplier at the first step", low=0, high=1)
     lr_end: float = opt(0.07, "triangle schedule: LR multiplier at the last step", low=0, high=1)
-    clip_grad_norm: float = opt(0.0, "clip the gradients' global norm to this value (0 = off)", low=0)
+    clip_grad_norm: float = opt(0.0, "clip the gradients' global norm to this value (0 = off)", low=0, high=1e9)
 
 
 @dataclass
 class TrainConfig:
     epochs: float = opt(2.0, "training epochs; a fraction trains ceil(epochs x steps per epoch) steps "
-                        "(airbench: 9.9)", above=0)
-    batch_size: int = opt(128, "global batch size, across all ranks", low=1)
-    seed: int = opt(0, "random seed (weights, data order, augmentation)")
+                        "(airbench: 9.9)", above=0, high=100_000)
+    batch_size: int = opt(128, "global batch size, across all ranks", low=1, high=1 << 24)
+    seed: int = opt(0, "random seed (weights, data order, augmentation)", low=0, high=2**32 - 1)
     precision: str = opt("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
-    grad_accum: int = opt(1, "micro-batches per optimizer step", low=1)
-    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", low=0)
-    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", low=0)
-    log_every: int = opt(50, "log train loss every N optimizer steps", low=1)
-    nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps", low=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", low=1, high=4096)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", low=0, high=10**9)
+    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", low=0, high=100_000)
+    log_every: int = opt(50, "log train loss every N optimizer steps", low=1, high=1_000_000)
+    nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps", low=1, high=1_000_000)
     lookahead_every: int = opt(0, "lookahead/EMA of weights every N steps, weights reset to the EMA (0 = off)",
-                               low=0)
+                               low=0, high=1_000_000)
     lookahead_decay: float = opt(0.95, "per-step EMA decay of the lookahead, ramped up cubically over training",
                                  above=0, below=1)
     tta: int = opt(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations", low=0, high=2)
     model_ema: bool = opt(False, "keep an EMA of the weights, evaluated and checkpointed beside the model")
     model_ema_decay: float = opt(0.99998, "EMA decay, adjusted by global batch x steps / epochs as "
                                  "torchvision's reference", above=0, below=1)
-    model_ema_steps: int = opt(32, "update the EMA every N optimizer steps", low=1)
+    model_ema_steps: int = opt(32, "update the EMA every N optimizer steps", low=1, high=1_000_000)
     malloc_tune: bool = opt(True, "CPU: glibc malloc keeps freed activation buffers (mallopt) instead of "
                             "returning them to the OS every step, which page-faults them back in")
 
@@ -139,16 +142,19 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
-    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", above=0)
+    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", low=1,
+                           high=7 * 86400)
 
 
 @dataclass
 class CheckpointConfig:
     resume: str = opt("none", "resume from: auto (newest valid checkpoint in --out), none, or a path")
-    keep: int = opt(3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints", low=1)
-    every_steps: int = opt(0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps", low=0)
+    keep: int = opt(3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints", low=1,
+               high=1_000_000)
+    every_steps: int = opt(0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps", low=0,
+                      high=10**9)
     every_minutes: float = opt(10.0, "checkpoint every N minutes (0 = off)", flag="--checkpoint-every-minutes",
-                               low=0)
+                               low=0, high=1_000_000)
     on_write_error: str = opt("continue", "when a checkpoint write fails: warn and continue, or stop",
                               choices=("continue", "stop"))
 
@@ -197,6 +203,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def _range_text(f) -> str:
+    """'; 1 to 1000' etc. for --help, from the field's range."""
+    m = f.metadata
+    lo = f">= {m['low']}" if m.get("low") is not None else f"> {m['above']}" if m.get("above") is not None else ""
+    hi = f"<= {m['high']}" if m.get("high") is not None else f"< {m['below']}" if m.get("below") is not None else ""
+    return f"; {lo}, {hi}" if lo and hi else f"; {lo or hi}" if lo or hi else ""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; defaults are shown but not set, so only given flags override."""
     parser.add_argument("--config", help="config file (.toml, .yaml or .json); flags override it")
@@ -206,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
             kw = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                      help=f"{f.metadata['help']} (default: {default!r})")
+                      help=f"{f.metadata['help']} (default: {default!r}{_range_text(f)})")
             typ = hints[f.name]
             if typ is bool:
                 kw["action"] = argparse.BooleanOptionalAction
@@ -234,35 +248,73 @@ def train_parser(prog: str = "train.py") -> ArgumentParser:
 def _check_type(where: str, value, typ):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typ is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
+    if typ is list and isinstance(value, list):
+        if all(isinstance(v, str) for v in value):
+            return value
+        raise UserError(f"{'' if where.startswith('--') else 'config: '}{where} must be a list of strings, "
+                        f"got {str(value)[:80]!r}")
     if type(value) is not typ:
-        raise UserError(f"config: {where} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        prefix = "" if where.startswith("--") else "config: "
+        raise UserError(f"{prefix}{where} must be {typ.__name__}, got {type(value).__name__} {str(value)[:80]!r}")
     return value
 
 
+class _UniqueKeyLoader:
+    """A yaml SafeLoader whose mappings refuse a key given twice (YAML's own rule; PyYAML keeps the last)."""
+
+    @staticmethod
+    def make():
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                seen = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+                    seen.add(key)
+                return super().construct_mapping(node, deep)
+        return Loader
+
+
+def _json_no_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
 def load_file(path: str) -> dict:
+    """A config file as a nested dict: TOML, YAML (duplicate keys refused) or JSON (parsed as JSON,
+    so the run's own config.json can be fed back)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
+    if p.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise UserError(f"config file {path}: use .toml, .yaml or .json")
     try:
+        text = p.read_text()
         if p.suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
-            return tomllib.loads(p.read_text())
-        if p.suffix in (".yaml", ".yml", ".json"):
-            import yaml  # JSON is YAML, so one parser reads both
-            data = yaml.safe_load(p.read_text()) or {}
-            if not isinstance(data, dict):
-                raise UserError(f"config file {path}: top level must be a mapping")
-            return data
-    except UserError:
-        raise
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_json_no_duplicates)
+        else:
+            import yaml
+            data = yaml.load(text, Loader=_UniqueKeyLoader.make())
+            data = {} if data is None else data
     except Exception as e:  # parser errors: one line naming the file
-        raise UserError(f"config file {path}: {str(e).splitlines()[0]}") from None
-    raise UserError(f"config file {path}: use .toml, .yaml or .json")
+        raise UserError(f"config file {path}: {one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: top level must be a mapping of sections")
+    return data
 
 
 def apply_dict(cfg: Config, data: dict, where: str = "config") -> None:
@@ -297,12 +349,36 @@ def _check_field(f, value) -> None:
             raise UserError(f"{flag} must be {'positive' if positive else f'{word} {m[key]}'}, got {value}")
 
 
+# Free-text options that must not be empty; characters W&B refuses in project names.
+NONEMPTY = {"data.data_dir", "ckpt.resume", "log.wandb_project"}
+WANDB_NAME_FORBIDDEN = set("/\\#?%:")
+
+
+def _check_text(flag: str, value: str, key: str) -> None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise UserError(f"{flag}: control characters are not allowed, got {value[:80]!r}")
+    if key in NONEMPTY and not value.strip():
+        raise UserError(f"{flag} must not be empty")
+    if key == "log.wandb_project" and WANDB_NAME_FORBIDDEN & set(value):
+        raise UserError(f"{flag}: W&B project names cannot contain any of {' '.join(sorted(WANDB_NAME_FORBIDDEN))}")
+    if key == "log.wandb_tags" and len(value) > 64:
+        raise UserError(f"{flag}: W&B tags are at most 64 characters, got {len(value)}")
+
+
 def validate(cfg: Config) -> None:
-    """Every field against its own metadata (choices, range, finiteness), before any work starts."""
+    """Every field against its type and its own metadata (choices, range, finiteness; text without
+    control characters), before any work starts; cross-field rules last."""
     for section, cls in _sections():
-        obj = getattr(cfg, section)
+        obj, hints = getattr(cfg, section), typing.get_type_hints(cls)
         for f in fields(cls):
-            _check_field(f, getattr(obj, f.name))
+            value, typ = getattr(obj, f.name), hints[f.name]
+            _check_type(_flag(f), value, typ)
+            _check_field(f, value)
+            for text in (value if typ is list else [value] if typ is str else []):
+                _check_text(_flag(f), text, f"{section}.{f.name}")
+    if cfg.data.dataset == "imagefolder" and cfg.data.crop_padding >= cfg.data.image_size:
+        raise UserError(f"--crop-padding {cfg.data.crop_padding} must be smaller than "
+                        f"--image-size {cfg.data.image_size}")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
         raise UserError("--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'")
     models.check_spec(cfg.model.name)
@@ -364,3 +440,7 @@ def save(cfg: Config, path: Path) -> None:
 
 
 assert all(is_dataclass(t) for _, t in _sections())
+assert all(any(f.metadata.get(k) is not None for k in ("low", "above")) and
+           any(f.metadata.get(k) is not None for k in ("high", "below"))
+           for _, t in _sections() for f in fields(t) if typing.get_type_hints(t)[f.name] in (int, float)), \
+    "every number needs both ends of its range"

@@ -207,7 +207,8 @@ def _cache_paths(root: str, items: list[tuple[str, int]], image_size: int) -> li
     key = hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:20]
     where = hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist_cnn"
-    return [d / f"imagefolder-{where}-{key}.pt" for d in (Path(root) / ".dist_cnn_cache", user)]
+    # One cache per (folder, size): a run at another --image-size must not delete this one.
+    return [d / f"imagefolder-{where}-s{image_size}-{key}.pt" for d in (Path(root) / ".dist_cnn_cache", user)]
 
 
 def _decode(path: str, size: int) -> torch.Tensor:
@@ -252,7 +253,7 @@ def _save_cache(data: dict, paths: list[Path], log) -> None:
             atomic_write(path, lambda f: torch.save(data, f))  # other ranks see no file or the whole file
         except (OSError, RuntimeError):  # read-only or full: try the next place
             continue
-        for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):  # this folder, older contents
+        for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):  # this folder and size, older contents
             if stale != path:
                 stale.unlink(missing_ok=True)
         return
@@ -305,11 +306,16 @@ def load_dataset(cfg: DataConfig, log: Callable[[str], None] | None = None) -> D
     """The dataset cfg names, in memory. log gets the rare one-line note, e.g. before a first-time decode."""
     log = log or (lambda msg: None)
     if cfg.dataset in CIFAR:
-        return _load_cifar(cfg)
-    if cfg.dataset == "fashion-mnist":
-        return _load_fashion(cfg)
-    if cfg.dataset == "imagefolder":
-        return _load_imagefolder(cfg, log)
-    if cfg.dataset == "synthetic":
-        return _load_synthetic(cfg)
-    raise UserError(f"--dataset: unknown dataset {cfg.dataset!r}")
+        data = _load_cifar(cfg)
+    elif cfg.dataset == "fashion-mnist":
+        data = _load_fashion(cfg)
+    elif cfg.dataset == "imagefolder":
+        data = _load_imagefolder(cfg, log)
+    elif cfg.dataset == "synthetic":
+        data = _load_synthetic(cfg)
+    else:
+        raise UserError(f"--dataset: unknown dataset {cfg.dataset!r}")
+    for split, x in (("training", data.train_x), ("test", data.test_x)):
+        if len(x) == 0:  # nothing to train on or nothing to measure: say so now, not after training
+            raise UserError(f"{cfg.dataset} in {cfg.data_dir}: the {split} set is empty")
+    return data

@@ -36,6 +36,8 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if resolve_head(env.master_addr) is None:
             raise UserError(f"head host {env.master_addr!r} (first of SLURM_JOB_NODELIST) does not resolve")
+    elif resolve_head(env.master_addr) is None:  # a hand-made launch environment: one line, not a hang
+        raise UserError(f"launch environment: MASTER_ADDR={env.master_addr!r} does not resolve")
     global JOINED_GROUP
     JOINED_GROUP = True
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -14,7 +14,11 @@ class TrainingFailed(Exception):
     """The run could not go on (non-finite loss, failed checkpoint write): one line, exit code 1."""
 
 
-def one_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type when it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+class PeerFailed(TrainingFailed):
+    """Rank 0's TrainingFailed, raised on the other ranks too: rank 0 already reported it."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (at most `limit` characters), or its type."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:limit]

@@ -2,8 +2,15 @@
 
 No padding and no duplicates (DistributedSampler pads), so the confusion matrix counts every test
 image exactly once; the total is checked against the test set's size.
+
+A stop signal never waits for a long evaluation (SLURM kills KillWait seconds after SIGTERM, often
+30): before every batch the ranks agree, in one tiny all_reduce, on whether to stop and whether anyone
+still has images to score. In-memory batches are sized to take about STOP_CHECK_SECONDS on rank 0.
 """
 from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -12,6 +19,8 @@ from .distributed import DistEnv, all_reduce_sum
 from .loader import Normalize, eval_shard
 from .models import tta_logits
 from .precision import autocast
+
+STOP_CHECK_SECONDS = 1.0  # how often, at most, the ranks vote on a stop during an evaluation
 
 
 def sync_buffers(model: torch.nn.Module, env: DistEnv) -> None:
@@ -22,30 +31,73 @@ def sync_buffers(model: torch.nn.Module, env: DistEnv) -> None:
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
-             normalize: Normalize, env: DistEnv, precision: str, batch_size: int = 1000, tta: int = 0) -> dict:
-    """In-memory test tensors: this rank's contiguous shard, batch by batch."""
+             normalize: Normalize, env: DistEnv, precision: str, batch_size: int = 1000, tta: int = 0,
+             should_stop: Callable[[], bool] | None = None) -> dict | None:
+    """In-memory test tensors: this rank's contiguous shard; None when a stop cut it short."""
     part = eval_shard(len(x), env.rank, env.world_size)
-    batches = ((normalize(x[i:min(i + batch_size, part.stop)].to(env.device, non_blocking=True)),
-                y[i:min(i + batch_size, part.stop)].to(env.device, non_blocking=True))
-               for i in range(part.start, part.stop, batch_size))
-    return evaluate_batches(model, batches, len(x), num_classes=num_classes, env=env, precision=precision,
-                            tta=tta)
+    sizer = _BatchSizer(batch_size, env)
+
+    def batches():
+        pos = part.start
+        while pos < part.stop:
+            end = min(pos + sizer.size, part.stop)
+            yield (normalize(x[pos:end].to(env.device, non_blocking=True)),
+                   y[pos:end].to(env.device, non_blocking=True))
+            pos = end
+
+    return evaluate_batches(model, batches(), len(x), num_classes=num_classes, env=env, precision=precision,
+                            tta=tta, should_stop=should_stop, sizer=sizer)
+
+
+class _BatchSizer:
+    """Rank 0 times each batch and sizes the next to take about STOP_CHECK_SECONDS (at most `limit`);
+    agree() gives every rank rank 0's size."""
+
+    def __init__(self, limit: int, env: DistEnv):
+        self.limit, self.env, self.size, self.started = limit, env, min(limit, 16), None
+
+    def agree(self) -> None:
+        mine = torch.tensor([float(self.size if self.env.is_main else 0)], device=self.env.device)
+        self.size, self.started = max(1, int(all_reduce_sum(mine).item())), time.perf_counter()
+
+    def done(self) -> None:
+        if self.env.is_main:  # the vote's .tolist() waited for the device, so this times the batch itself
+            seconds = time.perf_counter() - self.started
+            self.size = max(1, min(self.limit, int(self.size * STOP_CHECK_SECONDS / max(seconds, 1e-3))))
 
 
 @torch.no_grad()
-def evaluate_batches(model: torch.nn.Module, batches, n: int, *, num_classes: int, env: DistEnv, precision: str,
-                     tta: int = 0) -> dict:
+def evaluate_batches(model: torch.nn.Module, batches: Iterable, n: int, *, num_classes: int, env: DistEnv,
+                     precision: str, tta: int = 0, should_stop: Callable[[], bool] | None = None,
+                     sizer: _BatchSizer | None = None) -> dict | None:
     """Score this rank's (normalized x, y) batches of its shard; the counts of all ranks are summed and
-    must cover the n test images. Label -1 marks an image left out (unreadable, --skip-bad-images)."""
+    must cover the n test images. Label -1 marks an image left out (unreadable, --skip-bad-images).
+    None when any rank's `should_stop` became true."""
     was_training = model.training
     model.eval()
     sync_buffers(model, env)
     conf = torch.zeros(num_classes * num_classes + 1, dtype=torch.int64, device=env.device)  # + left out
-    for xb, yb in batches:
-        with autocast(precision, env.device):
-            pred = tta_logits(model, xb, tta).argmax(1)
-        cell = torch.where(yb >= 0, yb * num_classes + pred, num_classes * num_classes)
-        conf += torch.bincount(cell, minlength=num_classes * num_classes + 1)
+    it = iter(batches)
+    while True:
+        if sizer is not None:
+            sizer.agree()
+        batch = next(it, None)
+        vote = torch.tensor([float(should_stop is not None and should_stop()), float(batch is not None)],
+                            device=env.device)
+        stop, busy = (int(v) for v in all_reduce_sum(vote).tolist())
+        if stop:
+            model.train(was_training)
+            return None
+        if not busy:
+            break
+        if batch is not None:
+            xb, yb = batch
+            with autocast(precision, env.device):
+                pred = tta_logits(model, xb, tta).argmax(1)
+            cell = torch.where(yb >= 0, yb * num_classes + pred, num_classes * num_classes)
+            conf += torch.bincount(cell, minlength=num_classes * num_classes + 1)
+        if sizer is not None:
+            sizer.done()
     conf = all_reduce_sum(conf).cpu()
     left_out, conf = int(conf[-1]), conf[:-1].view(num_classes, num_classes)
     model.train(was_training)

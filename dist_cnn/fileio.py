@@ -2,11 +2,15 @@
 never a half-written one, even when the process is killed or the disk fills up mid-write."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
+
+from .errors import one_line
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool = False) -> None:
@@ -14,12 +18,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool
 
     durable: fsync the file and the directory, so the new file survives a power loss or a node crash
     (checkpoints); without it the rename is still atomic for every reader of this machine.
+    Every failure is an OSError, torch.save's RuntimeError on a full disk included, so that callers
+    apply one write-error policy; the temporary file is removed.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:  # torch's PytorchStreamWriter "file write failed" (ENOSPC, EIO, quota)
+                raise OSError(errno.EIO, f"write failed ({one_line(e, 120)})") from None
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -42,3 +51,33 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+class WritePolicy:
+    """--on-write-error for every file of the run directory (checkpoints, metrics.jsonl, config.json,
+    model.pt, summary.json, plots): `continue` warns once per file and goes on, `stop` ends the run
+    (exit code 1) at the next point where all ranks agree (`pending` holds the reason until then)."""
+
+    def __init__(self, mode: str, log: Callable[[str], None]):
+        self.mode, self.log = mode, log
+        self.pending: str | None = None
+        self._warned: set[str] = set()
+
+    def failed(self, what: str, e: BaseException) -> None:
+        why = getattr(e, "strerror", None) or one_line(e, 160)
+        if self.mode == "stop":
+            self.pending = self.pending or f"{what} could not be written ({why}); stopping (--on-write-error stop)"
+        elif what not in self._warned:
+            self._warned.add(what)
+            self.log(f"warning: {what} could not be written ({why}); going on (--on-write-error continue)")
+
+    def attempt(self, what: str, write: Callable[[], None]) -> bool:
+        """write(); False when it failed (the failure is handled by the policy)."""
+        if self.pending:
+            return False  # stopping: nothing more is written
+        try:
+            write()
+            return True
+        except OSError as e:
+            self.failed(what, e)
+            return False

@@ -72,19 +72,45 @@ def slurm_port(job_id: str) -> int:
     return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
 
 
+def _env_int(environ, name: str, lo: int, hi: int | None = None, default: int | None = None) -> int:
+    """An integer launch variable, or a one-line error naming it (a half-set or contradictory launch
+    environment must not start a run that hangs in the rendezvous)."""
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise UserError(f"launch environment: {name} is not set (set by torchrun/srun; unset RANK and "
+                            "WORLD_SIZE to run one process)")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserError(f"launch environment: {name}={raw!r} is not an integer") from None
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise UserError(f"launch environment: {name}={value} must be {bound}")
+    return value
+
+
 def detect(environ=os.environ) -> DistEnv:
-    """Who launched us and where the head is; pure reading, no side effects."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return DistEnv(rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
-                       local_rank=int(environ.get("LOCAL_RANK", 0)), launcher="torchrun",
+    """Who launched us and where the head is; pure reading, no side effects. A contradictory launch
+    environment is a one-line error."""
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        world = _env_int(environ, "WORLD_SIZE", 1)
+        rank = _env_int(environ, "RANK", 0, world - 1)
+        local_world = _env_int(environ, "LOCAL_WORLD_SIZE", 1, world, default=world)
+        local_rank = _env_int(environ, "LOCAL_RANK", 0, local_world - 1, default=0 if world == 1 else None)
+        if local_rank > rank:
+            raise UserError(f"launch environment: LOCAL_RANK={local_rank} cannot exceed RANK={rank}")
+        return DistEnv(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun",
                        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-                       master_port=int(environ.get("MASTER_PORT", 29500)))
-    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+                       master_port=_env_int(environ, "MASTER_PORT", 1, 65535, default=29500))
+    if "SLURM_PROCID" in environ and _env_int(environ, "SLURM_NTASKS", 1, default=1) > 1:
         if "SLURM_STEP_ID" not in environ:
             raise UserError("SLURM_NTASKS > 1 but this is the batch shell, not a job step: "
                             "start train.py with srun (see slurm/train.sh)")
-        return DistEnv(rank=int(environ["SLURM_PROCID"]), world_size=int(environ["SLURM_NTASKS"]),
-                       local_rank=int(environ.get("SLURM_LOCALID", 0)), launcher="slurm",
+        world = _env_int(environ, "SLURM_NTASKS", 1)
+        return DistEnv(rank=_env_int(environ, "SLURM_PROCID", 0, world - 1), world_size=world,
+                       local_rank=_env_int(environ, "SLURM_LOCALID", 0, world - 1, default=0), launcher="slurm",
                        master_addr=first_slurm_host(environ["SLURM_JOB_NODELIST"]),
                        master_port=slurm_port(environ.get("SLURM_JOB_ID", "0")))
     return DistEnv()

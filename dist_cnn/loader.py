@@ -77,20 +77,26 @@ class Normalize:
 
 
 def normalization_stats(train_x: torch.Tensor, mode: str):
+    """Per-channel mean and (unbiased) std of the whole training set, in [0, 1] units.
+
+    Streamed in chunks of ~16 MB of float32 with float64 sums, so memory does not grow with the data
+    (a prefix would be biased: image folders list their images class by class)."""
     if mode == "half":  # the tutorial's Normalize((0.5,)*3, (0.5,)*3)
         return [0.5] * train_x.shape[1], [0.5] * train_x.shape[1]
-    # The whole training set (an image folder is sorted by class, so any prefix is a few classes only),
-    # summed in float64 chunks rather than materialized as float (50,000 CIFAR images: 600 MB).
-    c = train_x.shape[1]
-    s1, s2, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    for x in train_x.split(4096):
-        x = x.double().div_(255).transpose(0, 1).reshape(c, -1)
-        s1 += x.sum(1)
-        s2 += (x * x).sum(1)
-        n += x.shape[1]
-    mean = s1 / n
-    var = (s2 - n * mean * mean) / max(1, n - 1)  # unbiased, as torch.std
-    return mean.tolist(), var.clamp(min=0).sqrt().tolist()
+    n, c = train_x.shape[0], train_x.shape[1]
+    per_image = max(1, train_x[0].numel()) if n else 1
+    chunk = max(1, (1 << 22) // per_image)
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        x = train_x[i:i + chunk].float()
+        total += x.sum(dim=(0, 2, 3), dtype=torch.float64)
+        squares += x.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
+    count = n * train_x.shape[2] * train_x.shape[3]
+    mean = total / max(count, 1)
+    var = (squares - count * mean * mean) / max(count - 1, 1)
+    std = var.clamp(min=0).sqrt().clamp(min=1e-3)  # a constant channel must not divide by zero
+    return (mean / 255).tolist(), (std / 255).tolist()
 
 
 def _draws(plan: dict, key: str, pos: slice, device=None):

@@ -2,13 +2,18 @@
 
 auto: bf16 on GPUs that support it, fp16 (with a GradScaler) on those that don't. On the CPU, fp32
 without native bf16 matrix instructions (AMX or AVX-512 BF16); with them, whichever of the two runs
-this model's training step faster, timed on a few steps at start-up (small convolutions such as the
-seed model's run ~4x slower under CPU bf16 autocast, large ones faster).
+this model's training step faster (small convolutions such as the seed model's run ~4x slower under
+CPU bf16 autocast, large ones faster). That is measured once per (CPU, threads, torch, model, input,
+batch) and cached, so the same command on the same machine always resolves the same way, whatever
+the machine's load at the next start.
 BatchNorm stays fp32 under autocast by PyTorch's own op lists.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -36,7 +41,58 @@ def resolve(precision: str, device: torch.device, step_seconds=None) -> str:
     return "bf16" if step_seconds("bf16") < 0.85 * step_seconds("fp32") else "fp32"
 
 
-def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 3):
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist_cnn" / "precision.json"
+
+
+def resolve_auto(device: torch.device, what: dict, step_seconds=None) -> tuple[str, str]:
+    """`--precision auto` as (precision, reason). `what` names the workload (model, input shape, batch);
+    step_seconds(precision) times one training step and is called only when nothing is cached."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the GPU supports bf16"
+        return "fp16", "the GPU has no bf16: fp16 with loss scaling"
+    if not cpu_has_native_bf16() or step_seconds is None:
+        return "fp32", "the CPU has no native bf16 (AMX or AVX-512 BF16)"
+    key_fields = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, **what}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_file()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key) if isinstance(cache, dict) else None
+    if isinstance(hit, dict) and hit.get("precision") in ("fp32", "bf16"):
+        return hit["precision"], (f"measured before on this machine for this model and batch "
+                                  f"(bf16 step {hit['speedup']:.2f}x fp32's speed; cached in {path})")
+    # bf16 must win clearly: a coin flip between equals would make runs differ for no gain.
+    fp32, bf16 = step_seconds("fp32"), step_seconds("bf16")
+    speedup = fp32 / max(bf16, 1e-12)
+    choice = "bf16" if speedup > 1 / 0.85 else "fp32"
+    cache[key] = {"precision": choice, "speedup": round(speedup, 3), **key_fields}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        os.replace(tmp, path)
+        where = f"saved in {path} for the next runs"
+    except OSError as e:
+        where = f"not cached: {path}: {e.strerror}"
+    return choice, f"measured now: bf16 step {speedup:.2f}x fp32's speed on this CPU ({where})"
+
+
+def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 5):
     """A step_seconds for resolve(): times forward+backward of a copy (the model is left untouched)."""
     import copy
     import time

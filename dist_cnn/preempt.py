@@ -2,7 +2,11 @@
 
 USR1 (SLURM's --signal warning before the time limit, or `scancel --signal=USR1`): checkpoint, then
 requeue the job so it resumes. TERM (scancel, or a preemption that SLURM requeues itself): checkpoint
-and exit without requeueing, so a job cancelled for good stays cancelled.
+and exit without requeueing, so a job cancelled for good stays cancelled. INT (Ctrl-C): the first
+checkpoints and stops like TERM; a second aborts at once (KeyboardInterrupt).
+
+A run stopped by a signal and not requeued is unfinished: it exits with 128 + the signal's number
+(130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1 whose requeue failed), never 0.
 """
 from __future__ import annotations
 
@@ -10,17 +14,33 @@ import os
 import signal
 import subprocess
 
+INTERRUPT_NOTICE = ("\nCtrl-C: writing a checkpoint at the next step, then stopping "
+                    "(press Ctrl-C again to abort at once, without it)\n")
+
 
 class StopSignal:
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum = 0
+        self.announce = announce  # rank 0 says what Ctrl-C does; the other ranks stay quiet
 
     def install(self) -> None:
         for s in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(s, self._handle)
+        signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum, frame):
         self.signum = self.signum or signum
+
+    def _interrupt(self, signum, frame):
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        self.signum = self.signum or signum
+        if self.announce:
+            os.write(2, INTERRUPT_NOTICE.encode())  # not print(): a handler may interrupt a print
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum) if self.signum else 0
 
     @property
     def requested(self) -> bool:

@@ -23,12 +23,12 @@ from .checkpoint import CheckpointPolicy
 from .config import Config
 from .data import Dataset, load_dataset
 from .ema import ModelEMA, adjusted_decay
-from .errors import TrainingFailed, UserError
+from .errors import PeerFailed, TrainingFailed, UserError, one_line
 from .evaluate import evaluate, evaluate_batches
-from .fileio import write_json_atomic
+from .fileio import WritePolicy, write_json_atomic
 from .loader import Augment, DevicePipeline, LoaderPipeline
 from .observability.metrics import MetricsLog
-from .observability.progress import Progress
+from .observability.progress import Progress, RateAverage
 from .observability.report import format_report, write_plots
 from .observability.tensorboard_logger import TensorBoardLogger
 from .observability.wandb_logger import WandbLogger
@@ -41,10 +41,11 @@ from .stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, defa
 
 
 class StepSignals(NamedTuple):
-    """What all ranks agreed on after a step (one small all_reduce carries all three)."""
+    """What all ranks agreed on after a step (one small all_reduce carries all four)."""
     nonfinite: bool        # some rank's loss was NaN/Inf: the step is not applied
     stop: bool             # some rank got a stop signal: checkpoint and leave
     checkpoint_due: bool   # rank 0's clock says a periodic checkpoint is due
+    write_failed: bool     # rank 0 could not write the run directory and --on-write-error is stop
 
 
 class Meter:
@@ -90,18 +91,20 @@ class Trainer:
             raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
         seed_everything(t.seed)
 
-        self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg))
+        # The run directory and the checkpoint to resume are settled before the data is loaded: a
+        # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
+        self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
+        self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()
-        self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
 
         prepared = prepare_model(cfg, self.data, env.device, factory=model_factory, starting_weights=state is None,
                                  log=self.log)
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
         self.model, self.raw_model = parallel.wrap(prepared.model, env, cfg.model, t.grad_accum)
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
-        self.precision = state["precision"] if state and t.precision == "auto" else \
-            D.main_only(env, self._resolve_precision)
+        self.precision, self.precision_reason = (state["precision"], "kept from the checkpoint") \
+            if state and t.precision == "auto" else D.main_only(env, self._resolve_precision)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.pipeline = self._build_pipeline()
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
@@ -122,8 +125,10 @@ class Trainer:
         self.skipped_images: set[str] = set()  # unreadable files found so far (--skip-bad-images)
         self._live_batches, self._batches_at = None, None
         self.meter, self.best_acc, self.bad_steps, self.skipped_steps = Meter(), -1.0, 0, 0
+        self.rate = RateAverage()
         self.ckpt_policy = CheckpointPolicy(cfg.ckpt)
-        self.metrics = MetricsLog(self.run_dir, main)
+        self.writes = WritePolicy(cfg.ckpt.on_write_error, lambda msg: self.log(msg))
+        self.metrics = MetricsLog(self.run_dir, main, on_error=self.writes.failed)
         self.wandb_id = None
         if state is not None:
             self._load_state(state)
@@ -132,7 +137,7 @@ class Trainer:
         self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, main, self.log)
         self.tensorboard = TensorBoardLogger(self.run_dir, main and cfg.log.tensorboard,
                                              self.step if state is not None else None, self.log)
-        self.stop = StopSignal()
+        self.stop = StopSignal(announce=main)
         self.stop.install()
         self.profiler = StepProfiler(cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack,
                                      self.log)
@@ -145,13 +150,22 @@ class Trainer:
             return attach_sample(index, self.cfg.data, self.env)
         return D.main_then_all(self.env, lambda: load_dataset(self.cfg.data, log=self.log))
 
-    def _resolve_precision(self) -> str:
-        n = min(self.batch_per_rank, 64)
-        d = self.data
+    @property
+    def train_size(self) -> int:
+        return len(self.data.train) if isinstance(self.data, FolderIndex) else len(self.data.train_x)
+
+    def _resolve_precision(self) -> tuple[str, str]:
+        """(precision, why); `auto` is a rule from the hardware, or a measurement cached per machine,
+        model, input and batch, so the same command resolves the same way every time."""
+        if self.cfg.train.precision != "auto":
+            return self.cfg.train.precision, "as asked"
+        n, d = min(self.batch_per_rank, 64), self.data
         x, y = (d.sample.x, d.sample.y) if isinstance(d, FolderIndex) else (d.train_x, d.train_y)
         x, y = self.normalize(x[:n].to(self.env.device)), y[:n].to(self.env.device)
         probe = P.time_training_step(self.raw_model, x, y)
-        return P.resolve(self.cfg.train.precision, self.env.device, probe)
+        what = {"model": self.cfg.model.name, "input": list(x.shape[1:]), "batch": n,
+                "channels_last": self.cfg.model.channels_last}
+        return P.resolve_auto(self.env.device, what, probe)
 
     def _build_pipeline(self):
         cfg, env, d = self.cfg, self.env, self.data
@@ -191,7 +205,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps, "rng": rngs, "world_size": self.env.world_size,
                 "config": config_mod.to_dict(self.cfg), "wandb_id": self.wandb.run_id,
                 "metrics": self.metrics.history, "finished": False, "precision": self.precision,
-                "mean": self.mean, "std": self.std, "loader": self.loader_kind,
+                "mean": self.mean, "std": self.std, "loader": self.loader_kind, "train_size": self.train_size,
                 "skipped_images": sorted(self.skipped_images),
                 "comm_hook": parallel.comm_hook_record(self.cfg.model, self.env.world_size),
                 "lookahead": self.lookahead.state_dict() if self.lookahead else {},
@@ -203,6 +217,9 @@ class Trainer:
     def _load_state(self, s: dict) -> None:
         checkpoint.check_compatible(s, self.cfg.model.name, self.cfg.data.dataset,
                                     {k: tuple(v.shape) for k, v in self.raw_model.state_dict().items()})
+        checkpoint.check_resumable(s, batch_size=self.cfg.train.batch_size, train_size=self.train_size,
+                                   steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                                   epochs=self.cfg.train.epochs)
         self.raw_model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.schedule.load_state_dict(s["schedule"])
@@ -217,7 +234,9 @@ class Trainer:
         self.wandb_id = s["wandb_id"]
         self.skipped_images = set(s.get("skipped_images", []))
         checkpoint.set_rng_state(s["rng"][self.env.rank % len(s["rng"])])
-        self.metrics.restore(s["metrics"])
+        self.metrics.history = list(s["metrics"])
+        checkpoint.scrub_missing(self.metrics.history)  # events naming checkpoints pruned since
+        self.metrics.rewrite()
         self.metrics.write({"event": "resume", "step": self.step, "epoch": self.epoch,
                             "from": str(self.resume_path)})
         self.log(f"resumed from {self.resume_path} at step {self.step} (epoch {self.epoch + 1}, "
@@ -230,15 +249,24 @@ class Trainer:
         err = None
         if self.env.is_main:
             try:
-                path = checkpoint.save(self.run_dir, state, self.cfg.ckpt.keep, is_best)
-                self.metrics.write({"event": "checkpoint", "step": self.step, "path": str(path)})
-            except OSError as e:
+                path, pruned = checkpoint.write(self.run_dir, state, self.cfg.ckpt.keep, is_best)
+            except OSError as e:  # torch.save's own write errors arrive as OSError too (fileio)
                 err = f"checkpoint write failed at step {self.step} ({e.strerror or e}); the previous one is intact"
                 self.log(f"warning: {err}")
+            else:
+                self.metrics.write({"event": "checkpoint", "step": self.step, "path": str(path)})
+                if pruned and checkpoint.scrub_missing(self.metrics.history):
+                    self.metrics.rewrite()  # metrics.jsonl never names a checkpoint that is gone
         err = D.broadcast_object(err, self.env)
         if err and self.cfg.ckpt.on_write_error == "stop":
-            raise TrainingFailed(err)
+            raise TrainingFailed(err) if self.env.is_main else PeerFailed(err)
+        self._raise_if_write_failed(D.broadcast_object(self.writes.pending, self.env))
         self.ckpt_policy.written()
+
+    def _raise_if_write_failed(self, pending: str | None) -> None:
+        """All ranks call this with the same answer (agreed on by a collective)."""
+        if pending:
+            raise TrainingFailed(pending) if self.env.is_main else PeerFailed(pending)
 
     # ---- training ----------------------------------------------------------------------------
     def train_step(self, micro_batches) -> tuple[StepSignals, torch.Tensor]:
@@ -289,7 +317,7 @@ class Trainer:
         """One small all_reduce (max) a step carries everything the ranks must decide together; it is
         started before the backward pass and read after it."""
         due = self.env.is_main and self.ckpt_policy.clock_due()
-        host = torch.tensor([float(self.stop.requested), float(due)])
+        host = torch.tensor([float(self.stop.requested), float(due), float(self.writes.pending is not None)])
         if loss.is_cuda:  # from pinned memory: an asynchronous copy, no wait for the GPU
             host = host.pin_memory().to(loss.device, non_blocking=True)
         return parallel.Agreement(torch.cat([(~torch.isfinite(loss)).float().view(1), host]))
@@ -298,23 +326,42 @@ class Trainer:
         """Train to the end (or a stop signal), evaluating as configured; returns the summary."""
         cfg, t = self.cfg, self.cfg.train
         if self.env.is_main:
-            config_mod.save(cfg, self.run_dir / "config.json")
+            self.writes.attempt("config.json", lambda: config_mod.save(cfg, self.run_dir / "config.json"))
             self.log(f"run {self.run_dir}: {cfg.model.name} on {cfg.data.dataset}, world size {self.env.world_size} "
                      f"({self.env.backend}), {self.precision}, batch {t.batch_size} ({self.batch_per_rank}/rank), "
                      f"{self.loader_kind} pipeline{f' ({self.loader_note})' if self.loader_note else ''}, "
                      f"{self.total_steps} steps")
+            if t.precision == "auto":
+                self.log(f"precision {self.precision} (auto: {self.precision_reason})")
         last_eval = None
         while self.step < self.total_steps and self.epoch < t.epochs:
             if self.run_epoch():
-                return {"stopped": True, "step": self.step}
+                return self.stopped()
+            if self.epoch_step > self.steps_per_epoch:  # unreachable after check_resumable; never spin
+                raise RuntimeError(f"position {self.epoch_step} is past the epoch's {self.steps_per_epoch} steps")
             if self.epoch_step == self.steps_per_epoch:
                 self.epoch, self.epoch_step = self.epoch + 1, 0
                 if t.eval_every and self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
                     last_eval = self.run_eval()
+                    if last_eval is None:
+                        return self.stop_after_eval()
         self.profiler.stop(self.step, force=True)  # a window past the end of training ends with it
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.run_eval()
+            if last_eval is None:
+                return self.stop_after_eval()
         return self.finish(last_eval)
+
+    def stop_after_eval(self) -> dict:
+        """A stop signal arrived during an evaluation, which all ranks cut short: checkpoint, leave."""
+        self.log(f"stop signal during evaluation: evaluation cut short at step {self.step}")
+        self.save_checkpoint()
+        self.handle_stop()
+        return self.stopped()
+
+    def stopped(self) -> dict:
+        """The result of a run that a stop signal ended: exit code 0 only when SLURM requeued it."""
+        return {"stopped": True, "step": self.step, "exit_code": 0 if self.requeued else self.stop.exit_code}
 
     def run_epoch(self, max_steps: int | None = None) -> bool:
         """Train from the current position to the end of the epoch (or `max_steps` steps);
@@ -345,6 +392,7 @@ class Trainer:
             if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
                 self.log_train(float(loss), interval[1], time.perf_counter() - interval[0], interval[2])
                 interval = time.perf_counter(), 0, 0.0
+            self._raise_if_write_failed(signals.write_failed and (self.writes.pending or "run directory not writable"))
             periodic = self.ckpt_policy.periodic(self.step, signals.checkpoint_due, healthy=self.bad_steps == 0)
             if signals.stop or periodic:
                 self.meter.pause()
@@ -388,11 +436,12 @@ class Trainer:
     def log_train(self, loss: float, steps: int, seconds: float, wait: float) -> None:
         images = steps * self.cfg.train.batch_size
         ips = images / max(seconds, 1e-9)
+        smooth = self.rate.update(ips)  # one slow interval must not make the ETA jump
         rec = {"event": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
                "lr": self.schedule.get_last_lr()[0], "images_per_sec": ips,
                "images_per_sec_per_rank": ips / self.env.world_size, "data_wait_frac": wait / max(seconds, 1e-9),
-               "epoch_seconds": self.steps_per_epoch * self.cfg.train.batch_size / max(ips, 1e-9),
-               "eta_seconds": (self.total_steps - self.step) * self.cfg.train.batch_size / max(ips, 1e-9),
+               "epoch_seconds": self.steps_per_epoch * self.cfg.train.batch_size / max(smooth, 1e-9),
+               "eta_seconds": (self.total_steps - self.step) * self.cfg.train.batch_size / max(smooth, 1e-9),
                "memory_mb": memory_mb(self.env.device)}
         if self.precision == "fp16":
             rec["scaler_scale"] = self.scaler.get_scale()
@@ -400,6 +449,8 @@ class Trainer:
         self.wandb.log_train(rec)
         self.tensorboard.log_train(rec)
         self.progress.update(self.step, rec)
+
+    requeued = False
 
     def handle_stop(self) -> bool:
         requeue = D.broadcast_object(self.stop.wants_requeue, self.env)
@@ -410,24 +461,38 @@ class Trainer:
         if D.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
             raise TrainingFailed(f"stopped at step {self.step} and could not requeue; continue with "
                                  f"--out {self.run_dir} --resume auto")
+        self.requeued = requeue
+        if not requeue:
+            self.log(f"the run is unfinished (exit code {self.stop.exit_code}); continue it with "
+                     f"--out {self.run_dir} --resume auto")
+        self.progress.close()
         return True
 
-    def _evaluate(self, model) -> dict:
+    def _evaluate(self, model) -> dict | None:
+        """The test metrics of `model`; None when a stop signal cut the evaluation short."""
         d = self.data
         if isinstance(d, FolderIndex):
             return evaluate_batches(model, self._test_batches(), len(d.test), num_classes=d.num_classes,
-                                    env=self.env, precision=self.precision, tta=self.cfg.train.tta)
+                                    env=self.env, precision=self.precision, tta=self.cfg.train.tta,
+                                    should_stop=lambda: self.stop.requested)
         return evaluate(model, d.test_x, d.test_y, num_classes=d.num_classes, normalize=self.normalize,
-                        env=self.env, precision=self.precision, tta=self.cfg.train.tta)
+                        env=self.env, precision=self.precision, tta=self.cfg.train.tta,
+                        should_stop=lambda: self.stop.requested)
 
-    def run_eval(self) -> dict:
+    def run_eval(self) -> dict | None:
+        """The test metrics (logged, and a checkpoint when they are the best so far); None when a stop
+        signal cut the evaluation short."""
         res = self._evaluate(self.model)
+        if res is None:
+            return None
         if isinstance(self.data, FolderIndex):
             res["skipped_images"] = self._count_skipped()
         rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.meter.seconds}
         score, winner, ema_note = res["test_accuracy"], "model", ""
         if self.ema:  # the average is scored beside the model; the better of the two may make best.pt
             ema = self._evaluate(self.ema.module)
+            if ema is None:
+                return None
             rec.update({f"ema_{k}": v for k, v in ema.items() if k != "confusion_matrix"})
             if ema["test_accuracy"] > score:
                 score, winner = ema["test_accuracy"], "ema"
@@ -479,11 +544,12 @@ class Trainer:
                       "mean": self.mean, "std": self.std, "config": config_mod.to_dict(cfg)}
             if self.ema:
                 export["ema"] = self.ema.module.state_dict()
-            torch.save(export, self.run_dir / "model.pt")
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            self.writes.attempt("model.pt", lambda: checkpoint.atomic_save(export, self.run_dir / "model.pt"))
+            self.writes.attempt("summary.json", lambda: write_json_atomic(self.run_dir / "summary.json", summary))
             self.wandb.finish(summary)
             self.tensorboard.finish(summary)
             self._report(summary)
+        self._raise_if_write_failed(D.broadcast_object(self.writes.pending, self.env))
         self.progress.close()
         return summary
 
@@ -504,10 +570,14 @@ class Trainer:
         return summary
 
     def _report(self, summary: dict) -> None:
+        if self.writes.pending:
+            return
         try:
             write_plots(self.run_dir)
+        except OSError as e:  # a write failure: the run's policy
+            self.writes.failed("the plots", e)
         except Exception as e:  # plots are a convenience; the run's results are already written
-            self.log(f"warning: plots not written: {e}")
+            self.log(f"warning: plots not written: {one_line(e)}")
         self.log(format_report(summary, self.metrics.history))
 
 

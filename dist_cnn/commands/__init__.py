@@ -13,7 +13,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .. import distributed
-from ..errors import PeerError, TrainingFailed, UserError
+from ..errors import PeerError, PeerFailed, TrainingFailed, UserError
 from . import doctor, export, predict, report, train
 from . import eval as eval_command
 
@@ -23,8 +23,9 @@ COMMANDS = {"train": train.main_train, "eval": eval_command.main_eval, "report":
 
 def _rank_prefix() -> str:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
-    return f"[rank {rank}] " if world > 1 and rank is not None else ""
+    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    # A broken launch environment is reported by the launch checks; the prefix must not fail on it.
+    return f"[rank {rank}] " if rank is not None and world.isdigit() and int(world) > 1 else ""
 
 
 @record
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
         return COMMANDS[command](argv)
     except PeerError:
         return 2  # rank 0 printed it
+    except PeerFailed:
+        return 1  # rank 0 printed it
     except UserError as e:
         print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,29 @@
 """`dist-cnn eval --checkpoint PATH`: the test metrics of a saved model, at any world size."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from .. import checkpoint, config as config_mod, distributed as D, precision as P
+from .. import checkpoint
+from .. import config as config_mod
+from .. import distributed as D
+from .. import precision as P
 from ..data import load_dataset
 from ..errors import UserError
 from ..evaluate import evaluate, evaluate_batches
 from ..fileio import write_json_atomic
 from ..prepare import prepare_model
 from ..stream import StreamEval, load_index
+
+
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 1 <= value <= 1 << 24:
+        raise argparse.ArgumentTypeError(f"must be in [1, {1 << 24}], got {value}")
+    return value
 
 
 def eval_parser():
@@ -20,7 +34,7 @@ def eval_parser():
     p.add_argument("--data-dir", help="default: the checkpoint's data dir")
     p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast precision (default: fp32)")
-    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch per rank (default: 1000)")
+    p.add_argument("--batch-size", type=_batch_size, default=1000, help="evaluation batch per rank (default: 1000)")
     p.add_argument("--weights", default="model", choices=("model", "ema"),
                    help="the trained weights, or their EMA (runs with --model-ema) (default: model)")
     p.add_argument("--output", help="write the metrics here as JSON (default: eval-<checkpoint>.json beside it)")
@@ -30,14 +44,19 @@ def eval_parser():
 def main_eval(argv) -> int:
     args = eval_parser().parse_args(argv)
     state = checkpoint.load(Path(args.checkpoint))
-    if "config" not in state or "model" not in state:
-        raise UserError(f"{args.checkpoint} is not a dist_cnn checkpoint (no config/model)")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or \
+            not isinstance(state.get("model"), dict):
+        what = checkpoint.describe(state) if not isinstance(state, dict) else "no config/model in it"
+        raise UserError(f"{args.checkpoint} is not a dist_cnn checkpoint or model.pt ({what})")
     if args.weights == "ema":
         if not state.get("ema"):
             raise UserError(f"{args.checkpoint} has no EMA weights (the run had no --model-ema)")
         # checkpoints keep the AveragedModel's state (module.* and its update count), model.pt the plain one
         state = dict(state, model={k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
-    cfg = config_mod.from_dict(state["config"])
+    try:
+        cfg = config_mod.from_dict(state["config"])
+    except UserError as e:
+        raise UserError(f"{args.checkpoint}: its config does not fit this version ({e})") from None
     if args.dataset:
         cfg.data.dataset = args.dataset
     if args.data_dir:
@@ -45,6 +64,7 @@ def main_eval(argv) -> int:
     with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
         if state.get("loader") == "stream":  # trained on a streamed folder: evaluated the same way
             data = load_index(cfg.data, env)
+            _check_classes(state, data, cfg)
             prepared = prepare_model(cfg, data, env.device, state)
             test = StreamEval(data.test, rank=env.rank, world=env.world_size, image_size=data.image_size,
                               eval_crop_ratio=cfg.data.eval_crop_ratio, device=env.device, workers=cfg.data.workers,
@@ -54,6 +74,7 @@ def main_eval(argv) -> int:
                                    precision=P.resolve(args.precision, env.device), tta=cfg.train.tta)
         else:
             data = D.main_then_all(env, lambda: load_dataset(cfg.data))
+            _check_classes(state, data, cfg)
             prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
             res = evaluate(prepared.model, data.test_x, data.test_y, num_classes=data.num_classes,
                            normalize=prepared.normalize, env=env, precision=P.resolve(args.precision, env.device),
@@ -61,6 +82,16 @@ def main_eval(argv) -> int:
         if env.is_main:
             _report(args, cfg, data, env, res)
     return 0
+
+
+def _check_classes(state: dict, data, cfg) -> None:
+    """The model's classes are the dataset's, by name and order: otherwise every number is wrong."""
+    trained = state.get("classes")
+    if trained is not None and list(trained) != list(data.classes):
+        def show(names):
+            return ", ".join(map(str, names[:6])) + (f", ... ({len(names)} classes)" if len(names) > 6 else "")
+        raise UserError(f"the model was trained on classes [{show(list(trained))}] but {cfg.data.dataset} in "
+                        f"{cfg.data.data_dir} has [{show(list(data.classes))}]: evaluate it on its own dataset")
 
 
 def _report(args, cfg, data, env, res: dict) -> None:

@@ -10,5 +10,5 @@ def main_train(argv) -> int:
     ns = None if "--dry-run" in argv else config.train_parser().parse_args(argv)
     if ns is None or ns.dry_run:  # (ns.dry_run: an abbreviation) the doctor, which also takes --json
         return main_doctor(argv, prog="train.py --dry-run")
-    train(config.from_args(ns))  # a run that cannot go on raises (TrainingFailed, UserError)
-    return 0
+    result = train(config.from_args(ns))  # a run that cannot go on raises (TrainingFailed, UserError)
+    return result.get("exit_code", 0)  # a stopped, unfinished run is not a success (128 + signal)

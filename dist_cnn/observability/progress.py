@@ -48,3 +48,16 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class RateAverage:
+    """An exponential average of a throughput (images/s) for the ETA: one slow interval (a checkpoint
+    write, a busy node) moves it by at most `weight` of the rate, where the interval's own rate would
+    have multiplied the ETA."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight, self.value = weight, None
+
+    def update(self, rate: float) -> float:
+        self.value = rate if self.value is None else (1 - self.weight) * self.value + self.weight * rate
+        return self.value

@@ -142,6 +142,19 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+# W&B's own places, moved under <run dir>/wandb unless the user set them: clusters often give home
+# directories small quotas. WANDB_CONFIG_DIR stays: it holds the user's W&B settings (host, entity).
+RUN_DIR_PLACES = {"WANDB_CACHE_DIR": ".cache", "WANDB_DATA_DIR": ".data", "WANDB_ARTIFACT_DIR": ".artifacts"}
+_OURS: set[str] = set()  # the variables set here (a user's own are never touched)
+
+
+def keep_files_in_run_dir(run_dir: Path, environ=os.environ) -> None:
+    for var, sub in RUN_DIR_PLACES.items():
+        if var in _OURS or not environ.get(var):
+            environ[var] = str((Path(run_dir) / "wandb" / sub).resolve())
+            _OURS.add(var)
+
+
 class WandbLogger:
     """Thin W&B run wrapper: log_train / log_eval / finish. A no-op unless enabled and not disabled."""
 
@@ -170,6 +183,7 @@ class WandbLogger:
             return
         self._wandb = wandb
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        keep_files_in_run_dir(self.run_dir)
         # A fresh run gets its id here rather than from wandb, so that an offline fallback after a
         # failed online init keeps the same id (and `wandb sync` later fills that run).
         init = dict(

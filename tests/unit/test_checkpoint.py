@@ -11,7 +11,8 @@ from dist_cnn.errors import UserError
 
 
 def state(step):
-    return {"step": step, "model": {"w": torch.full((3, 2), float(step))}, "rng": [{"python": [1, 2]}]}
+    return {"step": step, "model": {"w": torch.full((3, 2), float(step))}, "rng": [{"python": [1, 2]}],
+            "optimizer": {}, "schedule": {}, "epoch": 0, "epoch_step": step, "config": {}}  # a training checkpoint
 
 
 def names(run_dir):
