@@ -6,6 +6,7 @@ accuracy (dist_cnn evaluates after every epoch, so its time is the first epoch e
 
     python benchmarks/core.py --data-dir data/cifar10-jpeg [--tutorial-max-images N] [--json out.json]
 """
+
 import argparse
 import importlib.util
 import json
@@ -26,13 +27,28 @@ def load_tutorial():
 
 def run_dist_cnn(data_dir: str, extra: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="core-bench-")) / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "imagefolder", "--data-dir", data_dir,
-           "--out", str(out), "--wandb", "disabled", "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        data_dir,
+        "--out",
+        str(out),
+        "--wandb",
+        "disabled",
+        "--no-progress",
+        *extra,
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    summary["history"] = [{"epoch": e["epoch"], "train_seconds": e["train_seconds"],
-                           "test_accuracy": e["test_accuracy"]} for e in evals if e["event"] == "eval"]
+    summary["history"] = [
+        {"epoch": e["epoch"], "train_seconds": e["train_seconds"], "test_accuracy": e["test_accuracy"]}
+        for e in evals
+        if e["event"] == "eval"
+    ]
     return summary
 
 
@@ -43,10 +59,17 @@ def time_to(history: list[dict], accuracy: float):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="ImageFolder CIFAR-10")
-    p.add_argument("--tutorial-max-images", type=int, default=None,
-                   help="cut the tutorial's epochs short (img/s only; its accuracy is then not comparable)")
-    p.add_argument("--tutorial-json", help="reuse a saved `benchmarks/tutorial.py --net wide --json` result "
-                   "instead of rerunning the tutorial (~3 min quiet, far longer on a busy machine)")
+    p.add_argument(
+        "--tutorial-max-images",
+        type=int,
+        default=None,
+        help="cut the tutorial's epochs short (img/s only; its accuracy is then not comparable)",
+    )
+    p.add_argument(
+        "--tutorial-json",
+        help="reuse a saved `benchmarks/tutorial.py --net wide --json` result "
+        "instead of rerunning the tutorial (~3 min quiet, far longer on a busy machine)",
+    )
     p.add_argument("--json", help="write all figures here")
     p.add_argument("train_args", nargs="*", help="extra train.py flags for the dist_cnn run (after --)")
     args = p.parse_args()
@@ -54,23 +77,38 @@ def main():
     if args.tutorial_json:
         tut = json.loads(Path(args.tutorial_json).read_text())
     else:
-        tut = load_tutorial().run(args.data_dir, epochs=2, max_images=args.tutorial_max_images, net="wide",
-                                  seed=0, log=lambda *a: None)
+        tut = load_tutorial().run(
+            args.data_dir, epochs=2, max_images=args.tutorial_max_images, net="wide", seed=0, log=lambda *a: None
+        )
     ours = run_dist_cnn(args.data_dir, args.train_args)
     target = tut["test_accuracy"]
     t_ours = time_to(ours["history"], target)
-    rows = [("tutorial (batch 4, DataLoader+PIL, 2 workers)", tut["images_per_second"], tut["test_accuracy"],
-             tut["train_seconds"], tut["train_seconds"]),
-            (f"dist_cnn default recipe (batch {ours['global_batch_size']}, {ours['precision']})",
-             ours["train_images_per_sec"], ours["test_accuracy"], ours["train_seconds"], t_ours)]
+    rows = [
+        (
+            "tutorial (batch 4, DataLoader+PIL, 2 workers)",
+            tut["images_per_second"],
+            tut["test_accuracy"],
+            tut["train_seconds"],
+            tut["train_seconds"],
+        ),
+        (
+            f"dist_cnn default recipe (batch {ours['global_batch_size']}, {ours['precision']})",
+            ours["train_images_per_sec"],
+            ours["test_accuracy"],
+            ours["train_seconds"],
+            t_ours,
+        ),
+    ]
     print(f"\n{'':52} {'img/s':>8} {'test acc':>9} {'train s':>8} {'s to tut acc':>13}")
     for name, ips, acc, secs, t in rows:
-        print(f"{name:52} {ips:8.0f} {acc:9.2%} {secs:8.1f} {('%.1f' % t) if t else 'never':>13}")
+        print(f"{name:52} {ips:8.0f} {acc:9.2%} {secs:8.1f} {f'{t:.1f}' if t else 'never':>13}")
     speed = ours["train_images_per_sec"] / tut["images_per_second"]
     print(f"\nthroughput ratio: {speed:.1f}x")
     if t_ours:
-        print(f"time to the tutorial's {target:.2%}: {tut['train_seconds'] / t_ours:.1f}x faster "
-              f"(target >= 15x: {'PASS' if tut['train_seconds'] / t_ours >= 15 else 'FAIL'})")
+        print(
+            f"time to the tutorial's {target:.2%}: {tut['train_seconds'] / t_ours:.1f}x faster "
+            f"(target >= 15x: {'PASS' if tut['train_seconds'] / t_ours >= 15 else 'FAIL'})"
+        )
     at2 = next((h["test_accuracy"] for h in ours["history"] if h["epoch"] == 2), None)
     if at2 is not None:
         print(f"accuracy after 2 epochs: {at2:.2%} (target >= 65%: {'PASS' if at2 >= 0.65 else 'FAIL'})")

@@ -23,6 +23,7 @@ ratios are what to read.
     python benchmarks/data_pipeline.py [--images 10000] [--only throughput,rss,resnet50,cifar]
                                        [--cifar-dir DIR] [--cache DIR] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # any fixed values: bo
 
 # ----------------------------------------------------------------------------- generated folders
 
-def make_folder(dest: Path, n_train: int, n_test: int, sizes: tuple[int, int], classes: int = 10,
-                seed: int = 0) -> Path:
+
+def make_folder(
+    dest: Path, n_train: int, n_test: int, sizes: tuple[int, int], classes: int = 10, seed: int = 0
+) -> Path:
     """Real JPEGs of smooth random colour fields plus grain (files of ImageNet-like size), made once."""
     stamp = dest / ".complete"
     if stamp.is_file():
@@ -77,6 +80,7 @@ def folder_stats(root: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- 1. throughput
+
 
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of these processes so far (Linux /proc)."""
@@ -107,9 +111,18 @@ def measure(batches, loader, warmup: int, count: int, batch: int) -> dict:
 
 def ours(root: Path, workers: int, batch: int, steps: int) -> dict:
     idx = scan_folder(str(root), 224)
-    pipe = StreamPipeline(idx.train, batch_per_rank=batch, rank=0, world=1, seed=0, aug=Augment(flip=True),
-                          normalize=Normalize(MEAN, STD, torch.device("cpu"), channels_last=False),
-                          device=torch.device("cpu"), workers=workers, image_size=224)
+    pipe = StreamPipeline(
+        idx.train,
+        batch_per_rank=batch,
+        rank=0,
+        world=1,
+        seed=0,
+        aug=Augment(flip=True),
+        normalize=Normalize(MEAN, STD, torch.device("cpu"), channels_last=False),
+        device=torch.device("cpu"),
+        workers=workers,
+        image_size=224,
+    )
     res = measure(pipe.epoch(0), pipe.loader, 2, steps, batch)
     del pipe
     return res
@@ -119,12 +132,21 @@ def reference(root: Path, workers: int, batch: int, steps: int) -> dict:
     from torch.utils.data import DataLoader, DistributedSampler
     from torchvision import datasets
     from torchvision.transforms import v2
-    tf = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor(),
-                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+    tf = v2.Compose(
+        [
+            v2.RandomResizedCrop(224, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
     ds = datasets.ImageFolder(str(root / "train"), transform=tf)
     sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
-    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=True,
-                        drop_last=True)
+    loader = DataLoader(
+        ds, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=True, drop_last=True
+    )
     res = measure(loader, loader, 2, steps, batch)
     del loader
     return res
@@ -137,22 +159,43 @@ def throughput(root: Path, batch: int, steps: int) -> list[dict]:
         gc.collect()  # the loaders' workers stop before the next ones start
         mine = ours(root, workers, batch, steps)
         gc.collect()
-        rows.append({"workers": workers, "reference": ref, "stream": mine,
-                     "ratio_wall": mine["images_per_sec"] / ref["images_per_sec"],
-                     "ratio_cpu": ref["cpu_ms_per_image"] / mine["cpu_ms_per_image"]})
+        rows.append(
+            {
+                "workers": workers,
+                "reference": ref,
+                "stream": mine,
+                "ratio_wall": mine["images_per_sec"] / ref["images_per_sec"],
+                "ratio_cpu": ref["cpu_ms_per_image"] / mine["cpu_ms_per_image"],
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- runs of train.py
 
+
 def train(args: list, nproc: int = 1, timeout: float = 3600) -> tuple[dict, list[dict]]:
     out = Path(tempfile.mkdtemp(prefix="data-bench-")) / "run"
-    launch = [sys.executable, str(ROOT / "train.py")] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "train.py")]
+    launch = (
+        [sys.executable, str(ROOT / "train.py")]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(ROOT / "train.py"),
+        ]
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    p = subprocess.run([*launch, *map(str, args), "--out", str(out), "--wandb", "disabled", "--no-progress"],
-                       env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [*launch, *map(str, args), "--out", str(out), "--wandb", "disabled", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if p.returncode != 0:
         lines = (p.stderr + p.stdout).splitlines()
         raise RuntimeError(next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "failed"))
@@ -161,9 +204,32 @@ def train(args: list, nproc: int = 1, timeout: float = 3600) -> tuple[dict, list
 
 
 def peak_rss(root: Path, loader: str) -> float:
-    _, rows = train(["--dataset", "imagefolder", "--data-dir", root, "--loader", loader, "--image-size", 64,
-                     "--batch-size", 64, "--max-steps", 30, "--log-every", 5, "--eval-every", 0,
-                     "--precision", "fp32", "--workers", 1, "--crop-scale", "0.35,1"])
+    _, rows = train(
+        [
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            root,
+            "--loader",
+            loader,
+            "--image-size",
+            64,
+            "--batch-size",
+            64,
+            "--max-steps",
+            30,
+            "--log-every",
+            5,
+            "--eval-every",
+            0,
+            "--precision",
+            "fp32",
+            "--workers",
+            1,
+            "--crop-scale",
+            "0.35,1",
+        ]
+    )
     return max(r["memory_mb"] for r in rows if r["event"] == "train")
 
 
@@ -176,13 +242,38 @@ def rss(cache: Path, counts: list[int]) -> list[dict]:
 
 
 def resnet50(root: Path, steps: int) -> dict:
-    summary, rows = train(["--dataset", "imagefolder", "--data-dir", root, "--loader", "stream",
-                           "--model", "torchvision:resnet50", "--image-size", 224, "--batch-size", 16,
-                           "--max-steps", steps, "--log-every", max(1, steps // 4), "--eval-every", 0,
-                           "--precision", "fp32", "--flip"], nproc=2)
+    summary, rows = train(
+        [
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            root,
+            "--loader",
+            "stream",
+            "--model",
+            "torchvision:resnet50",
+            "--image-size",
+            224,
+            "--batch-size",
+            16,
+            "--max-steps",
+            steps,
+            "--log-every",
+            max(1, steps // 4),
+            "--eval-every",
+            0,
+            "--precision",
+            "fp32",
+            "--flip",
+        ],
+        nproc=2,
+    )
     train_rows = [r for r in rows if r["event"] == "train"][1:] or [r for r in rows if r["event"] == "train"]
-    return {"steps": summary["steps"], "images_per_sec": sum(r["images_per_sec"] for r in train_rows) / len(train_rows),
-            "data_wait_frac": sum(r["data_wait_frac"] for r in train_rows) / len(train_rows)}
+    return {
+        "steps": summary["steps"],
+        "images_per_sec": sum(r["images_per_sec"] for r in train_rows) / len(train_rows),
+        "data_wait_frac": sum(r["data_wait_frac"] for r in train_rows) / len(train_rows),
+    }
 
 
 def cifar(data_dir: str) -> dict:
@@ -191,13 +282,18 @@ def cifar(data_dir: str) -> dict:
     base = ["--dataset", "imagefolder", "--data-dir", data_dir]
     stream = ["--loader", "stream", "--crop-scale", "1", "--eval-crop-ratio", "1"]
     pinned = ["--normalize", "half", "--precision", "bf16"]
-    runs = {"device": [*base, "--loader", "device"], "stream": [*base, *stream],
-            "device, pinned": [*base, "--loader", "device", *pinned], "stream, pinned": [*base, *stream, *pinned]}
+    runs = {
+        "device": [*base, "--loader", "device"],
+        "stream": [*base, *stream],
+        "device, pinned": [*base, "--loader", "device", *pinned],
+        "stream, pinned": [*base, *stream, *pinned],
+    }
     keys = ("test_accuracy", "train_images_per_sec", "train_seconds", "loader", "precision")
     return {name: {k: v for k, v in train(args)[0].items() if k in keys} for name, args in runs.items()}
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,8 +302,11 @@ def main():
     p.add_argument("--rss-counts", default="2500,10000,40000", help="folder sizes for the RSS figure")
     p.add_argument("--resnet-steps", type=int, default=200, help="ResNet-50 steps (batch 16, 2 ranks)")
     p.add_argument("--cifar-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="CIFAR-10 as an image folder")
-    p.add_argument("--cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                   "dist_cnn", "bench"), help="where generated folders are kept")
+    p.add_argument(
+        "--cache",
+        default=os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "dist_cnn", "bench"),
+        help="where generated folders are kept",
+    )
     p.add_argument("--only", default="throughput,rss,resnet50,cifar", help="comma-separated figures to take")
     p.add_argument("--json", help="write all figures here")
     args = p.parse_args()
@@ -234,33 +333,45 @@ def main():
 
 def report(res: dict) -> None:
     if "throughput" in res:
-        print("\n1. training pipeline, 224 px, batch 64     hand-written     stream   ratio   "
-              "(CPU ms per image: training process + workers)")
+        print(
+            "\n1. training pipeline, 224 px, batch 64     hand-written     stream   ratio   "
+            "(CPU ms per image: training process + workers)"
+        )
         for r in res["throughput"]:
             ref, mine = r["reference"], r["stream"]
-            print(f"   {r['workers']} worker(s), images/s {'':20} {ref['images_per_sec']:8.0f} "
-                  f"{mine['images_per_sec']:10.0f} {r['ratio_wall']:6.2f}x")
-            print(f"   {r['workers']} worker(s), CPU ms/image {'':16} {ref['cpu_ms_per_image']:8.2f} "
-                  f"{mine['cpu_ms_per_image']:10.2f} {r['ratio_cpu']:6.2f}x")
+            print(
+                f"   {r['workers']} worker(s), images/s {'':20} {ref['images_per_sec']:8.0f} "
+                f"{mine['images_per_sec']:10.0f} {r['ratio_wall']:6.2f}x"
+            )
+            print(
+                f"   {r['workers']} worker(s), CPU ms/image {'':16} {ref['cpu_ms_per_image']:8.2f} "
+                f"{mine['cpu_ms_per_image']:10.2f} {r['ratio_cpu']:6.2f}x"
+            )
         ok = all(min(r["ratio_wall"], r["ratio_cpu"]) >= 1.0 for r in res["throughput"])
-        print(f"   target >= 1.0x: {'PASS' if ok else 'FAIL'} (wall-clock figures on a busy machine are noisy; "
-              f"the CPU time per image is not)")
+        print(
+            f"   target >= 1.0x: {'PASS' if ok else 'FAIL'} (wall-clock figures on a busy machine are noisy; "
+            f"the CPU time per image is not)"
+        )
     if "rss" in res:
         rows = res["rss"]
         print(f"\n2. peak RSS of the training process {'':16} {'stream':>8} {'in-memory':>10}")
         for r in rows:
             print(f"   {r['images']:>6} images {'':34} {r['stream_mb']:6.0f} MB {r['device_mb']:7.0f} MB")
         growth = rows[-1]["stream_mb"] / rows[0]["stream_mb"] - 1
-        print(f"   stream growth {rows[0]['images']} -> {rows[-1]['images']}: {growth:+.1%} "
-              f"(target < 10%: {'PASS' if growth < 0.10 else 'FAIL'}); in-memory: "
-              f"{rows[-1]['device_mb'] / rows[0]['device_mb'] - 1:+.1%}")
+        print(
+            f"   stream growth {rows[0]['images']} -> {rows[-1]['images']}: {growth:+.1%} "
+            f"(target < 10%: {'PASS' if growth < 0.10 else 'FAIL'}); in-memory: "
+            f"{rows[-1]['device_mb'] / rows[0]['device_mb'] - 1:+.1%}"
+        )
     if "resnet50" in res:
         r = res["resnet50"]
         if "skipped" in r:
             print(f"\n3. ResNet-50, 224 px, 2 ranks (CPU): skipped ({r['skipped']})")
         else:
-            print(f"\n3. ResNet-50, 224 px, 2 ranks (CPU), {r['steps']} steps: {r['images_per_sec']:.1f} images/s, "
-                  f"data_wait_frac {r['data_wait_frac']:.3f}")
+            print(
+                f"\n3. ResNet-50, 224 px, 2 ranks (CPU), {r['steps']} steps: {r['images_per_sec']:.1f} images/s, "
+                f"data_wait_frac {r['data_wait_frac']:.3f}"
+            )
     if "cifar" in res:
         c = res["cifar"]
         print(f"\n4. CIFAR-10, default recipe, 2 epochs {'':13} {'accuracy':>8} {'img/s':>8} precision")
@@ -268,10 +379,12 @@ def report(res: dict) -> None:
             print(f"   {name:48} {r['test_accuracy']:8.2%} {r['train_images_per_sec']:8.0f} {r['precision']}")
         gap = abs(c["stream"]["test_accuracy"] - c["device"]["test_accuracy"])
         pinned = abs(c["stream, pinned"]["test_accuracy"] - c["device, pinned"]["test_accuracy"])
-        print(f"   gap {gap * 100:.2f} points (target within 1: {'PASS' if gap <= 0.01 else 'FAIL'}); with the "
-              f"normalization and precision pinned: {pinned * 100:.2f} points. The device path's statistics come "
-              f"from the first 10,000 training images (CIFAR's first two classes), the stream path's from 2,000 "
-              f"drawn at random.")
+        print(
+            f"   gap {gap * 100:.2f} points (target within 1: {'PASS' if gap <= 0.01 else 'FAIL'}); with the "
+            f"normalization and precision pinned: {pinned * 100:.2f} points. The device path's statistics come "
+            f"from the first 10,000 training images (CIFAR's first two classes), the stream path's from 2,000 "
+            f"drawn at random."
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The table at the end of benchmarks/gpu_check.sh: each CUDA test's result and time (from pytest's JUnit
 XML), then the fast recipe's accuracy, train_seconds and images/s (from its summary.json). Standard library
 only. Exit status: 0 when every test passed or skipped and the recipe ran (or had no data), 1 otherwise."""
+
 import argparse
 import json
 import os
@@ -21,7 +22,11 @@ def read_junit(path):
             el = case.find(tag)
             if el is not None:
                 result = {"failure": "FAILED", "error": "ERROR", "skipped": "skipped"}[tag]
-                msg = (el.get("message") or el.text or "").strip().splitlines()[0][:90] if (el.get("message") or el.text) else ""
+                msg = (
+                    (el.get("message") or el.text or "").strip().splitlines()[0][:90]
+                    if (el.get("message") or el.text)
+                    else ""
+                )
                 break
         rows.append((name, result, float(case.get("time", 0.0)), msg))
     return rows
@@ -52,37 +57,68 @@ def main(argv=None):
     for name, result, secs, msg in tests:
         lines.append(f"{name:{w}s}  {result:8s} {secs:8.1f}" + (f"   {msg}" if msg and result != "passed" else ""))
     if not tests:
-        lines.append(f"{'(no JUnit results: pytest exit ' + str(a.tests_rc) + ')':{w}s}  {'ERROR':8s} {a.tests_seconds:8.1f}")
+        lines.append(
+            f"{'(no JUnit results: pytest exit ' + str(a.tests_rc) + ')':{w}s}  {'ERROR':8s} {a.tests_seconds:8.1f}"
+        )
     lines.append(f"{'pytest -m cuda tests/ (all)':{w}s}  {'exit ' + str(a.tests_rc):8s} {a.tests_seconds:8.1f}")
     lines.append(f"{'unpack CIFAR-10 JPEG':{w}s}  {'ok' if a.data_ok else 'NO DATA':8s} {a.unpack_seconds:8.1f}")
     recipe_result = "skipped" if a.recipe_rc == "skipped" else ("ok" if a.recipe_rc == "0" else f"exit {a.recipe_rc}")
     lines.append(f"{'train.py --config configs/fast94.toml':{w}s}  {recipe_result:8s} {a.recipe_ms / 1000:8.1f}")
     lines.append("")
     if summary:
-        lines.append(f"fast recipe: test accuracy {summary.get('test_accuracy', float('nan')):.4f} "
-                     f"({summary.get('test_correct')}/{summary.get('test_total')}), "
-                     f"train_seconds {summary.get('train_seconds', float('nan')):.2f}, "
-                     f"{summary.get('train_images_per_sec', float('nan')):.0f} images/s, "
-                     f"{summary.get('epochs')} epochs / {summary.get('steps')} steps, precision "
-                     f"{summary.get('precision')}, loader {summary.get('loader')}, {summary.get('device')}; "
-                     f"wall {a.recipe_ms / 1000:.1f} s incl. start-up, decode cache and eval")
+        lines.append(
+            f"fast recipe: test accuracy {summary.get('test_accuracy', float('nan')):.4f} "
+            f"({summary.get('test_correct')}/{summary.get('test_total')}), "
+            f"train_seconds {summary.get('train_seconds', float('nan')):.2f}, "
+            f"{summary.get('train_images_per_sec', float('nan')):.0f} images/s, "
+            f"{summary.get('epochs')} epochs / {summary.get('steps')} steps, precision "
+            f"{summary.get('precision')}, loader {summary.get('loader')}, {summary.get('device')}; "
+            f"wall {a.recipe_ms / 1000:.1f} s incl. start-up, decode cache and eval"
+        )
     else:
-        lines.append("fast recipe: no summary.json (" + ("no data" if not a.data_ok else f"train.py exit {a.recipe_rc}") + ")")
+        lines.append(
+            "fast recipe: no summary.json (" + ("no data" if not a.data_ok else f"train.py exit {a.recipe_rc}") + ")"
+        )
     failed = [t for t in tests if t[1] in ("FAILED", "ERROR")]
     ok = not failed and (a.tests_rc in (0, 5) or (tests and not failed)) and a.recipe_rc in ("0", "skipped")
-    lines.append(f"gpu_check: {'OK' if ok else 'PROBLEMS'} - {sum(t[1] == 'passed' for t in tests)} passed, "
-                 f"{len(failed)} failed, {sum(t[1] == 'skipped' for t in tests)} skipped; {a.total_seconds:.0f} s in all")
+    lines.append(
+        f"gpu_check: {'OK' if ok else 'PROBLEMS'} - {sum(t[1] == 'passed' for t in tests)} passed, "
+        f"{len(failed)} failed, {sum(t[1] == 'skipped' for t in tests)} skipped; {a.total_seconds:.0f} s in all"
+    )
     print("\n".join(lines))
 
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"tests": [dict(name=n, result=r, seconds=s, message=m) for n, r, s, m in tests],
-                       "pytest_exit": a.tests_rc, "tests_seconds": a.tests_seconds, "data_ok": bool(a.data_ok),
-                       "recipe_exit": a.recipe_rc, "recipe_wall_seconds": a.recipe_ms / 1000,
-                       "recipe_summary": {k: summary.get(k) for k in (
-                           "test_accuracy", "train_seconds", "train_images_per_sec", "epochs", "steps",
-                           "precision", "loader", "device", "global_batch_size")} if summary else None,
-                       "ok": ok, "total_seconds": a.total_seconds}, f, indent=2)
+            json.dump(
+                {
+                    "tests": [dict(name=n, result=r, seconds=s, message=m) for n, r, s, m in tests],
+                    "pytest_exit": a.tests_rc,
+                    "tests_seconds": a.tests_seconds,
+                    "data_ok": bool(a.data_ok),
+                    "recipe_exit": a.recipe_rc,
+                    "recipe_wall_seconds": a.recipe_ms / 1000,
+                    "recipe_summary": {
+                        k: summary.get(k)
+                        for k in (
+                            "test_accuracy",
+                            "train_seconds",
+                            "train_images_per_sec",
+                            "epochs",
+                            "steps",
+                            "precision",
+                            "loader",
+                            "device",
+                            "global_batch_size",
+                        )
+                    }
+                    if summary
+                    else None,
+                    "ok": ok,
+                    "total_seconds": a.total_seconds,
+                },
+                f,
+                indent=2,
+            )
     return 0 if ok else 1
 
 

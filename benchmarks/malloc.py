@@ -8,6 +8,7 @@ machine where images/s are not.
 
     python benchmarks/malloc.py [--model seed] [--batch 128] [--steps 30] [--rounds 3]
 """
+
 import argparse
 import json
 import os
@@ -30,6 +31,7 @@ def child(mode: str, model: str, batch: int, steps: int) -> None:
 
     from dist_cnn.allocator import tune_malloc
     from dist_cnn.models import build_model
+
     torch.set_num_threads(1)
     if mode == "mallopt" and not tune_malloc():
         raise SystemExit("mallopt failed (not glibc?)")
@@ -43,14 +45,18 @@ def child(mode: str, model: str, batch: int, steps: int) -> None:
         F.cross_entropy(m(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     for _ in range(5):
         step()
     r0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
     for _ in range(steps):
         step()
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
-    print(json.dumps({"faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
-                      "cpu_ms_per_step": (c1 - c0) / steps * 1e3}))
+    print(
+        json.dumps(
+            {"faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps, "cpu_ms_per_step": (c1 - c0) / steps * 1e3}
+        )
+    )
 
 
 def main():
@@ -68,17 +74,34 @@ def main():
         for mode in MODES:
             env = {k: v for k, v in os.environ.items() if k not in ENV_VALUES}
             env.update(OMP_NUM_THREADS="1", **(ENV_VALUES if mode == "env" else {}))
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--model", a.model, "--batch",
-                                  str(a.batch), "--steps", str(a.steps)], env=env, check=True,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    mode,
+                    "--model",
+                    a.model,
+                    "--batch",
+                    str(a.batch),
+                    "--steps",
+                    str(a.steps),
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             res[mode].append(json.loads(out.strip().splitlines()[-1]))
     print(f"{a.model}, batch {a.batch}, fp32, 1 thread, {a.steps} steps x {a.rounds} rounds (medians)")
     base = statistics.median(r["cpu_ms_per_step"] for r in res["off"])
     for mode in MODES:
         faults = statistics.median(r["faults_per_step"] for r in res[mode])
         cpu = statistics.median(r["cpu_ms_per_step"] for r in res[mode])
-        print(f"  {mode:8s} {faults:8.1f} page faults/step  {cpu:7.2f} CPU ms/step  "
-              f"{base / cpu:5.2f}x images per CPU-second")
+        print(
+            f"  {mode:8s} {faults:8.1f} page faults/step  {cpu:7.2f} CPU ms/step  "
+            f"{base / cpu:5.2f}x images per CPU-second"
+        )
 
 
 if __name__ == "__main__":

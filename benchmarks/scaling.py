@@ -13,6 +13,7 @@ against the step time - what the gap is made of.
 --root runs another checkout's train.py (a before/after comparison); flags after -- go to train.py
 (e.g. -- --no-malloc-tune, -- --ddp-comm-hook bf16).
 """
+
 import argparse
 import json
 import os
@@ -36,15 +37,45 @@ INTERVALS = 5  # logged throughput intervals per run; the first is dropped
 
 def train_ips(world: int, batch: int, steps: int, model: str = "seed", root: Path = ROOT, extra=()) -> float:
     out = Path(tempfile.mkdtemp(prefix="scaling-")) / "run"
-    args = [str(root / "train.py"), "--model", model, "--dataset", "synthetic",
-            "--synthetic-train-size", str(batch * world * steps),
-            "--synthetic-test-size", "200", "--batch-size", str(batch * world), "--epochs", "1",
-            "--precision", "fp32", "--wandb", "disabled", "--no-progress", "--eval-every", "0",
-            "--log-every", str(max(1, steps // INTERVALS)), "--out", str(out), *extra]
-    launch = [sys.executable] if world == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-    subprocess.run([*launch, *args], check=True, env={**ENV, "PYTHONPATH": str(root)},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        str(root / "train.py"),
+        "--model",
+        model,
+        "--dataset",
+        "synthetic",
+        "--synthetic-train-size",
+        str(batch * world * steps),
+        "--synthetic-test-size",
+        "200",
+        "--batch-size",
+        str(batch * world),
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+        "--eval-every",
+        "0",
+        "--log-every",
+        str(max(1, steps // INTERVALS)),
+        "--out",
+        str(out),
+        *extra,
+    ]
+    launch = (
+        [sys.executable]
+        if world == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    )
+    subprocess.run(
+        [*launch, *args],
+        check=True,
+        env={**ENV, "PYTHONPATH": str(root)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ips = [r["images_per_sec"] for r in rows if r.get("event") == "train"]
     return statistics.median(ips[1:] or ips)
@@ -83,12 +114,13 @@ def _allreduce_worker(rank, port, numel, q, iters=60):
         dist.all_reduce(t)
         times.append(time.perf_counter() - t0)
     if rank == 0:
-        q.put(statistics.median(times[iters // 6:]))
+        q.put(statistics.median(times[iters // 6 :]))
     dist.destroy_process_group()
 
 
 def allreduce_seconds(numel: int) -> float:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -122,21 +154,37 @@ def main():
     ws1, ws2, ceiling = statistics.median(ips[1]), statistics.median(ips[2]), statistics.median(ceilings)
     eff = ws2 / (2 * ws1)
     from dist_cnn.models import build_model
+
     numel = sum(p.numel() for p in build_model(a.model, 3, 10, 32).parameters())
     ar = allreduce_seconds(numel)
     step = a.per_rank_batch / (ws2 / 2)
     target = TARGETS[a.model]
-    res = {"model": a.model, "per_rank_batch": a.per_rank_batch, "ws1_images_per_sec": ws1,
-           "ws2_images_per_sec": ws2, "efficiency": eff, "matmul_efficiency": ceiling,
-           "efficiency_vs_ceiling": eff / ceiling, "allreduce_seconds": ar, "ws2_step_seconds": step,
-           "raw": ips, "ceilings": ceilings, "root": str(a.root), "extra": a.extra}
+    res = {
+        "model": a.model,
+        "per_rank_batch": a.per_rank_batch,
+        "ws1_images_per_sec": ws1,
+        "ws2_images_per_sec": ws2,
+        "efficiency": eff,
+        "matmul_efficiency": ceiling,
+        "efficiency_vs_ceiling": eff / ceiling,
+        "allreduce_seconds": ar,
+        "ws2_step_seconds": step,
+        "raw": ips,
+        "ceilings": ceilings,
+        "root": str(a.root),
+        "extra": a.extra,
+    }
     print(f"{a.model}, {a.per_rank_batch} images per rank, 1 thread per rank, fp32, {a.root} {' '.join(a.extra)}")
     print(f"  world size 1: {ws1:8.1f} img/s    world size 2: {ws2:8.1f} img/s")
     print(f"  ceiling, two processes of pure matrix products: {ceiling:.3f}")
-    print(f"  scaling efficiency: {eff:.3f}, {eff / ceiling:.3f} of the ceiling "
-          f"(target >= {target}: {'PASS' if eff / ceiling >= target else 'FAIL'})")
-    print(f"  gradient all_reduce ({numel:,} floats, gloo): {ar * 1e3:.2f} ms of a {step * 1e3:.1f} ms step "
-          f"({ar / step:.1%})")
+    print(
+        f"  scaling efficiency: {eff:.3f}, {eff / ceiling:.3f} of the ceiling "
+        f"(target >= {target}: {'PASS' if eff / ceiling >= target else 'FAIL'})"
+    )
+    print(
+        f"  gradient all_reduce ({numel:,} floats, gloo): {ar * 1e3:.2f} ms of a {step * 1e3:.1f} ms step "
+        f"({ar / step:.1%})"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
 

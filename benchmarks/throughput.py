@@ -29,6 +29,7 @@ window; utilization = FLOP/image x images/s / ceiling.
                                     [--rounds N] [--threads T] [--no-ws2] [--no-airbench] [--malloc-tune]
 Results (JSON) go to benchmarks/results/throughput.json by default: not for committing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dist_cnn import config as config_mod, distributed as D  # noqa: E402
+from dist_cnn import config as config_mod  # noqa: E402
+from dist_cnn import distributed as D  # noqa: E402
 from dist_cnn.config import Config, DataConfig  # noqa: E402
 from dist_cnn.data import load_dataset  # noqa: E402
 from dist_cnn.loader import Normalize, normalization_stats  # noqa: E402
@@ -88,6 +90,7 @@ def tune_malloc() -> bool:
     seed model at batch 64+ in fp32). M_MMAP_THRESHOLD = 32 MiB (glibc's maximum), M_TRIM_THRESHOLD = 1 GiB.
     Process-wide and only for later allocations; what --malloc-tune measures."""
     import ctypes
+
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
@@ -110,6 +113,7 @@ def child_pids() -> list[int]:
 
 # ------------------------------------------------------------------------------------------- data
 
+
 def get_data(data_dir: str):
     """(Dataset, source note). The shared JPEG copy of CIFAR-10, else synthetic data of its shape."""
     if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
@@ -122,6 +126,7 @@ def get_data(data_dir: str):
 def synthetic_imagefolder(d, n: int = 5000) -> str:
     """For the tutorial path without the real files: the first n synthetic images as PNGs in ImageFolder layout."""
     from PIL import Image
+
     root = tempfile.mkdtemp(prefix="throughput-imgs-")
     for i in range(n):
         folder = os.path.join(root, "train", d.classes[int(d.train_y[i])])
@@ -133,22 +138,23 @@ def synthetic_imagefolder(d, n: int = 5000) -> str:
 
 # ------------------------------------------------------------------------------------------- cases
 
+
 @dataclass
 class Case:
     name: str
-    path: str           # tutorial | loader | device | hand | peak
+    path: str  # tutorial | loader | device | hand | peak
     model: str
-    batch: int          # global batch
+    batch: int  # global batch
     precision: str
     ws: int = 1
     threads: int = 2
     channels_last: bool | None = None
     warmup: int = 2
-    steps: int = 10       # the first window's steps; later ones aim at target_s from the last rate
+    steps: int = 10  # the first window's steps; later ones aim at target_s from the last rate
     target_s: float = 0.4
     max_steps: int = 2000
     note: str = ""
-    ips: list = field(default_factory=list)      # images/s (FLOP/s for the peak), wall clock
+    ips: list = field(default_factory=list)  # images/s (FLOP/s for the peak), wall clock
     cpu_ips: list = field(default_factory=list)  # images per CPU-second (all threads, ranks and workers)
     runner: object = None
 
@@ -158,6 +164,7 @@ class Case:
 
 def training_flops_per_image(model_name: str, batch: int, x: torch.Tensor, y: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
+
     model = build_model(model_name, 3, 10, 32)
     if hasattr(model, "init_from_data"):
         model.init_from_data(x[:256])
@@ -167,6 +174,7 @@ def training_flops_per_image(model_name: str, batch: int, x: torch.Tensor, y: to
 
 
 # ---- (a) the tutorial's pipeline
+
 
 def load_tutorial():
     spec = importlib.util.spec_from_file_location("tutorial_bench", ROOT / "benchmarks" / "tutorial.py")
@@ -181,6 +189,7 @@ class TutorialRunner:
     def __init__(self, tut, image_dir: str, batch: int):
         import torchvision
         import torchvision.transforms as transforms
+
         torch.manual_seed(0)
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
         trainset = torchvision.datasets.ImageFolder(os.path.join(image_dir, "train"), transform=transform)
@@ -207,6 +216,7 @@ class TutorialRunner:
 
 
 # ---- (b), (c) dist_cnn's Trainer
+
 
 def make_config(model: str, batch: int, precision: str, loader: str, channels_last: bool | None, out: str) -> Config:
     cfg = Config()
@@ -242,6 +252,7 @@ class TrainerRunner:
 
 # ---- (d) the hand-written loop
 
+
 class HandRunner:
     """x = preloaded normalized float tensor; random index batches; model, loss, backward, step."""
 
@@ -259,8 +270,7 @@ class HandRunner:
         pass
 
     def run(self, n):
-        ctx = (torch.autocast("cpu", dtype=DTYPE[self.precision]) if DTYPE[self.precision]
-               else contextlib.nullcontext())
+        ctx = torch.autocast("cpu", dtype=DTYPE[self.precision]) if DTYPE[self.precision] else contextlib.nullcontext()
         for _ in range(n):
             idx = torch.randint(0, len(self.xf), (self.batch,))
             with ctx:
@@ -272,13 +282,14 @@ class HandRunner:
 
 # ---- the ceiling
 
+
 class PeakRunner:
     def __init__(self, dtype, threads, n=2048):
         self.threads = threads
         g = torch.Generator().manual_seed(0)
         self.a = torch.randn(n, n, generator=g).to(dtype)
         self.b = torch.randn(n, n, generator=g).to(dtype)
-        self.flops = 2 * n ** 3
+        self.flops = 2 * n**3
 
     def ensure(self, n):
         pass
@@ -308,29 +319,45 @@ def measure(case: Case) -> None:
 
 # ------------------------------------------------------------------------------------------- ws2 workers
 
+
 def _ws2_worker(rank, world, port, specs, data_dir, cmd_q, res_q, malloc_tune=False):
     if malloc_tune:
         tune_malloc()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     try:
         env = D.setup("gloo", 300.0)
         import torch.distributed as dist
+
         data, _ = get_data(data_dir)
         mean, std = normalization_stats(data.train_x, "dataset")
         xf = None
         runners, outdir = {}, tempfile.mkdtemp(prefix=f"throughput-ws2-r{rank}-")
         for s in specs:
             if s["path"] == "device":
-                cfg = make_config(s["model"], s["batch"], s["precision"], "device", s["channels_last"],
-                                  os.path.join(outdir, s["name"]))
+                cfg = make_config(
+                    s["model"],
+                    s["batch"],
+                    s["precision"],
+                    "device",
+                    s["channels_last"],
+                    os.path.join(outdir, s["name"]),
+                )
                 runners[s["name"]] = TrainerRunner(cfg, env, data)
             elif s["path"] == "hand":
                 if xf is None:
                     xf = Normalize(mean, std, "cpu", False)(data.train_x)
-                runners[s["name"]] = HandRunner(s["model"], xf, data.train_y, s["batch"] // world, s["precision"],
-                                                ddp=True)
+                runners[s["name"]] = HandRunner(
+                    s["model"], xf, data.train_y, s["batch"] // world, s["precision"], ddp=True
+                )
         res_q.put(("ready", rank, None))
         while True:
             msg = cmd_q.get()
@@ -349,20 +376,26 @@ def _ws2_worker(rank, world, port, specs, data_dir, cmd_q, res_q, malloc_tune=Fa
         shutil.rmtree(outdir, ignore_errors=True)
     except Exception as e:  # report instead of hanging the parent
         import traceback
+
         res_q.put(("error", rank, f"{e}\n{traceback.format_exc()}"))
 
 
 class WS2Pool:
     def __init__(self, specs, data_dir, malloc_tune=False):
         import torch.multiprocessing as mp
+
         ctx = mp.get_context("spawn")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.cmd = [ctx.Queue() for _ in range(2)]
         self.res = ctx.Queue()
-        self.procs = [ctx.Process(target=_ws2_worker, args=(r, 2, port, specs, data_dir, self.cmd[r], self.res, malloc_tune),
-                                  daemon=True) for r in range(2)]
+        self.procs = [
+            ctx.Process(
+                target=_ws2_worker, args=(r, 2, port, specs, data_dir, self.cmd[r], self.res, malloc_tune), daemon=True
+            )
+            for r in range(2)
+        ]
         for p in self.procs:
             p.start()
         for _ in range(2):
@@ -396,35 +429,50 @@ class WS2Pool:
 
 # ------------------------------------------------------------------------------------------- profile
 
+
 def profile_paths(runners: dict[str, object], steps: int = 20) -> str:
     """torch.profiler's self-CPU-time table for the given runners (for explaining (c) vs (d))."""
     from torch.profiler import ProfilerActivity, profile
+
     out = []
     for name, r in runners.items():
         r.ensure(steps + 5)
         r.run(5)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             r.run(steps)
-        out.append(f"--- {name}: {steps} steps ---\n" +
-                   prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+        out.append(
+            f"--- {name}: {steps} steps ---\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+        )
     return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------- main
 
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and rounds: a smoke run (~2 min)")
-    ap.add_argument("--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="ImageFolder CIFAR-10 (train/, test/)")
+    ap.add_argument(
+        "--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="ImageFolder CIFAR-10 (train/, test/)"
+    )
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the seed cases (default 9, quick 3)")
-    ap.add_argument("--airbench-rounds", type=int, default=None, help="rounds of the airbench cases (default 3, quick 1)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the world-size-1 cases (default 2: all cores)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds of the seed cases (default 9, quick 3)"
+    )
+    ap.add_argument(
+        "--airbench-rounds", type=int, default=None, help="rounds of the airbench cases (default 3, quick 1)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch threads of the world-size-1 cases (default 2: all cores)"
+    )
     ap.add_argument("--no-ws2", action="store_true", help="skip the 2-process gloo DDP cases")
     ap.add_argument("--no-airbench", action="store_true", help="skip the airbench cases")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables of (c) vs (d)")
-    ap.add_argument("--malloc-tune", action="store_true",
-                    help="glibc mallopt: no mmap/trim of freed buffers, so steps stop page-faulting (see tune_malloc)")
+    ap.add_argument(
+        "--malloc-tune",
+        action="store_true",
+        help="glibc mallopt: no mmap/trim of freed buffers, so steps stop page-faulting (see tune_malloc)",
+    )
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 9)
     args.airbench_rounds = min(args.rounds, args.airbench_rounds or (1 if args.quick else 3))
@@ -445,8 +493,9 @@ def plan_cases(args) -> tuple[list[Case], list[Case]]:
         if model == "seed":
             kw.setdefault("steps", max(2, first[batch] // (3 if quick else 1)))
             kw.setdefault("target_s", seed_s)
-            kw.setdefault("warmup", {4: 40, 64: 5, 256: 2}[batch] if path in ("device", "hand") else
-                          {4: 40, 64: 8, 256: 6}[batch])  # >= the DataLoader's prefetch (2 workers x 2)
+            kw.setdefault(
+                "warmup", {4: 40, 64: 5, 256: 2}[batch] if path in ("device", "hand") else {4: 40, 64: 8, 256: 6}[batch]
+            )  # >= the DataLoader's prefetch (2 workers x 2)
         else:
             kw.setdefault("steps", 1)
             kw.setdefault("max_steps", 1)
@@ -458,8 +507,20 @@ def plan_cases(args) -> tuple[list[Case], list[Case]]:
     add("peak bf16 mm2048", "peak", "-", 0, "bf16", warmup=1, steps=6, target_s=0.3, max_steps=50)
     if threads != 1:  # one core's rate: x2 is what 2 ranks of 1 thread can reach
         for p in ("fp32", "bf16"):
-            cases.append(Case(f"peak {p} mm2048 1 thread", "peak", "-", 0, p, threads=1, warmup=1, steps=2,
-                              target_s=0.3, max_steps=20))
+            cases.append(
+                Case(
+                    f"peak {p} mm2048 1 thread",
+                    "peak",
+                    "-",
+                    0,
+                    p,
+                    threads=1,
+                    warmup=1,
+                    steps=2,
+                    target_s=0.3,
+                    max_steps=20,
+                )
+            )
     add("a tutorial seed b4", "tutorial", "seed", 4, "fp32", note="as published")
     for b in (64, 256):
         add(f"a tutorial seed b{b}", "tutorial", "seed", b, "fp32")
@@ -474,11 +535,25 @@ def plan_cases(args) -> tuple[list[Case], list[Case]]:
     if not args.no_airbench:
         add("b loader airbench b256 fp32", "loader", "airbench", 256, "fp32", warmup=2, note="fast94 recipe")
         for p in ("fp32", "bf16"):
-            add(f"c device airbench b256 {p}", "device", "airbench", 256, p,
-                note="fast94 recipe (channels_last, crop+flip, lookahead)")
+            add(
+                f"c device airbench b256 {p}",
+                "device",
+                "airbench",
+                256,
+                p,
+                note="fast94 recipe (channels_last, crop+flip, lookahead)",
+            )
             add(f"d hand airbench b256 {p}", "hand", "airbench", 256, p)
             if not args.no_ws2:
-                add(f"c device airbench b256 {p} ws2", "device", "airbench", 256, p, ws=2, note="2 procs x 1 thread, gloo")
+                add(
+                    f"c device airbench b256 {p} ws2",
+                    "device",
+                    "airbench",
+                    256,
+                    p,
+                    ws=2,
+                    note="2 procs x 1 thread, gloo",
+                )
     return cases, ws2_cases
 
 
@@ -490,8 +565,14 @@ def attach_runners(cases: list[Case], data, xf, image_dir: str, tmp: str) -> Non
         elif c.path == "tutorial":
             c.runner = TutorialRunner(tut, image_dir, c.batch)
         elif c.path in ("loader", "device"):
-            cfg = make_config(c.model, c.batch, c.precision, "dataloader" if c.path == "loader" else "device",
-                              c.channels_last, os.path.join(tmp, c.name.replace(" ", "_")))
+            cfg = make_config(
+                c.model,
+                c.batch,
+                c.precision,
+                "dataloader" if c.path == "loader" else "device",
+                c.channels_last,
+                os.path.join(tmp, c.name.replace(" ", "_")),
+            )
             c.runner = TrainerRunner(cfg, D.DistEnv(), data)
             if c.channels_last is None:
                 c.channels_last = cfg.model.channels_last
@@ -511,8 +592,11 @@ def run_rounds(args, cases: list[Case], ws2_cases: list[Case], pool) -> str | No
         log(f"round {r + 1}/{args.rounds}: {time.time() - t0:.0f} s, load average {os.getloadavg()[0]:.2f}")
     if not args.profile:
         return None
-    pick = {c.name: c.runner for c in cases if c.name in
-            ("c device seed b64 fp32", "c device seed b64 fp32 nchw", "d hand seed b64 fp32")}
+    pick = {
+        c.name: c.runner
+        for c in cases
+        if c.name in ("c device seed b64 fp32", "c device seed b64 fp32 nchw", "d hand seed b64 fp32")
+    }
     return profile_paths(pick)
 
 
@@ -537,45 +621,76 @@ class Results:
         med, cpu_med, rows = self.med, self.cpu_med, []
         for c in self.all:
             if c.path == "peak":
-                rows.append(dict(name=c.name, path="peak", precision=c.precision, threads=c.threads,
-                                 gflops_median=med[c.name] / 1e9, gflops_all=[v / 1e9 for v in c.ips],
-                                 gflops_per_cpu_second_median=cpu_med[c.name] / 1e9))
+                rows.append(
+                    dict(
+                        name=c.name,
+                        path="peak",
+                        precision=c.precision,
+                        threads=c.threads,
+                        gflops_median=med[c.name] / 1e9,
+                        gflops_all=[v / 1e9 for v in c.ips],
+                        gflops_per_cpu_second_median=cpu_med[c.name] / 1e9,
+                    )
+                )
                 continue
             fpi = self.flops[c.model]
-            rows.append(dict(name=c.name, path=c.path, model=c.model, batch=c.batch, precision=c.precision,
-                             world_size=c.ws, threads_per_rank=c.threads, channels_last=c.channels_last,
-                             warmup_steps=c.warmup, last_timed_steps=c.steps, note=c.note,
-                             images_per_sec_median=med[c.name], images_per_sec_all=c.ips,
-                             images_per_cpu_second_median=cpu_med[c.name], images_per_cpu_second_all=c.cpu_ips,
-                             spread_max_over_min=max(c.ips) / min(c.ips),
-                             flops_per_image=fpi, gflops=fpi * med[c.name] / 1e9,
-                             utilization_pct=100 * fpi * med[c.name] / self.peak[c.precision]))
+            rows.append(
+                dict(
+                    name=c.name,
+                    path=c.path,
+                    model=c.model,
+                    batch=c.batch,
+                    precision=c.precision,
+                    world_size=c.ws,
+                    threads_per_rank=c.threads,
+                    channels_last=c.channels_last,
+                    warmup_steps=c.warmup,
+                    last_timed_steps=c.steps,
+                    note=c.note,
+                    images_per_sec_median=med[c.name],
+                    images_per_sec_all=c.ips,
+                    images_per_cpu_second_median=cpu_med[c.name],
+                    images_per_cpu_second_all=c.cpu_ips,
+                    spread_max_over_min=max(c.ips) / min(c.ips),
+                    flops_per_image=fpi,
+                    gflops=fpi * med[c.name] / 1e9,
+                    utilization_pct=100 * fpi * med[c.name] / self.peak[c.precision],
+                )
+            )
         return rows
 
 
 def print_table(rows: list[dict], res: Results, args) -> None:
-    hdr = (f"{'case':34s} {'ws x thr':>8s} {'img/s med':>10s} {'min..max (best)':>15s} {'img/CPU-s':>9s} "
-           f"{'MFLOP/img':>9s} {'GFLOP/s':>8s} {'util%':>6s}")
+    hdr = (
+        f"{'case':34s} {'ws x thr':>8s} {'img/s med':>10s} {'min..max (best)':>15s} {'img/CPU-s':>9s} "
+        f"{'MFLOP/img':>9s} {'GFLOP/s':>8s} {'util%':>6s}"
+    )
     log("\n" + hdr + "\n" + "-" * len(hdr))
     for row in rows:
         if row["path"] == "peak":
             a = row["gflops_all"]
-            log(f"{row['name']:34s} {'1 x ' + str(row['threads']):>8s} {row['gflops_median']:9.1f}G "
+            log(
+                f"{row['name']:34s} {'1 x ' + str(row['threads']):>8s} {row['gflops_median']:9.1f}G "
                 f"{min(a):7.1f}..{max(a):<7.1f} {row['gflops_per_cpu_second_median']:8.1f}G {'':>9s} "
-                f"{row['gflops_median']:8.1f}")
+                f"{row['gflops_median']:8.1f}"
+            )
             continue
         a = row["images_per_sec_all"]
-        log(f"{row['name']:34s} {row['world_size']:>3d} x {row['threads_per_rank']:<2d} "
+        log(
+            f"{row['name']:34s} {row['world_size']:>3d} x {row['threads_per_rank']:<2d} "
             f"{row['images_per_sec_median']:10.0f} {min(a):7.0f}..{max(a):<7.0f} "
             f"{row['images_per_cpu_second_median']:9.0f} {row['flops_per_image'] / 1e6:9.2f} "
-            f"{row['gflops']:8.2f} {row['utilization_pct']:6.2f}")
+            f"{row['gflops']:8.2f} {row['utilization_pct']:6.2f}"
+        )
     flops, peak = res.flops, res.peak
-    log(f"(seed: {flops['seed'] / 1e6:.2f} MFLOP per training image"
-        + ("" if args.no_airbench else f"; airbench: {flops['airbench'] / 1e6:.1f} MFLOP") +
-        f"; util% = GFLOP/s / the best {args.threads}-thread mm window: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+    log(
+        f"(seed: {flops['seed'] / 1e6:.2f} MFLOP per training image"
+        + ("" if args.no_airbench else f"; airbench: {flops['airbench'] / 1e6:.1f} MFLOP")
+        + f"; util% = GFLOP/s / the best {args.threads}-thread mm window: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
         f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s (reference on this CPU, quiet: 222 / 640). img/CPU-s: images "
         f"per CPU-second of this process's threads, its DataLoader workers and both ranks: robust to other "
-        f"load for 1-thread processes, but it counts OpenMP spin-waiting)")
+        f"load for 1-thread processes, but it counts OpenMP spin-waiting)"
+    )
 
 
 def check_targets(res: Results) -> list[dict]:
@@ -588,18 +703,45 @@ def check_targets(res: Results) -> list[dict]:
         cpu_ratio = res.cpu_med[num] / res.cpu_med[den]
         best = max(res.by_name[num].ips) / max(res.by_name[den].ips)
         ok = pair >= target
-        checks.append(dict(label=label, numerator=num, denominator=den, paired_ratio_median=pair,
-                           ratio_of_medians=ratio, ratio_of_best=best, per_cpu_second_ratio=cpu_ratio,
-                           target=target, passed=ok))
-        lines.append(f"{'PASS' if ok else 'FAIL'}  {label}: {pair:.2f}x (target >= {target:g}x; ratio of "
-                     f"medians {ratio:.2f}x, of bests {best:.2f}x, per CPU-second {cpu_ratio:.2f}x)")
+        checks.append(
+            dict(
+                label=label,
+                numerator=num,
+                denominator=den,
+                paired_ratio_median=pair,
+                ratio_of_medians=ratio,
+                ratio_of_best=best,
+                per_cpu_second_ratio=cpu_ratio,
+                target=target,
+                passed=ok,
+            )
+        )
+        lines.append(
+            f"{'PASS' if ok else 'FAIL'}  {label}: {pair:.2f}x (target >= {target:g}x; ratio of "
+            f"medians {ratio:.2f}x, of bests {best:.2f}x, per CPU-second {cpu_ratio:.2f}x)"
+        )
 
     for b in (64, 256):
         for p in ("fp32", "bf16"):
             check(f"seed b{b} {p}: (c) device / (d) hand loop", f"c device seed b{b} {p}", f"d hand seed b{b} {p}", 1.0)
-    check("seed fp32: (c) device b64 / (a) tutorial b4 (as published)", "c device seed b64 fp32", "a tutorial seed b4", 10.0)
-    check("seed fp32: (c) device b256 / (a) tutorial b4 (as published)", "c device seed b256 fp32", "a tutorial seed b4", 10.0)
-    check("seed bf16: (c) device b64 / (a) tutorial b4 (as published)", "c device seed b64 bf16", "a tutorial seed b4", 10.0)
+    check(
+        "seed fp32: (c) device b64 / (a) tutorial b4 (as published)",
+        "c device seed b64 fp32",
+        "a tutorial seed b4",
+        10.0,
+    )
+    check(
+        "seed fp32: (c) device b256 / (a) tutorial b4 (as published)",
+        "c device seed b256 fp32",
+        "a tutorial seed b4",
+        10.0,
+    )
+    check(
+        "seed bf16: (c) device b64 / (a) tutorial b4 (as published)",
+        "c device seed b64 bf16",
+        "a tutorial seed b4",
+        10.0,
+    )
     log("\nTargets (PASS/FAIL on the median over rounds of the same-round ratio):")
     for line in lines:
         log("  " + line)
@@ -610,9 +752,11 @@ def other_ratios(res: Results, threads: int) -> tuple[list[str], dict]:
     info, precision_choice = [], {}
     for b in (64, 256):
         for p in ("fp32", "bf16"):
-            for num, den, what in ((f"c device seed b{b} {p} nchw", f"d hand seed b{b} {p}", "(c, --no-channels-last) / (d)"),
-                                   (f"c device seed b{b} {p}", f"a tutorial seed b{b}", f"(c) / (a) tutorial at b{b}"),
-                                   (f"b loader seed b{b} {p}", f"c device seed b{b} {p}", "(b) loader / (c) device")):
+            for num, den, what in (
+                (f"c device seed b{b} {p} nchw", f"d hand seed b{b} {p}", "(c, --no-channels-last) / (d)"),
+                (f"c device seed b{b} {p}", f"a tutorial seed b{b}", f"(c) / (a) tutorial at b{b}"),
+                (f"b loader seed b{b} {p}", f"c device seed b{b} {p}", "(b) loader / (c) device"),
+            ):
                 if num in res.med and den in res.med:
                     info.append(f"seed b{b} {p}: {what} = {res.paired(num, den):.2f}x")
     for model, b in (("seed", 64), ("seed", 256), ("airbench", 256)):
@@ -624,8 +768,9 @@ def other_ratios(res: Results, threads: int) -> tuple[list[str], dict]:
                 info.append(f"{model} b{b} {path}: bf16 / fp32 = {r:.2f}x -> {'bf16' if r > 1 else 'fp32'} faster")
         f1, f2 = f"c device {model} b{b} fp32", f"c device {model} b{b} fp32 ws2"
         if f1 in res.med and f2 in res.med:
-            info.append(f"{model} b{b} fp32 (c): ws2 (2x1 thread, gloo) / ws1 (1x{threads} threads) = "
-                        f"{res.paired(f2, f1):.2f}x")
+            info.append(
+                f"{model} b{b} fp32 (c): ws2 (2x1 thread, gloo) / ws1 (1x{threads} threads) = {res.paired(f2, f1):.2f}x"
+            )
     log("\nOther ratios (median over rounds of the same-round ratio):")
     for line in info:
         log("  " + line)
@@ -646,18 +791,31 @@ def main(argv=None):
     image_dir = args.data_dir if source.startswith("imagefolder") else synthetic_imagefolder(data)
     tmp = tempfile.mkdtemp(prefix="throughput-runs-")
     cases, ws2_cases = plan_cases(args)
-    log(f"data: {source}; torch {torch.__version__}, {args.threads} threads; malloc tuned: {args.malloc_tune}; "
+    log(
+        f"data: {source}; torch {torch.__version__}, {args.threads} threads; malloc tuned: {args.malloc_tune}; "
         f"load average {load0[0]:.2f}; {len(cases)} ws1 cases + {len(ws2_cases)} ws2 cases, "
-        f"{args.rounds} rounds (airbench {args.airbench_rounds})")
+        f"{args.rounds} rounds (airbench {args.airbench_rounds})"
+    )
     attach_runners(cases, data, xf, image_dir, tmp)
-    flops = {m: training_flops_per_image(m, 64 if m == "seed" else 32, xf, data.train_y)
-             for m in ("seed",) + (() if args.no_airbench else ("airbench",))}
+    flops = {
+        m: training_flops_per_image(m, 64 if m == "seed" else 32, xf, data.train_y)
+        for m in ("seed",) + (() if args.no_airbench else ("airbench",))
+    }
     flops["-"] = 0.0
 
     pool = None
     if ws2_cases:
-        specs = [dict(name=c.name, path=c.path, model=c.model, batch=c.batch, precision=c.precision,
-                      channels_last=c.channels_last) for c in ws2_cases]
+        specs = [
+            dict(
+                name=c.name,
+                path=c.path,
+                model=c.model,
+                batch=c.batch,
+                precision=c.precision,
+                channels_last=c.channels_last,
+            )
+            for c in ws2_cases
+        ]
         log("starting 2 spawned ranks (gloo) for the ws2 cases ...")
         pool = WS2Pool(specs, args.data_dir, args.malloc_tune)
     try:
@@ -678,15 +836,28 @@ def main(argv=None):
         log("\n" + profile_txt)
     load1 = os.getloadavg()
     spreads = [r["spread_max_over_min"] for r in rows if r["path"] != "peak"]
-    noise = (f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (this process uses {args.threads} "
-             f"cores); median max/min spread of a case over rounds {statistics.median(spreads):.2f}x")
+    noise = (
+        f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (this process uses {args.threads} "
+        f"cores); median max/min spread of a case over rounds {statistics.median(spreads):.2f}x"
+    )
     log(f"\nnoise: {noise}; {time.time() - t_start:.0f} s in all")
-    out = {"data": source, "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
-           "malloc_tune": args.malloc_tune, "airbench_rounds": args.airbench_rounds, "quick": args.quick,
-           "peak_gflops": {k: v / 1e9 for k, v in res.peak.items()},
-           "flops_per_image": {k: v for k, v in flops.items() if k != "-"}, "results": rows, "targets": checks,
-           "precision": precision_choice, "ratios": info, "noise": noise,
-           "cpu_native_bf16": cpu_has_native_bf16()}
+    out = {
+        "data": source,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "malloc_tune": args.malloc_tune,
+        "airbench_rounds": args.airbench_rounds,
+        "quick": args.quick,
+        "peak_gflops": {k: v / 1e9 for k, v in res.peak.items()},
+        "flops_per_image": {k: v for k, v in flops.items() if k != "-"},
+        "results": rows,
+        "targets": checks,
+        "precision": precision_choice,
+        "ratios": info,
+        "noise": noise,
+        "cpu_native_bf16": cpu_has_native_bf16(),
+    }
     if profile_txt:
         out["profile"] = profile_txt
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ It deliberately does not import dist_cnn: it is what dist_cnn is measured agains
 
 Or from another script: importlib-load this file and call run(data_dir, epochs, max_images, ...) -> dict.
 """
+
 import argparse
 import json
 import os
@@ -79,9 +80,7 @@ def run(data_dir, epochs=2, max_images=None, threads=None, net="tutorial", seed=
     if seed is not None:  # the tutorial is unseeded; a seed only makes repeats comparable
         torch.manual_seed(seed)
 
-    transform = transforms.Compose(
-        [transforms.ToTensor(),
-         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     batch_size = 4
     trainset = torchvision.datasets.ImageFolder(os.path.join(data_dir, "train"), transform=transform)
     trainloader = torch.utils.data.DataLoader(trainset, batch_size=batch_size, shuffle=True, num_workers=2)
@@ -136,8 +135,10 @@ def run(data_dir, epochs=2, max_images=None, threads=None, net="tutorial", seed=
         "test_accuracy": history[-1]["test_accuracy"],
         "history": history,  # cumulative training seconds and test accuracy after each epoch
     }
-    log(f"Finished Training: {train_images} images in {train_seconds:.1f} s "
-        f"({result['images_per_second']:.0f} images/s), threads {result['threads']}")
+    log(
+        f"Finished Training: {train_images} images in {train_seconds:.1f} s "
+        f"({result['images_per_second']:.0f} images/s), threads {result['threads']}"
+    )
     log(f"Accuracy of the network on the {len(testset)} test images: {100 * result['test_accuracy']:.2f} %")
     return result
 
@@ -146,8 +147,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", required=True, help="folder holding train/ and test/ (ImageFolder layout)")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--max-images", type=int, default=None,
-                    help="stop each epoch after N training images (a quick images/s estimate)")
+    ap.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="stop each epoch after N training images (a quick images/s estimate)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--net", choices=sorted(NETS), default="tutorial")
     ap.add_argument("--seed", type=int, default=None)

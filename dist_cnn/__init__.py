@@ -1,4 +1,5 @@
 """dist_cnn: distributed multi-GPU training of convolutional image classifiers."""
+
 __version__ = "0.1.0"
 
 from .api import fit  # noqa: E402  (the Python API: `from dist_cnn import fit`)

@@ -12,6 +12,7 @@ which glibc reads when a process starts, so processes started from here (spawned
 compile workers) get them too; forked children inherit the settings with the heap. A value the user
 already set in the environment is left as it is.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,7 +22,7 @@ import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
-TRIM_THRESHOLD = 1 << 30   # keep up to 1 GiB of freed memory at the heap top
+TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed memory at the heap top
 
 
 def _glibc():

@@ -5,6 +5,7 @@ flushed and fsync'd, then os.replace, so a crash or a full disk never leaves a c
 of a good one. Loaded with torch.load(weights_only=True): nothing in a checkpoint needs unpickling of
 arbitrary objects (RNG states are stored as tensors, lists and ints).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,7 +100,7 @@ def prune(run_dir: Path, keep: int, newest: Path | None = None) -> list[Path]:
     bad = [p for p in files if not loadable(p)]
     good = [p for p in files if p not in bad and p != newest]
     slots = keep - (newest is not None)
-    survivors = good[max(0, len(good) - slots):] if slots > 0 else []
+    survivors = good[max(0, len(good) - slots) :] if slots > 0 else []
     removed = []
     for p in bad + [p for p in good if p not in survivors]:
         with contextlib.suppress(FileNotFoundError):
@@ -122,8 +123,10 @@ def load(path: Path) -> dict:
         raise UserError(f"checkpoint {path} is a directory, not a file") from None
     except pickle.UnpicklingError as e:
         if "global" in str(e).lower():  # weights_only met a class or function to import
-            raise UserError(f"checkpoint {path} holds Python objects other than tensors and plain containers; "
-                            "refused for safety (loading them could run code; torch.load weights_only=True)") from None
+            raise UserError(
+                f"checkpoint {path} holds Python objects other than tensors and plain containers; "
+                "refused for safety (loading them could run code; torch.load weights_only=True)"
+            ) from None
         raise UserError(f"checkpoint {path} is unreadable ({one_line(e, 150)})") from None
     except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable or truncated ({one_line(e, 150)})") from None
@@ -141,8 +144,10 @@ def load_training(path: Path) -> dict:
     if not isinstance(state, dict):
         raise UserError(f"{path} holds {describe(state)}, not a dist_cnn training checkpoint")
     if "model_name" in state and "optimizer" not in state:
-        raise UserError(f"{path} is a model export (model.pt: weights only, no optimizer or position); resume "
-                        "from a training checkpoint (checkpoints/step-*.pt or best.pt) instead")
+        raise UserError(
+            f"{path} is a model export (model.pt: weights only, no optimizer or position); resume "
+            "from a training checkpoint (checkpoints/step-*.pt or best.pt) instead"
+        )
     missing = [k for k in REQUIRED if k not in state]
     if missing or not isinstance(state.get("config"), dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{path} is not a dist_cnn training checkpoint (missing {', '.join(missing) or 'a model'})")
@@ -172,26 +177,32 @@ def newest_valid(run_dir: Path, log) -> tuple[Path, dict] | None:
     return found
 
 
-def check_resumable(state: dict, *, batch_size: int, train_size: int, steps_per_epoch: int,
-                    total_steps: int, epochs: int) -> None:
+def check_resumable(
+    state: dict, *, batch_size: int, train_size: int, steps_per_epoch: int, total_steps: int, epochs: int
+) -> None:
     """Resume maps a checkpoint's position exactly or refuses: the position is (epoch, optimizer step
     in the epoch), which means the same images only with the same global batch and training set.
     World size and grad accum may change (the global batch, and so the data order, stays the same)."""
     train = state["config"].get("train", {})
     old_batch, old_size = train.get("batch_size"), state.get("train_size")
     if old_batch != batch_size:
-        raise UserError(f"the checkpoint was trained with --batch-size {old_batch}, this run has {batch_size}: its "
-                        f"position in the epoch would point at other images; resume with --batch-size {old_batch} "
-                        "or start a new run in another --out")
+        raise UserError(
+            f"the checkpoint was trained with --batch-size {old_batch}, this run has {batch_size}: its "
+            f"position in the epoch would point at other images; resume with --batch-size {old_batch} "
+            "or start a new run in another --out"
+        )
     if old_size is not None and old_size != train_size:
-        raise UserError(f"the checkpoint was trained on {old_size} training images, this dataset has {train_size}: "
-                        "resume needs the same training set; start a new run in another --out")
+        raise UserError(
+            f"the checkpoint was trained on {old_size} training images, this dataset has {train_size}: "
+            "resume needs the same training set; start a new run in another --out"
+        )
     step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
-    if epoch_step > steps_per_epoch or epoch > epochs or step > total_steps or \
-            (epoch == epochs and epoch_step > 0):
-        raise UserError(f"the checkpoint is at step {step} (epoch {epoch + 1}, step {epoch_step} of it), past "
-                        f"the end of this run ({total_steps} steps, {epochs} epochs of {steps_per_epoch}); raise "
-                        "--epochs or --max-steps to train on, or start a new run in another --out")
+    if epoch_step > steps_per_epoch or epoch > epochs or step > total_steps or (epoch == epochs and epoch_step > 0):
+        raise UserError(
+            f"the checkpoint is at step {step} (epoch {epoch + 1}, step {epoch_step} of it), past "
+            f"the end of this run ({total_steps} steps, {epochs} epochs of {steps_per_epoch}); raise "
+            "--epochs or --max-steps to train on, or start a new run in another --out"
+        )
 
 
 def scrub_missing(history: list[dict]) -> bool:
@@ -215,16 +226,25 @@ def check_compatible(state: dict, model: str, dataset: str, shapes: dict) -> Non
     theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
     if theirs != shapes:
         diff = next(k for k in set(theirs) | set(shapes) if theirs.get(k) != shapes.get(k))
-        raise UserError(f"checkpoint does not fit this model: {diff} is {theirs.get(diff)} there, "
-                        f"{shapes.get(diff)} here (another image size or class count?)")
+        raise UserError(
+            f"checkpoint does not fit this model: {diff} is {theirs.get(diff)} there, "
+            f"{shapes.get(diff)} here (another image size or class count?)"
+        )
 
 
 def rng_state() -> dict:
     """This process's RNG states in weights_only-loadable types."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

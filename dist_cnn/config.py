@@ -3,6 +3,7 @@
 Precedence: dataclass defaults < config file (--config) < command-line flags.
 Every field is a flag: `--<field-name>` with dashes, unless its metadata names another flag.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,10 @@ from .profiling import parse_range
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 
 
-def opt(default, help: str, *, choices=None, flag: str | None = None, low=None, above=None, high=None,
-        below=None):
+def opt(default, help: str, *, choices=None, flag: str | None = None, low=None, above=None, high=None, below=None):
     """A config field: its default, its --help text, its allowed values (choices, or a range:
     >= low, > above, <= high, < below) and (rarely) its flag name. Floats must also be finite."""
-    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "above": above, "high": high,
-            "below": below}
+    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "above": above, "high": high, "below": below}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -36,60 +35,103 @@ class DataConfig:
     dataset: str = opt("cifar10", "dataset to train on", choices=DATASETS)
     data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
-    image_size: int = opt(32, "imagefolder: images are resized to this square size (stream: the crop size)",
-                          low=4, high=1024)
+    image_size: int = opt(
+        32, "imagefolder: images are resized to this square size (stream: the crop size)", low=4, high=1024
+    )
     synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=200_000)
     synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=200_000)
-    loader: str = opt("auto", "input pipeline: in-memory tensors on the device, a DataLoader over them, or "
-                      "stream (imagefolder: decode files per batch in workers, nothing cached); auto picks "
-                      "device, or stream for an image folder too large to decode into memory",
-                      choices=("auto", "device", "dataloader", "stream"))
-    workers: int = opt(-1, "DataLoader worker processes per rank (dataloader and stream pipelines); "
-                       "-1 = the CPUs available to each rank on the node", low=-1, high=256)
+    loader: str = opt(
+        "auto",
+        "input pipeline: in-memory tensors on the device, a DataLoader over them, or "
+        "stream (imagefolder: decode files per batch in workers, nothing cached); auto picks "
+        "device, or stream for an image folder too large to decode into memory",
+        choices=("auto", "device", "dataloader", "stream"),
+    )
+    workers: int = opt(
+        -1,
+        "DataLoader worker processes per rank (dataloader and stream pipelines); "
+        "-1 = the CPUs available to each rank on the node",
+        low=-1,
+        high=256,
+    )
     test_split: str = opt("test", "imagefolder: the test split's folder beside train/ (ImageNet: val)")
-    crop_scale: str = opt("0.08,1", "stream: RandomResizedCrop's area range 'MIN,MAX' for training "
-                          "images (one number s = 's,s'; 1 = the whole image, resized)")
-    eval_crop_ratio: float = opt(0.875, "stream: test images are resized to image_size / ratio (shorter "
-                                 "side), then centre-cropped to image_size (1 = no margin)", above=0, high=1)
-    skip_bad_images: bool = opt(False, "stream: replace unreadable training images by the next readable "
-                                "one and leave unreadable test images out, counted in the log and "
-                                "summary (default: stop with the file's name)")
-    decode: str = opt("cpu", "stream: decode JPEGs in the CPU workers, or in batches on the GPU (nvjpeg)",
-                      choices=("cpu", "gpu"))
-    normalize: str = opt("dataset", "per-channel normalization: the training set's mean/std, or 0.5/0.5 "
-                         "as in the tutorial", choices=("dataset", "half"))
-    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0,
-                       high=16)
+    crop_scale: str = opt(
+        "0.08,1",
+        "stream: RandomResizedCrop's area range 'MIN,MAX' for training "
+        "images (one number s = 's,s'; 1 = the whole image, resized)",
+    )
+    eval_crop_ratio: float = opt(
+        0.875,
+        "stream: test images are resized to image_size / ratio (shorter "
+        "side), then centre-cropped to image_size (1 = no margin)",
+        above=0,
+        high=1,
+    )
+    skip_bad_images: bool = opt(
+        False,
+        "stream: replace unreadable training images by the next readable "
+        "one and leave unreadable test images out, counted in the log and "
+        "summary (default: stop with the file's name)",
+    )
+    decode: str = opt(
+        "cpu", "stream: decode JPEGs in the CPU workers, or in batches on the GPU (nvjpeg)", choices=("cpu", "gpu")
+    )
+    normalize: str = opt(
+        "dataset",
+        "per-channel normalization: the training set's mean/std, or 0.5/0.5 as in the tutorial",
+        choices=("dataset", "half"),
+    )
+    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0, high=16)
     flip: bool = opt(False, "random horizontal flip augmentation")
-    alternate_flip: bool = opt(False, "with --flip: each image is flipped in alternate epochs (airbench) "
-                               "instead of independently at random")
-    auto_augment: str = opt("none", "per-image auto-augment policy (torchvision v2): RandAugment, "
-                            "TrivialAugmentWide or AugMix", choices=("none", "ra", "ta_wide", "augmix"))
+    alternate_flip: bool = opt(
+        False, "with --flip: each image is flipped in alternate epochs (airbench) instead of independently at random"
+    )
+    auto_augment: str = opt(
+        "none",
+        "per-image auto-augment policy (torchvision v2): RandAugment, TrivialAugmentWide or AugMix",
+        choices=("none", "ra", "ta_wide", "augmix"),
+    )
     random_erase: float = opt(0.0, "probability of random erasing per image (v2.RandomErasing)", low=0, high=1)
-    mixup_alpha: float = opt(0.0, "MixUp on each batch with this Beta alpha, soft-target loss (0 = off)", low=0,
-                              high=100)
-    cutmix_alpha: float = opt(0.0, "CutMix on each batch with this Beta alpha (0 = off; with MixUp: one of "
-                              "the two per batch)", low=0, high=100)
+    mixup_alpha: float = opt(
+        0.0, "MixUp on each batch with this Beta alpha, soft-target loss (0 = off)", low=0, high=100
+    )
+    cutmix_alpha: float = opt(
+        0.0,
+        "CutMix on each batch with this Beta alpha (0 = off; with MixUp: one of the two per batch)",
+        low=0,
+        high=100,
+    )
 
 
 @dataclass
 class ModelConfig:
     name: str = opt("seed", models.model_help(), flag="--model")  # checked by models.check_spec
-    pretrained: bool = opt(False, "torchvision:/timm: models: start from the library's pretrained weights "
-                           "(read from the local torch hub / Hugging Face cache)")
-    init_from: str = opt("", "start from the weights of a dist_cnn model.pt or checkpoint (fine-tuning); a "
-                         "classifier head for another class count is re-initialized")
+    pretrained: bool = opt(
+        False,
+        "torchvision:/timm: models: start from the library's pretrained weights "
+        "(read from the local torch hub / Hugging Face cache)",
+    )
+    init_from: str = opt(
+        "",
+        "start from the weights of a dist_cnn model.pt or checkpoint (fine-tuning); a "
+        "classifier head for another class count is re-initialized",
+    )
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
-    freeze_whiten_bias_after: int = opt(3, "airbench: stop training the whitening bias after N epochs", low=0,
-                                        high=1_000_000)
-    ddp_comm_hook: str = opt("none", "DDP gradient communication: as is, compressed to bf16 or fp16 on the "
-                             "wire, or PowerSGD low-rank compression (torch's ddp_comm_hooks)",
-                             choices=("none", "bf16", "fp16", "powersgd"))
+    freeze_whiten_bias_after: int = opt(
+        3, "airbench: stop training the whitening bias after N epochs", low=0, high=1_000_000
+    )
+    ddp_comm_hook: str = opt(
+        "none",
+        "DDP gradient communication: as is, compressed to bf16 or fp16 on the "
+        "wire, or PowerSGD low-rank compression (torch's ddp_comm_hooks)",
+        choices=("none", "bf16", "fp16", "powersgd"),
+    )
     powersgd_rank: int = opt(1, "--ddp-comm-hook powersgd: rank of the gradient approximation", low=1, high=1024)
-    powersgd_warmup_steps: int = opt(100, "--ddp-comm-hook powersgd: plain all_reduce for the first N steps",
-                                     low=2, high=10**9)
+    powersgd_warmup_steps: int = opt(
+        100, "--ddp-comm-hook powersgd: plain all_reduce for the first N steps", low=2, high=10**9
+    )
 
 
 @dataclass
@@ -97,17 +139,26 @@ class OptimConfig:
     lr: float = opt(0.08, "peak learning rate for the global batch", above=0, high=1e9)
     momentum: float = opt(0.9, "SGD momentum", low=0, below=1)
     nesterov: bool = opt(True, "Nesterov momentum")
-    weight_decay: float = opt(5e-4, "weight decay, SGD's coupled form; a group whose LR is k x --lr gets it / k, "
-                              "so the decay per step is the same everywhere (biases and norm parameters: "
-                              "only with --bias-decay)", low=0, high=1)
+    weight_decay: float = opt(
+        5e-4,
+        "weight decay, SGD's coupled form; a group whose LR is k x --lr gets it / k, "
+        "so the decay per step is the same everywhere (biases and norm parameters: "
+        "only with --bias-decay)",
+        low=0,
+        high=1,
+    )
     bias_decay: bool = opt(False, "weight decay on biases and norm parameters too (airbench)")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", low=0, below=1)
-    bias_lr_scale: float = opt(1.0, "LR multiplier for BatchNorm parameters (airbench: 64 for its BN biases)",
-                               above=0, high=1000)
-    schedule: str = opt("onecycle", "LR schedule: linear warmup then linear decay to 0 (onecycle), "
-                        "warmup then cosine, constant, or triangle (airbench: --lr-start x LR at step 0, "
-                        "peak after --warmup of the steps, --lr-end x LR at the end)",
-                        choices=("onecycle", "cosine", "constant", "triangle"))
+    bias_lr_scale: float = opt(
+        1.0, "LR multiplier for BatchNorm parameters (airbench: 64 for its BN biases)", above=0, high=1000
+    )
+    schedule: str = opt(
+        "onecycle",
+        "LR schedule: linear warmup then linear decay to 0 (onecycle), "
+        "warmup then cosine, constant, or triangle (airbench: --lr-start x LR at step 0, "
+        "peak after --warmup of the steps, --lr-end x LR at the end)",
+        choices=("onecycle", "cosine", "constant", "triangle"),
+    )
     warmup: float = opt(0.2, "warmup length (steps to the peak LR) as a fraction of all steps", low=0, high=1)
     lr_start: float = opt(0.2, "triangle schedule: LR multiplier at the first step", low=0, high=1)
     lr_end: float = opt(0.07, "triangle schedule: LR multiplier at the last step", low=0, high=1)
@@ -116,8 +167,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = opt(2.0, "training epochs; a fraction trains ceil(epochs x steps per epoch) steps "
-                        "(airbench: 9.9)", above=0, high=100_000)
+    epochs: float = opt(
+        2.0,
+        "training epochs; a fraction trains ceil(epochs x steps per epoch) steps (airbench: 9.9)",
+        above=0,
+        high=100_000,
+    )
     batch_size: int = opt(128, "global batch size, across all ranks", low=1, high=1 << 24)
     seed: int = opt(0, "random seed (weights, data order, augmentation)", low=0, high=2**32 - 1)
     precision: str = opt("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
@@ -126,37 +181,46 @@ class TrainConfig:
     eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", low=0, high=100_000)
     log_every: int = opt(50, "log train loss every N optimizer steps", low=1, high=1_000_000)
     nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps", low=1, high=1_000_000)
-    lookahead_every: int = opt(0, "lookahead/EMA of weights every N steps, weights reset to the EMA (0 = off)",
-                               low=0, high=1_000_000)
-    lookahead_decay: float = opt(0.95, "per-step EMA decay of the lookahead, ramped up cubically over training",
-                                 above=0, below=1)
+    lookahead_every: int = opt(
+        0, "lookahead/EMA of weights every N steps, weights reset to the EMA (0 = off)", low=0, high=1_000_000
+    )
+    lookahead_decay: float = opt(
+        0.95, "per-step EMA decay of the lookahead, ramped up cubically over training", above=0, below=1
+    )
     tta: int = opt(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations", low=0, high=2)
     model_ema: bool = opt(False, "keep an EMA of the weights, evaluated and checkpointed beside the model")
-    model_ema_decay: float = opt(0.99998, "EMA decay, adjusted by global batch x steps / epochs as "
-                                 "torchvision's reference", above=0, below=1)
+    model_ema_decay: float = opt(
+        0.99998, "EMA decay, adjusted by global batch x steps / epochs as torchvision's reference", above=0, below=1
+    )
     model_ema_steps: int = opt(32, "update the EMA every N optimizer steps", low=1, high=1_000_000)
-    malloc_tune: bool = opt(True, "CPU: glibc malloc keeps freed activation buffers (mallopt) instead of "
-                            "returning them to the OS every step, which page-faults them back in")
+    malloc_tune: bool = opt(
+        True,
+        "CPU: glibc malloc keeps freed activation buffers (mallopt) instead of "
+        "returning them to the OS every step, which page-faults them back in",
+    )
 
 
 @dataclass
 class DistConfig:
     backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
-    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", low=1,
-                           high=7 * 86400)
+    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", low=1, high=7 * 86400)
 
 
 @dataclass
 class CheckpointConfig:
     resume: str = opt("none", "resume from: auto (newest valid checkpoint in --out), none, or a path")
-    keep: int = opt(3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints", low=1,
-               high=1_000_000)
-    every_steps: int = opt(0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps", low=0,
-                      high=10**9)
-    every_minutes: float = opt(10.0, "checkpoint every N minutes (0 = off)", flag="--checkpoint-every-minutes",
-                               low=0, high=1_000_000)
-    on_write_error: str = opt("continue", "when a checkpoint write fails: warn and continue, or stop",
-                              choices=("continue", "stop"))
+    keep: int = opt(
+        3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints", low=1, high=1_000_000
+    )
+    every_steps: int = opt(
+        0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps", low=0, high=10**9
+    )
+    every_minutes: float = opt(
+        10.0, "checkpoint every N minutes (0 = off)", flag="--checkpoint-every-minutes", low=0, high=1_000_000
+    )
+    on_write_error: str = opt(
+        "continue", "when a checkpoint write fails: warn and continue, or stop", choices=("continue", "stop")
+    )
 
 
 @dataclass
@@ -169,10 +233,14 @@ class LogConfig:
     wandb_tags: list = opt([], "W&B tags")
     wandb_group: str = opt("", "W&B group")
     run_name: str = opt("", "run name (W&B and reports)")
-    tensorboard: bool = opt(False, "rank 0 writes TensorBoard event files into <run dir>/tensorboard/ "
-                            "(needs the tensorboard package)")
-    profile: str = opt("", "START:END: record torch.profiler for optimizer steps START..END-1 (0-based); a "
-                       "Chrome trace per rank in <run dir>/profile/, rank 0 prints the split of step time")
+    tensorboard: bool = opt(
+        False, "rank 0 writes TensorBoard event files into <run dir>/tensorboard/ (needs the tensorboard package)"
+    )
+    profile: str = opt(
+        "",
+        "START:END: record torch.profiler for optimizer steps START..END-1 (0-based); a "
+        "Chrome trace per rank in <run dir>/profile/, rank 0 prints the split of step time",
+    )
     profile_stack: bool = opt(False, "--profile: record Python stacks too (larger traces, more overhead)")
 
 
@@ -219,8 +287,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
-            kw = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                      help=f"{f.metadata['help']} (default: {default!r}{_range_text(f)})")
+            kw = dict(
+                dest=f"{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                help=f"{f.metadata['help']} (default: {default!r}{_range_text(f)})",
+            )
             typ = hints[f.name]
             if typ is bool:
                 kw["action"] = argparse.BooleanOptionalAction
@@ -235,13 +306,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_parser(prog: str = "train.py") -> ArgumentParser:
     """The training command line: every config field, --config, and --dry-run."""
-    parser = ArgumentParser(prog=prog, description="Train a CNN with dist_cnn (one process, torchrun, srun "
-                            "or accelerate launch).")
+    parser = ArgumentParser(
+        prog=prog, description="Train a CNN with dist_cnn (one process, torchrun, srun or accelerate launch)."
+    )
     add_arguments(parser)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print what was detected (launcher, rank, world size, device, backend, head "
-                             "address, SLURM job, CUDA, threads), check the launch against the allocation "
-                             "and exit without training; the same as `dist-cnn doctor` (default: False)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what was detected (launcher, rank, world size, device, backend, head "
+        "address, SLURM job, CUDA, threads), check the launch against the allocation "
+        "and exit without training; the same as `dist-cnn doctor` (default: False)",
+    )
     return parser
 
 
@@ -251,8 +326,9 @@ def _check_type(where: str, value, typ):
     if typ is list and isinstance(value, list):
         if all(isinstance(v, str) for v in value):
             return value
-        raise UserError(f"{'' if where.startswith('--') else 'config: '}{where} must be a list of strings, "
-                        f"got {str(value)[:80]!r}")
+        raise UserError(
+            f"{'' if where.startswith('--') else 'config: '}{where} must be a list of strings, got {str(value)[:80]!r}"
+        )
     if type(value) is not typ:
         prefix = "" if where.startswith("--") else "config: "
         raise UserError(f"{prefix}{where} must be {typ.__name__}, got {type(value).__name__} {str(value)[:80]!r}")
@@ -273,9 +349,11 @@ class _UniqueKeyLoader:
                     key = self.construct_object(key_node, deep=True)
                     if key in seen:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+                            None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})"
+                        )
                     seen.add(key)
                 return super().construct_mapping(node, deep)
+
         return Loader
 
 
@@ -308,6 +386,7 @@ def load_file(path: str) -> dict:
             data = json.loads(text, object_pairs_hook=_json_no_duplicates)
         else:
             import yaml
+
             data = yaml.load(text, Loader=_UniqueKeyLoader.make())
             data = {} if data is None else data
     except Exception as e:  # parser errors: one line naming the file
@@ -339,13 +418,23 @@ def _check_field(f, value) -> None:
         raise UserError(f"{flag}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UserError(f"{flag} must be a finite number, got {value}")
-    bounds = (("low", ">=", value.__lt__), ("above", ">", value.__le__),
-              ("high", "<=", value.__gt__), ("below", "<", value.__ge__)) \
-        if isinstance(value, (int, float)) and not isinstance(value, bool) else ()
+    bounds = (
+        (
+            ("low", ">=", value.__lt__),
+            ("above", ">", value.__le__),
+            ("high", "<=", value.__gt__),
+            ("below", "<", value.__ge__),
+        )
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+        else ()
+    )
     for key, word, breaks in bounds:
         if m.get(key) is not None and breaks(m[key]):
-            positive = (key, m[key]) in (("above", 0), ("low", 1)) and not isinstance(value, float) or \
-                (key, m[key]) == ("above", 0)
+            positive = (
+                (key, m[key]) in (("above", 0), ("low", 1))
+                and not isinstance(value, float)
+                or (key, m[key]) == ("above", 0)
+            )
             raise UserError(f"{flag} must be {'positive' if positive else f'{word} {m[key]}'}, got {value}")
 
 
@@ -374,11 +463,12 @@ def validate(cfg: Config) -> None:
             value, typ = getattr(obj, f.name), hints[f.name]
             _check_type(_flag(f), value, typ)
             _check_field(f, value)
-            for text in (value if typ is list else [value] if typ is str else []):
+            for text in value if typ is list else [value] if typ is str else []:
                 _check_text(_flag(f), text, f"{section}.{f.name}")
     if cfg.data.dataset == "imagefolder" and cfg.data.crop_padding >= cfg.data.image_size:
-        raise UserError(f"--crop-padding {cfg.data.crop_padding} must be smaller than "
-                        f"--image-size {cfg.data.image_size}")
+        raise UserError(
+            f"--crop-padding {cfg.data.crop_padding} must be smaller than --image-size {cfg.data.image_size}"
+        )
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:  # an optional extra
         raise UserError("--tensorboard needs the tensorboard package: pip install 'dist_cnn[tensorboard]'")
     models.check_spec(cfg.model.name)
@@ -440,7 +530,10 @@ def save(cfg: Config, path: Path) -> None:
 
 
 assert all(is_dataclass(t) for _, t in _sections())
-assert all(any(f.metadata.get(k) is not None for k in ("low", "above")) and
-           any(f.metadata.get(k) is not None for k in ("high", "below"))
-           for _, t in _sections() for f in fields(t) if typing.get_type_hints(t)[f.name] in (int, float)), \
-    "every number needs both ends of its range"
+assert all(
+    any(f.metadata.get(k) is not None for k in ("low", "above"))
+    and any(f.metadata.get(k) is not None for k in ("high", "below"))
+    for _, t in _sections()
+    for f in fields(t)
+    if typing.get_type_hints(t)[f.name] in (int, float)
+), "every number needs both ends of its range"

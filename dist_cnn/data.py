@@ -4,6 +4,7 @@ Normalization and augmentation happen elsewhere, on whole batches. Read here: CI
 (torchvision's on-disk format), Fashion-MNIST IDX files, image folders (decoded once into a cache),
 and a generated synthetic set that needs no files at all.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +14,9 @@ import io
 import os
 import pickle
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,8 +28,18 @@ from .errors import UserError, one_line
 from .fileio import atomic_write
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Bag", "Sneaker", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Bag",
+    "Sneaker",
+    "Ankle boot",
+]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CACHE_VERSION = 1  # bump when decoding changes, so no run reuses pixels decoded the old way
 
@@ -39,8 +50,8 @@ class Dataset:
     classes: list[str]
     train_x: torch.Tensor  # uint8 [N, C, H, W], contiguous
     train_y: torch.Tensor  # int64 [N]
-    test_x: torch.Tensor   # uint8 [M, C, H, W]
-    test_y: torch.Tensor   # int64 [M]
+    test_x: torch.Tensor  # uint8 [M, C, H, W]
+    test_y: torch.Tensor  # int64 [M]
 
     @property
     def num_classes(self) -> int:
@@ -65,17 +76,28 @@ def _tensors(x, y, num_classes: int, where: str) -> tuple[torch.Tensor, torch.Te
 # ----------------------------------------------------------------------------- CIFAR
 
 CIFAR = {  # title, folder, train files, test files, meta file, class-names key, labels key
-    "cifar10": ("CIFAR-10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", "label_names", "labels"),
+    "cifar10": (
+        "CIFAR-10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "label_names",
+        "labels",
+    ),
     "cifar100": ("CIFAR-100", "cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
 }
 
 
 class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR batches are pickles: allow only what numpy arrays need, so a planted file can't run code."""
+
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
-        (f"numpy.{core}.{mod}", name) for core in ("core", "_core") for mod in ("multiarray", "numeric")
-        for name in ("_reconstruct", "scalar", "_frombuffer")}
+        (f"numpy.{core}.{mod}", name)
+        for core in ("core", "_core")
+        for mod in ("multiarray", "numeric")
+        for name in ("_reconstruct", "scalar", "_frombuffer")
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -102,8 +124,10 @@ def _read_cifar(folder: Path, files: list[str], labels_key: str, num_classes: in
         x, y = np.asarray(d.get("data")), np.asarray(d.get(labels_key, []))
         integer_labels = not len(y) or y.dtype.kind in "iu"
         if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x) or not integer_labels:
-            raise UserError(f"{folder / name}: expected uint8 'data' [N, 3072] and N integer {labels_key!r}, "
-                            f"got {x.dtype} {x.shape} and {len(y)} {y.dtype}")
+            raise UserError(
+                f"{folder / name}: expected uint8 'data' [N, 3072] and N integer {labels_key!r}, "
+                f"got {x.dtype} {x.shape} and {len(y)} {y.dtype}"
+            )
         xs.append(x.reshape(-1, 3, 32, 32))  # each row: the red plane, then green, then blue
         ys.append(y)
     return _tensors(np.concatenate(xs), np.concatenate(ys), num_classes, str(folder))
@@ -117,6 +141,7 @@ def _load_cifar(cfg: DataConfig) -> Dataset:
         why = f"no {folder_name}/{missing[0]}, and --no-download is set"
         if cfg.download:
             import torchvision.datasets
+
             try:  # torchvision prints download progress; the CLI wants our one line only
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     getattr(torchvision.datasets, title.replace("-", ""))(cfg.data_dir, download=True)
@@ -124,8 +149,10 @@ def _load_cifar(cfg: DataConfig) -> Dataset:
             except Exception as e:
                 why = f"could not be downloaded: {one_line(e)}"
         if why:
-            raise UserError(f"{title} not found under {cfg.data_dir} ({why}); point --data-dir at a folder "
-                            f"holding {folder_name}, or use --dataset synthetic")
+            raise UserError(
+                f"{title} not found under {cfg.data_dir} ({why}); point --data-dir at a folder "
+                f"holding {folder_name}, or use --dataset synthetic"
+            )
     # Read the pickles ourselves, not through torchvision: the same format, minus its md5 check against
     # the official files, so subset or re-packed batches load too.
     names = _unpickle(folder / meta_file).get(names_key)
@@ -139,6 +166,7 @@ def _load_cifar(cfg: DataConfig) -> Dataset:
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
+
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """IDX of unsigned bytes: 0, 0, 0x08, ndim, ndim big-endian uint32 sizes, then the data."""
     try:
@@ -147,9 +175,10 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
         raise UserError(f"{path}: cannot read ({one_line(e)})") from None
     magic, header = int.from_bytes(raw[:4], "big"), 4 + 4 * ndim
     if magic != 0x800 + ndim:
-        raise UserError(f"{path}: not an IDX file of {ndim}-d bytes (magic number 0x{magic:08x}, "
-                        f"expected 0x{0x800 + ndim:08x})")
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+        raise UserError(
+            f"{path}: not an IDX file of {ndim}-d bytes (magic number 0x{magic:08x}, expected 0x{0x800 + ndim:08x})"
+        )
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     if len(raw) != header + int(np.prod(dims)):
         raise UserError(f"{path}: {len(raw)} bytes do not match the IDX header's sizes {dims}")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
@@ -163,8 +192,10 @@ def _load_fashion(cfg: DataConfig) -> Dataset:
         if len(files) == len(names):
             break
     else:
-        raise UserError(f"Fashion-MNIST not found in {', '.join(map(str, dirs))}; point --data-dir at a folder "
-                        f"holding {names[0]}(.gz) and the other IDX files (Debian: dataset-fashion-mnist)")
+        raise UserError(
+            f"Fashion-MNIST not found in {', '.join(map(str, dirs))}; point --data-dir at a folder "
+            f"holding {names[0]}(.gz) and the other IDX files (Debian: dataset-fashion-mnist)"
+        )
     splits = []
     for split in ("train", "t10k"):
         x = _read_idx(files[f"{split}-images-idx3-ubyte"], 3)
@@ -177,6 +208,7 @@ def _load_fashion(cfg: DataConfig) -> Dataset:
 
 # ----------------------------------------------------------------------------- image folders
 
+
 def _scan(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted subfolders) and (file, label) pairs in a stable order. Strings, not Paths:
     this runs over every file on every start, so it must stay well under a second for 60k files."""
@@ -187,8 +219,11 @@ def _scan(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     items = []
     for label, c in enumerate(classes):
         d = os.path.join(split_dir, c)
-        files = sorted(e.name for e in os.scandir(d) if e.is_file() and not e.name.startswith(".")
-                       and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+        files = sorted(
+            e.name
+            for e in os.scandir(d)
+            if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
+        )
         if not files and split == "train":
             raise UserError(f"imagefolder: {d} holds no images ({' '.join(sorted(IMAGE_EXTS))})")
         items += [(os.path.join(d, f), label) for f in files]
@@ -203,7 +238,7 @@ def _cache_paths(root: str, items: list[tuple[str, int]], image_size: int) -> li
     lines = [f"v{CACHE_VERSION} size={image_size}\n"]
     for path, label in items:
         st = os.stat(path)
-        lines.append(f"{path[len(root):]}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n")
+        lines.append(f"{path[len(root) :]}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n")
     key = hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:20]
     where = hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist_cnn"
@@ -215,6 +250,7 @@ def _decode(path: str, size: int) -> torch.Tensor:
     """One image file -> uint8 [3, size, size]."""
     try:  # torchvision.io is ~4x faster than PIL on small JPEGs (deprecated in 0.29, hence optional)
         from torchvision.io import ImageReadMode, decode_image, read_file
+
         img = decode_image(read_file(path), mode=ImageReadMode.RGB)
     except Exception:
         img = None
@@ -281,6 +317,7 @@ def _load_imagefolder(cfg: DataConfig, log) -> Dataset:
 
 
 # ----------------------------------------------------------------------------- synthetic
+
 
 def _synthetic_split(templates: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image is its class's template at a random contrast (some nearly invisible) under a random

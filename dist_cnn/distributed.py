@@ -3,6 +3,7 @@
 Who launched us, where the head is and whether the launch can work is `launch.py`'s business; this
 module acts on its answer. Every rank calls the same functions in the same order.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,9 +42,14 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -
     global JOINED_GROUP
     JOINED_GROUP = True
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                            store=_agent_store(env, timeout, environ),
-                            device_id=env.device if env.device.type == "cuda" else None)
+    dist.init_process_group(
+        env.backend,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        store=_agent_store(env, timeout, environ),
+        device_id=env.device if env.device.type == "cuda" else None,
+    )
     return env
 
 
@@ -101,8 +107,10 @@ def comm_failure(exc: BaseException) -> str | None:
     # "[.../pair.cc:545] Read error [10.0.0.2]:45769: Connection reset by peer. This is typically ..."
     detail = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text.strip().splitlines()[0] if text.strip() else "")
     detail = detail.split(". This is typically")[0].rstrip(". ")
-    return (f"lost contact with another process of the job ({detail or type(exc).__name__}): a rank or node "
-            f"died, hung or became unreachable; its own log says why. Checkpoints written so far are kept")
+    return (
+        f"lost contact with another process of the job ({detail or type(exc).__name__}): a rank or node "
+        f"died, hung or became unreachable; its own log says why. Checkpoints written so far are kept"
+    )
 
 
 def main_only(env: DistEnv, fn):

@@ -1,4 +1,5 @@
 """The exceptions the commands turn into one line: UserError (exit 2) and TrainingFailed (exit 1)."""
+
 from __future__ import annotations
 
 

@@ -7,6 +7,7 @@ A stop signal never waits for a long evaluation (SLURM kills KillWait seconds af
 30): before every batch the ranks agree, in one tiny all_reduce, on whether to stop and whether anyone
 still has images to score. In-memory batches are sized to take about STOP_CHECK_SECONDS on rank 0.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,9 +31,19 @@ def sync_buffers(model: torch.nn.Module, env: DistEnv) -> None:
             dist.broadcast(b, src=0)
 
 
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
-             normalize: Normalize, env: DistEnv, precision: str, batch_size: int = 1000, tta: int = 0,
-             should_stop: Callable[[], bool] | None = None) -> dict | None:
+def evaluate(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_classes: int,
+    normalize: Normalize,
+    env: DistEnv,
+    precision: str,
+    batch_size: int = 1000,
+    tta: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict | None:
     """In-memory test tensors: this rank's contiguous shard; None when a stop cut it short."""
     part = eval_shard(len(x), env.rank, env.world_size)
     sizer = _BatchSizer(batch_size, env)
@@ -41,12 +52,23 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_cl
         pos = part.start
         while pos < part.stop:
             end = min(pos + sizer.size, part.stop)
-            yield (normalize(x[pos:end].to(env.device, non_blocking=True)),
-                   y[pos:end].to(env.device, non_blocking=True))
+            yield (
+                normalize(x[pos:end].to(env.device, non_blocking=True)),
+                y[pos:end].to(env.device, non_blocking=True),
+            )
             pos = end
 
-    return evaluate_batches(model, batches(), len(x), num_classes=num_classes, env=env, precision=precision,
-                            tta=tta, should_stop=should_stop, sizer=sizer)
+    return evaluate_batches(
+        model,
+        batches(),
+        len(x),
+        num_classes=num_classes,
+        env=env,
+        precision=precision,
+        tta=tta,
+        should_stop=should_stop,
+        sizer=sizer,
+    )
 
 
 class _BatchSizer:
@@ -67,9 +89,18 @@ class _BatchSizer:
 
 
 @torch.no_grad()
-def evaluate_batches(model: torch.nn.Module, batches: Iterable, n: int, *, num_classes: int, env: DistEnv,
-                     precision: str, tta: int = 0, should_stop: Callable[[], bool] | None = None,
-                     sizer: _BatchSizer | None = None) -> dict | None:
+def evaluate_batches(
+    model: torch.nn.Module,
+    batches: Iterable,
+    n: int,
+    *,
+    num_classes: int,
+    env: DistEnv,
+    precision: str,
+    tta: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+    sizer: _BatchSizer | None = None,
+) -> dict | None:
     """Score this rank's (normalized x, y) batches of its shard; the counts of all ranks are summed and
     must cover the n test images. Label -1 marks an image left out (unreadable, --skip-bad-images).
     None when any rank's `should_stop` became true."""
@@ -82,8 +113,9 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable, n: int, *, num_c
         if sizer is not None:
             sizer.agree()
         batch = next(it, None)
-        vote = torch.tensor([float(should_stop is not None and should_stop()), float(batch is not None)],
-                            device=env.device)
+        vote = torch.tensor(
+            [float(should_stop is not None and should_stop()), float(batch is not None)], device=env.device
+        )
         stop, busy = (int(v) for v in all_reduce_sum(vote).tolist())
         if stop:
             model.train(was_training)
@@ -105,5 +137,10 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable, n: int, *, num_c
     if total + left_out != n:
         raise RuntimeError(f"evaluation counted {total + left_out} test images, the test set has {n}")
     per_class = (conf.diag().double() / conf.sum(1).clamp(min=1).double()).tolist()
-    return {"test_accuracy": correct / max(total, 1), "test_correct": correct, "test_total": total,
-            "per_class_accuracy": per_class, "confusion_matrix": conf.tolist()}
+    return {
+        "test_accuracy": correct / max(total, 1),
+        "test_correct": correct,
+        "test_total": total,
+        "per_class_accuracy": per_class,
+        "confusion_matrix": conf.tolist(),
+    }

@@ -9,6 +9,7 @@ The file is written beside its destination, checked, and only then moved into pl
 a batch of test images (at two batch sizes) must equal PyTorch's within the tolerance (ONNX Runtime
 on the CPU for ONNX, a fresh model loading the weights for safetensors), else nothing is replaced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,13 @@ def check_available(fmt: str) -> None:
 
 def metadata(im: InferenceModel, fmt: str) -> dict[str, str]:
     """Flat string -> JSON-string metadata (the common denominator of the three formats)."""
-    meta = {**im.metadata(), "format": fmt, "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
-            "exported_by": f"dist_cnn {__version__}"}
+    meta = {
+        **im.metadata(),
+        "format": fmt,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "exported_by": f"dist_cnn {__version__}",
+    }
     return {k: json.dumps(v) for k, v in meta.items()}
 
 
@@ -65,21 +71,32 @@ def _summary(e: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet():
     """The exporters print progress and pages of diagnostics; failures are reported in one line."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         yield
 
 
 # ----------------------------------------------------------------------------- writers
 
+
 def _write_onnx(im: InferenceModel, example: torch.Tensor, path: Path) -> None:
     import onnx
 
     batch = torch.export.Dim("batch")
     with _quiet():
-        program = torch.onnx.export(im.model, (example,), None, dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},))
+        program = torch.onnx.export(
+            im.model,
+            (example,),
+            None,
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+        )
     proto = program.model_proto
     for key, value in metadata(im, "onnx").items():
         proto.metadata_props.add(key=key, value=value)
@@ -109,6 +126,7 @@ def _write_safetensors(im: InferenceModel, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- parity
+
 
 def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
     import onnxruntime as ort
@@ -144,13 +162,16 @@ def parity(im: InferenceModel, fmt: str, path: Path, x: torch.Tensor) -> float:
         ref = im.model(batch).float()
         out = run(batch).float()
         if out.shape != ref.shape:
-            raise ExportFailed(f"parity check failed: the exported {fmt} model gives {tuple(out.shape)} "
-                               f"for a batch of {len(batch)}, PyTorch {tuple(ref.shape)}")
+            raise ExportFailed(
+                f"parity check failed: the exported {fmt} model gives {tuple(out.shape)} "
+                f"for a batch of {len(batch)}, PyTorch {tuple(ref.shape)}"
+            )
         diff = max(diff, (out - ref).abs().max().item())
     return diff
 
 
 # ----------------------------------------------------------------------------- entry
+
 
 def export(im: InferenceModel, fmt: str, output: Path, x: torch.Tensor, tolerance: float) -> dict:
     """Write `output` in format fmt from model im; x: a normalized float32 batch of test images.
@@ -173,8 +194,10 @@ def export(im: InferenceModel, fmt: str, output: Path, x: torch.Tensor, toleranc
             raise ExportFailed(f"cannot export {im.name} to {fmt}: {_summary(e)}") from None
         diff = parity(im, fmt, tmp, x)
         if not diff <= tolerance:  # NaN fails too
-            raise ExportFailed(f"parity check failed: {fmt} outputs differ from PyTorch's by up to {diff:.3g} "
-                               f"(tolerance {tolerance:g}); {output} was not written")
+            raise ExportFailed(
+                f"parity check failed: {fmt} outputs differ from PyTorch's by up to {diff:.3g} "
+                f"(tolerance {tolerance:g}); {output} was not written"
+            )
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create private files; an export is for sharing
@@ -189,6 +212,7 @@ def read_metadata(path: str | Path, fmt: str) -> dict:
     path = str(path)
     if fmt == "onnx":
         import onnx
+
         props = onnx.load(path, load_external_data=False).metadata_props
         return {p.key: json.loads(p.value) for p in props}
     if fmt == "torchscript":
@@ -197,5 +221,6 @@ def read_metadata(path: str | Path, fmt: str) -> dict:
             torch.jit.load(path, map_location="cpu", _extra_files=extra)
         return json.loads(extra[METADATA_FILE])
     from safetensors import safe_open
+
     with safe_open(path, framework="pt") as f:
         return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}

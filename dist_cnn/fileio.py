@@ -1,5 +1,6 @@
 """Atomic file writes: readers (other ranks, a resumed run, a user) see the old file or the new one,
 never a half-written one, even when the process is killed or the disk fills up mid-write."""
+
 from __future__ import annotations
 
 import errno

@@ -5,6 +5,7 @@ the architecture from the registry, and turns image files into the tensors the r
 decoded to RGB (or grayscale for one-channel models), resized the way the run's data was prepared,
 then normalized with the run's mean/std.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ from .models import build_model, tta_logits
 
 @dataclass
 class InferenceModel:
-    model: nn.Module            # eval mode, on the CPU, float32, contiguous memory format
+    model: nn.Module  # eval mode, on the CPU, float32, contiguous memory format
     name: str
     classes: list[str]
     in_channels: int
@@ -61,16 +62,26 @@ class InferenceModel:
     def metadata(self) -> dict:
         """What a consumer of an exported model needs besides the weights."""
         ratio = self.eval_crop_ratio
-        resize = (f"resize the shorter side to round({self.image_size} / {ratio}), center-crop "
-                  f"{self.image_size}x{self.image_size}" if ratio else
-                  f"resize to {self.image_size}x{self.image_size} (bilinear, antialiased)")
+        resize = (
+            f"resize the shorter side to round({self.image_size} / {ratio}), center-crop "
+            f"{self.image_size}x{self.image_size}"
+            if ratio
+            else f"resize to {self.image_size}x{self.image_size} (bilinear, antialiased)"
+        )
         colour = {3: "RGB", 1: "grayscale"}.get(self.in_channels, f"{self.in_channels}-channel")
-        return {"model": self.name, "classes": self.classes, "num_classes": self.num_classes,
-                "in_channels": self.in_channels, "image_size": self.image_size,
-                "mean": self.mean, "std": self.std, "eval_crop_ratio": ratio,
-                "input": f"float32 [N, {self.in_channels}, {self.image_size}, {self.image_size}], {colour}; "
-                         f"{resize}; scale to [0, 1], then (x - mean) / std per channel",
-                "output": f"logits [N, {self.num_classes}] in class order; softmax for probabilities"}
+        return {
+            "model": self.name,
+            "classes": self.classes,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+            "eval_crop_ratio": ratio,
+            "input": f"float32 [N, {self.in_channels}, {self.image_size}, {self.image_size}], {colour}; "
+            f"{resize}; scale to [0, 1], then (x - mean) / std per channel",
+            "output": f"logits [N, {self.num_classes}] in class order; softmax for probabilities",
+        }
 
 
 def _raw_config(state: dict) -> dict:
@@ -86,11 +97,18 @@ def _from_dataset(state: dict, path: Path) -> dict:
     try:
         data = load_dataset(cfg)
     except UserError as e:
-        raise UserError(f"{path} holds no class names or normalization and its dataset is not readable "
-                        f"here ({e}); use the run's model.pt instead") from None
+        raise UserError(
+            f"{path} holds no class names or normalization and its dataset is not readable "
+            f"here ({e}); use the run's model.pt instead"
+        ) from None
     mean, std = normalization_stats(data.train_x, cfg.normalize)
-    return {"classes": data.classes, "in_channels": data.in_channels, "image_size": data.image_size,
-            "mean": mean, "std": std}
+    return {
+        "classes": data.classes,
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+        "mean": mean,
+        "std": std,
+    }
 
 
 def load_model(path: str | Path) -> InferenceModel:
@@ -112,15 +130,24 @@ def load_model(path: str | Path) -> InferenceModel:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit a {name} model with {len(info['classes'])} classes "
-                        f"({one_line(e)[:200]})") from None
+        raise UserError(
+            f"{path}: the weights do not fit a {name} model with {len(info['classes'])} classes ({one_line(e)[:200]})"
+        ) from None
     model.eval()
-    return InferenceModel(model, name, [str(c) for c in info["classes"]], int(info["in_channels"]),
-                          int(info["image_size"]), [float(v) for v in info["mean"]],
-                          [float(v) for v in info["std"]], cfg)
+    return InferenceModel(
+        model,
+        name,
+        [str(c) for c in info["classes"]],
+        int(info["in_channels"]),
+        int(info["image_size"]),
+        [float(v) for v in info["mean"]],
+        [float(v) for v in info["std"]],
+        cfg,
+    )
 
 
 # ----------------------------------------------------------------------------- image files
+
 
 def list_images(paths) -> list[str]:
     """Files as given and image files under folders (recursively, sorted), each once, in order."""
@@ -197,8 +224,9 @@ def load_image(path: str, im: InferenceModel) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits(im: InferenceModel, model: nn.Module, batch: torch.Tensor, normalize: Normalize,
-           tta: int | None = None) -> torch.Tensor:
+def logits(
+    im: InferenceModel, model: nn.Module, batch: torch.Tensor, normalize: Normalize, tta: int | None = None
+) -> torch.Tensor:
     """uint8 batch [N, C, S, S] on the model's device -> float32 logits, with the run's test-time
     augmentation unless tta is given."""
     return tta_logits(model, normalize(batch), im.tta if tta is None else tta).float()

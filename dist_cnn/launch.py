@@ -17,6 +17,7 @@ deep inside torch.distributed:
 * a batch script that forgot srun (SLURM_NTASKS > 1 without SLURM_STEP_ID, which SLURM sets in srun
   steps only), a local rank without its GPU, a head host that does not resolve.
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,7 +38,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    launcher: str = "single"      # single | torchrun | slurm
+    launcher: str = "single"  # single | torchrun | slurm
     backend: str = "none"
     master_addr: str = ""
     master_port: int = 0
@@ -55,8 +56,7 @@ class DistEnv:
 def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM nodelist ('node[03-05,7],gpu1' -> 'node03'); scontrol when available."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
@@ -78,8 +78,10 @@ def _env_int(environ, name: str, lo: int, hi: int | None = None, default: int | 
     raw = environ.get(name)
     if raw is None or raw == "":
         if default is None:
-            raise UserError(f"launch environment: {name} is not set (set by torchrun/srun; unset RANK and "
-                            "WORLD_SIZE to run one process)")
+            raise UserError(
+                f"launch environment: {name} is not set (set by torchrun/srun; unset RANK and "
+                "WORLD_SIZE to run one process)"
+            )
         return default
     try:
         value = int(raw)
@@ -101,18 +103,29 @@ def detect(environ=os.environ) -> DistEnv:
         local_rank = _env_int(environ, "LOCAL_RANK", 0, local_world - 1, default=0 if world == 1 else None)
         if local_rank > rank:
             raise UserError(f"launch environment: LOCAL_RANK={local_rank} cannot exceed RANK={rank}")
-        return DistEnv(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun",
-                       master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-                       master_port=_env_int(environ, "MASTER_PORT", 1, 65535, default=29500))
+        return DistEnv(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            launcher="torchrun",
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_env_int(environ, "MASTER_PORT", 1, 65535, default=29500),
+        )
     if "SLURM_PROCID" in environ and _env_int(environ, "SLURM_NTASKS", 1, default=1) > 1:
         if "SLURM_STEP_ID" not in environ:
-            raise UserError("SLURM_NTASKS > 1 but this is the batch shell, not a job step: "
-                            "start train.py with srun (see slurm/train.sh)")
+            raise UserError(
+                "SLURM_NTASKS > 1 but this is the batch shell, not a job step: "
+                "start train.py with srun (see slurm/train.sh)"
+            )
         world = _env_int(environ, "SLURM_NTASKS", 1)
-        return DistEnv(rank=_env_int(environ, "SLURM_PROCID", 0, world - 1), world_size=world,
-                       local_rank=_env_int(environ, "SLURM_LOCALID", 0, world - 1, default=0), launcher="slurm",
-                       master_addr=first_slurm_host(environ["SLURM_JOB_NODELIST"]),
-                       master_port=slurm_port(environ.get("SLURM_JOB_ID", "0")))
+        return DistEnv(
+            rank=_env_int(environ, "SLURM_PROCID", 0, world - 1),
+            world_size=world,
+            local_rank=_env_int(environ, "SLURM_LOCALID", 0, world - 1, default=0),
+            launcher="slurm",
+            master_addr=first_slurm_host(environ["SLURM_JOB_NODELIST"]),
+            master_port=slurm_port(environ.get("SLURM_JOB_ID", "0")),
+        )
     return DistEnv()
 
 
@@ -122,8 +135,9 @@ def pick_device(env: DistEnv) -> torch.device:
         if n == 1:  # per-task GPU binding (srun --gpus-per-task=1): each task sees only its own GPU
             return torch.device("cuda", 0)
         if env.local_rank >= n:
-            raise UserError(f"local rank {env.local_rank} but only {n} GPU(s) on this node: "
-                            "start fewer processes per node")
+            raise UserError(
+                f"local rank {env.local_rank} but only {n} GPU(s) on this node: start fewer processes per node"
+            )
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
 
@@ -160,8 +174,7 @@ def head_address(env: DistEnv, environ=os.environ) -> tuple[str, int]:
     """Where rank 0 hosts the store: in srun mode MASTER_ADDR/MASTER_PORT win (setup() only sets
     defaults), otherwise the first host of the job and the port derived from the job id."""
     if env.launcher == "slurm":
-        return (environ.get("MASTER_ADDR") or env.master_addr,
-                int(environ.get("MASTER_PORT") or env.master_port))
+        return (environ.get("MASTER_ADDR") or env.master_addr, int(environ.get("MASTER_PORT") or env.master_port))
     return env.master_addr, env.master_port
 
 
@@ -195,25 +208,33 @@ def problems(env: DistEnv, environ=os.environ) -> list[str]:
     if env.launcher == "torchrun" and local_world:
         tasks = slurm_tasks_on_node(environ) if in_step else None
         if tasks and tasks > 1:
-            found.append(f"srun started {tasks} tasks on this node and each runs torchrun (or accelerate launch) "
-                         f"with {local_world} process(es): start one per node (srun --ntasks-per-node=1, as "
-                         f"slurm/train.sh does), or let srun start train.py itself (DIST_CNN_LAUNCH=srun)")
+            found.append(
+                f"srun started {tasks} tasks on this node and each runs torchrun (or accelerate launch) "
+                f"with {local_world} process(es): start one per node (srun --ntasks-per-node=1, as "
+                f"slurm/train.sh does), or let srun start train.py itself (DIST_CNN_LAUNCH=srun)"
+            )
         elif cuda and local_world > gpus:
-            found.append(f"{local_world} processes on this node (torchrun --nproc_per_node; slurm/train.sh: "
-                         f"DIST_CNN_NPROC_PER_NODE) but only {gpus} GPU(s) visible: start at most {gpus}, "
-                         f"or ask SLURM for more GPUs (--gpus-per-node)")
+            found.append(
+                f"{local_world} processes on this node (torchrun --nproc_per_node; slurm/train.sh: "
+                f"DIST_CNN_NPROC_PER_NODE) but only {gpus} GPU(s) visible: start at most {gpus}, "
+                f"or ask SLURM for more GPUs (--gpus-per-node)"
+            )
         elif not cuda and local_world > (env_int(environ, "SLURM_CPUS_ON_NODE") or local_world):
             cpus = env_int(environ, "SLURM_CPUS_ON_NODE")
-            found.append(f"{local_world} processes on this node (torchrun --nproc_per_node; slurm/train.sh: "
-                         f"DIST_CNN_NPROC_PER_NODE) but SLURM allocated it {cpus} CPU(s) (SLURM_CPUS_ON_NODE): "
-                         f"start at most {cpus}, or ask for more (--ntasks-per-node, --cpus-per-task)")
+            found.append(
+                f"{local_world} processes on this node (torchrun --nproc_per_node; slurm/train.sh: "
+                f"DIST_CNN_NPROC_PER_NODE) but SLURM allocated it {cpus} CPU(s) (SLURM_CPUS_ON_NODE): "
+                f"start at most {cpus}, or ask for more (--ntasks-per-node, --cpus-per-task)"
+            )
     if env.launcher == "slurm" and env.world_size > 1 and env.is_main:
         _, port = head_address(env, environ)
         if port_in_use(port):
             origin = "from the environment" if environ.get("MASTER_PORT") else "derived from SLURM_JOB_ID"
-            found.append(f"MASTER_PORT {port} ({origin}) is already in use on {socket.gethostname()}, where rank 0 "
-                         f"would host the process group (another job or process holds it): choose a free port "
-                         f"with the environment variable MASTER_PORT (export MASTER_PORT=... before srun/sbatch)")
+            found.append(
+                f"MASTER_PORT {port} ({origin}) is already in use on {socket.gethostname()}, where rank 0 "
+                f"would host the process group (another job or process holds it): choose a free port "
+                f"with the environment variable MASTER_PORT (export MASTER_PORT=... before srun/sbatch)"
+            )
     return found
 
 

@@ -11,12 +11,14 @@ run would have seen.
 - LoaderPipeline: a torch DataLoader (worker processes gather the uint8 images, pinned memory for
   CUDA) for data that does not fit on the device; augmentation is the same batched code.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
 
 PLAN_SEED_OFFSET = 1_000_003  # keeps data-order draws independent of the weight-init stream
 
@@ -89,7 +91,7 @@ def normalization_stats(train_x: torch.Tensor, mode: str):
     total = torch.zeros(c, dtype=torch.float64)
     squares = torch.zeros(c, dtype=torch.float64)
     for i in range(0, n, chunk):
-        x = train_x[i:i + chunk].float()
+        x = train_x[i : i + chunk].float()
         total += x.sum(dim=(0, 2, 3), dtype=torch.float64)
         squares += x.square_().sum(dim=(0, 2, 3), dtype=torch.float64)
     count = n * train_x.shape[2] * train_x.shape[3]
@@ -114,8 +116,9 @@ def rank_slice(step: int, batch: int, rank: int, world: int) -> slice:
 
 
 class DevicePipeline:
-    def __init__(self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize, device,
-                 image_aug=None):
+    def __init__(
+        self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize, device, image_aug=None
+    ):
         self.x, self.y, self.n = x.to(device), y.to(device), len(x)
         self.batch, self.rank, self.world, self.seed, self.aug = batch_per_rank, rank, world, seed, aug
         self.normalize, self.device, self.image_aug = normalize, device, image_aug
@@ -133,7 +136,7 @@ class DevicePipeline:
 class _ShardSampler(Sampler):
     """Yields this rank's indices of the epoch plan from a given step on (DistributedSampler's role)."""
 
-    def __init__(self, pipeline: "LoaderPipeline"):
+    def __init__(self, pipeline: LoaderPipeline):
         self.p = pipeline
 
     def __iter__(self):
@@ -157,15 +160,34 @@ class _Images(TorchDataset):
 
 
 class LoaderPipeline:
-    def __init__(self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize,
-                 device, workers: int, image_aug=None):
+    def __init__(
+        self,
+        x,
+        y,
+        *,
+        batch_per_rank,
+        rank,
+        world,
+        seed,
+        aug: Augment,
+        normalize: Normalize,
+        device,
+        workers: int,
+        image_aug=None,
+    ):
         self.n, self.batch, self.rank, self.world, self.seed, self.aug = len(x), batch_per_rank, rank, world, seed, aug
         self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step = None, 0
-        self.loader = DataLoader(_Images(x, y), batch_size=batch_per_rank, sampler=_ShardSampler(self),
-                                 num_workers=workers, pin_memory=device.type == "cuda",
-                                 persistent_workers=False, drop_last=False)
+        self.loader = DataLoader(
+            _Images(x, y),
+            batch_size=batch_per_rank,
+            sampler=_ShardSampler(self),
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+            drop_last=False,
+        )
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.plan, self.start_step = epoch_plan(self.n, self.seed, epoch, self.aug), start_step

@@ -14,6 +14,7 @@ Every model maps [N, in_channels, image_size, image_size] float images to [N, nu
 model that wants to see data before training (airbench's whitening layer) exposes
 `init_from_data(images)`; the trainer calls it, on every rank with the same images, before DDP.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,11 +38,13 @@ _TV_NO_AUX = {"inception_v3", "googlenet"}
 
 def register(name: str):
     """Decorator: `@register("mynet") def mynet(in_channels, num_classes, image_size): ...`"""
+
     def deco(fn):
         if name in MODELS:  # two builders under one name is always a mistake; fail at import time
             raise ValueError(f"model {name!r} is already registered")
         MODELS[name] = fn
         return fn
+
     return deco
 
 
@@ -60,14 +63,17 @@ def parse_spec(spec: str) -> Spec:
         return Spec(prefix, rest)
     if sep and rest and all(part.isidentifier() for part in prefix.split(".") + rest.split(".")):
         return Spec("module", spec)
-    raise UserError(f"unknown model {spec!r}; known models: {', '.join(sorted(MODELS))}, or a spec: "
-                    f"{', '.join(SPEC_FORMS)}")
+    raise UserError(
+        f"unknown model {spec!r}; known models: {', '.join(sorted(MODELS))}, or a spec: {', '.join(SPEC_FORMS)}"
+    )
 
 
 def model_help() -> str:
-    return (f"model: a built-in ({', '.join(MODELS)}) or torchvision:NAME (any torchvision classification "
-            f"model), timm:NAME (needs timm), package.module:factory (your own nn.Module class or function, "
-            f"called with in_channels, num_classes, image_size)")
+    return (
+        f"model: a built-in ({', '.join(MODELS)}) or torchvision:NAME (any torchvision classification "
+        f"model), timm:NAME (needs timm), package.module:factory (your own nn.Module class or function, "
+        f"called with in_channels, num_classes, image_size)"
+    )
 
 
 def short_name(spec: str) -> str:
@@ -100,29 +106,37 @@ def build_model(spec: str, in_channels: int, num_classes: int, image_size: int) 
         return _timm().create_model(s.name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     if s.kind == "module":
         return call_factory(_user_callable(s.name), spec, in_channels, num_classes, image_size)
-    raise UserError(f"model {spec!r} was given to the Python API as an object and cannot be rebuilt from "
-                    f"its name; load the weights into it in Python")
+    raise UserError(
+        f"model {spec!r} was given to the Python API as an object and cannot be rebuilt from "
+        f"its name; load the weights into it in Python"
+    )
 
 
 # ---- torchvision ---------------------------------------------------------------------------------
 
+
 def _tv_names(name: str) -> None:
     import torchvision.models
+
     names = torchvision.models.list_models(module=torchvision.models)  # classification models only
     if name not in names:
         close = [n for n in names if n.startswith(name[:4])][:6]
-        raise UserError(f"torchvision has no classification model {name!r}"
-                        + (f" (similar: {', '.join(close)})" if close else " (see torchvision.models.list_models())"))
+        raise UserError(
+            f"torchvision has no classification model {name!r}"
+            + (f" (similar: {', '.join(close)})" if close else " (see torchvision.models.list_models())")
+        )
 
 
 def tv_weights(name: str):
     """torchvision's default weights enum member of a model (its URL, categories and minimum size)."""
     import torchvision.models
+
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
 def _torchvision(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     import torchvision.models
+
     if in_channels != 3:
         raise UserError(f"torchvision:{name} takes 3-channel images, the dataset has {in_channels}")
     kw: dict = {"num_classes": num_classes}
@@ -131,18 +145,21 @@ def _torchvision(name: str, in_channels: int, num_classes: int, image_size: int)
         kw["image_size"] = image_size  # ViTs are built for one size; any multiple of the patch works
         min_h = min_w = int(name.split("_")[-1]) if name.split("_")[-1].isdigit() else 1
         if image_size % min_h:
-            raise UserError(f"torchvision:{name} needs an image size divisible by its patch size {min_h}, "
-                            f"got {image_size}")
+            raise UserError(
+                f"torchvision:{name} needs an image size divisible by its patch size {min_h}, got {image_size}"
+            )
     if name in _TV_NO_AUX:
         kw["aux_logits"] = False
         kw["init_weights"] = True
     if image_size < max(min_h, min_w):
-        raise UserError(f"torchvision:{name} needs images of at least {min_h}x{min_w} pixels, got "
-                        f"--image-size {image_size}")
+        raise UserError(
+            f"torchvision:{name} needs images of at least {min_h}x{min_w} pixels, got --image-size {image_size}"
+        )
     return torchvision.models.get_model(name, **kw)
 
 
 # ---- timm ----------------------------------------------------------------------------------------
+
 
 def _timm():
     try:
@@ -154,6 +171,7 @@ def _timm():
 
 # ---- the user's own module -----------------------------------------------------------------------
 
+
 def _user_callable(target: str):
     module_name, _, attr = target.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -162,12 +180,14 @@ def _user_callable(target: str):
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
-            raise UserError(f"--model {target}: no module {e.name!r} on the Python path or in the current "
-                            f"directory") from None
+            raise UserError(
+                f"--model {target}: no module {e.name!r} on the Python path or in the current directory"
+            ) from None
         raise UserError(f"--model {target}: importing {module_name} failed: {e}") from None
     except Exception as e:  # the user's module itself raised: its first line is the useful part
-        raise UserError(f"--model {target}: importing {module_name} failed: "
-                        f"{type(e).__name__}: {one_line(e)}") from None
+        raise UserError(
+            f"--model {target}: importing {module_name} failed: {type(e).__name__}: {one_line(e)}"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UserError(f"--model {target}: module {module_name} has no attribute {attr!r}")
@@ -216,6 +236,7 @@ def object_spec(obj) -> str:
 # seed: a widened PyTorch-tutorial CNN (the published tutorial Net is conv 3->6->16 5x5, fc 400-120-84-10,
 # 62,006 params; this one uses 3x3 padded convs 3->16->32 and fc 2048-120-84-10: 261,982 params at 3x32x32)
 
+
 class SeedNet(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32):
         super().__init__()
@@ -244,6 +265,7 @@ def seed(in_channels, num_classes, image_size):
 
 # ----------------------------------------------------------------------------------------------------
 # resnet18: the CIFAR variant (3x3 stride-1 stem, no max-pool), 11,173,962 params at 10 classes
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
@@ -287,8 +309,10 @@ def resnet18(in_channels, num_classes, image_size):
 # ----------------------------------------------------------------------------------------------------
 # airbench: the airbench94 network (github.com/KellerJordan/cifar10-airbench, airbench94.py)
 
+
 class Conv(nn.Conv2d):
     """Bias-free 3x3 conv whose first in_channels filters start as identity: an implicit residual."""
+
     def __init__(self, cin, cout, kernel_size=3, padding=1, bias=False):
         super().__init__(cin, cout, kernel_size=kernel_size, padding=padding, bias=bias)
 
@@ -297,12 +321,13 @@ class Conv(nn.Conv2d):
         if self.bias is not None:
             self.bias.data.zero_()
         w = self.weight.data
-        torch.nn.init.dirac_(w[:w.size(1)])
+        torch.nn.init.dirac_(w[: w.size(1)])
 
 
 class BatchNorm(nn.BatchNorm2d):
     """airbench's BN: running stats follow the batch fast (airbench momentum 0.6 = torch momentum 0.4),
     scale frozen at 1 (it would only fight the weight decay of the next conv), shift trainable."""
+
     def __init__(self, num_features, momentum=0.6, eps=1e-12):
         super().__init__(num_features, eps=eps, momentum=1 - momentum)
         self.weight.requires_grad = False
@@ -342,7 +367,7 @@ def whitening_weights(images: torch.Tensor, eps: float = 5e-4, k: int = 2) -> to
     scaled by 1/sqrt(eigval + eps), then their negatives, so GELU sees both signs of every direction."""
     c = images.shape[1]
     eigvals, eigvecs = torch.linalg.eigh(patch_moments(images, k))  # ascending; columns are vectors
-    eigvals, eigvecs = eigvals.flip(0), eigvecs.T.flip(0)           # rows, descending as airbench
+    eigvals, eigvecs = eigvals.flip(0), eigvecs.T.flip(0)  # rows, descending as airbench
     w = (eigvecs / torch.sqrt(eigvals + eps)[:, None]).reshape(c * k * k, c, k, k)
     return torch.cat((w, -w)).float()
 
@@ -362,8 +387,9 @@ class Airbench(nn.Module):
         self.whiten = Conv(in_channels, w0, kernel_size=2, padding=0, bias=True)
         self.whiten.weight.requires_grad = False  # set from data, never trained; its bias is trained
         self.act = nn.GELU()
-        self.layers = nn.Sequential(ConvGroup(w0, widths[0]), ConvGroup(widths[0], widths[1]),
-                                    ConvGroup(widths[1], widths[2]))
+        self.layers = nn.Sequential(
+            ConvGroup(w0, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2])
+        )
         self.pool = nn.AdaptiveMaxPool2d(1)  # airbench's MaxPool2d(3) on the 3x3 map, for any image size
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.scale = scale  # small logits at init; airbench's tuned LRs assume it

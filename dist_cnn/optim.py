@@ -1,4 +1,5 @@
 """SGD with decoupled parameter groups and a warmup schedule, as a LambdaLR so it checkpoints."""
+
 from __future__ import annotations
 
 import math
@@ -14,24 +15,31 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig):
     group's LR, so a group whose LR is k times the base gets weight_decay / k: the decay per step
     (lr x weight_decay) is then the same for every group, as in airbench. Without bias_decay, biases and
     norm parameters get none (timm's convention)."""
-    norm = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
-            for p in m.parameters(recurse=False)}
+    norm = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+        for p in m.parameters(recurse=False)
+    }
     weights, norms, biases = [], [], []
     for p in model.parameters():
         if p.requires_grad:
             (norms if id(p) in norm else weights if p.ndim > 1 else biases).append(p)
     wd, scale = cfg.weight_decay, cfg.bias_lr_scale
     small_wd = wd if cfg.bias_decay else 0.0
-    groups = [{"params": weights, "weight_decay": wd, "lr": cfg.lr},
-              {"params": norms, "weight_decay": small_wd / scale, "lr": cfg.lr * scale},
-              {"params": biases, "weight_decay": small_wd, "lr": cfg.lr}]
+    groups = [
+        {"params": weights, "weight_decay": wd, "lr": cfg.lr},
+        {"params": norms, "weight_decay": small_wd / scale, "lr": cfg.lr * scale},
+        {"params": biases, "weight_decay": small_wd, "lr": cfg.lr},
+    ]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.SGD:
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
+    return torch.optim.SGD(
+        param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **kw
+    )
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
@@ -82,7 +90,7 @@ class Lookahead:
     def step(self, step: int) -> None:
         if step % self.every and step != self.total:
             return
-        alpha = 1.0 if step == self.total else self.decay ** self.every * (step / self.total) ** 3
+        alpha = 1.0 if step == self.total else self.decay**self.every * (step / self.total) ** 3
         for k, v in self.model.state_dict().items():
             if k in self.ema:
                 self.ema[k].lerp_(v, 1 - alpha)

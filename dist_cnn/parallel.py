@@ -8,6 +8,7 @@ the late layers runs while the early layers are still computing their gradients.
 `--ddp-comm-hook` picks how a bucket travels: as it is (none), cast to bf16 or fp16 for the wire and
 back (half the bytes), or PowerSGD's low-rank compression (torch.distributed.algorithms.ddp_comm_hooks).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -20,12 +21,13 @@ from .config import ModelConfig
 from .distributed import DistEnv
 
 # torch 2.14 renamed broadcast_buffers; older releases (which pyproject allows) only know the old name.
-_SYNC_BUFFERS = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-    else "broadcast_buffers"
+_SYNC_BUFFERS = (
+    "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+)
 _PER_BUCKET_CAPS = "bucket_cap_mb_list" in inspect.signature(DDP).parameters
 
-BUCKETS = 4           # buckets of about gradient bytes / BUCKETS ...
-FIRST_BUCKET = 16     # ... except the first layers' bucket, about bytes / 16: its all_reduce cannot overlap
+BUCKETS = 4  # buckets of about gradient bytes / BUCKETS ...
+FIRST_BUCKET = 16  # ... except the first layers' bucket, about bytes / 16: its all_reduce cannot overlap
 MIN_BUCKET = 64 << 10  # no bucket target below 64 KiB: each all_reduce has a fixed latency
 COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
 
@@ -72,11 +74,15 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
             # sizes), so all gradients go in one bucket: one chain a step, in the same order everywhere.
             caps = [sum(caps)]
         buckets = {"bucket_cap_mb_list": caps} if _PER_BUCKET_CAPS else {"bucket_cap_mb": max(caps)}
-        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                    gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: no copy
-                    # the graph is the same every step, except under no_sync accumulation
-                    static_graph=grad_accum == 1,
-                    **buckets, **{_SYNC_BUFFERS: has_buffers})  # BN stats from rank 0; nothing to send otherwise
+        model = DDP(
+            model,
+            device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: no copy
+            # the graph is the same every step, except under no_sync accumulation
+            static_graph=grad_accum == 1,
+            **buckets,
+            **{_SYNC_BUFFERS: has_buffers},
+        )  # BN stats from rank 0; nothing to send otherwise
         register_comm_hook(model, cfg)
     if cfg.compile:
         model = torch.compile(model)  # after DDP, so DDPOptimizer splits graphs at bucket boundaries
@@ -88,6 +94,7 @@ def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:
     factors) that is not checkpointed: after a resume it starts over, with its vanilla all_reduce
     warm-up of --powersgd-warmup-steps steps."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
     name = cfg.ddp_comm_hook
     if name == "none":
         return
@@ -97,9 +104,12 @@ def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif name == "powersgd":
         state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
+            process_group=None,
+            matrix_approximation_rank=cfg.powersgd_rank,
             # PowerSGD needs start_powerSGD_iter >= 2 with error feedback and warm start
-            start_powerSGD_iter=max(2, cfg.powersgd_warmup_steps), random_seed=0)
+            start_powerSGD_iter=max(2, cfg.powersgd_warmup_steps),
+            random_seed=0,
+        )
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     else:  # config validation lists the choices; a new one must be wired here
         raise ValueError(f"unknown DDP comm hook {name!r}")
@@ -127,8 +137,11 @@ class Agreement:
 
     def __init__(self, flags: torch.Tensor):
         self.flags, self.event = flags, None
-        self.work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True) \
-            if dist.is_available() and dist.is_initialized() else None
+        self.work = (
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+            if dist.is_available() and dist.is_initialized()
+            else None
+        )
         if flags.is_cuda:
             side = self._side_streams.setdefault(flags.device, torch.cuda.Stream(flags.device))
             side.wait_stream(torch.cuda.current_stream(flags.device))

@@ -8,6 +8,7 @@ batch) and cached, so the same command on the same machine always resolves the s
 the machine's load at the next start.
 BatchNorm stays fp32 under autocast by PyTorch's own op lists.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,6 +50,7 @@ def cpu_name() -> str:
     except OSError:
         pass
     import platform
+
     return platform.processor() or platform.machine()
 
 
@@ -74,8 +76,10 @@ def resolve_auto(device: torch.device, what: dict, step_seconds=None) -> tuple[s
         cache = {}
     hit = cache.get(key) if isinstance(cache, dict) else None
     if isinstance(hit, dict) and hit.get("precision") in ("fp32", "bf16"):
-        return hit["precision"], (f"measured before on this machine for this model and batch "
-                                  f"(bf16 step {hit['speedup']:.2f}x fp32's speed; cached in {path})")
+        return hit["precision"], (
+            f"measured before on this machine for this model and batch "
+            f"(bf16 step {hit['speedup']:.2f}x fp32's speed; cached in {path})"
+        )
     # bf16 must win clearly: a coin flip between equals would make runs differ for no gain.
     fp32, bf16 = step_seconds("fp32"), step_seconds("bf16")
     speedup = fp32 / max(bf16, 1e-12)
@@ -96,6 +100,7 @@ def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     """A step_seconds for resolve(): times forward+backward of a copy (the model is left untouched)."""
     import copy
     import time
+
     probe = copy.deepcopy(model)
 
     def seconds(precision: str) -> float:
@@ -108,6 +113,7 @@ def time_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             probe.zero_grad(set_to_none=True)
             best = min(best, time.perf_counter() - t) if i else best
         return best
+
     return seconds
 
 

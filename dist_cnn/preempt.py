@@ -8,14 +8,16 @@ checkpoints and stops like TERM; a second aborts at once (KeyboardInterrupt).
 A run stopped by a signal and not requeued is unfinished: it exits with 128 + the signal's number
 (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1 whose requeue failed), never 0.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 
-INTERRUPT_NOTICE = ("\nCtrl-C: writing a checkpoint at the next step, then stopping "
-                    "(press Ctrl-C again to abort at once, without it)\n")
+INTERRUPT_NOTICE = (
+    "\nCtrl-C: writing a checkpoint at the next step, then stopping (press Ctrl-C again to abort at once, without it)\n"
+)
 
 
 class StopSignal:

@@ -1,6 +1,7 @@
 """One model preparation for training, `dist-cnn eval` and the benchmarks: build the architecture for
 the data, fix the normalization, let the model see the data (or load saved weights), move it to the
 device in the configured memory format. The same steps in the same order give the same arithmetic."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,15 +20,22 @@ from .weights import init_from, load_pretrained
 
 @dataclass
 class Prepared:
-    model: nn.Module        # on the device, not wrapped in DDP
-    normalize: Normalize    # uint8 batch -> normalized float batch on the device
+    model: nn.Module  # on the device, not wrapped in DDP
+    normalize: Normalize  # uint8 batch -> normalized float batch on the device
     mean: list[float]
     std: list[float]
 
 
-def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict | None = None, *,
-                  factory: Callable[..., nn.Module] | None = None, starting_weights: bool = False,
-                  log=print) -> Prepared:
+def prepare_model(
+    cfg: Config,
+    data: Dataset,
+    device: torch.device,
+    state: dict | None = None,
+    *,
+    factory: Callable[..., nn.Module] | None = None,
+    starting_weights: bool = False,
+    log=print,
+) -> Prepared:
     """state: a checkpoint or model.pt whose weights to load (checked against this model first).
     factory: builds the model instead of the spec (the Python API). starting_weights: a new run, so
     --pretrained / --init-from apply (a resumed one loads its own checkpoint afterwards)."""
@@ -42,8 +50,12 @@ def prepare_model(cfg: Config, data: Dataset, device: torch.device, state: dict 
         mean, std = normalization_stats(data.train_x, cfg.data.normalize)
     normalize = Normalize(mean, std, device, cfg.model.channels_last)
     if state is not None:
-        check_compatible(state, cfg.model.name, state["config"]["data"]["dataset"],
-                         {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        check_compatible(
+            state,
+            cfg.model.name,
+            state["config"]["data"]["dataset"],
+            {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        )
         model.load_state_dict(state["model"])
     else:
         if hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks

@@ -6,6 +6,7 @@ the profiled steps: each moment of the window is counted once, for the first of 
 running: data wait, optimizer, compute (forward/backward ops, GPU kernels on CUDA), communication
 (collectives not hidden behind compute), other (Python, launch overhead, idle). Then the top ops.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,19 @@ from .errors import UserError
 
 PREFIX = "dist_cnn/"
 CATEGORIES = ("data wait", "optimizer", "compute", "communication", "other")
-_COMM = ("all_reduce", "allreduce", "broadcast", "all_gather", "allgather", "reduce_scatter", "nccl:", "gloo:",
-         "c10d::", "ncclDevKernel", "ncclKernel")
+_COMM = (
+    "all_reduce",
+    "allreduce",
+    "broadcast",
+    "all_gather",
+    "allgather",
+    "reduce_scatter",
+    "nccl:",
+    "gloo:",
+    "c10d::",
+    "ncclDevKernel",
+    "ncclKernel",
+)
 
 
 def parse_range(spec: str) -> tuple[int, int] | None:
@@ -44,8 +56,13 @@ def category(name: str) -> str | None:
         return "optimizer"
     if any(k in name for k in _COMM):
         return "communication"
-    if name.startswith(("aten::", "autograd::", "torch::autograd", "void ", "at::")) or "Backward" in name \
-            or "kernel" in name.lower() or "gemm" in name.lower() or "conv" in name.lower():
+    if (
+        name.startswith(("aten::", "autograd::", "torch::autograd", "void ", "at::"))
+        or "Backward" in name
+        or "kernel" in name.lower()
+        or "gemm" in name.lower()
+        or "conv" in name.lower()
+    ):
         return "compute"
     return None
 
@@ -116,8 +133,7 @@ class StepProfiler:
     """The trainer calls start(step) before and stop(step) after every optimizer step, and region()
     around the parts it wants named in the trace; all three cost nothing outside the window."""
 
-    def __init__(self, spec: str, run_dir: Path | None, rank: int, device: torch.device, with_stack: bool,
-                 log=print):
+    def __init__(self, spec: str, run_dir: Path | None, rank: int, device: torch.device, with_stack: bool, log=print):
         self.window = parse_range(spec)
         self.run_dir, self.rank, self.device, self.with_stack, self.log = run_dir, rank, device, with_stack, log
         self.prof, self.steps = None, 0
@@ -160,22 +176,37 @@ class StepProfiler:
             return
         events = trace_events(path)
         steps = [e for e in events if e[0].startswith(PREFIX + "step")]
-        wall = (min(s for _, s, _ in steps), max(e for _, _, e in steps)) if steps else \
-            (min(s for _, s, _ in events), max(e for _, _, e in events))
+        wall = (
+            (min(s for _, s, _ in steps), max(e for _, _, e in steps))
+            if steps
+            else (min(s for _, s, _ in events), max(e for _, _, e in events))
+        )
         shares = split_step_time(events, wall)
         per_step = (wall[1] - wall[0]) / 1e3 / max(1, self.steps)
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=10, max_name_column_width=48)
-        summary = {"steps": self.steps, "window": list(self.window), "step_ms": per_step, "split": shares,
-                   "trace": str(path)}
+        summary = {
+            "steps": self.steps,
+            "window": list(self.window),
+            "step_ms": per_step,
+            "split": shares,
+            "trace": str(path),
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self.log(f"profile of steps {self.window[0]}:{self.window[1]} ({self.steps} steps, {per_step:.1f} ms a step), "
-                 f"trace per rank in {out}:\n  " + "   ".join(f"{c} {v:.1%}" for c, v in shares.items()) +
-                 "\ntop ops:\n" + table)
+        self.log(
+            f"profile of steps {self.window[0]}:{self.window[1]} ({self.steps} steps, {per_step:.1f} ms a step), "
+            f"trace per rank in {out}:\n  "
+            + "   ".join(f"{c} {v:.1%}" for c, v in shares.items())
+            + "\ntop ops:\n"
+            + table
+        )
 
 
 def trace_events(path: Path) -> list[tuple[str, float, float]]:
     """(name, start_us, end_us) of the complete events ("ph": "X") of a Chrome trace."""
     data = json.loads(Path(path).read_text())
-    return [(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
-            for e in data.get("traceEvents", []) if e.get("ph") == "X" and "ts" in e]
+    return [
+        (e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+        for e in data.get("traceEvents", [])
+        if e.get("ph") == "X" and "ts" in e
+    ]

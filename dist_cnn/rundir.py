@@ -1,4 +1,5 @@
 """The run directory: where it is, what it may already hold, and which checkpoint to resume from."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,10 @@ def default_run_name(cfg: Config, environ=os.environ) -> str:
 
 
 def restarted(environ=os.environ) -> bool:
-    return int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 or \
-        int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    return (
+        int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+        or int(environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    )
 
 
 def effective_resume(cfg: Config, environ=os.environ) -> str:
@@ -43,8 +46,9 @@ STALE_TMP = re.compile(r"(^\..+\.tmp\d*$)|(^[^.].*\.tmp$)|(^\.tmp-)")  # atomic 
 def is_run_dir(run_dir: Path) -> bool:
     """Ours: it holds the lock file every run writes, or (runs from before the lock) config.json and
     metrics.jsonl."""
-    return (run_dir / LOCK_NAME).is_file() or \
-        ((run_dir / "config.json").is_file() and (run_dir / "metrics.jsonl").is_file())
+    return (run_dir / LOCK_NAME).is_file() or (
+        (run_dir / "config.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+    )
 
 
 def lock_run_dir(run_dir: Path) -> None:
@@ -65,8 +69,9 @@ def lock_run_dir(run_dir: Path) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
         os.close(fd)
-        raise UserError(f"--out {run_dir} is in use by another run ({holder}); wait for it to end "
-                        "or choose another --out") from None
+        raise UserError(
+            f"--out {run_dir} is in use by another run ({holder}); wait for it to end or choose another --out"
+        ) from None
     except OSError:  # a filesystem without locks (some NFS setups): go on unlocked rather than not at all
         pass
     _locks[key] = fd
@@ -119,8 +124,10 @@ def prepare_run_dir(cfg: Config, log=lambda msg: None) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
-        raise UserError(f"--out {run_dir} is not empty and is not a dist_cnn run directory (it has no {LOCK_NAME}); "
-                        "choose a new or empty directory so nothing in it is overwritten")
+        raise UserError(
+            f"--out {run_dir} is not empty and is not a dist_cnn run directory (it has no {LOCK_NAME}); "
+            "choose a new or empty directory so nothing in it is overwritten"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -129,8 +136,10 @@ def prepare_run_dir(cfg: Config, log=lambda msg: None) -> Path:
     if (run_dir / "summary.json").exists():
         raise UserError(f"--out {run_dir} already holds a finished run (summary.json); choose another --out")
     if _has_checkpoints(run_dir) and resume == "none":
-        raise UserError(f"--out {run_dir} holds checkpoints of an unfinished run: pass --resume auto to "
-                        f"continue it, or choose another --out")
+        raise UserError(
+            f"--out {run_dir} holds checkpoints of an unfinished run: pass --resume auto to "
+            f"continue it, or choose another --out"
+        )
     claim_run_dir(run_dir)
     for p in clean_stale_temporaries(run_dir):
         log(f"removed {p}, left by a run that was killed while writing it")

@@ -18,6 +18,7 @@ stops with one line naming the file. With skip_bad_images a training sample is r
 readable image in file order (a pure function of the index, so every world size and every resume
 sees the same replacement) and a test image is left out of the score; both are counted, never silent.
 """
+
 from __future__ import annotations
 
 import gc
@@ -49,11 +50,13 @@ STATS_SEED = 20_240_601  # the sample does not depend on --seed: the same statis
 
 # ----------------------------------------------------------------------------- the file index
 
+
 @dataclass
 class FileList:
     """Files of one split: paths relative to the root as one bytes array, labels as int64."""
+
     root: str
-    paths: np.ndarray   # dtype S<n>: ~40 bytes an image, no per-image Python object
+    paths: np.ndarray  # dtype S<n>: ~40 bytes an image, no per-image Python object
     labels: np.ndarray  # int64
 
     def __len__(self) -> int:
@@ -66,6 +69,7 @@ class FileList:
 @dataclass
 class FolderIndex:
     """What the trainer needs to know of a streamed image folder (the in-memory Dataset's counterpart)."""
+
     name: str
     classes: list[str]
     train: FileList
@@ -79,20 +83,25 @@ class FolderIndex:
         return len(self.classes)
 
     def decoded_bytes(self) -> int:
-        return (len(self.train) + len(self.test)) * self.in_channels * self.image_size ** 2
+        return (len(self.train) + len(self.test)) * self.in_channels * self.image_size**2
 
 
 def _scan_split(root: str, split: str) -> tuple[list[str], list[bytes], list[int]]:
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-        raise UserError(f"imagefolder: {split_dir} not found; --data-dir must hold train/<class>/ and "
-                        f"{split}/<class>/ (see --test-split)")
+        raise UserError(
+            f"imagefolder: {split_dir} not found; --data-dir must hold train/<class>/ and "
+            f"{split}/<class>/ (see --test-split)"
+        )
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     paths, labels = [], []
     for label, c in enumerate(classes):
         d = os.path.join(split_dir, c)
-        files = sorted(e.name for e in os.scandir(d) if e.is_file() and not e.name.startswith(".")
-                       and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+        files = sorted(
+            e.name
+            for e in os.scandir(d)
+            if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
+        )
         if not files and split == "train":
             raise UserError(f"imagefolder: {d} holds no images ({' '.join(sorted(IMAGE_EXTS))})")
         prefix = os.fsencode(os.path.join(split, c)) + b"/"
@@ -117,8 +126,9 @@ def scan_folder(root: str, image_size: int, test_split: str = "test") -> FolderI
     def files(paths, labels):
         return FileList(root, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64))
 
-    return FolderIndex("imagefolder", classes, files(train_paths, train_labels), files(test_paths, test_labels),
-                       image_size)
+    return FolderIndex(
+        "imagefolder", classes, files(train_paths, train_labels), files(test_paths, test_labels), image_size
+    )
 
 
 def load_index(data_cfg, env) -> FolderIndex:
@@ -128,9 +138,11 @@ def load_index(data_cfg, env) -> FolderIndex:
 
 # ----------------------------------------------------------------------------- decoding and transforms
 
+
 def _draw_seed(seed: int, epoch: int, index: int) -> int:
-    return int.from_bytes(hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8).digest(),
-                          "little") >> 1
+    return (
+        int.from_bytes(hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8).digest(), "little") >> 1
+    )
 
 
 def decode_file(path: str) -> torch.Tensor:
@@ -148,6 +160,7 @@ def decode_file(path: str) -> torch.Tensor:
 
 def decode_bytes(raw: bytes, path: str) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
+
     try:
         with warnings.catch_warnings():  # deprecated in favour of torchcodec, but the fastest CPU decoders here
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -203,11 +216,13 @@ def train_transform(img: torch.Tensor, box: tuple[int, int, int, int], image_siz
 
 # ----------------------------------------------------------------------------- the dataset
 
+
 @dataclass
 class Sample:
     """What a worker returns for one index. `image` is the final uint8 [3, S, S], or (decode gpu,
     `jpeg` set) the file's bytes, with `box` (training) to crop on the device. `source`: the file read;
     `skipped`: the indices found unreadable on the way."""
+
     image: torch.Tensor
     label: int
     source: int = -1
@@ -221,9 +236,18 @@ class Sample:
 class StreamImages(TorchDataset):
     """Map-style: dataset[(epoch, index, flip)] decodes file `index` and applies the split's transform."""
 
-    def __init__(self, files: FileList, *, image_size: int, train: bool, seed: int = 0,
-                 crop_scale=(0.08, 1.0), eval_crop_ratio: float = 0.875, skip_bad: bool = False,
-                 raw_jpeg: bool = False):
+    def __init__(
+        self,
+        files: FileList,
+        *,
+        image_size: int,
+        train: bool,
+        seed: int = 0,
+        crop_scale=(0.08, 1.0),
+        eval_crop_ratio: float = 0.875,
+        skip_bad: bool = False,
+        raw_jpeg: bool = False,
+    ):
         self.files, self.size, self.train, self.skip_bad = files, image_size, train, skip_bad
         self.crop_ratio, self.raw_jpeg = eval_crop_ratio, raw_jpeg
         self.draws = CropDraws(image_size, crop_scale, seed)
@@ -245,8 +269,9 @@ class StreamImages(TorchDataset):
                     return Sample(torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, j, tuple(skipped))
                 j = (j + 1) % len(self.files)  # the next readable image, the same at every world size
                 if j == index:
-                    return Sample(torch.zeros(0, dtype=torch.uint8), -1,
-                                  error="imagefolder: no readable training image")
+                    return Sample(
+                        torch.zeros(0, dtype=torch.uint8), -1, error="imagefolder: no readable training image"
+                    )
 
     def _load(self, epoch: int, index: int, j: int, skipped: tuple, flip: bool) -> Sample:
         path, label = self.files.path(j), int(self.files.labels[j])
@@ -260,8 +285,15 @@ class StreamImages(TorchDataset):
                 except Exception as e:
                     raise UserError(f"imagefolder: cannot decode image {path} ({_last_clause(e)})") from None
                 box = self.draws(epoch, index, height, width) if self.train else None
-                return Sample(torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, j, skipped, jpeg=True,
-                              box=box, flip=flip)
+                return Sample(
+                    torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                    label,
+                    j,
+                    skipped,
+                    jpeg=True,
+                    box=box,
+                    flip=flip,
+                )
         img = decode_file(path)
         if self.train:
             img = train_transform(img, self.draws(epoch, index, img.shape[1], img.shape[2]), self.size)
@@ -273,8 +305,11 @@ class StreamImages(TorchDataset):
 def collate(samples: list[Sample]) -> dict:
     """A batch: stacked images where decoded, else the list of raw samples (decode gpu)."""
     errors = [s.error for s in samples if s.error]
-    batch = {"labels": torch.tensor([s.label for s in samples], dtype=torch.int64),
-             "skipped": [i for s in samples for i in s.skipped], "errors": errors}
+    batch = {
+        "labels": torch.tensor([s.label for s in samples], dtype=torch.int64),
+        "skipped": [i for s in samples for i in s.skipped],
+        "errors": errors,
+    }
     if errors:
         return batch
     if any(s.jpeg for s in samples):
@@ -314,9 +349,18 @@ def _own_generator() -> torch.Generator:
 
 
 def _loader(dataset, sampler, batch: int, workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, drop_last=False, generator=_own_generator())
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        drop_last=False,
+        generator=_own_generator(),
+    )
 
 
 class _Batches:
@@ -338,16 +382,21 @@ class _Batches:
 
     def _gpu_decode(self, raw: list) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_jpeg
+
         jpegs = [i for i, r in enumerate(raw) if r[1]]
         out: list = [r[0] for r in raw]  # non-JPEGs arrive decoded and transformed by the worker
         try:
-            decoded = decode_jpeg([raw[i][0] for i in jpegs], mode=ImageReadMode.RGB, device=self.device) \
-                if jpegs else []
+            decoded = (
+                decode_jpeg([raw[i][0] for i in jpegs], mode=ImageReadMode.RGB, device=self.device) if jpegs else []
+            )
         except RuntimeError:  # one bad file fails the whole batch: decode one by one to name it
             decoded = [self._decode_one(raw[i][0], raw[i][3]) for i in jpegs]
         for i, img in zip(jpegs, decoded):
-            img = train_transform(img, raw[i][2], self.size) if self.train else \
-                eval_transform(img, self.size, self.crop_ratio)
+            img = (
+                train_transform(img, raw[i][2], self.size)
+                if self.train
+                else eval_transform(img, self.size, self.crop_ratio)
+            )
             out[i] = img.flip(-1) if raw[i][4] else img
         return torch.stack([o.to(self.device, non_blocking=True) for o in out])
 
@@ -355,6 +404,7 @@ class _Batches:
         """nvjpeg refused it: the CPU decoders read some JPEGs it does not; else the file is damaged
         (found only now, on the device, so it stops the run even with --skip-bad-images)."""
         from torchvision.io import ImageReadMode, decode_jpeg
+
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
@@ -362,6 +412,7 @@ class _Batches:
 
 
 # ----------------------------------------------------------------------------- training pipeline
+
 
 class _PlanSampler(Sampler):
     """This rank's (epoch, index, flip) keys of the epoch plan from a given step on (DistributedSampler's
@@ -385,9 +436,24 @@ class _PlanSampler(Sampler):
 class StreamPipeline:
     """The DevicePipeline/LoaderPipeline interface over a FolderIndex's training files."""
 
-    def __init__(self, files: FileList, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize,
-                 device, workers: int, image_size: int, crop_scale=(0.08, 1.0), skip_bad: bool = False,
-                 decode: str = "cpu", image_aug=None):
+    def __init__(
+        self,
+        files: FileList,
+        *,
+        batch_per_rank,
+        rank,
+        world,
+        seed,
+        aug: Augment,
+        normalize: Normalize,
+        device,
+        workers: int,
+        image_size: int,
+        crop_scale=(0.08, 1.0),
+        skip_bad: bool = False,
+        decode: str = "cpu",
+        image_aug=None,
+    ):
         if decode == "gpu" and device.type != "cuda":
             raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
         self.n, self.batch, self.rank, self.world = len(files), batch_per_rank, rank, world
@@ -396,8 +462,15 @@ class StreamPipeline:
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step, self.current_epoch = None, 0, 0
         self.workers = default_workers(workers)
-        dataset = StreamImages(files, image_size=image_size, train=True, seed=seed, crop_scale=crop_scale,
-                               skip_bad=skip_bad, raw_jpeg=decode == "gpu")
+        dataset = StreamImages(
+            files,
+            image_size=image_size,
+            train=True,
+            seed=seed,
+            crop_scale=crop_scale,
+            skip_bad=skip_bad,
+            raw_jpeg=decode == "gpu",
+        )
         self.to_device = _Batches(files, image_size, device, train=True, crop_ratio=1.0)
         self.loader = _loader(dataset, _PlanSampler(self), batch_per_rank, self.workers, device)
 
@@ -418,6 +491,7 @@ class StreamPipeline:
 
 # ----------------------------------------------------------------------------- evaluation and statistics
 
+
 class _Range(Sampler):
     def __init__(self, indices: range):
         self.indices = indices
@@ -433,15 +507,34 @@ class StreamEval:
     """This rank's contiguous shard of the test files, decoded in batches (Resize + CenterCrop).
     Skipped test images come with label -1, which the scorer leaves out and counts."""
 
-    def __init__(self, files: FileList, *, rank: int, world: int, image_size: int, eval_crop_ratio: float,
-                 device, workers: int, batch_size: int = 250, skip_bad: bool = False, decode: str = "cpu"):
+    def __init__(
+        self,
+        files: FileList,
+        *,
+        rank: int,
+        world: int,
+        image_size: int,
+        eval_crop_ratio: float,
+        device,
+        workers: int,
+        batch_size: int = 250,
+        skip_bad: bool = False,
+        decode: str = "cpu",
+    ):
         self.files, self.n = files, len(files)
         part = eval_shard(len(files), rank, world)
-        dataset = StreamImages(files, image_size=image_size, train=False, eval_crop_ratio=eval_crop_ratio,
-                               skip_bad=skip_bad, raw_jpeg=decode == "gpu" and device.type == "cuda")
+        dataset = StreamImages(
+            files,
+            image_size=image_size,
+            train=False,
+            eval_crop_ratio=eval_crop_ratio,
+            skip_bad=skip_bad,
+            raw_jpeg=decode == "gpu" and device.type == "cuda",
+        )
         self.to_device = _Batches(files, image_size, device, train=False, crop_ratio=eval_crop_ratio)
-        self.loader = _loader(dataset, _Range(range(part.start, part.stop)), batch_size,
-                              default_workers(workers), device)
+        self.loader = _loader(
+            dataset, _Range(range(part.start, part.stop)), batch_size, default_workers(workers), device
+        )
 
     @property
     def skipped(self) -> set[int]:
@@ -461,17 +554,32 @@ class SampleStats:
     y: torch.Tensor
 
 
-def sample_stats(files: FileList, n: int = STATS_SAMPLE, *, image_size: int, eval_crop_ratio: float, workers: int,
-                 skip_bad: bool = False, keep: int = 64) -> SampleStats:
+def sample_stats(
+    files: FileList,
+    n: int = STATS_SAMPLE,
+    *,
+    image_size: int,
+    eval_crop_ratio: float,
+    workers: int,
+    skip_bad: bool = False,
+    keep: int = 64,
+) -> SampleStats:
     """Per-channel mean/std of an unbiased random sample of n training images (seeded, not the first n
     in class order) through the evaluation transform, accumulated batch by batch; keeps `keep` images."""
     g = torch.Generator().manual_seed(STATS_SEED)
     picks = torch.randperm(len(files), generator=g)[:n].sort().values.tolist()
-    dataset = StreamImages(files, image_size=image_size, train=False, eval_crop_ratio=eval_crop_ratio,
-                           skip_bad=skip_bad)
+    dataset = StreamImages(
+        files, image_size=image_size, train=False, eval_crop_ratio=eval_crop_ratio, skip_bad=skip_bad
+    )
     to_host = _Batches(files, image_size, torch.device("cpu"), train=False, crop_ratio=eval_crop_ratio)
-    loader = DataLoader(dataset, batch_size=50, sampler=_Range(picks), num_workers=default_workers(workers),
-                        collate_fn=collate, generator=_own_generator())
+    loader = DataLoader(
+        dataset,
+        batch_size=50,
+        sampler=_Range(picks),
+        num_workers=default_workers(workers),
+        collate_fn=collate,
+        generator=_own_generator(),
+    )
     total = torch.zeros(2, 3, dtype=torch.float64)  # per channel: sum, sum of squares (pixels in [0, 1])
     count, xs, ys = 0, [], []
     for batch in _iterate(loader):
@@ -489,6 +597,7 @@ def sample_stats(files: FileList, n: int = STATS_SAMPLE, *, image_size: int, eva
 
 # ----------------------------------------------------------------------------- choosing the pipeline
 
+
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -505,10 +614,12 @@ def fits_in_memory(index: FolderIndex, device: torch.device, local_world: int = 
     need = index.decoded_bytes()
     budget = available_memory(device) // 2 // (1 if device.type == "cuda" else max(1, local_world))
     where = "GPU memory" if device.type == "cuda" else "RAM"
-    gib = 2 ** 30
-    return need <= budget, (f"{len(index.train) + len(index.test)} images at {index.image_size} px decode to "
-                            f"{need / gib:.1f} GiB, budget {budget / gib:.1f} GiB (half the free {where}"
-                            f"{' per rank' if local_world > 1 and device.type != 'cuda' else ''})")
+    gib = 2**30
+    return need <= budget, (
+        f"{len(index.train) + len(index.test)} images at {index.image_size} px decode to "
+        f"{need / gib:.1f} GiB, budget {budget / gib:.1f} GiB (half the free {where}"
+        f"{' per rank' if local_world > 1 and device.type != 'cuda' else ''})"
+    )
 
 
 def open_folder(data_cfg, env) -> tuple[FolderIndex | None, str]:
@@ -531,8 +642,15 @@ def attach_sample(index: FolderIndex, data_cfg, env, keep: int = 256) -> FolderI
 
     def measure():
         n = keep if data_cfg.normalize == "half" else STATS_SAMPLE
-        s = sample_stats(index.train, n, image_size=index.image_size, eval_crop_ratio=data_cfg.eval_crop_ratio,
-                         workers=data_cfg.workers, skip_bad=data_cfg.skip_bad_images, keep=keep)
+        s = sample_stats(
+            index.train,
+            n,
+            image_size=index.image_size,
+            eval_crop_ratio=data_cfg.eval_crop_ratio,
+            workers=data_cfg.workers,
+            skip_bad=data_cfg.skip_bad_images,
+            keep=keep,
+        )
         if data_cfg.normalize == "half":  # the tutorial's Normalize((0.5,)*3, (0.5,)*3)
             s.mean, s.std = [0.5] * 3, [0.5] * 3
         return s

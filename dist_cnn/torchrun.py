@@ -8,6 +8,7 @@ The launch scripts (launch/node.sh, launch/multinode.sh, slurm/train.sh) start t
   signal (`DIST_CNN_TORCHRUN_VERBOSE=1` keeps torchrun's full report and logs).
 `python -m dist_cnn.torchrun --check-only [train.py] [train options]` only validates (exit 0 or 2).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if code is None else code
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
     args = parse_args(argv)
     code = check_train_args(list(args.training_script_args)) if _ours(args.training_script) else None
     if code is not None:

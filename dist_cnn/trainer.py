@@ -3,6 +3,7 @@
 Every rank runs the same code and takes part in every collective; only rank 0 writes or prints
 (the run directory, metrics, W&B and the progress bar are no-ops elsewhere).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, config as config_mod, distributed as D, parallel, precision as P
+from . import checkpoint, parallel
+from . import config as config_mod
+from . import distributed as D
+from . import precision as P
 from .allocator import tune_malloc
 from .augment import BatchMix, ImageAugment
 from .checkpoint import CheckpointPolicy
@@ -42,10 +46,11 @@ from .stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, defa
 
 class StepSignals(NamedTuple):
     """What all ranks agreed on after a step (one small all_reduce carries all four)."""
-    nonfinite: bool        # some rank's loss was NaN/Inf: the step is not applied
-    stop: bool             # some rank got a stop signal: checkpoint and leave
-    checkpoint_due: bool   # rank 0's clock says a periodic checkpoint is due
-    write_failed: bool     # rank 0 could not write the run directory and --on-write-error is stop
+
+    nonfinite: bool  # some rank's loss was NaN/Inf: the step is not applied
+    stop: bool  # some rank got a stop signal: checkpoint and leave
+    checkpoint_due: bool  # rank 0's clock says a periodic checkpoint is due
+    write_failed: bool  # rank 0 could not write the run directory and --on-write-error is stop
 
 
 class Meter:
@@ -98,13 +103,17 @@ class Trainer:
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()
 
-        prepared = prepare_model(cfg, self.data, env.device, factory=model_factory, starting_weights=state is None,
-                                 log=self.log)
+        prepared = prepare_model(
+            cfg, self.data, env.device, factory=model_factory, starting_weights=state is None, log=self.log
+        )
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
         self.model, self.raw_model = parallel.wrap(prepared.model, env, cfg.model, t.grad_accum)
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
-        self.precision, self.precision_reason = (state["precision"], "kept from the checkpoint") \
-            if state and t.precision == "auto" else D.main_only(env, self._resolve_precision)
+        self.precision, self.precision_reason = (
+            (state["precision"], "kept from the checkpoint")
+            if state and t.precision == "auto"
+            else D.main_only(env, self._resolve_precision)
+        )
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.pipeline = self._build_pipeline()
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
@@ -113,11 +122,19 @@ class Trainer:
         self.total_steps = total_steps(t.epochs, self.steps_per_epoch, t.max_steps)
         self.schedule = build_schedule(self.optimizer, self.total_steps, cfg.optim)
         self.scaler = P.grad_scaler(self.precision, env.device)
-        self.lookahead = Lookahead(self.raw_model, t.lookahead_every, t.lookahead_decay, self.total_steps) \
-            if t.lookahead_every else None
+        self.lookahead = (
+            Lookahead(self.raw_model, t.lookahead_every, t.lookahead_decay, self.total_steps)
+            if t.lookahead_every
+            else None
+        )
         ema_decay = adjusted_decay(t.model_ema_decay, t.batch_size, t.model_ema_steps, t.epochs)
-        self.ema = ModelEMA(self.raw_model, ema_decay, t.model_ema_steps,
-                            warmup_steps=int(cfg.optim.warmup * self.total_steps)) if t.model_ema else None
+        self.ema = (
+            ModelEMA(
+                self.raw_model, ema_decay, t.model_ema_steps, warmup_steps=int(cfg.optim.warmup * self.total_steps)
+            )
+            if t.model_ema
+            else None
+        )
         self.mix = BatchMix(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, self.data.num_classes, t.seed, env.rank)
         self.best_weights = "model"  # which weights best.pt holds the best score of: model or ema
 
@@ -135,12 +152,14 @@ class Trainer:
         self.progress = Progress(main, cfg.log.progress, self.total_steps)
         self.log = self.progress.print
         self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, main, self.log)
-        self.tensorboard = TensorBoardLogger(self.run_dir, main and cfg.log.tensorboard,
-                                             self.step if state is not None else None, self.log)
+        self.tensorboard = TensorBoardLogger(
+            self.run_dir, main and cfg.log.tensorboard, self.step if state is not None else None, self.log
+        )
         self.stop = StopSignal(announce=main)
         self.stop.install()
-        self.profiler = StepProfiler(cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack,
-                                     self.log)
+        self.profiler = StepProfiler(
+            cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack, self.log
+        )
 
     # ---- setup -------------------------------------------------------------------------------
     def _load_data(self):
@@ -163,21 +182,37 @@ class Trainer:
         x, y = (d.sample.x, d.sample.y) if isinstance(d, FolderIndex) else (d.train_x, d.train_y)
         x, y = self.normalize(x[:n].to(self.env.device)), y[:n].to(self.env.device)
         probe = P.time_training_step(self.raw_model, x, y)
-        what = {"model": self.cfg.model.name, "input": list(x.shape[1:]), "batch": n,
-                "channels_last": self.cfg.model.channels_last}
+        what = {
+            "model": self.cfg.model.name,
+            "input": list(x.shape[1:]),
+            "batch": n,
+            "channels_last": self.cfg.model.channels_last,
+        }
         return P.resolve_auto(self.env.device, what, probe)
 
     def _build_pipeline(self):
         cfg, env, d = self.cfg, self.env, self.data
-        kw = dict(batch_per_rank=self.batch_per_rank, rank=env.rank, world=env.world_size, seed=cfg.train.seed,
-                  aug=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.alternate_flip),
-                  image_aug=ImageAugment(cfg.data.auto_augment, cfg.data.random_erase, cfg.train.seed, self.mean),
-                  normalize=self.normalize, device=env.device)
+        kw = dict(
+            batch_per_rank=self.batch_per_rank,
+            rank=env.rank,
+            world=env.world_size,
+            seed=cfg.train.seed,
+            aug=Augment(cfg.data.crop_padding, cfg.data.flip, cfg.data.alternate_flip),
+            image_aug=ImageAugment(cfg.data.auto_augment, cfg.data.random_erase, cfg.train.seed, self.mean),
+            normalize=self.normalize,
+            device=env.device,
+        )
         if isinstance(d, FolderIndex):
             self.loader_kind, self._test_stream = "stream", None
-            return StreamPipeline(d.train, workers=cfg.data.workers, image_size=d.image_size,
-                                  crop_scale=config_mod.parse_crop_scale(cfg.data.crop_scale),
-                                  skip_bad=cfg.data.skip_bad_images, decode=cfg.data.decode, **kw)
+            return StreamPipeline(
+                d.train,
+                workers=cfg.data.workers,
+                image_size=d.image_size,
+                crop_scale=config_mod.parse_crop_scale(cfg.data.crop_scale),
+                skip_bad=cfg.data.skip_bad_images,
+                decode=cfg.data.decode,
+                **kw,
+            )
         kind = cfg.data.loader
         if kind == "auto":
             kind = "device" if self._fits_on_device(d.train_x) else "dataloader"
@@ -198,28 +233,55 @@ class Trainer:
         if self.env.initialized:
             rngs = [None] * self.env.world_size
             torch.distributed.all_gather_object(rngs, checkpoint.rng_state())
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
-                "train_seconds": self.meter.seconds, "best_acc": self.best_acc,
-                "skipped_steps": self.skipped_steps, "rng": rngs, "world_size": self.env.world_size,
-                "config": config_mod.to_dict(self.cfg), "wandb_id": self.wandb.run_id,
-                "metrics": self.metrics.history, "finished": False, "precision": self.precision,
-                "mean": self.mean, "std": self.std, "loader": self.loader_kind, "train_size": self.train_size,
-                "skipped_images": sorted(self.skipped_images),
-                "comm_hook": parallel.comm_hook_record(self.cfg.model, self.env.world_size),
-                "lookahead": self.lookahead.state_dict() if self.lookahead else {},
-                "ema": self.ema.state_dict() if self.ema else {}, "best_weights": self.best_weights,
-                # what `dist-cnn predict/export` need without the dataset (model.pt carries the same)
-                "model_name": self.cfg.model.name, "classes": self.data.classes,
-                "in_channels": self.data.in_channels, "image_size": self.data.image_size}
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "train_seconds": self.meter.seconds,
+            "best_acc": self.best_acc,
+            "skipped_steps": self.skipped_steps,
+            "rng": rngs,
+            "world_size": self.env.world_size,
+            "config": config_mod.to_dict(self.cfg),
+            "wandb_id": self.wandb.run_id,
+            "metrics": self.metrics.history,
+            "finished": False,
+            "precision": self.precision,
+            "mean": self.mean,
+            "std": self.std,
+            "loader": self.loader_kind,
+            "train_size": self.train_size,
+            "skipped_images": sorted(self.skipped_images),
+            "comm_hook": parallel.comm_hook_record(self.cfg.model, self.env.world_size),
+            "lookahead": self.lookahead.state_dict() if self.lookahead else {},
+            "ema": self.ema.state_dict() if self.ema else {},
+            "best_weights": self.best_weights,
+            # what `dist-cnn predict/export` need without the dataset (model.pt carries the same)
+            "model_name": self.cfg.model.name,
+            "classes": self.data.classes,
+            "in_channels": self.data.in_channels,
+            "image_size": self.data.image_size,
+        }
 
     def _load_state(self, s: dict) -> None:
-        checkpoint.check_compatible(s, self.cfg.model.name, self.cfg.data.dataset,
-                                    {k: tuple(v.shape) for k, v in self.raw_model.state_dict().items()})
-        checkpoint.check_resumable(s, batch_size=self.cfg.train.batch_size, train_size=self.train_size,
-                                   steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                                   epochs=self.cfg.train.epochs)
+        checkpoint.check_compatible(
+            s,
+            self.cfg.model.name,
+            self.cfg.data.dataset,
+            {k: tuple(v.shape) for k, v in self.raw_model.state_dict().items()},
+        )
+        checkpoint.check_resumable(
+            s,
+            batch_size=self.cfg.train.batch_size,
+            train_size=self.train_size,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            epochs=self.cfg.train.epochs,
+        )
         self.raw_model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.schedule.load_state_dict(s["schedule"])
@@ -237,10 +299,11 @@ class Trainer:
         self.metrics.history = list(s["metrics"])
         checkpoint.scrub_missing(self.metrics.history)  # events naming checkpoints pruned since
         self.metrics.rewrite()
-        self.metrics.write({"event": "resume", "step": self.step, "epoch": self.epoch,
-                            "from": str(self.resume_path)})
-        self.log(f"resumed from {self.resume_path} at step {self.step} (epoch {self.epoch + 1}, "
-                 f"step {self.epoch_step} of {self.steps_per_epoch})")
+        self.metrics.write({"event": "resume", "step": self.step, "epoch": self.epoch, "from": str(self.resume_path)})
+        self.log(
+            f"resumed from {self.resume_path} at step {self.step} (epoch {self.epoch + 1}, "
+            f"step {self.epoch_step} of {self.steps_per_epoch})"
+        )
 
     def save_checkpoint(self, is_best: bool = False, final: bool = False) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes while the others wait."""
@@ -275,7 +338,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (x, y) in enumerate(micro_batches):
             last = i == accum - 1
-            with (contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()):
+            with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
                 with self.profiler.region("forward"), P.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 loss_sum += loss.detach().float()
@@ -327,10 +390,12 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if self.env.is_main:
             self.writes.attempt("config.json", lambda: config_mod.save(cfg, self.run_dir / "config.json"))
-            self.log(f"run {self.run_dir}: {cfg.model.name} on {cfg.data.dataset}, world size {self.env.world_size} "
-                     f"({self.env.backend}), {self.precision}, batch {t.batch_size} ({self.batch_per_rank}/rank), "
-                     f"{self.loader_kind} pipeline{f' ({self.loader_note})' if self.loader_note else ''}, "
-                     f"{self.total_steps} steps")
+            self.log(
+                f"run {self.run_dir}: {cfg.model.name} on {cfg.data.dataset}, world size {self.env.world_size} "
+                f"({self.env.backend}), {self.precision}, batch {t.batch_size} ({self.batch_per_rank}/rank), "
+                f"{self.loader_kind} pipeline{f' ({self.loader_note})' if self.loader_note else ''}, "
+                f"{self.total_steps} steps"
+            )
             if t.precision == "auto":
                 self.log(f"precision {self.precision} (auto: {self.precision_reason})")
         last_eval = None
@@ -430,19 +495,28 @@ class Trainer:
         self.skipped_steps += 1
         self.metrics.write({"event": "nonfinite", "step": self.step, "consecutive": self.bad_steps})
         if self.precision != "fp16" and self.bad_steps >= self.cfg.train.nonfinite_patience:
-            raise TrainingFailed(f"loss was NaN/Inf for {self.bad_steps} consecutive steps (step {self.step}); "
-                                 f"lower --lr or check the data. The last good checkpoint is kept in {self.run_dir}")
+            raise TrainingFailed(
+                f"loss was NaN/Inf for {self.bad_steps} consecutive steps (step {self.step}); "
+                f"lower --lr or check the data. The last good checkpoint is kept in {self.run_dir}"
+            )
 
     def log_train(self, loss: float, steps: int, seconds: float, wait: float) -> None:
         images = steps * self.cfg.train.batch_size
         ips = images / max(seconds, 1e-9)
         smooth = self.rate.update(ips)  # one slow interval must not make the ETA jump
-        rec = {"event": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
-               "lr": self.schedule.get_last_lr()[0], "images_per_sec": ips,
-               "images_per_sec_per_rank": ips / self.env.world_size, "data_wait_frac": wait / max(seconds, 1e-9),
-               "epoch_seconds": self.steps_per_epoch * self.cfg.train.batch_size / max(smooth, 1e-9),
-               "eta_seconds": (self.total_steps - self.step) * self.cfg.train.batch_size / max(smooth, 1e-9),
-               "memory_mb": memory_mb(self.env.device)}
+        rec = {
+            "event": "train",
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss": loss,
+            "lr": self.schedule.get_last_lr()[0],
+            "images_per_sec": ips,
+            "images_per_sec_per_rank": ips / self.env.world_size,
+            "data_wait_frac": wait / max(seconds, 1e-9),
+            "epoch_seconds": self.steps_per_epoch * self.cfg.train.batch_size / max(smooth, 1e-9),
+            "eta_seconds": (self.total_steps - self.step) * self.cfg.train.batch_size / max(smooth, 1e-9),
+            "memory_mb": memory_mb(self.env.device),
+        }
         if self.precision == "fp16":
             rec["scaler_scale"] = self.scaler.get_scale()
         self.metrics.write(rec)
@@ -459,12 +533,15 @@ class Trainer:
         self.tensorboard.finish()
         failed = requeue and self.env.is_main and not requeue_slurm_job(self.log)
         if D.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
-            raise TrainingFailed(f"stopped at step {self.step} and could not requeue; continue with "
-                                 f"--out {self.run_dir} --resume auto")
+            raise TrainingFailed(
+                f"stopped at step {self.step} and could not requeue; continue with --out {self.run_dir} --resume auto"
+            )
         self.requeued = requeue
         if not requeue:
-            self.log(f"the run is unfinished (exit code {self.stop.exit_code}); continue it with "
-                     f"--out {self.run_dir} --resume auto")
+            self.log(
+                f"the run is unfinished (exit code {self.stop.exit_code}); continue it with "
+                f"--out {self.run_dir} --resume auto"
+            )
         self.progress.close()
         return True
 
@@ -472,12 +549,27 @@ class Trainer:
         """The test metrics of `model`; None when a stop signal cut the evaluation short."""
         d = self.data
         if isinstance(d, FolderIndex):
-            return evaluate_batches(model, self._test_batches(), len(d.test), num_classes=d.num_classes,
-                                    env=self.env, precision=self.precision, tta=self.cfg.train.tta,
-                                    should_stop=lambda: self.stop.requested)
-        return evaluate(model, d.test_x, d.test_y, num_classes=d.num_classes, normalize=self.normalize,
-                        env=self.env, precision=self.precision, tta=self.cfg.train.tta,
-                        should_stop=lambda: self.stop.requested)
+            return evaluate_batches(
+                model,
+                self._test_batches(),
+                len(d.test),
+                num_classes=d.num_classes,
+                env=self.env,
+                precision=self.precision,
+                tta=self.cfg.train.tta,
+                should_stop=lambda: self.stop.requested,
+            )
+        return evaluate(
+            model,
+            d.test_x,
+            d.test_y,
+            num_classes=d.num_classes,
+            normalize=self.normalize,
+            env=self.env,
+            precision=self.precision,
+            tta=self.cfg.train.tta,
+            should_stop=lambda: self.stop.requested,
+        )
 
     def run_eval(self) -> dict | None:
         """The test metrics (logged, and a checkpoint when they are the best so far); None when a stop
@@ -501,8 +593,10 @@ class Trainer:
         self.metrics.write(rec)
         self.wandb.log_eval(rec, self.data.classes)
         self.tensorboard.log_eval(rec, self.data.classes)
-        self.log(f"epoch {self.epoch}: test accuracy {res['test_accuracy']:.4f} "
-                 f"({res['test_correct']}/{res['test_total']}){ema_note}, {self.meter.seconds:.1f} s of training")
+        self.log(
+            f"epoch {self.epoch}: test accuracy {res['test_accuracy']:.4f} "
+            f"({res['test_correct']}/{res['test_total']}){ema_note}, {self.meter.seconds:.1f} s of training"
+        )
         if score > self.best_acc:
             self.best_acc, self.best_weights = score, winner
             self.save_checkpoint(is_best=True)
@@ -512,11 +606,18 @@ class Trainer:
         """This rank's shard of a streamed test folder (workers started once, kept between evaluations)."""
         if self._test_stream is None:
             c, d = self.cfg.data, self.data
-            self._test_stream = StreamEval(d.test, rank=self.env.rank, world=self.env.world_size,
-                                           image_size=d.image_size, eval_crop_ratio=c.eval_crop_ratio,
-                                           device=self.env.device, workers=c.workers,
-                                           batch_size=2 * self.batch_per_rank, skip_bad=c.skip_bad_images,
-                                           decode=c.decode)
+            self._test_stream = StreamEval(
+                d.test,
+                rank=self.env.rank,
+                world=self.env.world_size,
+                image_size=d.image_size,
+                eval_crop_ratio=c.eval_crop_ratio,
+                device=self.env.device,
+                workers=c.workers,
+                batch_size=2 * self.batch_per_rank,
+                skip_bad=c.skip_bad_images,
+                decode=c.decode,
+            )
         return self._test_stream.batches(self.normalize)
 
     def _count_skipped(self) -> int:
@@ -529,8 +630,10 @@ class Trainer:
             torch.distributed.all_gather_object(found, mine)
         new = sorted(set().union(*found) - self.skipped_images)
         if new:
-            self.log(f"skipped {len(new)} unreadable image(s) (--skip-bad-images): {', '.join(new[:5])}"
-                     f"{' ...' if len(new) > 5 else ''}")
+            self.log(
+                f"skipped {len(new)} unreadable image(s) (--skip-bad-images): {', '.join(new[:5])}"
+                f"{' ...' if len(new) > 5 else ''}"
+            )
         self.skipped_images.update(new)
         return len(self.skipped_images)
 
@@ -539,9 +642,17 @@ class Trainer:
         self.save_checkpoint(final=True)
         if self.env.is_main:
             cfg, d = self.cfg, self.data
-            export = {"model": self.raw_model.state_dict(), "model_name": cfg.model.name, "classes": d.classes,
-                      "in_channels": d.in_channels, "image_size": d.image_size, "loader": self.loader_kind,
-                      "mean": self.mean, "std": self.std, "config": config_mod.to_dict(cfg)}
+            export = {
+                "model": self.raw_model.state_dict(),
+                "model_name": cfg.model.name,
+                "classes": d.classes,
+                "in_channels": d.in_channels,
+                "image_size": d.image_size,
+                "loader": self.loader_kind,
+                "mean": self.mean,
+                "std": self.std,
+                "config": config_mod.to_dict(cfg),
+            }
             if self.ema:
                 export["ema"] = self.ema.module.state_dict()
             self.writes.attempt("model.pt", lambda: checkpoint.atomic_save(export, self.run_dir / "model.pt"))
@@ -556,15 +667,29 @@ class Trainer:
     def summary(self, ev: dict) -> dict:
         cfg, d, seconds = self.cfg, self.data, self.meter.seconds
         summary = {k: ev[k] for k in ("test_accuracy", "test_correct", "test_total", "per_class_accuracy")}
-        summary.update({
-            "classes": d.classes, "epochs": self.epoch, "steps": self.step, "world_size": self.env.world_size,
-            "backend": self.env.backend, "per_rank_batch_size": self.batch_per_rank * cfg.train.grad_accum,
-            "global_batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-            "train_seconds": seconds, "train_images_per_sec": self.step * cfg.train.batch_size / max(seconds, 1e-9),
-            "model": cfg.model.name, "dataset": cfg.data.dataset, "precision": self.precision,
-            "loader": self.loader_kind, "device": str(self.env.device), "skipped_steps": self.skipped_steps,
-            "skipped_images": len(self.skipped_images),
-            "parameters": sum(p.numel() for p in self.raw_model.parameters()), "run_dir": str(self.run_dir)})
+        summary.update(
+            {
+                "classes": d.classes,
+                "epochs": self.epoch,
+                "steps": self.step,
+                "world_size": self.env.world_size,
+                "backend": self.env.backend,
+                "per_rank_batch_size": self.batch_per_rank * cfg.train.grad_accum,
+                "global_batch_size": cfg.train.batch_size,
+                "grad_accum": cfg.train.grad_accum,
+                "train_seconds": seconds,
+                "train_images_per_sec": self.step * cfg.train.batch_size / max(seconds, 1e-9),
+                "model": cfg.model.name,
+                "dataset": cfg.data.dataset,
+                "precision": self.precision,
+                "loader": self.loader_kind,
+                "device": str(self.env.device),
+                "skipped_steps": self.skipped_steps,
+                "skipped_images": len(self.skipped_images),
+                "parameters": sum(p.numel() for p in self.raw_model.parameters()),
+                "run_dir": str(self.run_dir),
+            }
+        )
         if self.ema:
             summary.update({k: ev[k] for k in ("ema_test_accuracy", "ema_test_correct", "best_weights")})
         return summary

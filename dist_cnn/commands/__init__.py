@@ -5,6 +5,7 @@ Bad input (UserError) is one line on stderr and exit code 2; a run that cannot g
 loss, failed checkpoint write, a lost peer process or node) is one line and exit code 1. Bugs keep
 their traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,14 @@ from ..errors import PeerError, PeerFailed, TrainingFailed, UserError
 from . import doctor, export, predict, report, train
 from . import eval as eval_command
 
-COMMANDS = {"train": train.main_train, "eval": eval_command.main_eval, "report": report.main_report,
-            "doctor": doctor.main_doctor, "predict": predict.main_predict, "export": export.main_export}
+COMMANDS = {
+    "train": train.main_train,
+    "eval": eval_command.main_eval,
+    "report": report.main_report,
+    "doctor": doctor.main_doctor,
+    "predict": predict.main_predict,
+    "export": export.main_export,
+}
 
 
 def _rank_prefix() -> str:

@@ -1,4 +1,5 @@
 """`dist-cnn eval --checkpoint PATH`: the test metrics of a saved model, at any world size."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,27 @@ def _batch_size(text: str) -> int:
 
 
 def eval_parser():
-    p = config_mod.ArgumentParser(prog="dist-cnn eval", description="Evaluate a checkpoint on a test set "
-                                  "(training's exact, distributed evaluation; torchrun works too).")
+    p = config_mod.ArgumentParser(
+        prog="dist-cnn eval",
+        description="Evaluate a checkpoint on a test set "
+        "(training's exact, distributed evaluation; torchrun works too).",
+    )
     p.add_argument("--checkpoint", required=True, help="a step-N.pt/best.pt checkpoint or a model.pt export")
     p.add_argument("--dataset", choices=config_mod.DATASETS, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", help="default: the checkpoint's data dir")
-    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision (default: fp32)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast precision (default: fp32)",
+    )
     p.add_argument("--batch-size", type=_batch_size, default=1000, help="evaluation batch per rank (default: 1000)")
-    p.add_argument("--weights", default="model", choices=("model", "ema"),
-                   help="the trained weights, or their EMA (runs with --model-ema) (default: model)")
+    p.add_argument(
+        "--weights",
+        default="model",
+        choices=("model", "ema"),
+        help="the trained weights, or their EMA (runs with --model-ema) (default: model)",
+    )
     p.add_argument("--output", help="write the metrics here as JSON (default: eval-<checkpoint>.json beside it)")
     return p
 
@@ -44,8 +56,11 @@ def eval_parser():
 def main_eval(argv) -> int:
     args = eval_parser().parse_args(argv)
     state = checkpoint.load(Path(args.checkpoint))
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or \
-            not isinstance(state.get("model"), dict):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("config"), dict)
+        or not isinstance(state.get("model"), dict)
+    ):
         what = checkpoint.describe(state) if not isinstance(state, dict) else "no config/model in it"
         raise UserError(f"{args.checkpoint} is not a dist_cnn checkpoint or model.pt ({what})")
     if args.weights == "ema":
@@ -66,19 +81,42 @@ def main_eval(argv) -> int:
             data = load_index(cfg.data, env)
             _check_classes(state, data, cfg)
             prepared = prepare_model(cfg, data, env.device, state)
-            test = StreamEval(data.test, rank=env.rank, world=env.world_size, image_size=data.image_size,
-                              eval_crop_ratio=cfg.data.eval_crop_ratio, device=env.device, workers=cfg.data.workers,
-                              batch_size=args.batch_size, skip_bad=cfg.data.skip_bad_images, decode=cfg.data.decode)
-            res = evaluate_batches(prepared.model, test.batches(prepared.normalize), len(data.test),
-                                   num_classes=data.num_classes, env=env,
-                                   precision=P.resolve(args.precision, env.device), tta=cfg.train.tta)
+            test = StreamEval(
+                data.test,
+                rank=env.rank,
+                world=env.world_size,
+                image_size=data.image_size,
+                eval_crop_ratio=cfg.data.eval_crop_ratio,
+                device=env.device,
+                workers=cfg.data.workers,
+                batch_size=args.batch_size,
+                skip_bad=cfg.data.skip_bad_images,
+                decode=cfg.data.decode,
+            )
+            res = evaluate_batches(
+                prepared.model,
+                test.batches(prepared.normalize),
+                len(data.test),
+                num_classes=data.num_classes,
+                env=env,
+                precision=P.resolve(args.precision, env.device),
+                tta=cfg.train.tta,
+            )
         else:
             data = D.main_then_all(env, lambda: load_dataset(cfg.data))
             _check_classes(state, data, cfg)
             prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
-            res = evaluate(prepared.model, data.test_x, data.test_y, num_classes=data.num_classes,
-                           normalize=prepared.normalize, env=env, precision=P.resolve(args.precision, env.device),
-                           batch_size=args.batch_size, tta=cfg.train.tta)
+            res = evaluate(
+                prepared.model,
+                data.test_x,
+                data.test_y,
+                num_classes=data.num_classes,
+                normalize=prepared.normalize,
+                env=env,
+                precision=P.resolve(args.precision, env.device),
+                batch_size=args.batch_size,
+                tta=cfg.train.tta,
+            )
         if env.is_main:
             _report(args, cfg, data, env, res)
     return 0
@@ -88,16 +126,26 @@ def _check_classes(state: dict, data, cfg) -> None:
     """The model's classes are the dataset's, by name and order: otherwise every number is wrong."""
     trained = state.get("classes")
     if trained is not None and list(trained) != list(data.classes):
+
         def show(names):
             return ", ".join(map(str, names[:6])) + (f", ... ({len(names)} classes)" if len(names) > 6 else "")
-        raise UserError(f"the model was trained on classes [{show(list(trained))}] but {cfg.data.dataset} in "
-                        f"{cfg.data.data_dir} has [{show(list(data.classes))}]: evaluate it on its own dataset")
+
+        raise UserError(
+            f"the model was trained on classes [{show(list(trained))}] but {cfg.data.dataset} in "
+            f"{cfg.data.data_dir} has [{show(list(data.classes))}]: evaluate it on its own dataset"
+        )
 
 
 def _report(args, cfg, data, env, res: dict) -> None:
-    res = {"checkpoint": str(args.checkpoint), "weights": args.weights, "dataset": cfg.data.dataset,
-           "model": cfg.model.name,
-           "classes": data.classes, "world_size": env.world_size, **res}
+    res = {
+        "checkpoint": str(args.checkpoint),
+        "weights": args.weights,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.name,
+        "classes": data.classes,
+        "world_size": env.world_size,
+        **res,
+    }
     print(f"test accuracy {res['test_accuracy']:.4f} ({res['test_correct']}/{res['test_total']})")
     for name, acc in zip(data.classes, res["per_class_accuracy"]):
         print(f"  {name:<12} {acc:7.2%}")

@@ -1,4 +1,5 @@
 """`dist-cnn export RUN/model.pt --format onnx|torchscript|safetensors --output FILE`."""
+
 from __future__ import annotations
 
 import sys
@@ -19,19 +20,39 @@ def export_parser():
     p = config_mod.ArgumentParser(
         prog="dist-cnn export",
         description="Export a trained model with its class names, normalization and image size as "
-                    "metadata, then check that the exported file computes the same logits as PyTorch.")
+        "metadata, then check that the exported file computes the same logits as PyTorch.",
+    )
     p.add_argument("model_file", metavar="MODEL_FILE", help="a run's model.pt or a checkpoint (step-N.pt, best.pt)")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (dynamic batch axis, checked "
-                   "with ONNX Runtime), torchscript (scripted, else traced) or safetensors (weights only) "
-                   "(default: onnx)")
-    p.add_argument("--output", metavar="FILE", help="where to write it (default: beside MODEL_FILE, "
-                   f"{', '.join(f'<name>{s}' for s in SUFFIX.values())})")
-    p.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders for the parity check "
-                   "(default: the run's test set when it is readable here, else random images)")
-    p.add_argument("--parity-images", type=int, default=16, metavar="N", help="how many images the parity "
-                   "check runs (default: 16)")
-    p.add_argument("--tolerance", type=float, default=1e-4, metavar="X", help="largest allowed absolute "
-                   "difference of a logit between the export and PyTorch (default: 0.0001)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="onnx",
+        help="onnx (dynamic batch axis, checked "
+        "with ONNX Runtime), torchscript (scripted, else traced) or safetensors (weights only) "
+        "(default: onnx)",
+    )
+    p.add_argument(
+        "--output",
+        metavar="FILE",
+        help=f"where to write it (default: beside MODEL_FILE, {', '.join(f'<name>{s}' for s in SUFFIX.values())})",
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        metavar="PATH",
+        help="image files or folders for the parity check "
+        "(default: the run's test set when it is readable here, else random images)",
+    )
+    p.add_argument(
+        "--parity-images", type=int, default=16, metavar="N", help="how many images the parity check runs (default: 16)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        metavar="X",
+        help="largest allowed absolute difference of a logit between the export and PyTorch (default: 0.0001)",
+    )
     return p
 
 
@@ -72,8 +93,9 @@ def main_export(argv) -> int:
     if output.resolve() == src.resolve():
         raise UserError(f"--output {output} is the model file itself")
     im = load_model(src)
-    pixels, source = (_given_images(im, args.images, args.parity_images) if args.images
-                      else _test_images(im, args.parity_images))
+    pixels, source = (
+        _given_images(im, args.images, args.parity_images) if args.images else _test_images(im, args.parity_images)
+    )
     x = Normalize(im.mean, im.std, "cpu", channels_last=False)(pixels)
     try:
         res = export(im, args.format, output, x, args.tolerance)
@@ -84,8 +106,12 @@ def main_export(argv) -> int:
         print(f"error: cannot write {output}: {e.strerror or e}", file=sys.stderr)
         return 1
     size = output.stat().st_size / 2**20
-    print(f"exported {im.name} ({im.num_classes} classes, {im.in_channels}x{im.image_size}x{im.image_size}) "
-          f"to {output} ({args.format}, {res['how']}, {size:.1f} MiB)")
-    print(f"parity on {source}, batches of {len(x)} and 3: max abs diff {res['max_abs_diff']:.3g} "
-          f"(tolerance {args.tolerance:g})")
+    print(
+        f"exported {im.name} ({im.num_classes} classes, {im.in_channels}x{im.image_size}x{im.image_size}) "
+        f"to {output} ({args.format}, {res['how']}, {size:.1f} MiB)"
+    )
+    print(
+        f"parity on {source}, batches of {len(x)} and 3: max abs diff {res['max_abs_diff']:.3g} "
+        f"(tolerance {args.tolerance:g})"
+    )
     return 0

@@ -4,6 +4,7 @@ Under torchrun every rank predicts a contiguous slice of the file list and rank 
 and writes each file's row once, in input order. Unreadable files are reported one line each on
 stderr and counted; the others are still predicted.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,29 +32,62 @@ def predict_parser():
     p = config_mod.ArgumentParser(
         prog="dist-cnn predict",
         description="Predict the classes of image files with a trained model, using the run's own "
-                    "preprocessing (resize, normalization, test-time augmentation). Runs under torchrun "
-                    "too: the files are split across ranks and rank 0 writes every row.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively "
-                   "for image files")
+        "preprocessing (resize, normalization, test-time augmentation). Runs under torchrun "
+        "too: the files are split across ranks and rank 0 writes every row.",
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively for image files"
+    )
     p.add_argument("--model-file", required=True, help="a run's model.pt or a checkpoint (step-N.pt, best.pt)")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes per image, most probable "
-                   "first (default: 5; at most the number of classes)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass and "
-                   "rank (default: 256)")
-    p.add_argument("--format", choices=FORMATS, default="table", help="table: aligned columns; json: one "
-                   "JSON object per line; csv: a header, then one row per file (default: table)")
-    p.add_argument("--output", metavar="FILE", help="write the rows to FILE (replaced when done) instead of "
-                   "stdout")
-    p.add_argument("--skip-bad-images", action="store_true", help="exit 0 even when some files cannot be "
-                   "read (each is still reported on stderr) (default: False)")
-    p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader processes decoding the "
-                   "images, per rank; 0 decodes in the main process (default: 0)")
-    p.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time augmentation: 0 none, 1 mirror, "
-                   "2 mirror + translations (default: the run's --tta)")
-    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast precision of the forward pass (default: fp32)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="X", help="seconds a collective may "
-                   "wait under torchrun (default: 300.0)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        metavar="K",
+        help="classes per image, most probable first (default: 5; at most the number of classes)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, metavar="N", help="images per forward pass and rank (default: 256)"
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table: aligned columns; json: one "
+        "JSON object per line; csv: a header, then one row per file (default: table)",
+    )
+    p.add_argument("--output", metavar="FILE", help="write the rows to FILE (replaced when done) instead of stdout")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="exit 0 even when some files cannot be read (each is still reported on stderr) (default: False)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="DataLoader processes decoding the images, per rank; 0 decodes in the main process (default: 0)",
+    )
+    p.add_argument(
+        "--tta",
+        type=int,
+        choices=(0, 1, 2),
+        help="test-time augmentation: 0 none, 1 mirror, 2 mirror + translations (default: the run's --tta)",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast precision of the forward pass (default: fp32)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="X",
+        help="seconds a collective may wait under torchrun (default: 300.0)",
+    )
     return p
 
 
@@ -104,8 +138,14 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
     normalize = im.normalizer(env.device)
     precision = P.resolve(args.precision, env.device)
     k = min(args.top_k, im.num_classes)
-    loader = DataLoader(_Files(files[part], part.start, im), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.workers, collate_fn=_collate, pin_memory=env.device.type == "cuda")
+    loader = DataLoader(
+        _Files(files[part], part.start, im),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+        collate_fn=_collate,
+        pin_memory=env.device.type == "cuda",
+    )
     rows, errors = [], []
     for positions, batch, bad in loader:
         errors += bad
@@ -140,8 +180,7 @@ def _render(rows, files, classes, fmt: str) -> str:
         for pos, idx, prob in rows:
             w.writerow([files[pos]] + [v for c, p in zip(idx, prob) for v in (classes[c], f"{p:.6g}")])
     else:
-        table = [[files[pos]] + [f"{classes[c]} {100 * p:.1f}%" for c, p in zip(idx, prob)]
-                 for pos, idx, prob in rows]
+        table = [[files[pos]] + [f"{classes[c]} {100 * p:.1f}%" for c, p in zip(idx, prob)] for pos, idx, prob in rows]
         k = len(rows[0][1]) if rows else 0
         table.insert(0, ["file"] + [f"top-{r}" for r in range(1, k + 1)])
         widths = [max(len(r[j]) for r in table) for j in range(len(table[0]))]
@@ -184,10 +223,15 @@ def _run(args, env) -> int:
         for pos, text in errors:
             print(f"{what} {files[pos]}: {text}", file=sys.stderr)
         _write(_render(rows, files, im.classes, args.format), args.output)
-        print(f"predicted {len(rows)} images in {seconds:.2f} s ({len(rows) / max(seconds, 1e-9):.0f} images/s, "
-              f"world size {env.world_size}, {env.device})", file=sys.stderr)
+        print(
+            f"predicted {len(rows)} images in {seconds:.2f} s ({len(rows) / max(seconds, 1e-9):.0f} images/s, "
+            f"world size {env.world_size}, {env.device})",
+            file=sys.stderr,
+        )
         if errors and not args.skip_bad_images:
-            print(f"error: {len(errors)} of {len(files)} files could not be read (--skip-bad-images to "
-                  f"exit 0)", file=sys.stderr)
+            print(
+                f"error: {len(errors)} of {len(files)} files could not be read (--skip-bad-images to exit 0)",
+                file=sys.stderr,
+            )
             code = 1
     return D.broadcast_object(code, env)

@@ -1,4 +1,5 @@
 """`dist-cnn report RUN_DIR`: re-render the plots and print the report of a run directory."""
+
 from __future__ import annotations
 
 from .. import config

@@ -1,4 +1,5 @@
 """`dist-cnn train [flags]` (also `python train.py [flags]`): one training run; --dry-run is the doctor."""
+
 from __future__ import annotations
 
 from .. import config

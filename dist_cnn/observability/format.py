@@ -1,4 +1,5 @@
 """Small formatting rules shared by the console, the report and W&B, so they always agree."""
+
 from __future__ import annotations
 
 

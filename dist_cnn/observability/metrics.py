@@ -2,6 +2,7 @@
 
 Other ranks get the same object with `enabled=False`, so the trainer never branches on the rank.
 """
+
 from __future__ import annotations
 
 import json

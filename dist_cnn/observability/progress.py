@@ -2,6 +2,7 @@
 
 Other ranks get the same object with `enabled=False`, so the trainer never branches on the rank.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,6 +21,7 @@ class Progress:
         self.log_every_s, self.last_line = log_every_s, 0.0
         if enabled and show_bar and sys.stderr.isatty():
             from tqdm import tqdm
+
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def print(self, msg: str) -> None:
@@ -36,14 +38,15 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{stats['images_per_sec']:.0f}",
-                                 refresh=False)
+            self.bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{stats['images_per_sec']:.0f}", refresh=False)
             self.bar.refresh()
         elif time.time() - self.last_line >= self.log_every_s:
             self.last_line = time.time()
-            self.print(f"epoch {stats['epoch'] + 1} step {step}/{self.total} loss {stats['loss']:.4f} "
-                       f"lr {stats['lr']:.4g} {stats['images_per_sec']:.0f} img/s "
-                       f"({stats['images_per_sec_per_rank']:.0f}/rank) ETA {duration(stats['eta_seconds'])}")
+            self.print(
+                f"epoch {stats['epoch'] + 1} step {step}/{self.total} loss {stats['loss']:.4f} "
+                f"lr {stats['lr']:.4g} {stats['images_per_sec']:.0f} img/s "
+                f"({stats['images_per_sec_per_rank']:.0f}/rank) ETA {duration(stats['eta_seconds'])}"
+            )
 
     def close(self) -> None:
         if self.bar is not None:

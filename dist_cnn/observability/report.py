@@ -6,6 +6,7 @@ runs copied off the cluster.  Plots are drawn with matplotlib's Agg canvas (no d
 global state) and written atomically next to the metrics: loss.png, accuracy.png,
 confusion_matrix.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,8 +129,13 @@ def _plot_accuracy(evals: list[dict], path: Path, title: str) -> Path:
     ax.plot(epochs, acc, marker="o", color="tab:green")
     last = evals[-1]
     if is_number(last.get("test_accuracy")):
-        ax.annotate(f"{100 * last['test_accuracy']:.2f}%", (epochs[-1], acc[-1]),
-                    textcoords="offset points", xytext=(0, 8), ha="center")
+        ax.annotate(
+            f"{100 * last['test_accuracy']:.2f}%",
+            (epochs[-1], acc[-1]),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+        )
     ax.margins(x=0.06, y=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
@@ -156,14 +162,22 @@ def _plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     if n <= TICK_LABEL_MAX_CLASSES:
         fontsize = 9 if n <= 20 else 7 if n <= 50 else 5
-        ax.set_xticks(range(n), names, rotation=90 if n > 10 else 45, ha="right" if n <= 10 else "center",
-                      fontsize=fontsize)
+        ax.set_xticks(
+            range(n), names, rotation=90 if n > 10 else 45, ha="right" if n <= 10 else "center", fontsize=fontsize
+        )
         ax.set_yticks(range(n), names, fontsize=fontsize)
     if n <= ANNOTATE_MAX_CLASSES:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=8,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(m[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
@@ -280,8 +294,7 @@ def format_report(summary: dict, metrics, config: dict | None = None) -> str:
     if isinstance(per_class, list) and per_class:
         names = class_names(summary.get("classes"), len(per_class))
         matrix = last_eval.get("confusion_matrix") if last_eval else None
-        counts = ([sum(row) for row in matrix] if isinstance(matrix, list) and len(matrix) == len(per_class)
-                  else None)
+        counts = [sum(row) for row in matrix] if isinstance(matrix, list) and len(matrix) == len(per_class) else None
         width = max(5, *(len(n) for n in names))
         lines.append("")
         lines.append(f"{'class':<{width}}  accuracy" + ("  images" if counts else ""))

@@ -7,6 +7,7 @@ whatever the interrupted attempt logged after that checkpoint and the curves con
 steps. Like W&B, a failing writer never stops training: one line, then logging is off. (The
 tensorboard package is an optional extra; config validation refuses --tensorboard without it.)
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ from .report import _plot_confusion
 class TensorBoardLogger:
     """log_train / log_eval / finish, as WandbLogger. A no-op unless enabled (rank 0 with --tensorboard)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self, run_dir: Path, enabled: bool = True, resume_step: int | None = None, log: Callable[[str], None] = print
+    ):
         self._log = log
         self._writer = None
         self.log_dir = Path(run_dir) / "tensorboard"
@@ -31,6 +33,7 @@ class TensorBoardLogger:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             purge = None if resume_step is None else resume_step + 1
             self._writer = SummaryWriter(str(self.log_dir), purge_step=purge, flush_secs=10)
         except Exception as e:
@@ -51,16 +54,19 @@ class TensorBoardLogger:
 
     def log_train(self, record: dict) -> None:
         """train/<field> for every number of a metrics.jsonl train event but step and time."""
+
         def write(w):
             for k, v in record.items():
                 if is_number(v) and k not in ("step", "time"):
                     w.add_scalar(f"train/{k}", v, record["step"])
             w.flush()  # on disk at once, as metrics.jsonl: a crash loses no logged step
+
         self._safely(write)
 
     def log_eval(self, record: dict, classes: list[str]) -> None:
         """test/accuracy, test/correct, test/total, test/epoch, train_seconds,
         test/per_class_accuracy/<class> and the confusion matrix image test/confusion_matrix."""
+
         def write(w):
             step = record["step"]
             w.add_scalar("test/accuracy", record["test_accuracy"], step)
@@ -74,9 +80,13 @@ class TensorBoardLogger:
                 w.add_scalar(f"test/per_class_accuracy/{name}", acc, step)
             matrix = record.get("confusion_matrix")
             if matrix:
-                w.add_image("test/confusion_matrix", _confusion_image(matrix, class_names(classes, len(matrix)),
-                                                                     record.get("epoch")), step)
+                w.add_image(
+                    "test/confusion_matrix",
+                    _confusion_image(matrix, class_names(classes, len(matrix)), record.get("epoch")),
+                    step,
+                )
             w.flush()
+
         self._safely(write)
 
     def finish(self, summary: dict | None = None) -> None:

@@ -13,6 +13,7 @@ Steps are the trainer's global optimizer step, so they keep increasing across re
 The API key is never read into anything logged: the config logged is the run config dict only,
 credentials are only looked up to decide `auto` (presence, never the value).
 """
+
 from __future__ import annotations
 
 import configparser
@@ -21,8 +22,8 @@ import os
 import secrets
 import string
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 from ..config import LogConfig
@@ -39,6 +40,7 @@ def _wandb_default_host() -> str | None:
     """The default server of the installed wandb (lazily; None if that module moved)."""
     try:
         from wandb.sdk.lib import urls  # small module; wandb itself is imported anyway when used
+
         return urlsplit(urls.DEFAULT_BASE_URL).netloc or None
     except Exception:
         return None
@@ -115,21 +117,28 @@ def resolve_mode(mode: str, run_dir: Path | str | None = None) -> tuple[str, str
         if env_mode == "disabled" or os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1"):
             return "disabled", None
         if env_mode in ("offline", "dryrun"):
-            return "offline", f"wandb: offline (WANDB_MODE={env_mode}); upload later with: {SYNC_HINT.format(dir=where)}"
+            return (
+                "offline",
+                f"wandb: offline (WANDB_MODE={env_mode}); upload later with: {SYNC_HINT.format(dir=where)}",
+            )
     if has_credentials():
         return "online", None
     why = "no W&B credentials found" + (" for --wandb online" if mode == "online" else "")
-    return "offline", (f"wandb: {why} (set WANDB_API_KEY or run `wandb login`): logging offline; "
-                       f"upload later with: {SYNC_HINT.format(dir=where)}")
+    return "offline", (
+        f"wandb: {why} (set WANDB_API_KEY or run `wandb login`): logging offline; "
+        f"upload later with: {SYNC_HINT.format(dir=where)}"
+    )
 
 
 def _call_with_timeout(fn, timeout: float) -> bool:
     """Run fn in a daemon thread; True if it returned (raising counts) within timeout seconds."""
+
     def target():
         try:
             fn()
         except Exception:
             pass
+
     thread = threading.Thread(target=target, name="wandb-teardown", daemon=True)
     thread.start()
     thread.join(timeout)
@@ -158,8 +167,15 @@ def keep_files_in_run_dir(run_dir: Path, environ=os.environ) -> None:
 class WandbLogger:
     """Thin W&B run wrapper: log_train / log_eval / finish. A no-op unless enabled and not disabled."""
 
-    def __init__(self, cfg_log: LogConfig, run_dir: Path, config: dict, run_id: str | None = None,
-                 enabled: bool = True, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg_log: LogConfig,
+        run_dir: Path,
+        config: dict,
+        run_id: str | None = None,
+        enabled: bool = True,
+        log: Callable[[str], None] = print,
+    ):
         self._log = log
         self._run = None
         self._wandb = None
@@ -187,10 +203,15 @@ class WandbLogger:
         # A fresh run gets its id here rather than from wandb, so that an offline fallback after a
         # failed online init keeps the same id (and `wandb sync` later fills that run).
         init = dict(
-            project=cfg_log.wandb_project or None, entity=cfg_log.wandb_entity or None,
-            name=cfg_log.run_name or None, group=cfg_log.wandb_group or None,
-            tags=list(cfg_log.wandb_tags) or None, config=dict(config),
-            id=run_id or new_run_id(), resume="allow" if run_id else None, dir=str(self.run_dir),
+            project=cfg_log.wandb_project or None,
+            entity=cfg_log.wandb_entity or None,
+            name=cfg_log.run_name or None,
+            group=cfg_log.wandb_group or None,
+            tags=list(cfg_log.wandb_tags) or None,
+            config=dict(config),
+            id=run_id or new_run_id(),
+            resume="allow" if run_id else None,
+            dir=str(self.run_dir),
         )
         self._run = self._init(init, mode)
         if self._run is None and mode == "online":
@@ -210,7 +231,10 @@ class WandbLogger:
         wandb = self._wandb
         try:
             settings = wandb.Settings(
-                silent=True, quiet=True, console="off", init_timeout=INIT_TIMEOUT_S,
+                silent=True,
+                quiet=True,
+                console="off",
+                init_timeout=INIT_TIMEOUT_S,
                 reinit="finish_previous",
             )
             run = wandb.init(mode=mode, settings=settings, **init)
@@ -274,16 +298,17 @@ class WandbLogger:
         wandb = self._wandb
         n = len(matrix)
         # zeros are kept for small matrices (a full grid); large ones keep nonzero cells only
-        rows = [[names[i], names[j], int(c)] for i, row in enumerate(matrix) for j, c in enumerate(row)
-                if c or n <= 20]
+        rows = [[names[i], names[j], int(c)] for i, row in enumerate(matrix) for j, c in enumerate(row) if c or n <= 20]
         if len(rows) > wandb.Table.MAX_ROWS:
             return None
         try:
             table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
             return wandb.plot_table(
-                "wandb/confusion_matrix/v1", table,
+                "wandb/confusion_matrix/v1",
+                table,
                 {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
-                {"title": "Test confusion matrix"})
+                {"title": "Test confusion matrix"},
+            )
         except Exception as e:
             self._log(f"wandb: confusion matrix not logged ({one_line(e)})")
             return None

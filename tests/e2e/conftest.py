@@ -1,4 +1,5 @@
 """Shared fixtures of the predict / export tests: a folder of real image files and a model trained on it."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,11 @@ def _pattern(label: int, g: torch.Generator, size: int = 32) -> torch.Tensor:
     """A class template (fixed), a random brightness and noise: learnable within a few steps."""
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     c = size / 2
-    shape = [((yy - c) ** 2 + (xx - c) ** 2 < (size / 3) ** 2), (abs(yy - c) < size / 4) & (abs(xx - c) < size / 4),
-             (xx // 4) % 2 == 0][label].float()
+    shape = [
+        ((yy - c) ** 2 + (xx - c) ** 2 < (size / 3) ** 2),
+        (abs(yy - c) < size / 4) & (abs(xx - c) < size / 4),
+        (xx // 4) % 2 == 0,
+    ][label].float()
     colour = torch.tensor([[200, 60, 60], [60, 200, 60], [60, 60, 200]][label], dtype=torch.float32).view(3, 1, 1)
     img = 40 + shape * colour * (0.6 + 0.4 * torch.rand(1, generator=g)) + 25 * torch.randn(3, size, size, generator=g)
     return img.clamp(0, 255).to(torch.uint8)
@@ -47,7 +51,8 @@ def image_folder(tmp_path_factory):
     rgba.save(test / "stripes" / "rgba.png")
     _pil(_pattern(0, g)).convert("P", palette=Image.ADAPTIVE, colors=64).save(test / "circles" / "palette.png")
     _pil(torch.nn.functional.interpolate(_pattern(1, g)[None].float(), size=(48, 40))[0].to(torch.uint8)).save(
-        test / "squares" / "wide.jpg", quality=92)
+        test / "squares" / "wide.jpg", quality=92
+    )
     good = (root / "test" / "circles" / "000.jpg").read_bytes()
     (root / "bad.jpg").write_bytes(good[: len(good) // 3])  # truncated mid-scan
     return root

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after a crash, elastic restarts, corrupt files, pruning, write failures,
 the non-finite guard, weights_only loading and `dist-cnn eval`."""
+
 import json
 import os
 import subprocess
@@ -11,15 +12,38 @@ from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summa
 
 FAIL = ROOT / "tests/support/fail_rank.py"
 # 1024 images / batch 64 = 16 steps an epoch; 2 epochs; a checkpoint every 5 steps.
-ARGS = [*SMALL, "--synthetic-train-size", "1024", "--epochs", "2", "--checkpoint-every-steps", "5", "--log-every", "4",
-        "--crop-padding", "2", "--flip"]
-NOISE = {"time", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", "epoch_seconds",
-         "eta_seconds", "memory_mb", "train_seconds", "path", "from"}
+ARGS = [
+    *SMALL,
+    "--synthetic-train-size",
+    "1024",
+    "--epochs",
+    "2",
+    "--checkpoint-every-steps",
+    "5",
+    "--log-every",
+    "4",
+    "--crop-padding",
+    "2",
+    "--flip",
+]
+NOISE = {
+    "time",
+    "images_per_sec",
+    "images_per_sec_per_rank",
+    "data_wait_frac",
+    "epoch_seconds",
+    "eta_seconds",
+    "memory_mb",
+    "train_seconds",
+    "path",
+    "from",
+}
 
 
 def history(run_dir):
-    return [{k: v for k, v in e.items() if k not in NOISE} for e in read_events(run_dir)
-            if e["event"] in ("train", "eval")]
+    return [
+        {k: v for k, v in e.items() if k not in NOISE} for e in read_events(run_dir) if e["event"] in ("train", "eval")
+    ]
 
 
 def max_diff(a, b):
@@ -125,8 +149,10 @@ class Evil:
 def test_pickled_object_checkpoint_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "payload": Evil()}, evil)
-    for args in (["-m", "dist_cnn.cli", "eval", "--checkpoint", evil],
-                 [ROOT / "train.py", *SMALL, "--resume", evil, "--out", tmp_path / "r"]):
+    for args in (
+        ["-m", "dist_cnn.cli", "eval", "--checkpoint", evil],
+        [ROOT / "train.py", *SMALL, "--resume", evil, "--out", tmp_path / "r"],
+    ):
         p = run_py(args, cwd=tmp_path)
         assert p.returncode == 2 and "weights_only" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "EVIL_RAN").exists()
@@ -135,8 +161,9 @@ def test_pickled_object_checkpoint_is_refused(tmp_path):
 def test_other_model_checkpoint_is_a_clear_error(tmp_path):
     out = tmp_path / "r"
     assert run_py([FAIL, *ARGS, "--out", out], env=clean_env(FAIL_RANK="0", FAIL_STEP="6")).returncode != 0
-    p = train([*SMALL, "--model", "resnet18", "--resume", out / "checkpoints" / "step-00000005.pt",
-               "--out", tmp_path / "r2"])
+    p = train(
+        [*SMALL, "--model", "resnet18", "--resume", out / "checkpoints" / "step-00000005.pt", "--out", tmp_path / "r2"]
+    )
     assert p.returncode == 2 and "checkpoint is for model seed" in p.stderr
 
 
@@ -153,8 +180,21 @@ def test_eval_command_matches_training(tmp_path):
 def test_elastic_restart_after_sigkill(tmp_path):
     out = tmp_path / "r"
     env = clean_env(FAIL_RANK="1", FAIL_STEP="23", FAIL_MODE="kill")
-    p = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-                FAIL, *ARGS, "--out", out], env=env, timeout=400)
+    p = run_py(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--max-restarts=1",
+            FAIL,
+            *ARGS,
+            "--out",
+            out,
+        ],
+        env=env,
+        timeout=400,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     s = read_summary(out)
     assert s["steps"] == 32 and s["epochs"] == 2

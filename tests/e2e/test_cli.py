@@ -1,4 +1,5 @@
 """Bad input: one line on stderr, exit code 2, no traceback, nothing already written overwritten."""
+
 import pytest
 
 from tests.support.common import SMALL, read_summary, train
@@ -13,18 +14,21 @@ def assert_clean_error(p, *needles):
         assert n in p.stderr, (n, p.stderr)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--dataset", "imagenet"], "invalid choice"),
-    (["--model", "vgg"], "unknown model 'vgg'; known models: airbench, resnet18, seed, or a spec"),
-    (["--epochs", "0"], "--epochs must be positive"),
-    (["--epochs", "-3"], "--epochs must be positive"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--lr", "-0.1"], "--lr must be positive"),
-    (["--lr", "abc"], "invalid float value"),
-    (["--dataset", "imagefolder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir", "--no-download"], "--data-dir"),
-    (["--config", "/nonexistent.toml"], "config file not found"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--model", "vgg"], "unknown model 'vgg'; known models: airbench, resnet18, seed, or a spec"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--epochs", "-3"], "--epochs must be positive"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--lr", "-0.1"], "--lr must be positive"),
+        (["--lr", "abc"], "invalid float value"),
+        (["--dataset", "imagefolder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir", "--no-download"], "--data-dir"),
+        (["--config", "/nonexistent.toml"], "config file not found"),
+    ],
+)
 def test_bad_flags(tmp_path, args, needle):
     p = train([*SMALL, "--out", tmp_path / "run", *args])
     assert_clean_error(p, needle)
@@ -35,13 +39,16 @@ def test_cifar_missing_names_data_dir_and_synthetic(tmp_path):
     assert_clean_error(p, "--data-dir", "synthetic")
 
 
-@pytest.mark.parametrize("text,needle", [
-    ('[train]\nepochz = 3\n', "unknown key train.epochz"),
-    ('[trian]\nepochs = 3\n', "unknown section"),
-    ('[train]\nepochs = "three"\n', "train.epochs must be float"),
-    ('[optim]\nlr = true\n', "optim.lr must be float"),
-    ('[train\nepochs = 3\n', "c.toml"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("[train]\nepochz = 3\n", "unknown key train.epochz"),
+        ("[trian]\nepochs = 3\n", "unknown section"),
+        ('[train]\nepochs = "three"\n', "train.epochs must be float"),
+        ("[optim]\nlr = true\n", "optim.lr must be float"),
+        ("[train\nepochs = 3\n", "c.toml"),
+    ],
+)
 def test_bad_config_file(tmp_path, text, needle):
     cfg = tmp_path / "c.toml"
     cfg.write_text(text)
@@ -71,9 +78,24 @@ def test_batch_not_divisible_by_world_is_an_error(tmp_path):
 
 def test_help_documents_every_option_with_default():
     from dist_cnn.config import train_parser
+
     text = train_parser().format_help()
-    for flag in ["--config", "--dataset", "--data-dir", "--model", "--epochs", "--batch-size", "--lr", "--seed",
-                 "--precision", "--out", "--wandb", "--no-progress", "--resume", "--keep-checkpoints"]:
+    for flag in [
+        "--config",
+        "--dataset",
+        "--data-dir",
+        "--model",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--precision",
+        "--out",
+        "--wandb",
+        "--no-progress",
+        "--resume",
+        "--keep-checkpoints",
+    ]:
         assert flag in text, flag
     helps = [a for a in train_parser()._actions if a.dest not in ("help", "config")]
     assert all("(default:" in a.help for a in helps)

@@ -1,5 +1,6 @@
 """--ddp-comm-hook through torchrun with 2 ranks: recorded in config.json and the checkpoints, and a
 compressed all_reduce trains to (nearly) the same weights as the plain one."""
+
 import json
 
 import torch
@@ -16,8 +17,9 @@ def weights(run_dir):
 def test_bf16_and_powersgd_hooks_are_recorded_and_train(tmp_path):
     torchrun(2, [*ARGS, "--out", tmp_path / "none"], check=0)
     torchrun(2, [*ARGS, "--ddp-comm-hook", "bf16", "--out", tmp_path / "bf16"], check=0)
-    torchrun(2, [*ARGS, "--ddp-comm-hook", "powersgd", "--powersgd-warmup-steps", "2", "--out", tmp_path / "psgd"],
-             check=0)
+    torchrun(
+        2, [*ARGS, "--ddp-comm-hook", "powersgd", "--powersgd-warmup-steps", "2", "--out", tmp_path / "psgd"], check=0
+    )
     plain, bf16 = weights(tmp_path / "none"), weights(tmp_path / "bf16")
     diff = max((plain[k] - bf16[k]).abs().max().item() for k in plain)
     assert 0 < diff < 1e-2, diff  # bf16 on the wire: rounded, not wrong

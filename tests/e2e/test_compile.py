@@ -1,6 +1,7 @@
 """--compile on the CPU: torch.compile (inductor, C++ codegen through the system compiler) trains the seed
 model through train.py and lands where the eager run lands. Slow (the first compile takes tens of seconds
 on 2 cores) but it runs in CI: the CUDA twin lives in tests/e2e/test_cuda.py."""
+
 import shutil
 
 import pytest
@@ -8,14 +9,27 @@ import pytest
 from tests.support.common import SMALL, read_events, read_summary, train
 
 # 512 images / batch 64 = 8 steps an epoch; 2 epochs; the test set is one eval batch (one shape to compile)
-ARGS = [*SMALL, "--synthetic-train-size", "512", "--synthetic-test-size", "256", "--epochs", "2",
-        "--log-every", "4", "--eval-every", "0"]
+ARGS = [
+    *SMALL,
+    "--synthetic-train-size",
+    "512",
+    "--synthetic-test-size",
+    "256",
+    "--epochs",
+    "2",
+    "--log-every",
+    "4",
+    "--eval-every",
+    "0",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
-                    reason="torch.compile on the CPU needs a C++ compiler (g++/c++/clang++ on PATH)")
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler (g++/c++/clang++ on PATH)",
+)
 def test_compile_matches_eager(tmp_path):
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):

@@ -2,18 +2,34 @@
 the device-resident pipeline on the GPU, and --compile. Each trains the seed model on small synthetic data
 through train.py. Skipped, with the reason shown (-ra), where torch sees no CUDA GPU; benchmarks/gpu_check.sh
 runs them on a lent GPU machine."""
+
 import pytest
 import torch
 
 from tests.support.common import read_events, read_summary, torchrun, train
 
 GPU_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(GPU_COUNT == 0, reason="needs a CUDA GPU: torch.cuda.is_available() is False here")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(GPU_COUNT == 0, reason="needs a CUDA GPU: torch.cuda.is_available() is False here"),
+]
 
 # Like common.SMALL, minus its --precision fp32: each test names its own precision.
-GPU_SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "2048", "--synthetic-test-size", "500",
-             "--batch-size", "64", "--epochs", "1", "--wandb", "disabled", "--no-progress"]
+GPU_SMALL = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-train-size",
+    "2048",
+    "--synthetic-test-size",
+    "500",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "1",
+    "--wandb",
+    "disabled",
+    "--no-progress",
+]
 
 
 def _learned(summary, floor=0.3):
@@ -37,8 +53,26 @@ def test_fp16_overflowing_steps_are_skipped_and_counted(tmp_path):
     """An absurd LR drives the weights to where fp16 overflows: the loss goes inf/NaN, the scaler skips
     those updates, the trainer counts them (fp16 does not stop on them) and the run still finishes."""
     out = tmp_path / "run"
-    train([*GPU_SMALL, "--precision", "fp16", "--lr", "1e20", "--schedule", "constant", "--max-steps", "24",
-           "--log-every", "4", "--eval-every", "0", "--out", out], check=0)
+    train(
+        [
+            *GPU_SMALL,
+            "--precision",
+            "fp16",
+            "--lr",
+            "1e20",
+            "--schedule",
+            "constant",
+            "--max-steps",
+            "24",
+            "--log-every",
+            "4",
+            "--eval-every",
+            "0",
+            "--out",
+            out,
+        ],
+        check=0,
+    )
     s = read_summary(out)
     assert s["precision"] == "fp16" and s["steps"] == 24, s
     nonfinite = read_events(out, "nonfinite")
@@ -78,6 +112,7 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
     import sys
 
     from tests.support.common import ROOT, clean_env, free_port
+
     code = (
         "import torch, torch.distributed as dist\n"
         "from dist_cnn.models import build_model\n"
@@ -93,8 +128,14 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
         "    loss.backward(); opt.step(); opt.zero_grad()\n"
         "torch.cuda.synchronize(); dist.destroy_process_group(); print('nccl ok', torch.cuda.nccl.version())\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT)),
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=clean_env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0 and "nccl ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
 
 
@@ -109,8 +150,24 @@ def test_nccl_torchrun_world_size_2(tmp_path):
 
 def test_device_resident_pipeline_on_the_gpu(tmp_path):
     out = tmp_path / "run"
-    train([*GPU_SMALL, "--epochs", "2", "--precision", "bf16", "--loader", "device", "--crop-padding", "2",
-           "--flip", "--alternate-flip", "--out", out], check=0)  # augmentation: the batched crop/flip on the GPU
+    train(
+        [
+            *GPU_SMALL,
+            "--epochs",
+            "2",
+            "--precision",
+            "bf16",
+            "--loader",
+            "device",
+            "--crop-padding",
+            "2",
+            "--flip",
+            "--alternate-flip",
+            "--out",
+            out,
+        ],
+        check=0,
+    )  # augmentation: the batched crop/flip on the GPU
     s = read_summary(out)
     assert s["loader"] == "device" and s["device"].startswith("cuda"), s
     _learned(s)
@@ -134,8 +191,11 @@ def test_compile_run(tmp_path):
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out = tmp_path / name
-        train([*GPU_SMALL, "--epochs", "2", "--precision", "bf16", "--log-every", "8", *extra, "--out", out],
-              check=0, timeout=190)
+        train(
+            [*GPU_SMALL, "--epochs", "2", "--precision", "bf16", "--log-every", "8", *extra, "--out", out],
+            check=0,
+            timeout=190,
+        )
         runs[name] = (read_summary(out), read_events(out, "train"))
     (se, te), (sc, tc) = runs["eager"], runs["compiled"]
     assert sc["steps"] == se["steps"] == 64

@@ -1,4 +1,5 @@
 """Datasets: every format written for real (small) in tmp_path, then read through load_dataset."""
+
 import gzip
 import os
 import pickle
@@ -26,6 +27,7 @@ def user_error(cfg, match) -> str:
 
 # ----------------------------------------------------------------------------- CIFAR
 
+
 def write_pickle(path, obj, protocol):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(obj, protocol=protocol))
@@ -43,11 +45,22 @@ def write_cifar10(root, keys=bytes, protocol=2):
     batches = {}
     for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
         x, y = cifar_images(4, i), [(i + j) % 10 for j in range(4)]
-        write_pickle(folder / name, {k("batch_label"): k(name), k("data"): x, k("labels"): y,
-                                     k("filenames"): [k(f"{j}.png") for j in range(4)]}, protocol)
+        write_pickle(
+            folder / name,
+            {
+                k("batch_label"): k(name),
+                k("data"): x,
+                k("labels"): y,
+                k("filenames"): [k(f"{j}.png") for j in range(4)],
+            },
+            protocol,
+        )
         batches[name] = (x, y)
-    write_pickle(folder / "batches.meta", {k("label_names"): [k(n) for n in CIFAR10_NAMES],
-                                           k("num_vis"): 3072, k("num_cases_per_batch"): 4}, protocol)
+    write_pickle(
+        folder / "batches.meta",
+        {k("label_names"): [k(n) for n in CIFAR10_NAMES], k("num_vis"): 3072, k("num_cases_per_batch"): 4},
+        protocol,
+    )
     return batches
 
 
@@ -68,6 +81,7 @@ def test_cifar10_batches(tmp_path, keys, protocol):
 def test_cifar10_matches_torchvision_reader(tmp_path, monkeypatch):
     """The str-key form is exactly what torchvision's CIFAR10 reads; only its md5 check is skipped."""
     import torchvision.datasets.cifar as tv_cifar
+
     write_cifar10(tmp_path, keys=str)
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
     tv = tv_cifar.CIFAR10(str(tmp_path), train=True, download=False)
@@ -79,11 +93,17 @@ def test_cifar10_matches_torchvision_reader(tmp_path, monkeypatch):
 def test_cifar100_uses_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     fine = [f"fine{i:02d}" for i in range(100)]
-    write_pickle(folder / "meta", {b"fine_label_names": [n.encode() for n in fine],
-                                   b"coarse_label_names": [b"c%d" % i for i in range(20)]}, 4)
+    write_pickle(
+        folder / "meta",
+        {b"fine_label_names": [n.encode() for n in fine], b"coarse_label_names": [b"c%d" % i for i in range(20)]},
+        4,
+    )
     for name, n in (("train", 6), ("test", 3)):
-        write_pickle(folder / name, {b"data": cifar_images(n, n), b"fine_labels": [99 - i for i in range(n)],
-                                     b"coarse_labels": [0] * n}, 4)
+        write_pickle(
+            folder / name,
+            {b"data": cifar_images(n, n), b"fine_labels": [99 - i for i in range(n)], b"coarse_labels": [0] * n},
+            4,
+        )
     ds = load_dataset(DataConfig(dataset="cifar100", data_dir=str(tmp_path), download=False))
     assert ds.classes == fine and ds.num_classes == 100
     assert ds.train_x.shape == (6, 3, 32, 32) and ds.test_x.shape == (3, 3, 32, 32)
@@ -101,6 +121,7 @@ def test_cifar10_download_failure_is_one_clean_line(tmp_path, monkeypatch, capsy
     def offline(*args, **kwargs):
         print("Downloading https://... (chatter that must not reach the terminal)")
         raise urllib.error.URLError("Name or service not known\nsecond line")
+
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
     cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=True)
     msg = user_error(cfg, "could not be downloaded")
@@ -115,6 +136,7 @@ def test_cifar_refuses_code_in_pickles(tmp_path):
     class Evil:
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
+
     write_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_3", {b"data": Evil(), b"labels": []}, 4)
     cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), download=False)
     user_error(cfg, "data_batch_3.*refusing")
@@ -136,6 +158,7 @@ def test_cifar_labels_out_of_range(tmp_path):
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
+
 def idx_bytes(arr: np.ndarray) -> bytes:
     header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     return header + arr.astype(np.uint8).tobytes()
@@ -144,10 +167,12 @@ def idx_bytes(arr: np.ndarray) -> bytes:
 def write_fashion(folder, n_train=5, n_test=3, gz=True):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": (np.arange(n_test) * 3) % 10}
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) * 3) % 10,
+    }
     for name, arr in arrays.items():
         raw = idx_bytes(arr)
         (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(raw) if gz else raw)
@@ -198,6 +223,7 @@ def test_fashion_mnist_bad_files(tmp_path, no_system_fashion):
 
 # ----------------------------------------------------------------------------- image folders
 
+
 def save(path, arr):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr.astype(np.uint8)).save(path, quality=95)  # quality: JPEG only
@@ -208,12 +234,14 @@ def folder(tmp_path):
     """Two classes; PNG and JPEG, RGB, grayscale and RGBA, of mixed sizes."""
     rng = np.random.default_rng(0)
     root = tmp_path / "imgs"
-    pix = {"train/cat/a.png": rng.integers(0, 256, (8, 8, 3)),            # exact size: exact pixels
-           "train/cat/b.png": rng.integers(0, 256, (8, 8)),               # grayscale -> 3 equal channels
-           "train/dog/c.jpg": np.full((30, 20, 3), (200, 40, 90)),        # resized, lossy
-           "train/dog/d.png": np.full((17, 5, 4), (10, 250, 30, 128)),    # RGBA: alpha dropped
-           "test/cat/e.png": rng.integers(0, 256, (8, 8, 3)),
-           "test/dog/f.PNG": np.full((64, 64, 3), 77)}
+    pix = {
+        "train/cat/a.png": rng.integers(0, 256, (8, 8, 3)),  # exact size: exact pixels
+        "train/cat/b.png": rng.integers(0, 256, (8, 8)),  # grayscale -> 3 equal channels
+        "train/dog/c.jpg": np.full((30, 20, 3), (200, 40, 90)),  # resized, lossy
+        "train/dog/d.png": np.full((17, 5, 4), (10, 250, 30, 128)),  # RGBA: alpha dropped
+        "test/cat/e.png": rng.integers(0, 256, (8, 8, 3)),
+        "test/dog/f.PNG": np.full((64, 64, 3), 77),
+    }
     for name, arr in pix.items():
         save(root / name, arr)
     (root / "train" / "dog" / "notes.txt").write_text("not an image: ignored")
@@ -246,6 +274,7 @@ def test_imagefolder_cache_hit_and_invalidation(folder, monkeypatch):
 
     def no_decoding(*a):
         raise AssertionError("decoded although the cache is valid")
+
     monkeypatch.setattr(data, "_decode", no_decoding)
     second = load_dataset(img_cfg(root))
     assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
@@ -302,6 +331,7 @@ def test_imagefolder_layout_errors(folder, tmp_path):
 
 # ----------------------------------------------------------------------------- synthetic
 
+
 def test_synthetic_deterministic_balanced_learnable():
     cfg = DataConfig(dataset="synthetic", synthetic_train_size=2000, synthetic_test_size=500)
     torch.manual_seed(1)
@@ -313,11 +343,13 @@ def test_synthetic_deterministic_balanced_learnable():
     assert a.train_x.dtype == torch.uint8 and a.train_y.dtype == torch.int64
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert a.train_y.bincount().tolist() == [200] * 10 and not torch.equal(a.train_x[:500], a.test_x)
+
     # Learnable but not perfectly separable: matching per-image-normalized class means (fitted on train)
     # is far above chance, short of perfect. (A small CNN reaches ~94% after one epoch of 10k.)
     def feats(x):
         x = x.float() - x.float().mean((2, 3), keepdim=True)  # drops the colour cast; normalize drops contrast
         return torch.nn.functional.normalize(x.flatten(1), dim=1)
+
     means = torch.stack([feats(a.train_x[a.train_y == c]).mean(0) for c in range(10)])
     acc = ((feats(a.test_x) @ means.T).argmax(1) == a.test_y).float().mean().item()
     assert 0.85 < acc < 0.995, acc

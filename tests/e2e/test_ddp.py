@@ -1,4 +1,5 @@
 """DDP on the CPU with gloo through the real torchrun: equivalence, exact evaluation, multi-node, failure."""
+
 import subprocess
 import time
 
@@ -29,8 +30,9 @@ def test_exact_eval_world_size_3_on_indivisible_test_set(tmp_path):
     torchrun(3, args, check=0)
     s = read_summary(out)
     assert s["world_size"] == 3 and s["test_total"] == 499  # 499 = 3 * 166 + 1
-    p = run_py(["-m", "dist_cnn.cli", "eval", "--checkpoint", out / "model.pt", "--output", tmp_path / "e.json"],
-               check=0)
+    p = run_py(
+        ["-m", "dist_cnn.cli", "eval", "--checkpoint", out / "model.pt", "--output", tmp_path / "e.json"], check=0
+    )
     single = __import__("json").loads((tmp_path / "e.json").read_text())
     assert single["world_size"] == 1 and single["test_total"] == 499
     assert single["test_correct"] == s["test_correct"], (single["test_correct"], s["test_correct"], p.stdout)
@@ -50,11 +52,34 @@ def test_torchrun_2_only_rank_0_writes(tmp_path):
 def test_two_nodes_on_loopback(tmp_path):
     port = free_port()
     out = tmp_path / "run"
-    procs = [subprocess.Popen(["bash", ROOT / "launch/multinode.sh", "--nnodes", "2", "--node-rank", str(r),
-                               "--head", f"127.0.0.1:{port}", "--procs", "1", "--run-id", "t2n",
-                               *SMALL, "--max-steps", "6", "--out", out],
-                              env=clean_env(DIST_CNN_PYTHON=PY), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                "bash",
+                ROOT / "launch/multinode.sh",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--head",
+                f"127.0.0.1:{port}",
+                "--procs",
+                "1",
+                "--run-id",
+                "t2n",
+                *SMALL,
+                "--max-steps",
+                "6",
+                "--out",
+                out,
+            ],
+            env=clean_env(DIST_CNN_PYTHON=PY),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     s = read_summary(out)
@@ -63,9 +88,22 @@ def test_two_nodes_on_loopback(tmp_path):
 
 def test_a_failing_rank_ends_the_job(tmp_path):
     t0 = time.time()
-    p = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                ROOT / "tests/support/fail_rank.py", *SMALL, "--timeout", "30", "--out", tmp_path / "r"],
-               env=clean_env(FAIL_RANK="1", FAIL_STEP="3"), timeout=200)
+    p = run_py(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            ROOT / "tests/support/fail_rank.py",
+            *SMALL,
+            "--timeout",
+            "30",
+            "--out",
+            tmp_path / "r",
+        ],
+        env=clean_env(FAIL_RANK="1", FAIL_STEP="3"),
+        timeout=200,
+    )
     assert p.returncode != 0
     assert "injected failure on rank 1 at step 3" in p.stdout + p.stderr
     assert time.time() - t0 < 150
@@ -78,6 +116,20 @@ def test_accelerate_launch(tmp_path):
     common = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     for flag, world in (("--multi_gpu", 2), ("--cpu", 1)):
         out = tmp_path / flag.strip("-")
-        run_py(["-m", "accelerate.commands.launch", flag, *common, ROOT / "train.py", *SMALL, "--max-steps", "4",
-                "--out", out], check=0, timeout=300)
+        run_py(
+            [
+                "-m",
+                "accelerate.commands.launch",
+                flag,
+                *common,
+                ROOT / "train.py",
+                *SMALL,
+                "--max-steps",
+                "4",
+                "--out",
+                out,
+            ],
+            check=0,
+            timeout=300,
+        )
         assert read_summary(out)["world_size"] == world

@@ -1,6 +1,7 @@
 """Preflight checks and `dist-cnn doctor` / `train.py --dry-run` (dist_cnn/launch.py,
 dist_cnn/commands/doctor.py), with fake launcher environments; the same inside real SLURM jobs:
 tests/slurm/test_train_slurm.py."""
+
 import json
 import socket
 
@@ -9,11 +10,21 @@ import pytest
 from dist_cnn import launch
 from tests.support.common import SMALL, clean_env, run_py, train
 
-SRUN_RANK1 = {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "t", "SLURM_JOB_NODELIST": "localhost",
-              "SLURM_JOB_NUM_NODES": "1",
-              "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
-              "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_TASKS_PER_NODE": "2", "SLURM_NODEID": "0",
-              "SLURM_CPUS_ON_NODE": "2", "SLURM_RESTART_COUNT": "1"}
+SRUN_RANK1 = {
+    "SLURM_JOB_ID": "77",
+    "SLURM_JOB_NAME": "t",
+    "SLURM_JOB_NODELIST": "localhost",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS": "2",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_TASKS_PER_NODE": "2",
+    "SLURM_TASKS_PER_NODE": "2",
+    "SLURM_NODEID": "0",
+    "SLURM_CPUS_ON_NODE": "2",
+    "SLURM_RESTART_COUNT": "1",
+}
 
 
 def listening_socket():
@@ -35,8 +46,15 @@ def test_tasks_on_node_uses_this_nodes_entry():
 
 
 def torchrun_env(local_world, **extra):
-    return {"RANK": "0", "WORLD_SIZE": str(local_world), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(local_world),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **extra}
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": str(local_world),
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": str(local_world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+        **extra,
+    }
 
 
 def test_torchrun_mismatches():
@@ -100,5 +118,6 @@ def test_training_refuses_a_busy_master_port(tmp_path):
 
 def test_dry_run_in_help():
     from dist_cnn.config import train_parser
+
     text = train_parser().format_help()
     assert "--dry-run" in text and "dist-cnn doctor" in text

@@ -1,5 +1,6 @@
 """`dist-cnn export`: ONNX / TorchScript / safetensors round trips with parity and metadata, for every
 built-in model trained by the real trainer; failures are one line and replace nothing."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ from tests.support.common import SMALL, run_py, train
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 safetensors_torch = pytest.importorskip("safetensors.torch")
-pytestmark = [pytest.mark.filterwarnings("ignore:Unable to enable fault handler"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Unable to enable fault handler"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated"),
+]
 
 # one optimizer step of the real trainer on 16 images: a genuine model.pt, fast even for resnet18
 TINY = [*SMALL, "--synthetic-train-size", "32", "--synthetic-test-size", "16", "--batch-size", "16", "--max-steps", "1"]
@@ -81,6 +84,7 @@ def test_export_round_trips_with_parity(model, tmp_path, capsys):
     assert code == 0, err
     figures["safetensors"] = _diff(out)
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         _metadata_ok({k: json.loads(v) for k, v in f.metadata().items()}, run)
     weights = safetensors_torch.load_file(str(tmp_path / "m.safetensors"))
@@ -98,9 +102,12 @@ def test_export_failures_are_one_line_and_replace_nothing(seed_run, tmp_path, ca
     assert code == 1 and len(err.strip().splitlines()) == 1 and "parity check failed" in err, err
     assert target.read_text() == "an earlier export" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     # bad input: exit 2, one line, before any work
-    for args, words in [(["--format", "tflite"], "--format"), (["--parity-images", "1"], "--parity-images"),
-                        (["--output", tmp_path / "no" / "m.onnx"], "--output"),
-                        (["--images", tmp_path / "none.jpg"], "no such file")]:
+    for args, words in [
+        (["--format", "tflite"], "--format"),
+        (["--parity-images", "1"], "--parity-images"),
+        (["--output", tmp_path / "no" / "m.onnx"], "--output"),
+        (["--images", tmp_path / "none.jpg"], "no such file"),
+    ]:
         code, out, err = _export(capsys, run / "model.pt", *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, (args, err)
     code, out, err = _export(capsys, tmp_path / "missing.pt")

@@ -1,4 +1,5 @@
 """Model registry, architectures, airbench whitening and TTA. CPU only, a few seconds."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,7 @@ def test_register_makes_build_model_find_it():
     @register("tiny_test_net")
     def tiny(in_channels, num_classes, image_size):
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * image_size**2, num_classes))
+
     try:
         assert build_model("tiny_test_net", 1, 5, 4)(torch.randn(2, 1, 4, 4)).shape == (2, 5)
         with pytest.raises(ValueError):
@@ -132,8 +134,9 @@ def test_register_makes_build_model_find_it():
 
 
 # small images keep this fast on a CPU
-@pytest.mark.parametrize("name,size,lr,steps", [("seed", 16, 0.05, 8), ("resnet18", 8, 0.05, 3),
-                                                ("airbench", 16, 0.5, 4)])
+@pytest.mark.parametrize(
+    "name,size,lr,steps", [("seed", 16, 0.05, 8), ("resnet18", 8, 0.05, 3), ("airbench", 16, 0.5, 4)]
+)
 def test_trains_fp32_and_runs_bf16(name, size, lr, steps):
     torch.manual_seed(0)
     m = build_model(name, 3, 10, size)
@@ -156,6 +159,7 @@ def test_trains_fp32_and_runs_bf16(name, size, lr, steps):
 
 def test_model_help_lists_builtins_and_spec_forms():
     from dist_cnn.config import train_parser  # --model takes a built-in (from the registry) or a spec
+
     text = " ".join(train_parser().format_help().split())
     assert all(name in text for name in models.MODELS)
     assert all(form in text for form in ("torchvision:NAME", "timm:NAME", "package.module:factory"))

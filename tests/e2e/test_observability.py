@@ -5,6 +5,7 @@ Every subprocess gets HOME, WANDB_DIR, WANDB_CONFIG_DIR, WANDB_CACHE_DIR and WAN
 dirs (and no WANDB_* / NETRC from the machine), so nothing leaks in from the real home or out to it.
 W&B runs are read back from disk with tests/support/wandb_records.py (the .wandb file `wandb sync` uploads).
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,15 +22,27 @@ pytest.importorskip("wandb")
 FAIL = ROOT / "tests/support/fail_rank.py"
 LOG_EVERY = 2
 # 512 images / batch 64 = 8 steps an epoch, 2 epochs = 16 steps; a train event every 2 steps.
-ARGS = [*SMALL, "--synthetic-train-size", "512", "--synthetic-test-size", "500", "--epochs", "2",
-        "--log-every", str(LOG_EVERY)]
+ARGS = [
+    *SMALL,
+    "--synthetic-train-size",
+    "512",
+    "--synthetic-test-size",
+    "500",
+    "--epochs",
+    "2",
+    "--log-every",
+    str(LOG_EVERY),
+]
 TOTAL_STEPS = 16
 FAKE_KEY = "f4ke0123456789abcdef0123456789abcdef4567"  # 40 chars, the shape of a real W&B key
 PLOTS = ("loss.png", "accuracy.png", "confusion_matrix.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a plain (no tty) progress line, e.g. "epoch 1 step 2/16 loss 2.2993 lr 0.05 2769 img/s (1385/rank) ETA 0:00"
-PROGRESS_LINE = re.compile(r"^epoch (\d+) step (\d+)/(\d+) loss [0-9.]+ lr \S+ (\d+) img/s \((\d+)/rank\) "
-                           r"ETA (\d+:)?\d+:\d\d$", re.M)
+PROGRESS_LINE = re.compile(
+    r"^epoch (\d+) step (\d+)/(\d+) loss [0-9.]+ lr \S+ (\d+) img/s \((\d+)/rank\) "
+    r"ETA (\d+:)?\d+:\d\d$",
+    re.M,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +56,15 @@ def wb_env(base, mpl_dir, **extra) -> dict:
     only HOME exists beforehand, so a W&B dir that appears was written by the run)."""
     home = base / "home"
     home.mkdir(parents=True)
-    env = clean_env(HOME=str(home), WANDB_DIR=str(base / "wandb_dir"), WANDB_CONFIG_DIR=str(base / "wandb_config"),
-                    WANDB_CACHE_DIR=str(base / "wandb_cache"), WANDB_DATA_DIR=str(base / "wandb_data"),
-                    MPLCONFIGDIR=str(mpl_dir), **extra)
+    env = clean_env(
+        HOME=str(home),
+        WANDB_DIR=str(base / "wandb_dir"),
+        WANDB_CONFIG_DIR=str(base / "wandb_config"),
+        WANDB_CACHE_DIR=str(base / "wandb_cache"),
+        WANDB_DATA_DIR=str(base / "wandb_data"),
+        MPLCONFIGDIR=str(mpl_dir),
+        **extra,
+    )
     env.pop("NETRC", None)
     return env
 
@@ -114,8 +133,17 @@ def test_two_ranks_make_one_offline_run_matching_the_run_files(ddp_run):
     rows = {r["_step"]: r for r in back["history"] if "train/loss" in r}
     assert sorted(rows) == sorted(train) == list(range(LOG_EVERY, TOTAL_STEPS + 1, LOG_EVERY))
     for step, event in train.items():
-        for key in ("loss", "lr", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac",
-                    "memory_mb", "epoch_seconds", "eta_seconds", "epoch"):
+        for key in (
+            "loss",
+            "lr",
+            "images_per_sec",
+            "images_per_sec_per_rank",
+            "data_wait_frac",
+            "memory_mb",
+            "epoch_seconds",
+            "eta_seconds",
+            "epoch",
+        ):
             assert rows[step][f"train/{key}"] == pytest.approx(event[key], rel=1e-12, abs=1e-12), (step, key)
 
     # per epoch: test accuracy, per-class accuracy and the confusion matrix (a wandb table)
@@ -208,8 +236,10 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, mpl_dir):
     args = [*ARGS, "--wandb", "offline", "--checkpoint-every-steps", "5", "--out", run_dir]
     crash_step = 14  # rank 1 dies after 14 steps: checkpoint at 10, steps 12 and 14 logged after it
     env = wb_env(tmp_path, mpl_dir)
-    p = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", FAIL, *args],
-               env={**env, "FAIL_RANK": "1", "FAIL_STEP": str(crash_step)})
+    p = run_py(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", FAIL, *args],
+        env={**env, "FAIL_RANK": "1", "FAIL_STEP": str(crash_step)},
+    )
     assert p.returncode != 0 and "injected failure" in p.stdout + p.stderr
     assert not (run_dir / "summary.json").exists()
     torchrun(2, [*args, "--resume", "auto"], env=env, check=0)

@@ -1,4 +1,5 @@
 """`dist-cnn predict`: the run's preprocessing, the same top-1 as `dist-cnn eval`, bad files, torchrun."""
+
 from __future__ import annotations
 
 import csv
@@ -30,16 +31,29 @@ def _confusion(rows, classes):
 
 def test_predict_matches_eval_and_reports_bad_files(seed_run, image_folder, tmp_path):
     test_files = sorted(str(p) for p in (image_folder / "test").rglob("*") if p.is_file())
-    p = run_py([*PREDICT, "--model-file", seed_run / "model.pt", image_folder / "test", image_folder / "bad.jpg",
-                "--format", "json", "--top-k", "2"])
+    p = run_py(
+        [
+            *PREDICT,
+            "--model-file",
+            seed_run / "model.pt",
+            image_folder / "test",
+            image_folder / "bad.jpg",
+            "--format",
+            "json",
+            "--top-k",
+            "2",
+        ]
+    )
     assert p.returncode == 1, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "bad.jpg" in errors[0] and "1 of" in errors[1], p.stderr
     assert "Traceback" not in p.stderr
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert sorted(r["file"] for r in rows) == test_files  # every readable file once, the bad one not
-    assert all(len(r["predictions"]) == 2 and r["predictions"][0]["probability"] >= r["predictions"][1]["probability"]
-               for r in rows)
+    assert all(
+        len(r["predictions"]) == 2 and r["predictions"][0]["probability"] >= r["predictions"][1]["probability"]
+        for r in rows
+    )
 
     # dist-cnn eval decodes the same folder through the training data path: same top-1 for every image
     run_py([*PREDICT[:2], "eval", "--checkpoint", seed_run / "model.pt", "--output", tmp_path / "eval.json"], check=0)
@@ -54,8 +68,22 @@ def test_predict_checkpoint_csv_and_skip_bad_images(seed_run, image_folder, caps
     best = seed_run / "checkpoints" / "best.pt"
     one = image_folder / "test" / "stripes" / "000.jpg"
     out = tmp_path / "pred.csv"
-    code = cli.main(["predict", "--model-file", str(best), str(image_folder / "bad.jpg"), str(one),
-                     "--format", "csv", "--top-k", "9", "--skip-bad-images", "--output", str(out)])
+    code = cli.main(
+        [
+            "predict",
+            "--model-file",
+            str(best),
+            str(image_folder / "bad.jpg"),
+            str(one),
+            "--format",
+            "csv",
+            "--top-k",
+            "9",
+            "--skip-bad-images",
+            "--output",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0 and "warning: skipped" in err and "bad.jpg" in err
     rows = list(csv.reader(io.StringIO(out.read_text())))
@@ -68,12 +96,23 @@ def test_predict_torchrun_two_ranks_each_file_once_in_order(seed_run, image_fold
     files = sorted(str(p) for p in (image_folder / "test").rglob("*.jpg"))
     random.Random(0).shuffle(files)
     order = files[:7] + [str(image_folder / "bad.jpg")] + files[7:]  # the bad file lands on rank 0's half
-    args = ["--model-file", str(seed_run / "model.pt"), *order, "--format", "json", "--batch-size", "4",
-            "--skip-bad-images"]
+    args = [
+        "--model-file",
+        str(seed_run / "model.pt"),
+        *order,
+        "--format",
+        "json",
+        "--batch-size",
+        "4",
+        "--skip-bad-images",
+    ]
     assert cli.main(["predict", *args]) == 0
     single = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    p = run_py(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dist_cnn.cli",
-                "predict", *args], env=clean_env(OMP_NUM_THREADS="1"), cwd=ROOT)
+    p = run_py(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dist_cnn.cli", "predict", *args],
+        env=clean_env(OMP_NUM_THREADS="1"),
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert [r["file"] for r in rows] == files  # input order, each file exactly once, written by rank 0 alone
@@ -103,8 +142,9 @@ def test_predict_bad_input_is_one_line_exit_2(seed_run, image_folder, tmp_path, 
 def test_streamed_runs_resize_and_center_crop(image_folder):
     """A run whose config has data.eval_crop_ratio evaluated Resize(size / ratio) + CenterCrop(size):
     predict prepares files the same way (torchvision's transforms are the reference)."""
-    im = InferenceModel(torch.nn.Identity(), "seed", ["a", "b"], 3, 32, [0.5] * 3, [0.5] * 3,
-                        {"data": {"eval_crop_ratio": 0.875}})
+    im = InferenceModel(
+        torch.nn.Identity(), "seed", ["a", "b"], 3, 32, [0.5] * 3, [0.5] * 3, {"data": {"eval_crop_ratio": 0.875}}
+    )
     path = image_folder / "test" / "squares" / "wide.jpg"  # 40 wide, 48 high
     reference = v2.Compose([v2.Resize(37, antialias=True), v2.CenterCrop(32)])(decode_image(str(path)))
     assert torch.equal(load_image(str(path), im), reference)

@@ -1,5 +1,6 @@
 """--profile START:END under torchrun with 2 ranks: a Chrome trace per rank with the step's ops and the
 gradient all_reduce, and rank 0's split of step time."""
+
 import json
 
 from tests.support.common import SMALL, torchrun, train

@@ -1,5 +1,6 @@
 """Reliability end to end: real runs in subprocesses (bad values, run-directory locks, resume rules,
 write failures, signals, launch scripts)."""
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,17 @@ import torch
 from tests.support.common import PY, ROOT, SMALL, clean_env, read_summary, run_py, train
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--lr", "inf"], "--lr must be a finite number"),
-    (["--timeout", "inf"], "--timeout must be a finite number"),
-    (["--log-every", "0"], "--log-every must be positive"),
-    (["--synthetic-test-size", "0"], "--synthetic-test-size must be positive"),
-    (["--image-size", "-4"], "--image-size must be >= 4"),
-    (["--checkpoint-every-minutes", "nan"], "--checkpoint-every-minutes must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--timeout", "inf"], "--timeout must be a finite number"),
+        (["--log-every", "0"], "--log-every must be positive"),
+        (["--synthetic-test-size", "0"], "--synthetic-test-size must be positive"),
+        (["--image-size", "-4"], "--image-size must be >= 4"),
+        (["--checkpoint-every-minutes", "nan"], "--checkpoint-every-minutes must be a finite number"),
+    ],
+)
 def test_bad_values_in_a_real_process(tmp_path, args, needle):
     p = train([*SMALL, "--out", tmp_path / "run", *args])
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -45,12 +49,18 @@ def test_wandb_keeps_its_files_under_the_run_directory(tmp_path):
     assert mine.is_dir() and not (tmp_path / "run2" / "wandb" / ".cache").exists()
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2"),
-    ({"RANK": "0", "WORLD_SIZE": "2.5"}, "WORLD_SIZE='2.5'"),
-    ({"RANK": "1", "WORLD_SIZE": "2"}, "LOCAL_RANK is not set"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "no.such.host.invalid"}, "does not resolve"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2"),
+        ({"RANK": "0", "WORLD_SIZE": "2.5"}, "WORLD_SIZE='2.5'"),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "LOCAL_RANK is not set"),
+        (
+            {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "no.such.host.invalid"},
+            "does not resolve",
+        ),
+    ],
+)
 def test_contradictory_launch_environment_is_one_line_before_anything_runs(tmp_path, env, needle):
     p = train([*SMALL, "--out", tmp_path / "run"], env=clean_env(**env), timeout=120)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -59,9 +69,14 @@ def test_contradictory_launch_environment_is_one_line_before_anything_runs(tmp_p
 
 
 def launch_node(args, tmp_path, **env):
-    return subprocess.run(["bash", ROOT / "launch/node.sh", "--procs", "2", *map(str, args)], cwd=tmp_path,
-                          env=clean_env(DIST_CNN_PYTHON=sys.executable, OMP_NUM_THREADS="1", **env),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", ROOT / "launch/node.sh", "--procs", "2", *map(str, args)],
+        cwd=tmp_path,
+        env=clean_env(DIST_CNN_PYTHON=sys.executable, OMP_NUM_THREADS="1", **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_node_launch_with_a_bad_flag_is_one_line_before_torchrun_starts(tmp_path):
@@ -72,32 +87,63 @@ def test_node_launch_with_a_bad_flag_is_one_line_before_torchrun_starts(tmp_path
 
 
 def test_node_launch_error_found_by_the_workers_is_their_line_only(tmp_path):
-    p = launch_node(["--dataset", "imagefolder", "--data-dir", tmp_path / "none", "--wandb", "disabled",
-                     "--out", tmp_path / "run"], tmp_path)
+    p = launch_node(
+        ["--dataset", "imagefolder", "--data-dir", tmp_path / "none", "--wandb", "disabled", "--out", tmp_path / "run"],
+        tmp_path,
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "[rank 0] error: imagefolder" in lines[0], p.stderr
     assert "ChildFailedError" not in p.stderr and "Traceback" not in p.stderr
 
 
 def test_node_launch_crash_is_reported_in_one_torchrun_line(tmp_path):
-    env = clean_env(DIST_CNN_PYTHON=sys.executable, OMP_NUM_THREADS="1", FAIL_RANK="1", FAIL_STEP="2",
-                    FAIL_MODE="kill", PYTHONPATH=f"{ROOT}")
-    p = subprocess.run([sys.executable, "-m", "dist_cnn.torchrun", "--standalone", "--nproc_per_node=2",
-                        ROOT / "tests/support/fail_rank.py", *SMALL, "--out", tmp_path / "run"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env = clean_env(
+        DIST_CNN_PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        FAIL_RANK="1",
+        FAIL_STEP="2",
+        FAIL_MODE="kill",
+        PYTHONPATH=f"{ROOT}",
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_cnn.torchrun",
+            "--standalone",
+            "--nproc_per_node=2",
+            ROOT / "tests/support/fail_rank.py",
+            *SMALL,
+            "--out",
+            tmp_path / "run",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 128 + 9, p.stderr
     assert "rank 1" in p.stderr and "SIGKILL" in p.stderr and "ChildFailedError" not in p.stderr, p.stderr
 
 
 # ------------------------------------------------------------------------------------ run directory
 
+
 def lines_of(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()]
 
 
 def start(args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([PY, ROOT / "train.py", *map(str, args)], cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [PY, ROOT / "train.py", *map(str, args)],
+        cwd=ROOT,
+        env=clean_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def wait_for(pred, timeout=180.0, proc=None):
@@ -161,20 +207,25 @@ def test_metrics_never_name_a_pruned_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------------------------ resume rules
 
+
 def crashed_run(tmp_path) -> Path:
     """A run that died at step 13 with checkpoints every 4 steps (no summary)."""
     out = tmp_path / "run"
-    p = run_py([ROOT / "tests/support/fail_rank.py", *SMALL, "--checkpoint-every-steps", "4", "--out", out],
-               env=clean_env(FAIL_RANK="0", FAIL_STEP="13"))
+    p = run_py(
+        [ROOT / "tests/support/fail_rank.py", *SMALL, "--checkpoint-every-steps", "4", "--out", out],
+        env=clean_env(FAIL_RANK="0", FAIL_STEP="13"),
+    )
     assert p.returncode != 0 and (out / "checkpoints" / "step-00000012.pt").exists()
     return out
 
 
 def test_resume_with_changed_batch_or_length_is_refused_and_the_same_resumes(tmp_path):
     out = crashed_run(tmp_path)
-    for change, needle in ((["--batch-size", "128"], "--batch-size 64"),
-                           (["--synthetic-train-size", "4096"], "2048 training images"),
-                           (["--max-steps", "8"], "past the end")):
+    for change, needle in (
+        (["--batch-size", "128"], "--batch-size 64"),
+        (["--synthetic-train-size", "4096"], "2048 training images"),
+        (["--max-steps", "8"], "past the end"),
+    ):
         p = train([*SMALL, "--checkpoint-every-steps", "4", "--out", out, "--resume", "auto", *change], timeout=120)
         assert p.returncode == 2 and needle in p.stderr and len(lines_of(p.stderr)) == 1, (change, p.stderr)
     p = train([*SMALL, "--checkpoint-every-steps", "4", "--out", out, "--resume", "auto", "--grad-accum", "2"])
@@ -192,6 +243,7 @@ def test_resume_of_a_model_export_or_a_tensor_is_one_line_before_data(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ write failures
+
 
 @pytest.fixture
 def tiny_disk(tmp_path):
@@ -217,11 +269,27 @@ def test_a_full_disk_follows_the_write_error_policy_without_a_traceback(tiny_dis
 
 # ------------------------------------------------------------------------------------ signals
 
+
 def test_sigterm_during_a_long_evaluation_cuts_it_short_and_exits_unfinished(tmp_path):
     out = tmp_path / "run"
     # resnet18 on 20,000 test images with 6-view test-time augmentation: minutes of evaluation on a CPU.
-    proc = start([*SMALL, "--model", "resnet18", "--max-steps", "2", "--log-every", "1", "--tta", "2",
-                  "--synthetic-test-size", "20000", "--out", out])
+    proc = start(
+        [
+            *SMALL,
+            "--model",
+            "resnet18",
+            "--max-steps",
+            "2",
+            "--log-every",
+            "1",
+            "--tta",
+            "2",
+            "--synthetic-test-size",
+            "20000",
+            "--out",
+            out,
+        ]
+    )
     wait_for(lambda: any(e["step"] == 2 for e in events(out, "train")), proc=proc)
     time.sleep(1.0)  # inside the evaluation now
     proc.send_signal(signal.SIGTERM)

@@ -1,4 +1,5 @@
 """dist_cnn.report: plots and text report from a (fake but realistic) run directory."""
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,19 @@ def _confusion(rng: random.Random, n: int, per_class: int, acc: float) -> list[l
     return matrix
 
 
-def make_run(run_dir, *, epochs=3, steps_per_epoch=40, log_every=10, classes=CLASSES, summary=True,
-             truncated_tail=False):
+def make_run(
+    run_dir, *, epochs=3, steps_per_epoch=40, log_every=10, classes=CLASSES, summary=True, truncated_tail=False
+):
     """A run directory as the trainer writes it (rank 0): config.json, metrics.jsonl, summary.json."""
     rng = random.Random(0)
     run_dir.mkdir(parents=True, exist_ok=True)
     n = len(classes)
-    config = {"data": {"dataset": "cifar10"}, "model": {"name": "resnet18"},
-              "train": {"epochs": epochs, "batch_size": 256, "precision": "auto"}, "log": {"wandb": "offline"}}
+    config = {
+        "data": {"dataset": "cifar10"},
+        "model": {"name": "resnet18"},
+        "train": {"epochs": epochs, "batch_size": 256, "precision": "auto"},
+        "log": {"wandb": "offline"},
+    }
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     lines, t0, step = [], 1.7e9, 0
     total_steps = epochs * steps_per_epoch
@@ -41,19 +47,37 @@ def make_run(run_dir, *, epochs=3, steps_per_epoch=40, log_every=10, classes=CLA
         for _ in range(steps_per_epoch):
             step += 1
             if step % log_every == 0:
-                lines.append({"event": "train", "epoch": epoch, "step": step,
-                              "loss": 2.3 * (1 - step / (total_steps + 10)) + 0.05 * rng.random(),
-                              "lr": 0.1 * min(1.0, step / 20) * (1 - step / (total_steps + 1)),
-                              "images_per_sec": 8000.0 + rng.random() * 100, "images_per_sec_per_rank": 2000.0,
-                              "data_wait_frac": 0.02, "epoch_seconds": 3.1, "eta_seconds": 10.0,
-                              "memory_mb": 1234.5, "time": t0 + step * 0.1})
+                lines.append(
+                    {
+                        "event": "train",
+                        "epoch": epoch,
+                        "step": step,
+                        "loss": 2.3 * (1 - step / (total_steps + 10)) + 0.05 * rng.random(),
+                        "lr": 0.1 * min(1.0, step / 20) * (1 - step / (total_steps + 1)),
+                        "images_per_sec": 8000.0 + rng.random() * 100,
+                        "images_per_sec_per_rank": 2000.0,
+                        "data_wait_frac": 0.02,
+                        "epoch_seconds": 3.1,
+                        "eta_seconds": 10.0,
+                        "memory_mb": 1234.5,
+                        "time": t0 + step * 0.1,
+                    }
+                )
         acc = 0.4 + 0.15 * epoch
         matrix = _confusion(rng, n, 100, acc)
         correct = sum(matrix[i][i] for i in range(n))
-        eval_rec = {"event": "eval", "epoch": epoch + 1, "step": step, "test_accuracy": correct / (100 * n),
-                    "test_correct": correct, "test_total": 100 * n,
-                    "per_class_accuracy": [matrix[i][i] / 100 for i in range(n)],
-                    "confusion_matrix": matrix, "train_seconds": 3.1 * (epoch + 1), "time": t0 + step * 0.1}
+        eval_rec = {
+            "event": "eval",
+            "epoch": epoch + 1,
+            "step": step,
+            "test_accuracy": correct / (100 * n),
+            "test_correct": correct,
+            "test_total": 100 * n,
+            "per_class_accuracy": [matrix[i][i] / 100 for i in range(n)],
+            "confusion_matrix": matrix,
+            "train_seconds": 3.1 * (epoch + 1),
+            "time": t0 + step * 0.1,
+        }
         lines.append(eval_rec)
         lines.append({"event": "checkpoint", "step": step, "path": f"checkpoints/step{step}.pt"})
     text = "".join(json.dumps(r) + "\n" for r in lines)
@@ -61,13 +85,29 @@ def make_run(run_dir, *, epochs=3, steps_per_epoch=40, log_every=10, classes=CLA
         text += '{"event": "train", "epoch": 3, "step": 999, "lo'  # killed mid-write
     (run_dir / "metrics.jsonl").write_text(text)
     if summary:
-        (run_dir / "summary.json").write_text(json.dumps({
-            "test_accuracy": eval_rec["test_accuracy"], "test_correct": eval_rec["test_correct"],
-            "test_total": eval_rec["test_total"], "per_class_accuracy": eval_rec["per_class_accuracy"],
-            "classes": list(classes), "epochs": epochs, "steps": step, "world_size": 4, "backend": "nccl",
-            "train_seconds": eval_rec["train_seconds"], "train_images_per_sec": 8050.0, "model": "resnet18",
-            "dataset": "cifar10", "precision": "bf16", "global_batch_size": 256, "per_rank_batch_size": 64,
-        }, indent=2))
+        (run_dir / "summary.json").write_text(
+            json.dumps(
+                {
+                    "test_accuracy": eval_rec["test_accuracy"],
+                    "test_correct": eval_rec["test_correct"],
+                    "test_total": eval_rec["test_total"],
+                    "per_class_accuracy": eval_rec["per_class_accuracy"],
+                    "classes": list(classes),
+                    "epochs": epochs,
+                    "steps": step,
+                    "world_size": 4,
+                    "backend": "nccl",
+                    "train_seconds": eval_rec["train_seconds"],
+                    "train_images_per_sec": 8050.0,
+                    "model": "resnet18",
+                    "dataset": "cifar10",
+                    "precision": "bf16",
+                    "global_batch_size": 256,
+                    "per_rank_batch_size": 64,
+                },
+                indent=2,
+            )
+        )
     return eval_rec
 
 
@@ -139,10 +179,25 @@ def test_many_classes_and_no_evals(tmp_path):
 
     only_train = tmp_path / "early"
     only_train.mkdir()
-    (only_train / "metrics.jsonl").write_text(json.dumps(
-        {"event": "train", "epoch": 0, "step": 10, "loss": 2.0, "lr": 0.01, "images_per_sec": 1.0,
-         "images_per_sec_per_rank": 1.0, "data_wait_frac": 0.0, "epoch_seconds": 1.0, "eta_seconds": 1.0,
-         "memory_mb": 0.0, "time": 0.0}) + "\n")
+    (only_train / "metrics.jsonl").write_text(
+        json.dumps(
+            {
+                "event": "train",
+                "epoch": 0,
+                "step": 10,
+                "loss": 2.0,
+                "lr": 0.01,
+                "images_per_sec": 1.0,
+                "images_per_sec_per_rank": 1.0,
+                "data_wait_frac": 0.0,
+                "epoch_seconds": 1.0,
+                "eta_seconds": 1.0,
+                "memory_mb": 0.0,
+                "time": 0.0,
+            }
+        )
+        + "\n"
+    )
     assert [p.name for p in write_plots(only_train)] == ["loss.png"]
     assert "not evaluated" in format_report({}, read_metrics(only_train))
 

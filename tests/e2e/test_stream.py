@@ -1,4 +1,5 @@
 """`--loader stream` end to end: exact resume, world-size equivalence, exact eval, bad and odd files."""
+
 import json
 
 import numpy as np
@@ -9,8 +10,18 @@ from PIL import Image
 from tests.support.common import ROOT, clean_env, read_events, read_summary, run_py, torchrun, train
 
 FAIL = ROOT / "tests/support/fail_rank.py"
-NOISE = {"time", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", "epoch_seconds",
-         "eta_seconds", "memory_mb", "train_seconds", "path", "from"}
+NOISE = {
+    "time",
+    "images_per_sec",
+    "images_per_sec_per_rank",
+    "data_wait_frac",
+    "epoch_seconds",
+    "eta_seconds",
+    "memory_mb",
+    "train_seconds",
+    "path",
+    "from",
+}
 
 
 def make_folder(root, n_train=48, n_test=20, classes=2, seed=0):
@@ -29,9 +40,33 @@ def make_folder(root, n_train=48, n_test=20, classes=2, seed=0):
 
 def args(root, *extra):
     # 48 images / batch 16 = 3 steps an epoch; 2 epochs; a checkpoint every 2 steps; one worker each.
-    return ["--dataset", "imagefolder", "--data-dir", root, "--loader", "stream", "--image-size", "24",
-            "--batch-size", "16", "--epochs", "2", "--wandb", "disabled", "--no-progress", "--precision", "fp32",
-            "--workers", "1", "--log-every", "1", "--checkpoint-every-steps", "2", "--flip", *map(str, extra)]
+    return [
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--loader",
+        "stream",
+        "--image-size",
+        "24",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--wandb",
+        "disabled",
+        "--no-progress",
+        "--precision",
+        "fp32",
+        "--workers",
+        "1",
+        "--log-every",
+        "1",
+        "--checkpoint-every-steps",
+        "2",
+        "--flip",
+        *map(str, extra),
+    ]
 
 
 def launcher(nproc):
@@ -39,8 +74,9 @@ def launcher(nproc):
 
 
 def history(run_dir):
-    return [{k: v for k, v in e.items() if k not in NOISE} for e in read_events(run_dir)
-            if e["event"] in ("train", "eval")]
+    return [
+        {k: v for k, v in e.items() if k not in NOISE} for e in read_events(run_dir) if e["event"] in ("train", "eval")
+    ]
 
 
 def weights(run_dir):
@@ -85,8 +121,7 @@ def test_exact_eval_world_size_3_on_499_images(tmp_path):
     torchrun(3, args(root, "--batch-size", "15", "--max-steps", "2", "--out", out), check=0)
     s = read_summary(out)
     assert s["world_size"] == 3 and s["test_total"] == 499  # 499 = 3 * 166 + 1
-    run_py(["-m", "dist_cnn.cli", "eval", "--checkpoint", out / "model.pt", "--output", tmp_path / "e.json"],
-           check=0)
+    run_py(["-m", "dist_cnn.cli", "eval", "--checkpoint", out / "model.pt", "--output", tmp_path / "e.json"], check=0)
     single = json.loads((tmp_path / "e.json").read_text())
     assert single["world_size"] == 1 and single["test_total"] == 499
     assert single["test_correct"] == s["test_correct"] and single["per_class_accuracy"] == s["per_class_accuracy"]
@@ -115,8 +150,9 @@ def test_unreadable_files_stop_with_one_line_or_are_skipped_and_counted(tmp_path
 def test_grayscale_rgba_cmyk_palette_mix(tmp_path):
     root = make_folder(tmp_path / "imgs", n_train=32, n_test=8)
     rgb = np.random.default_rng(2).integers(0, 256, (30, 26, 3), dtype=np.uint8)
-    for i, (mode, ext) in enumerate([("L", "jpg"), ("RGBA", "png"), ("CMYK", "jpg"), ("P", "png"), ("P", "gif"),
-                                     ("LA", "png"), ("RGB", "bmp")]):
+    for i, (mode, ext) in enumerate(
+        [("L", "jpg"), ("RGBA", "png"), ("CMYK", "jpg"), ("P", "png"), ("P", "gif"), ("LA", "png"), ("RGB", "bmp")]
+    ):
         for split in ("train", "test"):
             Image.fromarray(rgb).convert(mode).save(root / split / f"c{i % 2}" / f"odd{i}.{ext}")
     train(args(root, "--out", tmp_path / "run", "--epochs", "1"), check=0)

@@ -1,5 +1,6 @@
 """--tensorboard: the event files, read back with TensorBoard's own reader, hold the W&B tags at the
 trainer's steps, the confusion matrix as an image, and continue at increasing steps after a resume."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,20 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 FAIL = ROOT / "tests/support/fail_rank.py"
 # 1024 images / batch 64 = 16 steps an epoch, 2 epochs; train events every 4 steps, checkpoints every 5
-ARGS = [*SMALL, "--synthetic-train-size", "1024", "--synthetic-test-size", "200", "--epochs", "2",
-        "--log-every", "4", "--checkpoint-every-steps", "5", "--tensorboard"]
+ARGS = [
+    *SMALL,
+    "--synthetic-train-size",
+    "1024",
+    "--synthetic-test-size",
+    "200",
+    "--epochs",
+    "2",
+    "--log-every",
+    "4",
+    "--checkpoint-every-steps",
+    "5",
+    "--tensorboard",
+]
 
 
 def _accumulate(run_dir) -> EventAccumulator:
@@ -33,8 +46,11 @@ def test_tensorboard_tags_and_steps_continue_after_a_resume(tmp_path):
     # the crashed attempt logged step 12, after its last checkpoint (step 10)
     first = sorted((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(first) == 1
-    steps = [e.step for e in EventFileLoader(str(first[0])).Load() if e.summary.value
-             and e.summary.value[0].tag == "train/loss"]
+    steps = [
+        e.step
+        for e in EventFileLoader(str(first[0])).Load()
+        if e.summary.value and e.summary.value[0].tag == "train/loss"
+    ]
     assert steps == [4, 8, 12]
 
     train([*ARGS, "--out", out, "--resume", "auto"], check=0)
@@ -46,8 +62,14 @@ def test_tensorboard_tags_and_steps_continue_after_a_resume(tmp_path):
     classes = [f"pattern{i}" for i in range(10)]
     for field in ("loss", "lr", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", "epoch", "memory_mb"):
         assert f"train/{field}" in tags["scalars"], field
-    for tag in ["test/accuracy", "test/correct", "test/total", "test/epoch", "train_seconds",
-                *(f"test/per_class_accuracy/{c}" for c in classes)]:
+    for tag in [
+        "test/accuracy",
+        "test/correct",
+        "test/total",
+        "test/epoch",
+        "train_seconds",
+        *(f"test/per_class_accuracy/{c}" for c in classes),
+    ]:
         assert tag in tags["scalars"], tag
     assert tags["images"] == ["test/confusion_matrix"]
 

@@ -1,4 +1,5 @@
 """End-to-end single-process training through train.py, and what it leaves in the run directory."""
+
 import json
 
 import pytest
@@ -45,9 +46,30 @@ def test_seed_config_drives_the_run(tmp_path):
     optimizer's settings in the checkpoint, 0.5/0.5 normalization and plain NCHW weights."""
     seed_toml = ROOT / "configs" / "seed.toml"
     out = tmp_path / "run"
-    train(["--config", seed_toml, "--dataset", "synthetic", "--synthetic-train-size", "96", "--synthetic-test-size",
-           "40", "--max-steps", "12", "--log-every", "3", "--eval-every", "0", "--wandb", "disabled", "--no-progress",
-           "--out", out], check=0)
+    train(
+        [
+            "--config",
+            seed_toml,
+            "--dataset",
+            "synthetic",
+            "--synthetic-train-size",
+            "96",
+            "--synthetic-test-size",
+            "40",
+            "--max-steps",
+            "12",
+            "--log-every",
+            "3",
+            "--eval-every",
+            "0",
+            "--wandb",
+            "disabled",
+            "--no-progress",
+            "--out",
+            out,
+        ],
+        check=0,
+    )
     saved = json.loads((out / "config.json").read_text())
     overridden = {("data", "dataset"), ("train", "log_every")}  # by the flags above
     file = load_file(str(seed_toml))
@@ -65,8 +87,9 @@ def test_seed_config_drives_the_run(tmp_path):
 
     state = torch.load(out / "checkpoints" / "step-00000012.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]
-    assert [(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) for g in groups] == \
-        [(pytest.approx(lr), file["optim"]["momentum"], False, 0.0)] * 2
+    assert [(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) for g in groups] == [
+        (pytest.approx(lr), file["optim"]["momentum"], False, 0.0)
+    ] * 2
     final = torch.load(out / "model.pt", weights_only=True)
     assert final["mean"] == [0.5] * 3 and final["std"] == [0.5] * 3  # normalize = "half"
     convs = [v for v in final["model"].values() if v.ndim == 4]

@@ -3,6 +3,7 @@
 Every test points HOME / WANDB_DIR / WANDB_CONFIG_DIR / WANDB_CACHE_DIR / WANDB_DATA_DIR at tmp_path
 and clears the W&B environment, so nothing leaks in from the machine or out to it.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,17 +21,35 @@ wandb = pytest.importorskip("wandb")
 
 CLASSES = ["cat", "dog", "bird"]
 FAKE_KEY = "f4ke0123456789abcdef0123456789abcdef4567"  # 40 chars, the shape of a real key
-CONFIG = {"data": {"dataset": "cifar10"}, "model": {"name": "resnet18"}, "train": {"epochs": 2, "lr": 0.1},
-          "log": {"wandb": "offline", "wandb_project": "dist_cnn_tests"}}
+CONFIG = {
+    "data": {"dataset": "cifar10"},
+    "model": {"name": "resnet18"},
+    "train": {"epochs": 2, "lr": 0.1},
+    "log": {"wandb": "offline", "wandb_project": "dist_cnn_tests"},
+}
 
 
 @pytest.fixture
 def wb_env(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC",
-                "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_NAME", "WANDB_TAGS",
-                "WANDB_RUN_GROUP", "WANDB_NOTES", "WANDB_SWEEP_ID", "WANDB_DISABLED"):
+    for var in (
+        "WANDB_MODE",
+        "WANDB_API_KEY",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "WANDB_BASE_URL",
+        "NETRC",
+        "WANDB_ENTITY",
+        "WANDB_PROJECT",
+        "WANDB_RUN_ID",
+        "WANDB_RESUME",
+        "WANDB_NAME",
+        "WANDB_TAGS",
+        "WANDB_RUN_GROUP",
+        "WANDB_NOTES",
+        "WANDB_SWEEP_ID",
+        "WANDB_DISABLED",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir_env"))  # the logger's dir= must win
@@ -44,26 +63,50 @@ def wb_env(tmp_path, monkeypatch):
 
 
 def _train(step: int, epoch: int) -> dict:
-    return {"event": "train", "epoch": epoch, "step": step, "loss": 2.5 / step, "lr": 0.1 * step / 100,
-            "images_per_sec": 4000.0 + step, "images_per_sec_per_rank": 1000.0 + step / 4,
-            "data_wait_frac": 0.01, "epoch_seconds": 1.5, "eta_seconds": 30.0, "memory_mb": 512.0,
-            "time": time.time()}
+    return {
+        "event": "train",
+        "epoch": epoch,
+        "step": step,
+        "loss": 2.5 / step,
+        "lr": 0.1 * step / 100,
+        "images_per_sec": 4000.0 + step,
+        "images_per_sec_per_rank": 1000.0 + step / 4,
+        "data_wait_frac": 0.01,
+        "epoch_seconds": 1.5,
+        "eta_seconds": 30.0,
+        "memory_mb": 512.0,
+        "time": time.time(),
+    }
 
 
 def _eval(step: int, epoch: int, acc: float) -> dict:
     matrix = [[8, 1, 1], [2, 7, 1], [1, 1, 8]]
-    return {"event": "eval", "epoch": epoch, "step": step, "test_accuracy": acc, "test_correct": 23,
-            "test_total": 30, "per_class_accuracy": [0.8, 0.7, 0.8], "confusion_matrix": matrix,
-            "train_seconds": 3.0 * epoch, "time": time.time()}
+    return {
+        "event": "eval",
+        "epoch": epoch,
+        "step": step,
+        "test_accuracy": acc,
+        "test_correct": 23,
+        "test_total": 30,
+        "per_class_accuracy": [0.8, 0.7, 0.8],
+        "confusion_matrix": matrix,
+        "train_seconds": 3.0 * epoch,
+        "time": time.time(),
+    }
 
 
-def _run_segment(run_dir: Path, steps, epoch: int, *, run_id=None, mode="offline", messages=None,
-                 final_acc=0.77):
+def _run_segment(run_dir: Path, steps, epoch: int, *, run_id=None, mode="offline", messages=None, final_acc=0.77):
     """One process's worth of logging: init, train records, one eval, finish. Returns (logger, seconds)."""
     messages = [] if messages is None else messages
     t0 = time.perf_counter()
-    logger = WandbLogger(LogConfig(wandb=mode, wandb_project="dist_cnn_tests", run_name="t"), run_dir,
-                         CONFIG, run_id, True, messages.append)
+    logger = WandbLogger(
+        LogConfig(wandb=mode, wandb_project="dist_cnn_tests", run_name="t"),
+        run_dir,
+        CONFIG,
+        run_id,
+        True,
+        messages.append,
+    )
     for s in steps:
         logger.log_train(_train(s, epoch))
     logger.log_eval(_eval(steps[-1], epoch + 1, final_acc), CLASSES)

@@ -14,6 +14,7 @@ at the cluster, so plain subprocess calls to sbatch/squeue/scontrol reach it.
 SLURM missing (not installed, or not root): the tests are skipped with the reason when CI is
 unset; under CI (CI=true/1) it is a failure -- CI must run tests/slurm/install.sh first.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,15 +80,19 @@ def _acquire() -> SlurmCluster:
             pytest.skip(reason)
         p = subprocess.run(["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=180)
         if p.returncode != 0:
-            pytest.fail(f"tests/slurm/cluster.sh start failed ({p.returncode}):\n{p.stdout}\n{p.stderr}",
-                        pytrace=False)
+            pytest.fail(f"tests/slurm/cluster.sh start failed ({p.returncode}):\n{p.stdout}\n{p.stderr}", pytrace=False)
         started = p.stdout.strip().startswith("started")
         saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "DIST_CNN_SLURM_DIR")}
         env = helpers.cluster_env()
         os.environ["SLURM_CONF"] = env["SLURM_CONF"]
         os.environ["DIST_CNN_SLURM_DIR"] = env["DIST_CNN_SLURM_DIR"]
-        cluster = SlurmCluster(dir=helpers.state_dir(), conf=helpers.slurm_conf(), started_here=started,
-                               start_output=p.stdout.strip(), env=helpers.cluster_env())
+        cluster = SlurmCluster(
+            dir=helpers.state_dir(),
+            conf=helpers.slurm_conf(),
+            started_here=started,
+            start_output=p.stdout.strip(),
+            env=helpers.cluster_env(),
+        )
         _state.update(users=1, cluster=cluster, saved_env=saved)
         return cluster
 

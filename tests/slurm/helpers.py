@@ -10,6 +10,7 @@
 No accounting database here, so no sacct: wait_job polls squeue until the job has left
 the queue, then reads `scontrol show job -o` (finished jobs stay visible for MinJobAge=300 s).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,18 @@ TRAIN_SH = REPO / "slurm" / "train.sh"
 DEFAULT_DIR = "/tmp/dist_cnn_slurm"
 
 # Job states after which a job does not run again by itself.
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                   "PREEMPTED", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+}
 
 
 class SlurmError(RuntimeError):
@@ -50,8 +61,9 @@ def cluster_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str
     return env
 
 
-def _run(cmd: list[str], env: Mapping[str, str] | None = None, cwd=None, timeout: float = 30,
-         check: bool = True) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], env: Mapping[str, str] | None = None, cwd=None, timeout: float = 30, check: bool = True
+) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, env=cluster_env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise SlurmError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
@@ -81,7 +93,7 @@ def parse_scontrol(line: str) -> dict[str, str]:
     out = {}
     for i, m in enumerate(keys):
         end = keys[i + 1].start() if i + 1 < len(keys) else len(line)
-        out[m.group(1)] = line[m.end():end].strip()
+        out[m.group(1)] = line[m.end() : end].strip()
     return out
 
 
@@ -108,8 +120,13 @@ def job_state(job_id: int | str, env: Mapping[str, str] | None = None) -> str | 
     return s.splitlines()[0] if s else None
 
 
-def scancel(job_id: int | str, signal: str | None = None, batch: bool = False, full: bool = False,
-            env: Mapping[str, str] | None = None) -> None:
+def scancel(
+    job_id: int | str,
+    signal: str | None = None,
+    batch: bool = False,
+    full: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> None:
     """scancel [--signal=SIG] [--batch|--full] JOB, e.g. scancel(job, "USR1", batch=True)."""
     cmd = ["scancel"]
     if signal:
@@ -121,8 +138,13 @@ def scancel(job_id: int | str, signal: str | None = None, batch: bool = False, f
     _run([*cmd, str(job_id)], env=env)
 
 
-def wait_state(job_id: int | str, states: Iterable[str] = ("RUNNING",), timeout: float = 60,
-               poll: float = 0.25, env: Mapping[str, str] | None = None) -> str:
+def wait_state(
+    job_id: int | str,
+    states: Iterable[str] = ("RUNNING",),
+    timeout: float = 60,
+    poll: float = 0.25,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """Wait until squeue shows the job in one of `states`; returns that state."""
     states = set(states)
     deadline = time.monotonic() + timeout
@@ -137,8 +159,13 @@ def wait_state(job_id: int | str, states: Iterable[str] = ("RUNNING",), timeout:
     raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout}s (last: {last})")
 
 
-def wait_job(job_id: int | str, timeout: float = 120, poll: float = 0.25, cancel_on_timeout: bool = True,
-             env: Mapping[str, str] | None = None) -> dict[str, str]:
+def wait_job(
+    job_id: int | str,
+    timeout: float = 120,
+    poll: float = 0.25,
+    cancel_on_timeout: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """Poll squeue until the job has left the queue (requeues included), then return job_info().
 
     Useful keys: JobState (COMPLETED, FAILED, CANCELLED, TIMEOUT, ...), ExitCode ('0:0' = exit
@@ -162,8 +189,15 @@ def wait_job(job_id: int | str, timeout: float = 120, poll: float = 0.25, cancel
     raise TimeoutError(f"job {job_id} still {state} after {timeout}s: {info}")
 
 
-def wait_for_file_text(path, pattern: str, count: int = 1, timeout: float = 60, poll: float = 0.25,
-                       job_id: int | str | None = None, env: Mapping[str, str] | None = None) -> str:
+def wait_for_file_text(
+    path,
+    pattern: str,
+    count: int = 1,
+    timeout: float = 60,
+    poll: float = 0.25,
+    job_id: int | str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
     """Wait until `path` contains `pattern` (a regex) at least `count` times; returns the text.
     With job_id, fails early when the job ends first."""
     path = Path(path)

@@ -1,4 +1,5 @@
 """The local SLURM cluster itself works: a 2-task job runs and completes."""
+
 import pytest
 
 from tests.slurm.helpers import sbatch, wait_job
@@ -6,8 +7,16 @@ from tests.slurm.helpers import sbatch, wait_job
 
 @pytest.mark.slurm
 def test_two_task_job_completes(slurm_cluster, tmp_path):
-    job = sbatch(["--gpus-per-node=0", "--ntasks=2", "--output=out-%j.txt",
-                  "--wrap", "srun bash -c 'echo task=$SLURM_PROCID host=$(hostname)'"], cwd=tmp_path)
+    job = sbatch(
+        [
+            "--gpus-per-node=0",
+            "--ntasks=2",
+            "--output=out-%j.txt",
+            "--wrap",
+            "srun bash -c 'echo task=$SLURM_PROCID host=$(hostname)'",
+        ],
+        cwd=tmp_path,
+    )
     info = wait_job(job, timeout=60)
     out = (tmp_path / f"out-{job}.txt").read_text()
     assert info["JobState"] == "COMPLETED", (info, out)

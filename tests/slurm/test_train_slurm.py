@@ -4,6 +4,7 @@ requeue, and launches that cannot work fail fast with one line (dist_cnn/doctor.
 
 Every job gets 2 tasks of 1 CPU on the CPU-only node (--gpus-per-node=0), so gloo, 2 ranks.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ entry()
 
 def job_env(mode: str = "srun", entry=None, **extra) -> dict:
     """The job's environment: no SLURM_*/RANK leftovers from this shell, the venv's python, the mode."""
-    return cluster_env(clean_env(DIST_CNN_PYTHON=PY, DIST_CNN_ENTRY=str(entry or ROOT / "train.py"),
-                                 DIST_CNN_LAUNCH=mode, **extra))
+    return cluster_env(
+        clean_env(DIST_CNN_PYTHON=PY, DIST_CNN_ENTRY=str(entry or ROOT / "train.py"), DIST_CNN_LAUNCH=mode, **extra)
+    )
 
 
 def out_file(tmp_path, job) -> str:
@@ -100,8 +102,19 @@ def submit_slow_run(d, mode, step_sleep="0.4"):
     entry = d / "slow_train.py"
     entry.write_text(SLOW_ENTRY)
     run = d / "run"
-    args = [*SMALL, "--synthetic-train-size", "1024", "--epochs", "2", "--log-every", "2",
-            "--checkpoint-every-minutes", "0", "--out", run]
+    args = [
+        *SMALL,
+        "--synthetic-train-size",
+        "1024",
+        "--epochs",
+        "2",
+        "--log-every",
+        "2",
+        "--checkpoint-every-minutes",
+        "0",
+        "--out",
+        run,
+    ]
     return sbatch([*TWO_TASKS, TRAIN_SH, *args], cwd=d, env=job_env(mode, entry, STEP_SLEEP=step_sleep)), run
 
 
@@ -120,7 +133,7 @@ def preempted_jobs(slurm_cluster, tmp_path_factory):
         jobs[mode] = (d, *submit_slow_run(d, mode))
     for _, job, run in jobs.values():
         wait_training(job, run)
-        scancel(job, "USR1", batch=True)   # what --signal=B:USR1@120 does before the time limit
+        scancel(job, "USR1", batch=True)  # what --signal=B:USR1@120 does before the time limit
     yield jobs
     cancel_leftovers(job for _, job, _ in jobs.values())
 
@@ -148,7 +161,7 @@ def test_usr1_checkpoints_requeues_and_resumes(preempted_jobs, mode):
 def test_plain_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
     job, run = submit_slow_run(tmp_path, "srun")
     wait_training(job, run)
-    scancel(job)                        # SIGTERM to every process: a job cancelled for good
+    scancel(job)  # SIGTERM to every process: a job cancelled for good
     info = wait_job(job, timeout=90)
     text = out_file(tmp_path, job)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, text[-4000:])
@@ -162,9 +175,17 @@ def test_plain_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path)
 def test_batch_script_without_srun_fails_fast(slurm_cluster, tmp_path):
     """SLURM_NTASKS=2 in the batch shell, but no step: one line naming srun, exit code 2."""
     t0 = time.monotonic()
-    job = sbatch(["--ntasks=2", "--gpus-per-node=0", "--output=out-%j.txt", "--wrap",
-                  f"{PY} {ROOT / 'train.py'} {' '.join(SMALL)} --out {tmp_path / 'run'}"],
-                 cwd=tmp_path, env=job_env())
+    job = sbatch(
+        [
+            "--ntasks=2",
+            "--gpus-per-node=0",
+            "--output=out-%j.txt",
+            "--wrap",
+            f"{PY} {ROOT / 'train.py'} {' '.join(SMALL)} --out {tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=job_env(),
+    )
     info = wait_job(job, timeout=90)
     text = (tmp_path / f"out-{job}.txt").read_text()
     assert info["ExitCode"] == "2:0" and info["JobState"] == "FAILED", (info, text)
@@ -176,14 +197,18 @@ def test_batch_script_without_srun_fails_fast(slurm_cluster, tmp_path):
 
 def test_torchrun_more_processes_than_allocated_fails_fast(slurm_cluster, tmp_path):
     """DIST_CNN_NPROC_PER_NODE=3 on a node given 2 tasks of 1 CPU: every worker refuses in one line."""
-    job = sbatch([*TWO_TASKS, TRAIN_SH, *SMALL, "--out", tmp_path / "run"], cwd=tmp_path,
-                 env=job_env("torchrun", DIST_CNN_NPROC_PER_NODE="3"))
+    job = sbatch(
+        [*TWO_TASKS, TRAIN_SH, *SMALL, "--out", tmp_path / "run"],
+        cwd=tmp_path,
+        env=job_env("torchrun", DIST_CNN_NPROC_PER_NODE="3"),
+    )
     info = wait_job(job, timeout=120)
     text = out_file(tmp_path, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, text[-4000:])
     errors = [ln for ln in text.splitlines() if "] error: " in ln]
-    assert errors and all("3 processes on this node" in e and "2 CPU(s)" in e and
-                          "DIST_CNN_NPROC_PER_NODE" in e for e in errors), text[-4000:]
+    assert errors and all(
+        "3 processes on this node" in e and "2 CPU(s)" in e and "DIST_CNN_NPROC_PER_NODE" in e for e in errors
+    ), text[-4000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -193,8 +218,11 @@ def test_srun_mode_port_in_use_fails_fast(slurm_cluster, tmp_path):
         s.bind(("0.0.0.0", 0))
         s.listen()
         port = s.getsockname()[1]
-        job = sbatch([*TWO_TASKS, TRAIN_SH, *SMALL, "--out", tmp_path / "run"], cwd=tmp_path,
-                     env=job_env("srun", MASTER_PORT=str(port)))
+        job = sbatch(
+            [*TWO_TASKS, TRAIN_SH, *SMALL, "--out", tmp_path / "run"],
+            cwd=tmp_path,
+            env=job_env("srun", MASTER_PORT=str(port)),
+        )
         info = wait_job(job, timeout=90)
     text = out_file(tmp_path, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, text[-4000:])
@@ -205,8 +233,11 @@ def test_srun_mode_port_in_use_fails_fast(slurm_cluster, tmp_path):
 def test_dry_run_inside_a_job(slurm_cluster, tmp_path):
     """`train.py --dry-run` in the batch shell (a problem: no srun) and under srun (two ranks, exit 0)."""
     cmd = f"{PY} {ROOT / 'train.py'} --dry-run --json --dataset synthetic"
-    job = sbatch([*TWO_TASKS, "--output=out-%j.txt", "--wrap",
-                  f"{cmd} > batch.json; echo batch_rc=$?; srun {cmd}"], cwd=tmp_path, env=job_env())
+    job = sbatch(
+        [*TWO_TASKS, "--output=out-%j.txt", "--wrap", f"{cmd} > batch.json; echo batch_rc=$?; srun {cmd}"],
+        cwd=tmp_path,
+        env=job_env(),
+    )
     info = wait_job(job, timeout=90)
     text = (tmp_path / f"out-{job}.txt").read_text()
     assert_done(info, text)

@@ -1,4 +1,5 @@
 """Test helpers: run the real entry points in subprocesses, on small synthetic data."""
+
 from __future__ import annotations
 
 import json
@@ -11,25 +12,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 # Small enough to train in seconds on 2 cores, big enough that the seed CNN gets far above chance.
-SMALL = ["--dataset", "synthetic", "--synthetic-train-size", "2048", "--synthetic-test-size", "500",
-         "--batch-size", "64", "--epochs", "1", "--wandb", "disabled", "--no-progress", "--precision", "fp32"]
+SMALL = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-train-size",
+    "2048",
+    "--synthetic-test-size",
+    "500",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "1",
+    "--wandb",
+    "disabled",
+    "--no-progress",
+    "--precision",
+    "fp32",
+]
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "WANDB_")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "WANDB_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    }
     # Subprocesses import this checkout's dist_cnn, whatever their cwd or the venv's installed copy.
     env.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), **extra})
     return env
 
 
 def run_py(args, *, cwd=ROOT, env=None, timeout=300, check=None) -> subprocess.CompletedProcess:
-    p = subprocess.run([PY, *map(str, args)], cwd=cwd, env=env or clean_env(), capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [PY, *map(str, args)], cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check is not None and p.returncode != check:
-        raise AssertionError(f"exit {p.returncode} (wanted {check}) for {args}\n"
-                             f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}")
+        raise AssertionError(
+            f"exit {p.returncode} (wanted {check}) for {args}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}"
+        )
     return p
 
 
@@ -38,8 +59,9 @@ def train(args, **kw) -> subprocess.CompletedProcess:
 
 
 def torchrun(nproc: int, args, **kw) -> subprocess.CompletedProcess:
-    return run_py(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   ROOT / "train.py", *args], **kw)
+    return run_py(
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", ROOT / "train.py", *args], **kw
+    )
 
 
 def free_port() -> int:
@@ -56,5 +78,3 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [r for r in rows if event is None or r["event"] == event]
-
-

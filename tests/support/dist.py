@@ -11,6 +11,7 @@ under a second, where spawned ones import torch again (seconds each on a busy 2-
 Forking is safe here because the parent has joined no process group and each rank runs one
 intra-op thread (as DataLoader workers do); start_method="spawn" is the portable choice.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,11 +28,18 @@ from dist_cnn.distributed import DistEnv
 def _rank_main(rank: int, world: int, store: str, out_dir: str, fn, args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
-        env = DistEnv(rank=rank, world_size=world, local_rank=rank, launcher="torchrun", backend="gloo",
-                      device=torch.device("cpu"))
+        env = DistEnv(
+            rank=rank,
+            world_size=world,
+            local_rank=rank,
+            launcher="torchrun",
+            backend="gloo",
+            device=torch.device("cpu"),
+        )
         result = fn(env, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
@@ -44,6 +52,11 @@ def run_group(world: int, fn, *args, tmp_dir: Path, start_method: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     if start_method is None:
         start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_rank_main, args=(world, str(out / "store"), str(out), fn, args), nprocs=world, join=True,
-                       start_method=start_method)
+    mp.start_processes(
+        _rank_main,
+        args=(world, str(out / "store"), str(out), fn, args),
+        nprocs=world,
+        join=True,
+        start_method=start_method,
+    )
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]

@@ -3,6 +3,7 @@
 FAIL_MODE=raise (default) raises an exception; FAIL_MODE=kill sends itself SIGKILL. Only the first
 attempt fails (TORCHELASTIC_RESTART_COUNT 0 or unset), so restarts and resumes can finish.
 """
+
 import os
 import signal
 

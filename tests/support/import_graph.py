@@ -11,6 +11,7 @@ relative imports resolve against the importing module's package (`from . import 
 An import of a submodule does not add edges to its parent packages (that `__init__` runs too, but
 counting it would make every `from . import x` inside a package a cycle through its `__init__`).
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,12 +21,12 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Import:
-    src: str            # importing module, e.g. 'dist_cnn.distributed'
-    dst: str            # imported package module, e.g. 'dist_cnn.doctor'
-    path: str           # the importing file, relative to the package's parent, e.g. 'dist_cnn/distributed.py'
+    src: str  # importing module, e.g. 'dist_cnn.distributed'
+    dst: str  # imported package module, e.g. 'dist_cnn.doctor'
+    path: str  # the importing file, relative to the package's parent, e.g. 'dist_cnn/distributed.py'
     line: int
     function: str | None  # the enclosing def (qualified, e.g. 'Trainer._report'), None at module level
-    statement: str      # the source of the import statement
+    statement: str  # the source of the import statement
 
     def where(self) -> str:
         inside = f" in {self.function}()" if self.function else ""
@@ -77,14 +78,14 @@ class ImportGraph:
             parts = package.split(".")
             if node.level - 1 >= len(parts):
                 return set()  # beyond the top-level package: not ours
-            anchor = ".".join(parts[:len(parts) - (node.level - 1)])
+            anchor = ".".join(parts[: len(parts) - (node.level - 1)])
             base = f"{anchor}.{base}" if base else anchor
         targets = set()
         for alias in node.names:
             sub = f"{base}.{alias.name}"
             if sub in self.modules:
                 targets.add(sub)  # `from pkg import submodule`
-            elif (t := self._innermost(base)):
+            elif t := self._innermost(base):
                 targets.add(t)  # `from module import name` (or a name defined in pkg/__init__)
         return targets
 
@@ -174,6 +175,7 @@ def _shortest_path_back(start: str, edges, members) -> list[tuple[str, str]] | N
 
 def _walk_with_scope(tree):
     """(import node, enclosing function's qualified name or None) for every import in the tree."""
+
     def walk(node, scope: list[str], in_def: bool):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.Import, ast.ImportFrom)):
@@ -184,4 +186,5 @@ def _walk_with_scope(tree):
                 yield from walk(child, scope + [child.name], in_def)
             else:
                 yield from walk(child, scope, in_def)
+
     yield from walk(tree, [], False)

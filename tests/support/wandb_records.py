@@ -16,6 +16,7 @@ following the format wandb's old `DataStore` documented:
 
 The payloads are then parsed with wandb's own protobuf classes.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,11 +47,11 @@ def iter_payloads(path: Path):
             continue
         if pos + _HEADER_LEN > len(data):
             return  # truncated record header
-        crc, length, rtype = struct.unpack("<IHB", data[pos:pos + _HEADER_LEN])
+        crc, length, rtype = struct.unpack("<IHB", data[pos : pos + _HEADER_LEN])
         if crc == 0 and length == 0 and rtype == 0:  # zero-filled rest of a block
             pos += space_left
             continue
-        body = data[pos + _HEADER_LEN:pos + _HEADER_LEN + length]
+        body = data[pos + _HEADER_LEN : pos + _HEADER_LEN + length]
         if len(body) < length:
             return  # truncated record (a run still writing, or killed)
         if rtype not in _CRC_SEED or zlib.crc32(body, _CRC_SEED[rtype]) & 0xFFFFFFFF != crc:
@@ -112,8 +113,15 @@ def _pop(target: dict, item) -> None:
 
 def read_offline_file(path: Path) -> dict:
     """One .wandb file -> {'run_id', 'resume', 'history', 'summary', 'config', 'record_types', 'path'}."""
-    out: dict = {"path": Path(path), "run_id": None, "resume": None, "history": [], "summary": {},
-                 "config": {}, "record_types": {}}
+    out: dict = {
+        "path": Path(path),
+        "run_id": None,
+        "resume": None,
+        "history": [],
+        "summary": {},
+        "config": {},
+        "record_types": {},
+    }
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
         out["record_types"][kind] = out["record_types"].get(kind, 0) + 1
@@ -159,8 +167,13 @@ def read_offline_run(run_dir: Path) -> dict:
             segments.append(read_offline_file(f))
     if not segments:
         raise FileNotFoundError(f"no offline W&B run under {Path(run_dir) / 'wandb'}")
-    merged: dict = {"run_ids": [s["run_id"] for s in segments], "history": [], "summary": {},
-                    "config": {}, "segments": segments}
+    merged: dict = {
+        "run_ids": [s["run_id"] for s in segments],
+        "history": [],
+        "summary": {},
+        "config": {},
+        "segments": segments,
+    }
     merged["run_id"] = segments[-1]["run_id"]
     for s in segments:
         merged["history"].extend(s["history"])

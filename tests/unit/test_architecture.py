@@ -7,6 +7,7 @@ Imports flow one way: commands (dist_cnn/commands/*, dist_cnn/cli.py, dist_cnn/_
   (c) no import of a package module inside a function (the usual way to hide a cycle).
 Each failure names the file, line and statement to change.
 """
+
 import functools
 import textwrap
 
@@ -35,12 +36,16 @@ def test_no_import_cycle():
     edges, problems = g.edges(), []
     for comp, cycle in zip(g.components(), g.cycles()):
         chain = " -> ".join([cycle[0].src] + [imp.dst for imp in cycle])
-        inside = sorted((imp for a in comp for b in comp for imp in edges[a].get(b, [])),
-                        key=lambda imp: (imp.path, imp.line, imp.dst))
-        problems.append(f"import cycle among {len(comp)} modules ({', '.join(comp)}), e.g. {chain}:\n" +
-                        "".join(f"    {imp.src} -> {imp.dst} at {imp.where()}\n" for imp in cycle) +
-                        "  all imports inside this group:\n" +
-                        "".join(f"    {imp.src} -> {imp.dst} at {imp.where()}\n" for imp in inside))
+        inside = sorted(
+            (imp for a in comp for b in comp for imp in edges[a].get(b, [])),
+            key=lambda imp: (imp.path, imp.line, imp.dst),
+        )
+        problems.append(
+            f"import cycle among {len(comp)} modules ({', '.join(comp)}), e.g. {chain}:\n"
+            + "".join(f"    {imp.src} -> {imp.dst} at {imp.where()}\n" for imp in cycle)
+            + "  all imports inside this group:\n"
+            + "".join(f"    {imp.src} -> {imp.dst} at {imp.where()}\n" for imp in inside)
+        )
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
 
@@ -48,18 +53,24 @@ def test_no_import_cycle():
 def test_library_modules_do_not_import_commands():
     bad = [imp for imp in graph().imports if is_command(imp.dst) and not is_command(imp.src)]
     if bad:
-        pytest.fail("library modules importing command modules (only dist_cnn/commands/*, dist_cnn/cli.py and "
-                    "dist_cnn/__main__.py may):\n" +
-                    "\n".join(f"  {imp.src} imports {imp.dst} at {imp.where()}" for imp in bad), pytrace=False)
+        pytest.fail(
+            "library modules importing command modules (only dist_cnn/commands/*, dist_cnn/cli.py and "
+            "dist_cnn/__main__.py may):\n"
+            + "\n".join(f"  {imp.src} imports {imp.dst} at {imp.where()}" for imp in bad),
+            pytrace=False,
+        )
 
 
 def test_no_function_local_imports_of_the_package():
-    bad = [imp for imp in graph().imports
-           if imp.function is not None and (imp.src, imp.dst) not in LOCAL_IMPORTS_ALLOWED]
+    bad = [
+        imp for imp in graph().imports if imp.function is not None and (imp.src, imp.dst) not in LOCAL_IMPORTS_ALLOWED
+    ]
     if bad:
-        pytest.fail("imports of package modules inside functions (move them to the top of the module; a cycle "
-                    "they hide shows in test_no_import_cycle):\n" + "\n".join(f"  {imp.where()}" for imp in bad),
-                    pytrace=False)
+        pytest.fail(
+            "imports of package modules inside functions (move them to the top of the module; a cycle "
+            "they hide shows in test_no_import_cycle):\n" + "\n".join(f"  {imp.where()}" for imp in bad),
+            pytrace=False,
+        )
 
 
 def test_the_graph_sees_the_package():
@@ -71,6 +82,7 @@ def test_the_graph_sees_the_package():
 
 # ------------------------------------------------------------------------------ the graph builder itself
 
+
 def write_package(tmp_path, files: dict[str, str]):
     for rel, text in files.items():
         path = tmp_path / rel
@@ -80,10 +92,12 @@ def write_package(tmp_path, files: dict[str, str]):
 
 
 def test_builder_resolves_every_import_form(tmp_path):
-    g = write_package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/errors.py": "import os\n",
-        "pkg/a.py": """\
+    g = write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/errors.py": "import os\n",
+            "pkg/a.py": """\
             import pkg.errors
             import pkg.sub.deep as deep
             from . import b
@@ -92,17 +106,25 @@ def test_builder_resolves_every_import_form(tmp_path):
             from .errors import *
             import numpy, os.path
             """,
-        "pkg/b.py": "from pkg import errors\n",
-        "pkg/sub/__init__.py": "NAME = 1\nfrom .. import errors\n",
-        "pkg/sub/deep.py": "from ..b import x\nfrom . import leaf\n",
-        "pkg/sub/leaf.py": "",
-    })
+            "pkg/b.py": "from pkg import errors\n",
+            "pkg/sub/__init__.py": "NAME = 1\nfrom .. import errors\n",
+            "pkg/sub/deep.py": "from ..b import x\nfrom . import leaf\n",
+            "pkg/sub/leaf.py": "",
+        },
+    )
     assert g.modules == {"pkg", "pkg.errors", "pkg.a", "pkg.b", "pkg.sub", "pkg.sub.deep", "pkg.sub.leaf"}
     by_src = {}
     for imp in g.imports:
         by_src.setdefault(imp.src, set()).add((imp.line, imp.dst))
-    assert by_src["pkg.a"] == {(1, "pkg.errors"), (2, "pkg.sub.deep"), (3, "pkg.b"), (4, "pkg.sub.deep"),
-                               (5, "pkg.sub.leaf"), (5, "pkg.sub"), (6, "pkg.errors")}
+    assert by_src["pkg.a"] == {
+        (1, "pkg.errors"),
+        (2, "pkg.sub.deep"),
+        (3, "pkg.b"),
+        (4, "pkg.sub.deep"),
+        (5, "pkg.sub.leaf"),
+        (5, "pkg.sub"),
+        (6, "pkg.errors"),
+    }
     assert by_src["pkg.b"] == {(1, "pkg.errors")}
     assert by_src["pkg.sub"] == {(2, "pkg.errors")}
     assert by_src["pkg.sub.deep"] == {(1, "pkg.b"), (2, "pkg.sub.leaf")}
@@ -110,14 +132,17 @@ def test_builder_resolves_every_import_form(tmp_path):
 
 
 def test_builder_finds_cycles_and_local_imports(tmp_path):
-    g = write_package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": "from . import b\n",
-        "pkg/b.py": "def f():\n    from .c import g\n",
-        "pkg/c.py": "import pkg.a\nclass K:\n    async def m(self):\n        from . import d\n",
-        "pkg/d.py": "from . import d\n",  # imports itself
-        "pkg/e.py": "from . import a\n",  # depends on the cycle, not part of it
-    })
+    g = write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/a.py": "from . import b\n",
+            "pkg/b.py": "def f():\n    from .c import g\n",
+            "pkg/c.py": "import pkg.a\nclass K:\n    async def m(self):\n        from . import d\n",
+            "pkg/d.py": "from . import d\n",  # imports itself
+            "pkg/e.py": "from . import a\n",  # depends on the cycle, not part of it
+        },
+    )
     assert g.components() == [["pkg.a", "pkg.b", "pkg.c"], ["pkg.d"]]
     cycle = g.cycles()[0]
     assert [(i.src, i.dst) for i in cycle] == [("pkg.a", "pkg.b"), ("pkg.b", "pkg.c"), ("pkg.c", "pkg.a")]

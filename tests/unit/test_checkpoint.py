@@ -1,4 +1,5 @@
 """dist_cnn.checkpoint: atomic writes, pruning to the newest K, resuming from the newest valid file."""
+
 import pickle
 import random
 
@@ -11,8 +12,16 @@ from dist_cnn.errors import UserError
 
 
 def state(step):
-    return {"step": step, "model": {"w": torch.full((3, 2), float(step))}, "rng": [{"python": [1, 2]}],
-            "optimizer": {}, "schedule": {}, "epoch": 0, "epoch_step": step, "config": {}}  # a training checkpoint
+    return {
+        "step": step,
+        "model": {"w": torch.full((3, 2), float(step))},
+        "rng": [{"python": [1, 2]}],
+        "optimizer": {},
+        "schedule": {},
+        "epoch": 0,
+        "epoch_step": step,
+        "config": {},
+    }  # a training checkpoint
 
 
 def names(run_dir):
@@ -25,8 +34,11 @@ def test_save_writes_step_files_and_prunes_to_the_newest_k(tmp_path):
         assert path == tmp_path / "checkpoints" / f"step-{step:08d}.pt"
     assert names(tmp_path) == ["step-00000020.pt", "step-00000100.pt"]
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["step"] == 10  # best survives
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
-        ["best.pt", "step-00000020.pt", "step-00000100.pt"]  # no temporary files left behind
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best.pt",
+        "step-00000020.pt",
+        "step-00000100.pt",
+    ]  # no temporary files left behind
     back = checkpoint.load(tmp_path / "checkpoints" / "step-00000100.pt")
     assert back["step"] == 100 and torch.equal(back["model"]["w"], state(100)["model"]["w"])
 

@@ -4,6 +4,7 @@
 as one process. The model has BatchNorm and the eval batches differ between world sizes, so
 evaluating in training mode (batch statistics) would also change the result.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -18,8 +19,9 @@ N, CLASSES = 499, 5
 
 def eval_set():
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (N, 3, 6, 6), dtype=torch.uint8, generator=g), \
-        torch.randint(0, CLASSES, (N,), generator=g)
+    return torch.randint(0, 256, (N, 3, 6, 6), dtype=torch.uint8, generator=g), torch.randint(
+        0, CLASSES, (N,), generator=g
+    )
 
 
 def tiny_model():
@@ -34,8 +36,16 @@ def tiny_model():
 def score(env: DistEnv, batch_size: int = 50) -> dict:
     x, y = eval_set()
     model = tiny_model()
-    res = evaluate(model, x, y, num_classes=CLASSES, env=env, precision="fp32", batch_size=batch_size,
-                   normalize=Normalize([0.5] * 3, [0.25] * 3, env.device, channels_last=False))
+    res = evaluate(
+        model,
+        x,
+        y,
+        num_classes=CLASSES,
+        env=env,
+        precision="fp32",
+        batch_size=batch_size,
+        normalize=Normalize([0.5] * 3, [0.25] * 3, env.device, channels_last=False),
+    )
     res["still_training"] = model.training
     res["shard"] = [eval_shard(N, env.rank, env.world_size).start, eval_shard(N, env.rank, env.world_size).stop]
     return res

@@ -1,5 +1,6 @@
 """The fast recipe (configs/fast94.toml) component by component against airbench94 as published
 (the `airbench` 0.1.8 package: lib_airbench94.py and utils.py). CPU only, a few seconds."""
+
 import copy
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def airbench_triangle(steps, start, end, peak):
 def class_sorted_images(per_class=200, classes=10, size=8):
     """An image folder's order: class 0's images first, each class with its own brightness."""
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([(torch.rand(per_class, 3, size, size, generator=g) * 60 + 20 * k).to(torch.uint8)
-                   for k in range(classes)])
+    x = torch.cat(
+        [(torch.rand(per_class, 3, size, size, generator=g) * 60 + 20 * k).to(torch.uint8) for k in range(classes)]
+    )
     return x, torch.arange(classes).repeat_interleave(per_class)
 
 
@@ -112,9 +114,14 @@ def airbench_optimizer(model, batch_size=1024):
     lr_biases = lr * bias_scaler
     norm_biases = [p for k, p in model.named_parameters() if "norm" in k and p.requires_grad]
     other_params = [p for k, p in model.named_parameters() if "norm" not in k and p.requires_grad]
-    return torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
-                            dict(params=other_params, lr=lr, weight_decay=wd / lr)],
-                           momentum=momentum, nesterov=True)
+    return torch.optim.SGD(
+        [
+            dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
+            dict(params=other_params, lr=lr, weight_decay=wd / lr),
+        ],
+        momentum=momentum,
+        nesterov=True,
+    )
 
 
 def test_optimizer_steps_match_airbench():
@@ -155,8 +162,9 @@ def test_normalization_uses_the_whole_training_set():
     mean, std = normalization_stats(x, "dataset")
     ref = x.double() / 255
     torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), ref.mean((0, 2, 3)), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), ref.transpose(0, 1).reshape(3, -1).std(1),
-                               rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(
+        torch.tensor(std, dtype=torch.float64), ref.transpose(0, 1).reshape(3, -1).std(1), rtol=1e-7, atol=1e-9
+    )
     assert abs(mean[0] - ref[:1000].mean().item()) > 0.05  # the first 5 classes would give another mean
 
 

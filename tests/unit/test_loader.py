@@ -1,4 +1,5 @@
 """dist_cnn.loader: the epoch plan and its rank slices, the batched crop/flip, the fused normalize."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +28,7 @@ def rank_indices(plan, step, world):
 
 # ------------------------------------------------------------------------------ epoch_plan + rank_slice
 
+
 def test_plan_is_a_pure_function_of_seed_and_epoch():
     a, b = epoch_plan(N, 3, 1, AUG), epoch_plan(N, 3, 1, AUG)
     assert a.keys() == b.keys() == {"perm", "shift", "flip"}
@@ -51,7 +53,7 @@ def test_rank_shards_are_disjoint_and_cover_the_global_batch(world):
         assert all(len(s) == GLOBAL_BATCH // world for s in shards)
         union = torch.cat(shards).tolist()
         assert len(set(union)) == GLOBAL_BATCH, f"step {step}: ranks overlap"
-        assert set(union) == set(plan["perm"][step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH].tolist())
+        assert set(union) == set(plan["perm"][step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH].tolist())
         seen += union
     assert len(set(seen)) == len(seen) == (N // GLOBAL_BATCH) * GLOBAL_BATCH  # no image twice in an epoch
 
@@ -77,6 +79,7 @@ def test_alternate_flip_flips_each_image_in_alternate_epochs():
         out = torch.empty(N, dtype=torch.bool)
         out[plan["perm"]] = plan["flip"]  # the plan stores draws by position; back to image order
         return out
+
     f0, f1, f2 = flips_by_image(0), flips_by_image(1), flips_by_image(2)
     assert torch.equal(f1, ~f0) and torch.equal(f2, f0)
     assert 0.4 < f0.float().mean() < 0.6  # a per-image start, not all the same
@@ -90,8 +93,9 @@ def small_images(n=96, seed=0):
 def pipelines(world, rank=0, kind="device"):
     x, y = small_images()
     norm = Normalize([0.5] * 3, [0.25] * 3, torch.device("cpu"), channels_last=False)
-    kw = dict(batch_per_rank=16 // world, rank=rank, world=world, seed=1, aug=AUG, normalize=norm,
-              device=torch.device("cpu"))
+    kw = dict(
+        batch_per_rank=16 // world, rank=rank, world=world, seed=1, aug=AUG, normalize=norm, device=torch.device("cpu")
+    )
     if kind == "device":
         return DevicePipeline(x, y, **kw)
     return LoaderPipeline(x, y, workers=0, **kw)
@@ -120,6 +124,7 @@ def test_both_pipelines_and_all_world_sizes_see_the_same_global_batch():
 
 # ------------------------------------------------------------------------------ crop_flip
 
+
 def naive_crop_flip(x, shift, flip, pad):
     """One image at a time, with numpy's reflect padding (the edge pixel is not repeated)."""
     out = []
@@ -128,7 +133,7 @@ def naive_crop_flip(x, shift, flip, pad):
             h, w = img.shape[1:]
             padded = np.pad(img, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
             dy, dx = int(shift[i, 0]), int(shift[i, 1])
-            img = padded[:, dy:dy + h, dx:dx + w]
+            img = padded[:, dy : dy + h, dx : dx + w]
         if flip is not None and bool(flip[i]):
             img = img[:, :, ::-1]
         out.append(np.ascontiguousarray(img))
@@ -158,6 +163,7 @@ def test_crop_flip_identity_draws():
 
 # ------------------------------------------------------------------------------ Normalize
 
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_normalize_is_the_obvious_formula(channels_last):
     x, _ = small_images(6)
@@ -181,6 +187,7 @@ def test_normalization_stats():
 
 
 # ------------------------------------------------------------------------------ eval_shard
+
 
 @pytest.mark.parametrize("n", [0, 1, 7, 499, 500, 10001])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 8])

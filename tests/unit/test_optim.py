@@ -1,4 +1,5 @@
 """dist_cnn.optim: the LR schedule's endpoints, parameter groups, the SGD settings and Lookahead."""
+
 import math
 
 import pytest
@@ -12,6 +13,7 @@ CPU = torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------ lr_factor
+
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_warmup_starts_small_and_reaches_the_peak(schedule):
@@ -65,6 +67,7 @@ def test_schedule_scales_both_parameter_groups():
 
 # ------------------------------------------------------------------------------ parameter groups
 
+
 def small_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
@@ -102,6 +105,7 @@ def test_optimizer_settings():
 
 # ------------------------------------------------------------------------------ Lookahead
 
+
 def bn_net():
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
@@ -126,7 +130,7 @@ def test_lookahead_syncs_every_k_steps_with_the_ramped_decay():
     la.step(1)  # not a sync step: nothing changes
     assert all(torch.equal(v, start[k] + 1.0) for k, v in floats(net).items())
     la.step(2)
-    alpha = 0.5 ** 2 * (2 / 4) ** 3  # decay**every * (step/total)**3
+    alpha = 0.5**2 * (2 / 4) ** 3  # decay**every * (step/total)**3
     for k, v in floats(net).items():  # weights (and BatchNorm statistics) := EMA = alpha*old + (1-alpha)*new
         torch.testing.assert_close(v, start[k] * alpha + (start[k] + 1.0) * (1 - alpha))
     assert net[1].num_batches_tracked.dtype == torch.int64  # integer buffers are left alone

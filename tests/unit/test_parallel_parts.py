@@ -1,4 +1,5 @@
 """DDP bucket plan, the CPU allocator setting and the profiler's time split. CPU only, seconds."""
+
 import socket
 
 import pytest
@@ -56,8 +57,9 @@ def test_comm_hooks_register_and_reduce(one_rank_group, hook):
     for _ in range(4):
         ddp(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in raw.parameters())
-    assert ddp._get_ddp_logging_data().get("comm_hook") and all(torch.equal(a, b) for a, b in
-                                                                 zip(ref, raw.parameters()))
+    assert ddp._get_ddp_logging_data().get("comm_hook") and all(
+        torch.equal(a, b) for a, b in zip(ref, raw.parameters())
+    )
     rec = parallel.comm_hook_record(ModelConfig(ddp_comm_hook=hook), world_size=2)
     assert rec["name"] == hook and (("state" in rec) == (hook == "powersgd"))
 
@@ -89,8 +91,15 @@ def test_profile_range_parsing():
 
 
 def test_split_counts_each_moment_once_by_priority():
-    ev = [("dist_cnn/data_wait", 0, 10), ("aten::convolution", 10, 60), ("gloo:all_reduce", 50, 80),
-          ("Optimizer.step#SGD.step", 80, 90), ("aten::add_", 85, 95), ("dist_cnn/step 0", 0, 100)]
+    ev = [
+        ("dist_cnn/data_wait", 0, 10),
+        ("aten::convolution", 10, 60),
+        ("gloo:all_reduce", 50, 80),
+        ("Optimizer.step#SGD.step", 80, 90),
+        ("aten::add_", 85, 95),
+        ("dist_cnn/step 0", 0, 100),
+    ]
     split = split_step_time(ev, (0, 100))
-    assert split == pytest.approx({"data wait": 0.1, "optimizer": 0.1, "compute": 0.55,
-                                   "communication": 0.2, "other": 0.05})
+    assert split == pytest.approx(
+        {"data wait": 0.1, "optimizer": 0.1, "compute": 0.55, "communication": 0.2, "other": 0.05}
+    )

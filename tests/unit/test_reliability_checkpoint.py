@@ -1,6 +1,7 @@
 """Resume never throws good work away: every loadable checkpoint (best.pt too) is considered, pruning
 removes unloadable ones first, metrics never name a pruned file, and non-checkpoints are refused in
 one line; a changed batch or training set is refused rather than resumed at a wrong position."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,17 @@ from dist_cnn.errors import UserError
 
 
 def state(step: int, **kw) -> dict:
-    s = {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "schedule": {}, "step": step,
-         "epoch": 0, "epoch_step": step, "config": {"train": {"batch_size": 64}}, "rng": [], "train_size": 2048}
+    s = {
+        "model": {"w": torch.full((2,), float(step))},
+        "optimizer": {},
+        "schedule": {},
+        "step": step,
+        "epoch": 0,
+        "epoch_step": step,
+        "config": {"train": {"batch_size": 64}},
+        "rng": [],
+        "train_size": 2048,
+    }
     s.update(kw)
     return s
 
@@ -70,8 +80,9 @@ def test_metrics_never_name_a_pruned_checkpoint(tmp_path):
 
 
 def test_a_model_export_and_a_bare_tensor_are_refused_in_one_line(tmp_path):
-    torch.save({"model": {"w": torch.zeros(2)}, "model_name": "seed", "classes": ["a"], "config": {}},
-               tmp_path / "model.pt")
+    torch.save(
+        {"model": {"w": torch.zeros(2)}, "model_name": "seed", "classes": ["a"], "config": {}}, tmp_path / "model.pt"
+    )
     torch.save(torch.zeros(3, 4), tmp_path / "t.pt")
     with pytest.raises(UserError, match="model export") as e:
         C.load_training(tmp_path / "model.pt")
@@ -110,12 +121,15 @@ def test_a_full_disk_raises_oserror_from_torch_save_and_leaves_no_temporary(tmp_
         os.system(f"umount {mnt}")
 
 
-@pytest.mark.parametrize("change,needle", [
-    (dict(batch_size=128), "--batch-size 64"),
-    (dict(train_size=1000), "2048 training images"),
-    (dict(steps_per_epoch=8), "past the end"),
-    (dict(total_steps=10, epochs=1), "past the end"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (dict(batch_size=128), "--batch-size 64"),
+        (dict(train_size=1000), "2048 training images"),
+        (dict(steps_per_epoch=8), "past the end"),
+        (dict(total_steps=10, epochs=1), "past the end"),
+    ],
+)
 def test_resume_with_a_changed_batch_dataset_or_length_is_refused(change, needle):
     s = state(20, epoch=0, epoch_step=20)
     args = dict(batch_size=64, train_size=2048, steps_per_epoch=32, total_steps=64, epochs=2) | change
@@ -124,7 +138,9 @@ def test_resume_with_a_changed_batch_dataset_or_length_is_refused(change, needle
 
 
 def test_resume_at_the_same_batch_and_more_epochs_is_allowed():
-    C.check_resumable(state(32, epoch=1, epoch_step=0), batch_size=64, train_size=2048, steps_per_epoch=32,
-                      total_steps=96, epochs=3)
-    C.check_resumable(state(64, epoch=2, epoch_step=0), batch_size=64, train_size=2048, steps_per_epoch=32,
-                      total_steps=64, epochs=2)  # at its very end: evaluates and finishes
+    C.check_resumable(
+        state(32, epoch=1, epoch_step=0), batch_size=64, train_size=2048, steps_per_epoch=32, total_steps=96, epochs=3
+    )
+    C.check_resumable(
+        state(64, epoch=2, epoch_step=0), batch_size=64, train_size=2048, steps_per_epoch=32, total_steps=64, epochs=2
+    )  # at its very end: evaluates and finishes

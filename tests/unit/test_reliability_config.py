@@ -1,5 +1,6 @@
 """Every option is validated (type, range, finiteness, choices) before anything runs: one line on
 stderr, exit code 2, no traceback, no file written. Config files: JSON is JSON, duplicate keys refused."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,24 @@ from dist_cnn.commands import main as cli_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
-BASE = ["--dataset", "synthetic", "--synthetic-train-size", "256", "--synthetic-test-size", "64",
-        "--batch-size", "64", "--max-steps", "1", "--wandb", "disabled", "--no-progress", "--precision", "fp32",
-        "--no-download"]
+BASE = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-train-size",
+    "256",
+    "--synthetic-test-size",
+    "64",
+    "--batch-size",
+    "64",
+    "--max-steps",
+    "1",
+    "--wandb",
+    "disabled",
+    "--no-progress",
+    "--precision",
+    "fp32",
+    "--no-download",
+]
 SCHEMA = [(section, f, typing.get_type_hints(cls)[f.name]) for section, cls in config._sections() for f in fields(cls)]
 
 
@@ -32,6 +48,7 @@ def flag_of(f) -> str:
 
 
 # ---------------------------------------------------------------------------------------- bad values
+
 
 def limits(f) -> tuple:
     """(low, high, low is open, high is open) from the field's metadata."""
@@ -43,28 +60,42 @@ def limits(f) -> tuple:
 
 def bad_numbers(f, typ) -> st.SearchStrategy:
     lo, hi, lo_open, hi_open = limits(f)
-    below = st.integers(min_value=-10**12, max_value=lo - 1) if typ is int else \
-        st.floats(max_value=lo, exclude_max=not lo_open, allow_nan=False, allow_infinity=False)
-    above = st.integers(min_value=hi + 1, max_value=10**30) if typ is int else \
-        st.floats(min_value=hi, exclude_min=not hi_open, allow_nan=False, allow_infinity=False)
+    below = (
+        st.integers(min_value=-(10**12), max_value=lo - 1)
+        if typ is int
+        else st.floats(max_value=lo, exclude_max=not lo_open, allow_nan=False, allow_infinity=False)
+    )
+    above = (
+        st.integers(min_value=hi + 1, max_value=10**30)
+        if typ is int
+        else st.floats(min_value=hi, exclude_min=not hi_open, allow_nan=False, allow_infinity=False)
+    )
     special = st.sampled_from([float("nan"), float("inf"), float("-inf")]) if typ is float else st.nothing()
     return st.one_of(below, above, special)
 
 
 def wrong_type_json(typ) -> st.SearchStrategy:
     """Values a JSON config file can hold that are not of the field's type (ints count as floats)."""
-    pool = {"text": st.text(max_size=8), "none": st.none(), "bool": st.booleans(),
-            "int": st.integers(min_value=-10**20, max_value=10**20),
-            "float": st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: v != int(v)),
-            "list": st.lists(st.integers(), min_size=1, max_size=2),
-            "dict": st.dictionaries(st.text(max_size=3), st.integers(), max_size=1)}
+    pool = {
+        "text": st.text(max_size=8),
+        "none": st.none(),
+        "bool": st.booleans(),
+        "int": st.integers(min_value=-(10**20), max_value=10**20),
+        "float": st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: v != int(v)),
+        "list": st.lists(st.integers(), min_size=1, max_size=2),
+        "dict": st.dictionaries(st.text(max_size=3), st.integers(), max_size=1),
+    }
     exclude = {int: {"int"}, float: {"int", "float"}, str: {"text"}, bool: {"bool"}, list: set()}[typ]
     return st.one_of([v for k, v in pool.items() if k not in exclude])
 
 
 def bad_text(key: str, choices) -> st.SearchStrategy:
-    control = st.builds(lambda a, c, b: a + c + b, st.text(max_size=4), st.sampled_from(["\x00", "\n", "\x1b", "\t"]),
-                        st.text(max_size=4))
+    control = st.builds(
+        lambda a, c, b: a + c + b,
+        st.text(max_size=4),
+        st.sampled_from(["\x00", "\n", "\x1b", "\t"]),
+        st.text(max_size=4),
+    )
     if choices:
         return st.one_of(control, st.text(max_size=12).filter(lambda v: v not in choices))
     extra = [st.just(""), st.just("   ")] if key in config.NONEMPTY else []
@@ -83,15 +114,22 @@ def bad_option(draw):
     routes = ["json"] + (["flag"] if typ in (int, float, str) else [])
     route = draw(st.sampled_from(routes))
     if typ in (int, float):
-        value = draw(st.one_of(bad_numbers(f, typ), wrong_type_json(typ)) if route == "json"
-                     else st.one_of(bad_numbers(f, typ),
-                                    st.sampled_from(["abc", "", "1e", "0x10", "--", "1,5"]
-                                                    + (["1.5"] if typ is int else []))))
+        value = draw(
+            st.one_of(bad_numbers(f, typ), wrong_type_json(typ))
+            if route == "json"
+            else st.one_of(
+                bad_numbers(f, typ),
+                st.sampled_from(["abc", "", "1e", "0x10", "--", "1,5"] + (["1.5"] if typ is int else [])),
+            )
+        )
         if route == "json" and typ is float and isinstance(value, float) and not math.isfinite(value):
             pass  # json.dumps writes NaN/Infinity, which Python's json reads back
     elif typ is str:
-        value = draw(st.one_of(bad_text(key, f.metadata.get("choices")), wrong_type_json(str)) if route == "json"
-                     else bad_text(key, f.metadata.get("choices")))
+        value = draw(
+            st.one_of(bad_text(key, f.metadata.get("choices")), wrong_type_json(str))
+            if route == "json"
+            else bad_text(key, f.metadata.get("choices"))
+        )
     elif typ is bool:
         value = draw(wrong_type_json(bool))
     else:  # list of strings
@@ -169,6 +207,7 @@ def test_each_option_has_a_refused_value(section, f, typ):
 
 # ---------------------------------------------------------------------------------------- config files
 
+
 def test_json_config_is_parsed_as_json(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"optim": {"lr": 1e-3, "weight_decay": 5e-4}, "train": {"epochs": 3}}')
@@ -187,11 +226,14 @@ def test_a_runs_own_config_json_can_be_fed_back(tmp_path):
     assert config.to_dict(again) == config.to_dict(cfg)
 
 
-@pytest.mark.parametrize("name,text", [
-    ("c.yaml", "train:\n  epochs: 2\n  epochs: 3\n"),
-    ("c.yaml", "train:\n  epochs: 2\ntrain:\n  seed: 1\n"),
-    ("c.json", '{"train": {"epochs": 2, "epochs": 3}}'),
-])
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("c.yaml", "train:\n  epochs: 2\n  epochs: 3\n"),
+        ("c.yaml", "train:\n  epochs: 2\ntrain:\n  seed: 1\n"),
+        ("c.json", '{"train": {"epochs": 2, "epochs": 3}}'),
+    ],
+)
 def test_duplicate_keys_are_an_error(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     with pytest.raises(config.UserError, match="duplicate key"):

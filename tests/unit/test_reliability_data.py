@@ -1,4 +1,5 @@
 """Normalization statistics from the whole training set; one image cache per image size."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """`dist-cnn eval` refuses bad input in one line; the ETA is smoothed."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,15 +36,26 @@ def test_eval_of_a_tensor_file_is_one_line(tmp_path):
 
 def test_eval_on_a_dataset_with_other_class_names_says_so(tmp_path):
     from dist_cnn import config
+
     cfg = config.Config()
     cfg.data.dataset = "synthetic"
     cfg.data.synthetic_train_size, cfg.data.synthetic_test_size = 64, 32
     from dist_cnn.data import load_dataset
     from dist_cnn.models import build_model
+
     data = load_dataset(cfg.data)
     model = build_model("seed", 3, 10, 32)
-    torch.save({"model": model.state_dict(), "model_name": "seed", "classes": [f"kind{i}" for i in range(10)],
-                "mean": [0.5] * 3, "std": [0.5] * 3, "config": config.to_dict(cfg)}, tmp_path / "model.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_name": "seed",
+            "classes": [f"kind{i}" for i in range(10)],
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "config": config.to_dict(cfg),
+        },
+        tmp_path / "model.pt",
+    )
     code, lines = run(["eval", "--checkpoint", str(tmp_path / "model.pt")])
     assert code == 2 and len(lines) == 1 and "trained on classes [kind0" in lines[0] and "pattern0" in lines[0]
     assert data.classes[0] == "pattern0"

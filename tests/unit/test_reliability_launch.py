@@ -1,4 +1,5 @@
 """A launch environment that contradicts itself is one line, before anything starts."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,25 +7,34 @@ import pytest
 from dist_cnn import launch as D
 from dist_cnn.errors import UserError
 
-OK = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
-      "MASTER_PORT": "29500"}
+OK = {
+    "RANK": "1",
+    "WORLD_SIZE": "2",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "h",
+    "MASTER_PORT": "29500",
+}
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"RANK": "2"}, "RANK=2 must be in [0, 1]"),
-    ({"RANK": "-1"}, "RANK=-1"),
-    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
-    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
-    ({"WORLD_SIZE": None}, "WORLD_SIZE is not set"),
-    ({"RANK": None}, "RANK is not set"),
-    ({"LOCAL_RANK": None}, "LOCAL_RANK is not set"),
-    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
-    ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2"),
-    ({"LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE=3"),
-    ({"RANK": "0", "LOCAL_RANK": "1"}, "cannot exceed RANK"),
-    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
-    ({"MASTER_PORT": "http"}, "MASTER_PORT='http'"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"RANK": "2"}, "RANK=2 must be in [0, 1]"),
+        ({"RANK": "-1"}, "RANK=-1"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+        ({"WORLD_SIZE": None}, "WORLD_SIZE is not set"),
+        ({"RANK": None}, "RANK is not set"),
+        ({"LOCAL_RANK": None}, "LOCAL_RANK is not set"),
+        ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
+        ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2"),
+        ({"LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE=3"),
+        ({"RANK": "0", "LOCAL_RANK": "1"}, "cannot exceed RANK"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
+        ({"MASTER_PORT": "http"}, "MASTER_PORT='http'"),
+    ],
+)
 def test_contradictory_torchrun_environment(change, needle):
     env = {k: v for k, v in {**OK, **change}.items() if v is not None}
     with pytest.raises(UserError, match="launch environment") as e:
@@ -32,14 +42,24 @@ def test_contradictory_torchrun_environment(change, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"SLURM_PROCID": "4"}, "SLURM_PROCID=4"),
-    ({"SLURM_NTASKS": "many"}, "SLURM_NTASKS='many'"),
-    ({"SLURM_LOCALID": "-2"}, "SLURM_LOCALID=-2"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"SLURM_PROCID": "4"}, "SLURM_PROCID=4"),
+        ({"SLURM_NTASKS": "many"}, "SLURM_NTASKS='many'"),
+        ({"SLURM_LOCALID": "-2"}, "SLURM_LOCALID=-2"),
+    ],
+)
 def test_contradictory_srun_environment(change, needle):
-    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7", **change}
+    env = {
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_ID": "7",
+        **change,
+    }
     with pytest.raises(UserError, match=needle.replace("[", r"\[")):
         D.detect(env)
 

@@ -1,4 +1,5 @@
 """`--precision auto` resolves the same way for the same command, machine, model and batch."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ def timer(fp32: float, bf16: float, calls: list):
     def seconds(p):
         calls.append(p)
         return {"fp32": fp32, "bf16": bf16}[p]
+
     return seconds
 
 
@@ -36,6 +38,8 @@ def test_auto_on_a_bf16_cpu_is_measured_once_and_then_reused(tmp_path, monkeypat
 def test_auto_without_native_bf16_is_a_rule_with_its_reason(monkeypatch):
     monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: False)
     calls = []
-    assert P.resolve_auto(torch.device("cpu"), WHAT, timer(1, 0.1, calls)) == \
-        ("fp32", "the CPU has no native bf16 (AMX or AVX-512 BF16)")
+    assert P.resolve_auto(torch.device("cpu"), WHAT, timer(1, 0.1, calls)) == (
+        "fp32",
+        "the CPU has no native bf16 (AMX or AVX-512 BF16)",
+    )
     assert calls == []

@@ -1,5 +1,6 @@
 """The run directory: one live run per directory (an OS lock), no foreign directory overwritten,
 killed writes' temporaries cleaned, a fresh start never appends to old metrics."""
+
 from __future__ import annotations
 
 import os
@@ -35,11 +36,14 @@ def _release_locks():
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that takes the run directory's lock and keeps it."""
-    code = ("import sys, time; from pathlib import Path; from dist_cnn import rundir; "
-            "rundir.lock_run_dir(Path(sys.argv[1])); rundir.claim_run_dir(Path(sys.argv[1])); "
-            "print('locked', flush=True); time.sleep(120)")
-    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], env=clean_env(), cwd=ROOT,
-                         stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from pathlib import Path; from dist_cnn import rundir; "
+        "rundir.lock_run_dir(Path(sys.argv[1])); rundir.claim_run_dir(Path(sys.argv[1])); "
+        "print('locked', flush=True); time.sleep(120)"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir)], env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline().strip() == "locked"
     return p
 
@@ -110,8 +114,13 @@ def test_stale_temporaries_of_killed_writes_are_removed_at_start(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text("")
-    stale = [run / "checkpoints" / ".step-00000008.pt.tmp4242", run / "checkpoints" / ".best.pt.tmp17",
-             run / "summary.json.tmp", run / ".model.pt.tmp99", run / "metrics.jsonl.tmp"]
+    stale = [
+        run / "checkpoints" / ".step-00000008.pt.tmp4242",
+        run / "checkpoints" / ".best.pt.tmp17",
+        run / "summary.json.tmp",
+        run / ".model.pt.tmp99",
+        run / "metrics.jsonl.tmp",
+    ]
     for p in stale:
         p.write_bytes(b"x" * 1000)
     keep = run / "checkpoints" / "notes.txt"
@@ -155,9 +164,18 @@ def test_resume_auto_says_which_checkpoint_it_took(tmp_path):
     import torch
 
     from dist_cnn import checkpoint
+
     run = tmp_path / "run"
-    state = {"model": {}, "optimizer": {}, "schedule": {}, "step": 7, "epoch": 0, "epoch_step": 7,
-             "config": {}, "rng": []}
+    state = {
+        "model": {},
+        "optimizer": {},
+        "schedule": {},
+        "step": 7,
+        "epoch": 0,
+        "epoch_step": 7,
+        "config": {},
+        "rng": [],
+    }
     checkpoint.write(run, state, keep=3, is_best=True)
     torch.save({"x": 1}, run / "checkpoints" / "step-00000009.pt")
     (run / "config.json").write_text("{}")

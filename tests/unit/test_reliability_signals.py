@@ -1,4 +1,5 @@
 """Stop signals: evaluation is cut short at the next batch; Ctrl-C checkpoints first, aborts second."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,17 @@ def small_eval(should_stop, n=5000, batch=100):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
     x = torch.randint(0, 255, (n, 3, 4, 4), dtype=torch.uint8)
     y = torch.randint(0, 10, (n,))
-    return evaluate(model, x, y, num_classes=10, normalize=Normalize([0.5] * 3, [0.5] * 3, "cpu", False),
-                    env=DistEnv(), precision="fp32", batch_size=batch, should_stop=should_stop)
+    return evaluate(
+        model,
+        x,
+        y,
+        num_classes=10,
+        normalize=Normalize([0.5] * 3, [0.5] * 3, "cpu", False),
+        env=DistEnv(),
+        precision="fp32",
+        batch_size=batch,
+        should_stop=should_stop,
+    )
 
 
 def test_evaluation_stops_at_the_next_batch_once_a_stop_is_requested():

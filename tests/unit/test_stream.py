@@ -1,4 +1,5 @@
 """Streaming image folders in-process: the file index, decoding, per-image draws, shards and bad files."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,8 +43,19 @@ def no_norm():
 
 
 def pipeline(files, batch=2, rank=0, world=1, workers=0, aug=Augment(flip=True), **kw):
-    return StreamPipeline(files, batch_per_rank=batch, rank=rank, world=world, seed=3, aug=aug,
-                          normalize=no_norm(), device=CPU, workers=workers, image_size=16, **kw)
+    return StreamPipeline(
+        files,
+        batch_per_rank=batch,
+        rank=rank,
+        world=world,
+        seed=3,
+        aug=aug,
+        normalize=no_norm(),
+        device=CPU,
+        workers=workers,
+        image_size=16,
+        **kw,
+    )
 
 
 def test_scan_sorted_layout_and_compact_paths(tmp_path):
@@ -60,9 +72,16 @@ def test_scan_sorted_layout_and_compact_paths(tmp_path):
 def test_grayscale_rgba_cmyk_palette_become_rgb(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
     im = Image.fromarray(rgb)
-    files = {"gray.jpg": im.convert("L"), "cmyk.jpg": im.convert("CMYK"), "rgba.png": im.convert("RGBA"),
-             "pal.png": im.convert("P"), "pal.gif": im.convert("P"), "la.png": im.convert("LA"),
-             "x.bmp": im, "x.tiff": im.convert("CMYK")}
+    files = {
+        "gray.jpg": im.convert("L"),
+        "cmyk.jpg": im.convert("CMYK"),
+        "rgba.png": im.convert("RGBA"),
+        "pal.png": im.convert("P"),
+        "pal.gif": im.convert("P"),
+        "la.png": im.convert("LA"),
+        "x.bmp": im,
+        "x.tiff": im.convert("CMYK"),
+    }
     for name, img in files.items():
         img.save(tmp_path / name)
         x = decode_file(str(tmp_path / name))
@@ -130,8 +149,9 @@ def test_eval_shards_cover_each_test_image_once(tmp_path):
     idx = scan_folder(str(write_folder(tmp_path / "d", n_test=(5, 6))), 16)
     seen = []
     for r in range(3):
-        ev = StreamEval(idx.test, rank=r, world=3, image_size=16, eval_crop_ratio=0.875, device=CPU, workers=0,
-                        batch_size=2)
+        ev = StreamEval(
+            idx.test, rank=r, world=3, image_size=16, eval_crop_ratio=0.875, device=CPU, workers=0, batch_size=2
+        )
         ys = [y for _, y in ev.batches(no_norm())]
         assert sum(len(y) for y in ys) == len(range(11)[eval_shard(11, r, 3)])
         seen += torch.cat(ys).tolist()
@@ -142,8 +162,16 @@ def _score_streamed(env, root):
     index = load_index(DataConfig(dataset="imagefolder", data_dir=root, image_size=16), env)  # rank 0 lists
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
-    test = StreamEval(index.test, rank=env.rank, world=env.world_size, image_size=16, eval_crop_ratio=0.875,
-                      device=CPU, workers=0, batch_size=4)
+    test = StreamEval(
+        index.test,
+        rank=env.rank,
+        world=env.world_size,
+        image_size=16,
+        eval_crop_ratio=0.875,
+        device=CPU,
+        workers=0,
+        batch_size=4,
+    )
     norm = Normalize([0.5] * 3, [0.25] * 3, CPU, channels_last=False)
     return evaluate_batches(model, test.batches(norm), len(index.test), num_classes=2, env=env, precision="fp32")
 
@@ -185,8 +213,7 @@ def test_skip_bad_images_replaces_deterministically_and_counts(tmp_path):
     perm = pipe.plan["perm"].tolist()
     labels = first[0][1].tolist()
     assert labels[perm.index(7)] == 0 and labels[perm.index(6)] == 0 and labels[perm.index(1)] == 0
-    ev = StreamEval(idx.test, rank=0, world=1, image_size=16, eval_crop_ratio=1.0, device=CPU, workers=0,
-                    skip_bad=True)
+    ev = StreamEval(idx.test, rank=0, world=1, image_size=16, eval_crop_ratio=1.0, device=CPU, workers=0, skip_bad=True)
     ys = torch.cat([y for _, y in ev.batches(no_norm())])
     assert ys.tolist() == [0, 0, 1, -1] and ev.skipped == {3}  # left out of the score, counted
 
@@ -221,6 +248,7 @@ def test_crop_scale_bad(text):
 
 def test_stream_needs_an_image_folder():
     from dist_cnn import config
+
     cfg = config.Config(data=DataConfig(loader="stream"))
     with pytest.raises(UserError, match="--loader stream reads image folders"):
         config.validate(cfg)
@@ -253,17 +281,26 @@ def test_decode_gpu_matches_cpu_decoding(tmp_path):
     Image.new("RGB", (50, 40), (10, 200, 30)).save(root / "train" / "cat" / "zz.png")
     idx = scan_folder(str(root), 32)
     cuda = torch.device("cuda")
-    kw = dict(batch_per_rank=4, rank=0, world=1, seed=3, aug=Augment(flip=True),
-              normalize=Normalize([0.0] * 3, [1 / 255] * 3, cuda, channels_last=False), device=cuda,
-              workers=1, image_size=32)
+    kw = dict(
+        batch_per_rank=4,
+        rank=0,
+        world=1,
+        seed=3,
+        aug=Augment(flip=True),
+        normalize=Normalize([0.0] * 3, [1 / 255] * 3, cuda, channels_last=False),
+        device=cuda,
+        workers=1,
+        image_size=32,
+    )
     cpu = [(x.cpu(), y.cpu()) for x, y in StreamPipeline(idx.train, decode="cpu", **kw).epoch(0)]
     gpu = [(x.cpu(), y.cpu()) for x, y in StreamPipeline(idx.train, decode="gpu", **kw).epoch(0)]
     assert len(cpu) == len(gpu) == 3
     for (xc, yc), (xg, yg) in zip(cpu, gpu):
         assert torch.equal(yc, yg) and xg.shape == xc.shape
         assert (xg - xc).abs().mean() < 4, (xg - xc).abs().mean()  # out of 255
-    ev = StreamEval(idx.test, rank=0, world=1, image_size=32, eval_crop_ratio=0.875, device=cuda, workers=0,
-                    decode="gpu")
+    ev = StreamEval(
+        idx.test, rank=0, world=1, image_size=32, eval_crop_ratio=0.875, device=cuda, workers=0, decode="gpu"
+    )
     ys = torch.cat([y for _, y in ev.batches(kw["normalize"])])
     assert ys.tolist() == idx.test.labels.tolist()
 
@@ -271,6 +308,7 @@ def test_decode_gpu_matches_cpu_decoding(tmp_path):
 def test_auto_streams_a_folder_over_the_memory_budget(tmp_path, monkeypatch):
     from dist_cnn import stream
     from dist_cnn.distributed import DistEnv
+
     root = write_folder(tmp_path / "d")
     cfg = DataConfig(dataset="imagefolder", data_dir=str(root), image_size=16, loader="auto")
     index, why = stream.open_folder(cfg, DistEnv())
