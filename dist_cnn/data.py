@@ -209,26 +209,38 @@ def _load_fashion(cfg: DataConfig) -> Dataset:
 # ----------------------------------------------------------------------------- image folders
 
 
-def _scan(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted subfolders) and (file, label) pairs in a stable order. Strings, not Paths:
-    this runs over every file on every start, so it must stay well under a second for 60k files."""
+def scan_classes(root: str, split: str) -> tuple[list[str], list[list[str]]]:
+    """Class names (sorted subfolders of root/split) and each class's image file names, sorted. Plain
+    strings and os.scandir: this runs over every file of a split, millions for ImageNet."""
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-        raise UserError(f"imagefolder: {split_dir} not found; --data-dir must hold train/<class>/, test/<class>/")
+        raise UserError(
+            f"imagefolder: {split_dir} not found; --data-dir must hold train/<class>/ and "
+            f"{split}/<class>/ (see --test-split)"
+        )
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
-    items = []
-    for label, c in enumerate(classes):
+    files = []
+    for c in classes:
         d = os.path.join(split_dir, c)
-        files = sorted(
+        names = sorted(
             e.name
             for e in os.scandir(d)
             if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
         )
-        if not files and split == "train":
+        if not names and split == "train":
             raise UserError(f"imagefolder: {d} holds no images ({' '.join(sorted(IMAGE_EXTS))})")
-        items += [(os.path.join(d, f), label) for f in files]
-    if not items:
+        files.append(names)
+    if not any(files):
         raise UserError(f"imagefolder: {split_dir} holds no class folders with images")
+    return classes, files
+
+
+def _scan(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and (file, label) pairs in a stable order."""
+    classes, files = scan_classes(root, split)
+    items = [
+        (os.path.join(root, split, c, f), label) for label, (c, names) in enumerate(zip(classes, files)) for f in names
+    ]
     return classes, items
 
 

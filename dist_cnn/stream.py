@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms.v2 import RandomResizedCrop
 
-from .data import IMAGE_EXTS
+from .data import scan_classes
 from .distributed import main_only
 from .errors import UserError
 from .loader import Augment, Normalize, _draws, _image_aug, crop_flip, epoch_plan, eval_shard, rank_slice
@@ -87,28 +87,13 @@ class FolderIndex:
 
 
 def _scan_split(root: str, split: str) -> tuple[list[str], list[bytes], list[int]]:
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        raise UserError(
-            f"imagefolder: {split_dir} not found; --data-dir must hold train/<class>/ and "
-            f"{split}/<class>/ (see --test-split)"
-        )
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    """Class names, paths relative to root (bytes) and labels, in data.scan_classes' order."""
+    classes, files = scan_classes(root, split)
     paths, labels = [], []
-    for label, c in enumerate(classes):
-        d = os.path.join(split_dir, c)
-        files = sorted(
-            e.name
-            for e in os.scandir(d)
-            if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
-        )
-        if not files and split == "train":
-            raise UserError(f"imagefolder: {d} holds no images ({' '.join(sorted(IMAGE_EXTS))})")
+    for label, (c, names) in enumerate(zip(classes, files)):
         prefix = os.fsencode(os.path.join(split, c)) + b"/"
-        paths += [prefix + os.fsencode(f) for f in files]
-        labels += [label] * len(files)
-    if not paths:
-        raise UserError(f"imagefolder: {split_dir} holds no class folders with images")
+        paths += [prefix + os.fsencode(f) for f in names]
+        labels += [label] * len(names)
     return classes, paths, labels
 
 
