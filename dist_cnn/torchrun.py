@@ -54,6 +54,12 @@ def _describe(rank: int, failure) -> str:
     return f"torchrun: rank {rank} (pid {failure.pid}) {how}; the job stopped (messages above)"
 
 
+def _root_cause(failures: dict):
+    """(rank, failure) that most likely caused the others: a rank killed by a signal (its peers then
+    only lose contact and exit 1, often in the same poll of the agent), else the earliest."""
+    return min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--check-only"]:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         if verbose:
             raise
-        rank, failure = e.get_first_failure()
+        rank, failure = _root_cause(e.failures)
         code = _exit_code(failure)
         if code != 2:  # 2: a worker's own one-line error already said everything
             print(_describe(rank, failure), file=sys.stderr)

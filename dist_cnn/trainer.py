@@ -710,4 +710,11 @@ def train(cfg: Config, data: Dataset | None = None, model_factory=None) -> dict:
     with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory
-        return Trainer(cfg, env, data=data, model_factory=model_factory).fit()
+        trainer = Trainer(cfg, env, data=data, model_factory=model_factory)
+        try:
+            return trainer.fit()
+        except BaseException:
+            # Complete the W&B files before leaving: a rank that lost its peers exits with os._exit
+            # (commands.entry), which skips wandb's own exit hooks and would leave the run unreadable.
+            trainer.wandb.finish()
+            raise
