@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
+from tests.support.common import NOISE, ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
 
 FAIL = ROOT / "tests/support/fail_rank.py"
 # 1024 images / batch 64 = 16 steps an epoch; 2 epochs; a checkpoint every 5 steps.
@@ -26,18 +26,6 @@ ARGS = [
     "2",
     "--flip",
 ]
-NOISE = {
-    "time",
-    "images_per_sec",
-    "images_per_sec_per_rank",
-    "data_wait_frac",
-    "epoch_seconds",
-    "eta_seconds",
-    "memory_mb",
-    "train_seconds",
-    "path",
-    "from",
-}
 
 
 def history(run_dir):

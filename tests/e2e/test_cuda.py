@@ -6,29 +6,12 @@ runs them on a lent GPU machine."""
 import pytest
 import torch
 
-from tests.support.common import read_events, read_summary, torchrun, train
+from tests.support.common import SMALL_ANY_PRECISION, read_events, read_summary, torchrun, train
 
 GPU_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(GPU_COUNT == 0, reason="needs a CUDA GPU: torch.cuda.is_available() is False here"),
-]
-
-# Like common.SMALL, minus its --precision fp32: each test names its own precision.
-GPU_SMALL = [
-    "--dataset",
-    "synthetic",
-    "--synthetic-train-size",
-    "2048",
-    "--synthetic-test-size",
-    "500",
-    "--batch-size",
-    "64",
-    "--epochs",
-    "1",
-    "--wandb",
-    "disabled",
-    "--no-progress",
 ]
 
 
@@ -38,7 +21,7 @@ def _learned(summary, floor=0.3):
 
 def test_fp16_gradscaler_run(tmp_path):
     out = tmp_path / "run"
-    train([*GPU_SMALL, "--epochs", "2", "--precision", "fp16", "--log-every", "8", "--out", out], check=0)
+    train([*SMALL_ANY_PRECISION, "--epochs", "2", "--precision", "fp16", "--log-every", "8", "--out", out], check=0)
     s = read_summary(out)
     assert s["precision"] == "fp16" and s["device"].startswith("cuda") and s["steps"] == 64, s
     # the loss is computed in fp32 under autocast, so a sane LR never sees a non-finite loss: no step is
@@ -55,7 +38,7 @@ def test_fp16_overflowing_steps_are_skipped_and_counted(tmp_path):
     out = tmp_path / "run"
     train(
         [
-            *GPU_SMALL,
+            *SMALL_ANY_PRECISION,
             "--precision",
             "fp16",
             "--lr",
@@ -81,7 +64,7 @@ def test_fp16_overflowing_steps_are_skipped_and_counted(tmp_path):
 
 def test_bf16_run(tmp_path):
     out = tmp_path / "run"
-    train([*GPU_SMALL, "--epochs", "2", "--precision", "bf16", "--out", out], check=0)
+    train([*SMALL_ANY_PRECISION, "--epochs", "2", "--precision", "bf16", "--out", out], check=0)
     s = read_summary(out)
     assert s["precision"] == "bf16" and s["skipped_steps"] == 0, s
     _learned(s)
@@ -89,7 +72,7 @@ def test_bf16_run(tmp_path):
 
 def test_auto_precision_on_the_gpu_is_a_half_type(tmp_path):
     out = tmp_path / "run"
-    train([*GPU_SMALL, "--precision", "auto", "--max-steps", "8", "--eval-every", "0", "--out", out], check=0)
+    train([*SMALL_ANY_PRECISION, "--precision", "auto", "--max-steps", "8", "--eval-every", "0", "--out", out], check=0)
     expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     assert read_summary(out)["precision"] == expected
 
@@ -98,7 +81,7 @@ def test_torchrun_one_process_on_the_gpu_joins_no_group(tmp_path):
     """One process joins no process group (distributed.setup), so `--backend nccl` is accepted and unused:
     NCCL itself is exercised by test_nccl_group_of_one_runs_ddp (any GPU) and test_nccl_torchrun_world_size_2."""
     out = tmp_path / "run"
-    p = torchrun(1, [*GPU_SMALL, "--precision", "bf16", "--backend", "nccl", "--out", out], check=0)
+    p = torchrun(1, [*SMALL_ANY_PRECISION, "--precision", "bf16", "--backend", "nccl", "--out", out], check=0)
     s = read_summary(out)
     assert (s["world_size"], s["backend"], s["device"]) == (1, "none", "cuda:0"), s
     _learned(s)
@@ -142,7 +125,7 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
 @pytest.mark.skipif(GPU_COUNT < 2, reason="needs 2 CUDA GPUs for an NCCL group of 2")
 def test_nccl_torchrun_world_size_2(tmp_path):
     out = tmp_path / "run"
-    torchrun(2, [*GPU_SMALL, "--precision", "bf16", "--backend", "nccl", "--out", out], check=0)
+    torchrun(2, [*SMALL_ANY_PRECISION, "--precision", "bf16", "--backend", "nccl", "--out", out], check=0)
     s = read_summary(out)
     assert s["world_size"] == 2 and s["backend"] == "nccl" and s["per_rank_batch_size"] == 32, s
     _learned(s)
@@ -152,7 +135,7 @@ def test_device_resident_pipeline_on_the_gpu(tmp_path):
     out = tmp_path / "run"
     train(
         [
-            *GPU_SMALL,
+            *SMALL_ANY_PRECISION,
             "--epochs",
             "2",
             "--precision",
@@ -175,13 +158,15 @@ def test_device_resident_pipeline_on_the_gpu(tmp_path):
 
 def test_auto_loader_picks_device_on_the_gpu(tmp_path):
     out = tmp_path / "run"
-    train([*GPU_SMALL, "--precision", "bf16", "--max-steps", "4", "--eval-every", "0", "--out", out], check=0)
+    train([*SMALL_ANY_PRECISION, "--precision", "bf16", "--max-steps", "4", "--eval-every", "0", "--out", out], check=0)
     assert read_summary(out)["loader"] == "device"  # 2048 tiny images fit on any GPU
 
 
 def test_dataloader_pipeline_on_the_gpu(tmp_path):
     out = tmp_path / "run"
-    train([*GPU_SMALL, "--precision", "bf16", "--loader", "dataloader", "--workers", "2", "--out", out], check=0)
+    train(
+        [*SMALL_ANY_PRECISION, "--precision", "bf16", "--loader", "dataloader", "--workers", "2", "--out", out], check=0
+    )
     s = read_summary(out)
     assert s["loader"] == "dataloader" and s["device"].startswith("cuda"), s
     _learned(s)
@@ -192,7 +177,7 @@ def test_compile_run(tmp_path):
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out = tmp_path / name
         train(
-            [*GPU_SMALL, "--epochs", "2", "--precision", "bf16", "--log-every", "8", *extra, "--out", out],
+            [*SMALL_ANY_PRECISION, "--epochs", "2", "--precision", "bf16", "--log-every", "8", *extra, "--out", out],
             check=0,
             timeout=190,
         )

@@ -7,21 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.common import ROOT, clean_env, read_events, read_summary, run_py, torchrun, train
+from tests.support.common import NOISE, ROOT, clean_env, read_events, read_summary, run_py, torchrun, train
 
 FAIL = ROOT / "tests/support/fail_rank.py"
-NOISE = {
-    "time",
-    "images_per_sec",
-    "images_per_sec_per_rank",
-    "data_wait_frac",
-    "epoch_seconds",
-    "eta_seconds",
-    "memory_mb",
-    "train_seconds",
-    "path",
-    "from",
-}
 
 
 def make_folder(root, n_train=48, n_test=20, classes=2, seed=0):

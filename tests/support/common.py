@@ -11,8 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-# Small enough to train in seconds on 2 cores, big enough that the seed CNN gets far above chance.
-SMALL = [
+# Small enough to train in seconds on 2 cores, big enough that the seed CNN gets far above chance;
+# SMALL_ANY_PRECISION leaves --precision to the test.
+SMALL_ANY_PRECISION = [
     "--dataset",
     "synthetic",
     "--synthetic-train-size",
@@ -26,9 +27,21 @@ SMALL = [
     "--wandb",
     "disabled",
     "--no-progress",
-    "--precision",
-    "fp32",
 ]
+SMALL = [*SMALL_ANY_PRECISION, "--precision", "fp32"]
+# metrics.jsonl fields that differ between two runs of the same training (timing, paths)
+NOISE = {
+    "time",
+    "images_per_sec",
+    "images_per_sec_per_rank",
+    "data_wait_frac",
+    "epoch_seconds",
+    "eta_seconds",
+    "memory_mb",
+    "train_seconds",
+    "path",
+    "from",
+}
 
 
 def clean_env(**extra) -> dict:
