@@ -44,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--summary", default="")
     ap.add_argument("--json", default="")
     ap.add_argument("--total-seconds", type=float, default=0.0)
+    ap.add_argument("--airbench", default="", help="airbench_reference.py's JSON")
+    ap.add_argument("--airbench-rc", default="skipped")
     a = ap.parse_args(argv)
 
     tests = read_junit(a.junit)
@@ -79,6 +81,18 @@ def main(argv=None):
         lines.append(
             "fast recipe: no summary.json (" + ("no data" if not a.data_ok else f"train.py exit {a.recipe_rc}") + ")"
         )
+    airbench = {}
+    if a.airbench and os.path.isfile(a.airbench):
+        with open(a.airbench) as f:
+            airbench = json.load(f)
+    if airbench:
+        lines.append(
+            f"airbench 0.1.8 (its own code, same data): test accuracy {airbench['test_acc']:.4f} "
+            f"(no TTA {airbench['test_acc_no_tta']:.4f}), train_seconds {airbench['train_seconds']}, "
+            f"{airbench['device']}"
+        )
+    else:
+        lines.append(f"airbench reference: {a.airbench_rc}")
     failed = [t for t in tests if t[1] in ("FAILED", "ERROR")]
     ok = not failed and (a.tests_rc in (0, 5) or (tests and not failed)) and a.recipe_rc in ("0", "skipped")
     lines.append(
@@ -113,6 +127,7 @@ def main(argv=None):
                     }
                     if summary
                     else None,
+                    "airbench": airbench or None,
                     "ok": ok,
                     "total_seconds": a.total_seconds,
                 },

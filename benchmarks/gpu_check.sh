@@ -6,15 +6,18 @@
 #                                run: tests/unit/test_stream.py, tests/e2e/test_stream.py)
 #   2. unpack CIFAR-10 (JPEG):   .gpu_data/cifar10-jpeg.tar.gz -> .gpu_data/cifar10-jpeg
 #   3. the fast recipe, timed:   python3 train.py --config configs/fast94.toml --dataset imagefolder ...
-#   4. a table: test / result / seconds, then the recipe's accuracy, train_seconds and images/s
+#   4. airbench's own code:     benchmarks/airbench_reference.py (the `airbench` 0.1.8 package, unchanged,
+#                                fp16) on the same data: the accuracy the fast recipe is measured against
+#   5. a table: test / result / seconds, then the recipe's and airbench's accuracy, train_seconds, images/s
 # It needs under 8 minutes (limits: tests 300 s, each test 200 s, the recipe 150 s; expect ~4 min)
-# and writes its logs, the JUnit XML, the recipe's summary.json and gpu_check.json to $OUT (5 files),
+# and writes its logs, the JUnit XML, the recipe's summary.json, airbench.json and gpu_check.json to $OUT,
 # or to benchmarks/results/gpu_check when OUT is not set.
 #
 # On a GPU machine that gets a copy of the working tree (not the shared data beside it):
 #   here, once per checkout:   bash benchmarks/gpu_check.sh --prepare
-#       (copies ../shared/data/cifar10-jpeg.tar.gz, 19 MB, into .gpu_data/ and git-ignores that
-#        folder through .git/info/exclude, so it travels only when carried and is never committed)
+#       (copies ../shared/data/cifar10-jpeg.tar.gz, 19 MB, into .gpu_data/, downloads the airbench
+#        0.1.8 source (pure Python) beside it, and git-ignores that folder through .git/info/exclude, so
+#        it travels only when carried and is never committed)
 #   there:                     bash benchmarks/gpu_check.sh   (with .gpu_data copied along, ~8 minutes)
 #   and read the table at the end of its output.
 # Without .gpu_data it still runs the tests and says the recipe was skipped for want of data.
@@ -37,6 +40,9 @@ if [ "${1:-}" = "--prepare" ]; then
   case "$exclude" in /*) ;; *) exclude="$root/$exclude" ;; esac
   mkdir -p "$(dirname "$exclude")"
   grep -qxF "/.gpu_data/" "$exclude" 2>/dev/null || echo "/.gpu_data/" >> "$exclude"
+  "${PYTHON:-python3}" -m pip download -q --no-deps --no-binary :all: airbench==0.1.8 -d "$root/.gpu_data" \
+    && tar -xzf "$root/.gpu_data/airbench-0.1.8.tar.gz" -C "$root/.gpu_data" \
+    || echo "gpu_check --prepare: airbench 0.1.8 not downloaded; step 4 will be skipped"
   echo "prepared: $archive ($(du -h "$archive" | cut -f1)); /.gpu_data/ is ignored via $exclude"
   echo 'now run bash benchmarks/gpu_check.sh on the GPU machine, with .gpu_data copied along'
   exit 0
@@ -125,8 +131,20 @@ if [ "$data_ok" = 1 ]; then
   cp "$runs/fast94/summary.json" "$out/fast94_summary.json" 2>/dev/null || true
 fi
 
-# 4. the table ----------------------------------------------------------------------------------------
-"$PY" "$root/benchmarks/gpu_check.py" --junit "$out/cuda_tests.xml" --tests-rc "$tests_rc" --tests-seconds "$tests_s" \
+# 4. airbench's own code on the same data ------------------------------------------------------------
+airbench_rc=skipped
+airbench_src="$root/.gpu_data/airbench-0.1.8"
+if [ "$data_ok" = 1 ] && [ -d "$airbench_src/airbench" ]; then
+  echo "== 4. airbench 0.1.8 train94 (unchanged) on $data_dir"
+  PYTHONPATH="$airbench_src${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 150 "$PY" benchmarks/airbench_reference.py \
+    --data-dir "$data_dir" --cache-dir "$runs/airbench" --json "$out/airbench.json" 2>&1 | tail -5
+  airbench_rc=${PIPESTATUS[0]}
+else
+  echo "== 4. airbench reference skipped (no data, or no $airbench_src: run --prepare here)"
+fi
+
+# 5. the table ----------------------------------------------------------------------------------------
+"$PY" "$root/benchmarks/gpu_check.py" --airbench "$out/airbench.json" --airbench-rc "$airbench_rc" --junit "$out/cuda_tests.xml" --tests-rc "$tests_rc" --tests-seconds "$tests_s" \
   --unpack-seconds "$unpack_s" --data-ok "$data_ok" --recipe-rc "$recipe_rc" --recipe-ms "$recipe_ms" \
   --summary "$out/fast94_summary.json" --json "$out/gpu_check.json" --total-seconds "$(( $(date +%s) - t_all ))"
 rc=$?

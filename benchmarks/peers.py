@@ -17,6 +17,12 @@ model and the loop in the framework's own idiom:
   dist_cnn    `train.py --dataset imagefolder --precision fp32` (torchrun for N > 1), and as an extra row
               its default `--precision auto`
 
+With `--precisions fp32,bf16` every program also runs in bf16 autocast (Lightning "bf16-mixed",
+Accelerate mixed_precision="bf16", dist_cnn `--precision bf16`), and the table compares each precision
+with itself. The "auto" row is compared with the faster peer at fp32, each program's own default.
+Round r seeds every program with --seed + r (weights and data order), so the accuracy medians are over
+seeds, not one draw shared by every row.
+
 All see identical pixels: the image folder is decoded once with dist_cnn's own loader
 (dist_cnn.data.load_dataset) and saved as a .pt in --cache-dir, which the peers load. Threads: each
 program gets the environment a user has (OMP_NUM_THREADS removed unless --threads is given), so each
@@ -27,7 +33,8 @@ of the run, without start-up, data loading or evaluation; dist_cnn: summary.json
 the same span) and the test accuracy after the last epoch. Repeats are interleaved (every program once
 per round), the table shows medians, and the ratio is dist_cnn's img/s over the faster peer's.
 
-    python benchmarks/peers.py [--data-dir DIR] [--repeats 3] [--procs 1,2] [--epochs 2] [--json PATH]
+    python benchmarks/peers.py [--data-dir DIR] [--repeats 3] [--procs 1,2] [--epochs 2]
+                               [--precisions fp32[,bf16]] [--seed 0] [--json PATH]
 Needs the `bench` extra: pip install -e '.[bench]' (pytorch-lightning; accelerate is a dependency).
 """
 
@@ -117,7 +124,7 @@ def run_lightning(a):
     from torch.utils.data import DataLoader, TensorDataset
 
     d, mean, std = load_tensors(a.tensors)
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(a.seed, verbose=False)
 
     class SeedModule(pl.LightningModule):
         def __init__(self):
@@ -149,7 +156,7 @@ def run_lightning(a):
         devices=a.procs,
         strategy="ddp" if a.procs > 1 else "auto",
         max_epochs=a.epochs,
-        precision="32-true",
+        precision="bf16-mixed" if a.precision == "bf16" else "32-true",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -177,9 +184,10 @@ def run_accelerate(a):
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader, TensorDataset
 
-    accelerator = Accelerator(split_batches=True)  # the loader's batch is the global batch
+    # split_batches: the loader's batch is the global batch
+    accelerator = Accelerator(split_batches=True, mixed_precision="bf16" if a.precision == "bf16" else "no")
     d, mean, std = load_tensors(a.tensors)
-    set_seed(0)
+    set_seed(a.seed)
     model = seed_model(len(d["classes"]), d["train_x"].shape[-1])
     loader = DataLoader(
         TensorDataset(d["train_x"], d["train_y"]), batch_size=GLOBAL_BATCH, shuffle=True, drop_last=True
@@ -261,8 +269,8 @@ def child_env(threads: int | None) -> dict:
     return env
 
 
-def run_peer(peer: str, procs: int, tensors: Path, epochs: int, env: dict, work: Path) -> dict:
-    result = work / f"{peer}-{procs}-{time.monotonic_ns()}.json"
+def run_peer(peer: str, precision: str, procs: int, seed: int, tensors: Path, epochs: int, env: dict, work: Path):
+    result = work / f"{peer}-{precision}-{procs}-{time.monotonic_ns()}.json"
     args = [
         str(Path(__file__).resolve()),
         "--peer",
@@ -273,6 +281,10 @@ def run_peer(peer: str, procs: int, tensors: Path, epochs: int, env: dict, work:
         str(tensors),
         "--epochs",
         str(epochs),
+        "--precision",
+        precision,
+        "--seed",
+        str(seed),
         "--result",
         str(result),
     ]
@@ -287,7 +299,7 @@ def run_peer(peer: str, procs: int, tensors: Path, epochs: int, env: dict, work:
             "--num_machines",
             "1",
             "--mixed_precision",
-            "no",
+            "bf16" if precision == "bf16" else "no",
             "--dynamo_backend",
             "no",
             *args,
@@ -298,7 +310,7 @@ def run_peer(peer: str, procs: int, tensors: Path, epochs: int, env: dict, work:
     return json.loads(result.read_text())
 
 
-def run_dist_cnn(precision: str, procs: int, data_dir: str, epochs: int, env: dict, work: Path) -> dict:
+def run_dist_cnn(precision: str, procs: int, seed: int, data_dir: str, epochs: int, env: dict, work: Path) -> dict:
     out = work / f"dist_cnn-{precision}-{procs}-{time.monotonic_ns()}"
     args = [
         str(ROOT / "train.py"),
@@ -312,6 +324,8 @@ def run_dist_cnn(precision: str, procs: int, data_dir: str, epochs: int, env: di
         str(epochs),
         "--precision",
         precision,
+        "--seed",
+        str(seed),
         "--wandb",
         "disabled",
         "--no-progress",
@@ -370,8 +384,11 @@ def main():
         default=None,
         help="set OMP_NUM_THREADS for every program (default: each framework's own choice)",
     )
+    p.add_argument("--precisions", default="fp32", help="fp32 and/or bf16, comma-separated: each compared with itself")
+    p.add_argument("--seed", type=int, default=0, help="round r runs every program with seed + r")
     p.add_argument("--json", help="write every run and the medians here")
     p.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)  # internal: run one peer program
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--tensors", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -380,15 +397,35 @@ def main():
         return (run_lightning if a.peer == "lightning" else run_accelerate)(a)
 
     procs = [int(n) for n in a.procs.split(",")]
+    precisions = [x for x in a.precisions.split(",") if x]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        p.error(f"--precisions: fp32 and/or bf16, got {a.precisions!r}")
     tensors = cached_tensors(a.data_dir, Path(a.cache_dir))
     env = child_env(a.threads)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
-    programs = [
-        *[(peer, lambda n, peer=peer: run_peer(peer, n, tensors, a.epochs, env, work)) for peer in PEERS],
-        ("dist_cnn fp32", lambda n: run_dist_cnn("fp32", n, a.data_dir, a.epochs, env, work)),
-        ("dist_cnn auto", lambda n: run_dist_cnn("auto", n, a.data_dir, a.epochs, env, work)),
-    ]
-    runs = {(name, n): [] for name, _ in programs for n in procs}
+    programs = []  # (name, precision it is compared at, run(procs, seed))
+    for prec in precisions:
+        for peer in PEERS:
+            programs.append(
+                (
+                    f"{peer} {prec}",
+                    prec,
+                    lambda n, s, peer=peer, prec=prec: run_peer(peer, prec, n, s, tensors, a.epochs, env, work),
+                )
+            )
+        programs.append(
+            (
+                f"dist_cnn {prec}",
+                prec,
+                lambda n, s, prec=prec: run_dist_cnn(prec, n, s, a.data_dir, a.epochs, env, work),
+            )
+        )
+    # the default beside the peers' default (fp32), when that is measured
+    auto_at = "fp32" if "fp32" in precisions else precisions[0]
+    programs.append(
+        ("dist_cnn auto", auto_at, lambda n, s: run_dist_cnn("auto", n, s, a.data_dir, a.epochs, env, work))
+    )
+    runs = {(name, n): [] for name, _, _ in programs for n in procs}
 
     def save():
         if a.json:
@@ -399,6 +436,7 @@ def main():
                         "summary": summary,
                         "epochs": a.epochs,
                         "repeats": a.repeats,
+                        "seeds": [a.seed + r for r in range(a.repeats)],
                     },
                     indent=2,
                 )
@@ -407,9 +445,9 @@ def main():
     summary: dict = {}
     for r in range(a.repeats):  # interleaved, so load changes on the machine hit every program alike
         for n in procs:
-            for name, run in programs:
+            for name, _, run in programs:
                 try:
-                    res = run(n)
+                    res = run(n, a.seed + r)
                 except ProgramFailed as e:  # one broken program must not cost the other figures
                     print(f"round {r + 1}/{a.repeats}  {n} proc  {name}: {e}", flush=True)
                     res = None
@@ -417,31 +455,38 @@ def main():
                 save()
                 if res:
                     print(
-                        f"round {r + 1}/{a.repeats}  {n} proc  {name:<14} {res['images_per_sec']:8.0f} img/s  "
+                        f"round {r + 1}/{a.repeats}  {n} proc  {name:<16} {res['images_per_sec']:8.0f} img/s  "
                         f"acc {res['test_accuracy']:.4f}",
                         flush=True,
                     )
 
     print(
         f"\nseed CNN, CIFAR-10 (image folder), global batch {GLOBAL_BATCH}, {a.epochs} epochs, "
-        f"medians of {a.repeats} interleaved runs"
+        f"medians of {a.repeats} interleaved runs (seeds {a.seed}..{a.seed + a.repeats - 1})"
     )
-    print(f"{'procs':>5}  {'program':<14} {'img/s':>8} {'test acc':>9}  {'vs faster peer':>14}")
+    print(f"{'procs':>5}  {'program':<16} {'img/s':>8} {'test acc':>9}  {'vs faster peer':>14}")
     for n in procs:
-        med = {name: medians(runs[name, n]) for name, _ in programs}
-        peers = [peer for peer in PEERS if med[peer]]
-        faster = max(peers, key=lambda peer: med[peer]["images_per_sec"]) if peers else None
-        for name, _ in programs:
-            if not med[name]:
-                print(f"{n:>5}  {name:<14} {'failed':>8}")
-                continue
-            extra = ""
-            if faster:
-                med[name]["ratio_to_faster_peer"] = med[name]["images_per_sec"] / med[faster]["images_per_sec"]
-                extra = f"{med[name]['ratio_to_faster_peer']:13.2f}x" if name.startswith("dist_cnn") else ""
-            print(f"{n:>5}  {name:<14} {med[name]['images_per_sec']:8.0f} {med[name]['test_accuracy']:9.4f}  {extra}")
-        print(f"{'':>5}  faster peer: {faster}")
-        summary[n] = {"faster_peer": faster, **med}
+        med = {name: medians(runs[name, n]) for name, _, _ in programs}
+        summary[n] = {}
+        for prec in precisions:
+            peers = [f"{peer} {prec}" for peer in PEERS if med[f"{peer} {prec}"]]
+            faster = max(peers, key=lambda peer: med[peer]["images_per_sec"]) if peers else None
+            summary[n][f"faster_peer_{prec}"] = faster
+            for name, at, _ in programs:
+                if at != prec:
+                    continue
+                if not med[name]:
+                    print(f"{n:>5}  {name:<16} {'failed':>8}")
+                    continue
+                extra = ""
+                if faster and name.startswith("dist_cnn"):
+                    med[name]["ratio_to_faster_peer"] = med[name]["images_per_sec"] / med[faster]["images_per_sec"]
+                    extra = f"{med[name]['ratio_to_faster_peer']:13.2f}x"
+                print(
+                    f"{n:>5}  {name:<16} {med[name]['images_per_sec']:8.0f} {med[name]['test_accuracy']:9.4f}  {extra}"
+                )
+            print(f"{'':>5}  faster peer at {prec}: {faster}")
+        summary[n].update(med)
     save()
     print(f"\nlogs: {work}")
 

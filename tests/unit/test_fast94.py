@@ -175,3 +175,109 @@ def test_fractional_epochs_flag():
     assert cfg.train.epochs == 9.9 and cfg.optim.schedule == "triangle"
     with pytest.raises(C.UserError, match="lr-start"):
         C.from_args(parser.parse_args(["--lr-start", "1.5"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Against the `airbench` package itself (a dev dependency; pure Python). Its network is built on the CPU
+# in float32: make_net94 calls .half().cuda(), which these tests turn into no-ops while it builds.
+
+
+@pytest.fixture
+def airbench():
+    return pytest.importorskip("airbench")
+
+
+def airbench_net():
+    from airbench import lib_airbench94
+
+    half, cuda = torch.nn.Module.half, torch.nn.Module.cuda
+    torch.nn.Module.half, torch.nn.Module.cuda = (lambda m: m), (lambda m, *a, **k: m)
+    try:
+        return lib_airbench94.make_net94()
+    finally:
+        torch.nn.Module.half, torch.nn.Module.cuda = half, cuda
+
+
+def ours_from(net) -> torch.nn.Module:
+    """Our airbench model holding the weights (and BatchNorm statistics) of airbench's Sequential."""
+    ours = build_model("airbench", 3, 10, 32)
+    theirs = list(net.state_dict().values())
+    ours_sd = ours.state_dict()
+    assert [tuple(v.shape) for v in ours_sd.values()] == [tuple(v.shape) for v in theirs]
+    ours.load_state_dict(dict(zip(ours_sd, theirs)))
+    return ours
+
+
+def test_network_matches_airbench(airbench):
+    torch.manual_seed(0)
+    net = airbench_net()
+    for m in net.modules():  # non-trivial statistics and shifts, so eval mode tests them too
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2), m.bias.data.normal_(0, 0.1)
+    ours = ours_from(net)
+    assert [p.requires_grad for p in ours.parameters()] == [p.requires_grad for p in net.parameters()]
+    x = torch.randn(8, 3, 32, 32)
+    for mode in (True, False):
+        net.train(mode), ours.train(mode)
+        torch.testing.assert_close(ours(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_whitening_matches_airbench(airbench):
+    from airbench.utils import init_whitening_conv
+
+    torch.manual_seed(0)
+    x = torch.rand(200, 3, 32, 32)
+    x = x + 0.5 * x.roll(1, dims=-1)  # correlated neighbours, so the whitening is far from the identity
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    net = airbench_net()
+    init_whitening_conv(net[0], x)
+    ours = build_model("airbench", 3, 10, 32)
+    ours.init_from_data(x)
+    a, b = ours.whiten.weight.flatten(1), net[0].weight.data.flatten(1)
+    # an eigenvector's sign is arbitrary: filter i may be airbench's i or its negative (filter i + 12)
+    sign = torch.sign((a[:12] * b[:12]).sum(1, keepdim=True))
+    torch.testing.assert_close(a[:12] * sign, b[:12], rtol=1e-2, atol=1e-3)  # float32 vs float64
+    torch.testing.assert_close(a[12:] * sign, b[12:], rtol=1e-2, atol=1e-3)
+
+
+def test_lookahead_matches_airbench(airbench):
+    from airbench.utils import LookaheadState
+
+    from dist_cnn.optim import Lookahead
+
+    torch.manual_seed(0)
+    net, total = airbench_net(), 23
+    ours = ours_from(net)
+    theirs_la, ours_la = LookaheadState(net), Lookahead(ours, every=5, decay=0.95, total_steps=total)
+    alpha = 0.95**5 * (torch.arange(total + 1) / total) ** 3  # utils.train's alpha_schedule
+    x = torch.randn(16, 3, 32, 32)
+    for step in range(1, total + 1):
+        with torch.no_grad():  # the same "training step" on both: a weight change and new BN statistics
+            for model in (net, ours):
+                for p in model.parameters():
+                    p.add_(0.01 * torch.sin(p + step))
+        net(x), ours(x)
+        if step % 5 == 0:
+            theirs_la.update(net, decay=alpha[step].item())
+        if step == total:
+            theirs_la.update(net, decay=1.0)
+        ours_la.step(step)
+        for a, b in zip(ours.state_dict().values(), net.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tta_matches_airbench(airbench):
+    from types import SimpleNamespace
+
+    from airbench.utils import infer
+
+    from dist_cnn.models import tta_logits
+
+    torch.manual_seed(0)
+    ours = build_model("airbench", 3, 10, 32).eval()
+    x = torch.randn(6, 3, 32, 32)
+    loader = SimpleNamespace(images=x, normalize=lambda v: v)
+    with torch.no_grad():
+        for level in (0, 1, 2):
+            torch.testing.assert_close(tta_logits(ours, x, level), infer(ours, loader, level), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(tta_logits(ours, x, 2), tta_logits(ours, x, 1))
