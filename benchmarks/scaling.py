@@ -4,10 +4,11 @@ Same per-rank batch, one thread per rank, fp32, through the real train.py (torch
 Efficiency = images/s at 2 ranks / (2 x images/s at 1 rank), images/s being the median of the logged
 intervals after the first (which holds start-up and DDP's bucket rebuild). Printed beside it, measured
 in the same run: the ceiling two processes of pure matrix products reach on this machine (efficiency /
-ceiling is what the targets are about), and the time of the gradient all_reduce (gloo, loopback)
-against the step time - what the gap is made of.
+ceiling is what the targets are about); the same ceiling for this very training job, two independent
+world-size-1 runs at once (what sharing the machine's cores, caches and memory costs without any
+communication); and the time of the gradient all_reduce (gloo, loopback) against the step time.
 
-    python benchmarks/scaling.py [--model seed|resnet18] [--per-rank-batch 64] [--steps 200]
+    python benchmarks/scaling.py [--model seed|resnet18] [--per-rank-batch 64] [--steps 200] [--no-job-ceiling]
                                  [--repeats 2] [--root CHECKOUT] [--json out.json] [-- extra train.py flags]
 
 --root runs another checkout's train.py (a before/after comparison); flags after -- go to train.py
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -79,6 +81,15 @@ def train_ips(world: int, batch: int, steps: int, model: str = "seed", root: Pat
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ips = [r["images_per_sec"] for r in rows if r.get("event") == "train"]
     return statistics.median(ips[1:] or ips)
+
+
+def independent_ceiling(batch: int, steps: int, model: str, root: Path, extra=()) -> float:
+    """Two world-size-1 runs of the same job at once, against one alone: the 2-process ceiling of this
+    workload (no communication; what the processes cost each other through the shared machine)."""
+    alone = train_ips(1, batch, steps, model, root, extra)
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: train_ips(1, batch, steps, model, root, extra), range(2)))
+    return sum(both) / (2 * alone)
 
 
 def _matmul_worker(rank, seconds, q):
@@ -143,15 +154,24 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the median is reported")
     p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose train.py runs (default: this one)")
+    p.add_argument(
+        "--job-ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run two independent world-size-1 runs at once: this job's own 2-process ceiling",
+    )
     p.add_argument("--json")
     p.add_argument("extra", nargs="*", help="flags passed on to train.py (after --)")
     a = p.parse_args()
-    ips, ceilings = {1: [], 2: []}, []
+    ips, ceilings, job_ceilings = {1: [], 2: []}, [], []
     for _ in range(a.repeats):  # interleaved, so load changes hit both sides alike
         for world in (1, 2):
             ips[world].append(train_ips(world, a.per_rank_batch, a.steps, a.model, a.root, a.extra))
         ceilings.append(matmul_efficiency())
+        if a.job_ceiling:
+            job_ceilings.append(independent_ceiling(a.per_rank_batch, a.steps, a.model, a.root, a.extra))
     ws1, ws2, ceiling = statistics.median(ips[1]), statistics.median(ips[2]), statistics.median(ceilings)
+    job_ceiling = statistics.median(job_ceilings) if job_ceilings else None
     eff = ws2 / (2 * ws1)
     from dist_cnn.models import build_model
 
@@ -167,6 +187,8 @@ def main():
         "efficiency": eff,
         "matmul_efficiency": ceiling,
         "efficiency_vs_ceiling": eff / ceiling,
+        "job_ceiling": job_ceiling,
+        "job_ceilings": job_ceilings,
         "allreduce_seconds": ar,
         "ws2_step_seconds": step,
         "raw": ips,
@@ -177,6 +199,8 @@ def main():
     print(f"{a.model}, {a.per_rank_batch} images per rank, 1 thread per rank, fp32, {a.root} {' '.join(a.extra)}")
     print(f"  world size 1: {ws1:8.1f} img/s    world size 2: {ws2:8.1f} img/s")
     print(f"  ceiling, two processes of pure matrix products: {ceiling:.3f}")
+    if job_ceiling is not None:
+        print(f"  ceiling, two independent world-size-1 runs of this job at once: {job_ceiling:.3f}")
     print(
         f"  scaling efficiency: {eff:.3f}, {eff / ceiling:.3f} of the ceiling "
         f"(target >= {target}: {'PASS' if eff / ceiling >= target else 'FAIL'})"
