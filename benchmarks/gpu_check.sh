@@ -22,7 +22,8 @@
 #   and read the table at the end of its output.
 # Without .gpu_data it still runs the tests and says the recipe was skipped for want of data.
 # A dry run of the script's steps on a machine without a GPU (the CUDA tests then skip):
-#   GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_RECIPE_ARGS="--max-steps 2 --tta 0" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#   GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_RECIPE_ARGS="--max-steps 2 --tta 0" GPU_CHECK_AIRBENCH_ARGS="--epochs 0.05" \
+#     PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 #
 # Python: the machine's python3 with torch + CUDA, pytest, pytest-timeout, torchvision, tqdm, pyyaml,
 # matplotlib, pillow (wandb is not needed: --wandb disabled never imports it). PYTHON=... picks another.
@@ -137,7 +138,7 @@ airbench_src="$root/.gpu_data/airbench-0.1.8"
 if [ "$data_ok" = 1 ] && [ -d "$airbench_src/airbench" ]; then
   echo "== 4. airbench 0.1.8 train94 (unchanged) on $data_dir"
   PYTHONPATH="$airbench_src${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 150 "$PY" benchmarks/airbench_reference.py \
-    --data-dir "$data_dir" --cache-dir "$runs/airbench" --json "$out/airbench.json" 2>&1 | tail -5
+    --data-dir "$data_dir" --cache-dir "$runs/airbench" --json "$out/airbench.json" ${GPU_CHECK_AIRBENCH_ARGS:-} 2>&1 | tail -5
   airbench_rc=${PIPESTATUS[0]}
 else
   echo "== 4. airbench reference skipped (no data, or no $airbench_src: run --prepare here)"
