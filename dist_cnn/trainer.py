@@ -670,7 +670,8 @@ class Trainer:
         summary.update(
             {
                 "classes": d.classes,
-                "epochs": self.epoch,
+                "epochs": self.epoch,  # completed epochs
+                "epochs_trained": round(self.step / self.steps_per_epoch, 4),  # 9.9 for airbench's 9.9
                 "steps": self.step,
                 "world_size": self.env.world_size,
                 "backend": self.env.backend,

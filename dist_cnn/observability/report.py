@@ -260,7 +260,8 @@ def format_report(summary: dict, metrics, config: dict | None = None) -> str:
     if gbs is not None:
         world_text += f"   batch: {gbs} global" + (f", {rbs} per rank" if rbs is not None else "")
     lines.append(world_text)
-    epochs = pick("epochs", last_eval)
+    epochs = pick("epochs_trained")  # fractional (--epochs 9.9); older runs only have completed epochs
+    epochs = f"{epochs:g}" if is_number(epochs) else pick("epochs", last_eval)
     steps = pick("steps") if summary.get("steps") is not None else (train[-1]["step"] if train else None)
     if epochs is not None or steps is not None:
         lines.append(f"epochs: {epochs if epochs is not None else '?'}   steps: {steps if steps is not None else '?'}")

@@ -30,6 +30,15 @@ def test_synthetic_run_learns_and_writes_run_dir(tmp_path):
     assert (out / "model.pt").exists() and "test accuracy" in p.stdout
 
 
+def test_fractional_epochs_train_their_share_of_an_epoch(tmp_path):
+    out = tmp_path / "run"
+    p = train([*SMALL, "--epochs", "1.5", "--out", out], check=0)
+    s = read_summary(out)
+    assert s["steps"] == 48 and s["epochs"] == 1 and s["epochs_trained"] == 1.5  # ceil(1.5 x 32) steps
+    assert "epochs: 1.5   steps: 48" in p.stdout
+    assert read_events(out, "eval")[-1]["step"] == 48  # the final evaluation is after the last step
+
+
 def test_config_file_with_flag_override(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[train]\nepochs = 3\nbatch_size = 128\n[data]\ndataset = "synthetic"\n')
