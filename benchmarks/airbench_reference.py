@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -36,11 +37,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_airbench_data(data_dir: str, cache_dir: Path) -> Path:
-    """The image folder as airbench's train.pt / test.pt under cache_dir/cifar10 (its loader's layout)."""
+    """The image folder as airbench's train.pt / test.pt under cache_dir/<folder key>/cifar10 (its
+    loader's layout)."""
     from dist_cnn.config import DataConfig
     from dist_cnn.data import load_dataset
 
-    target = cache_dir / "cifar10"
+    key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:12]  # one cache per folder
+    target = cache_dir / key / "cifar10"
     if (target / "train.pt").exists() and (target / "test.pt").exists():
         return target
     ds = load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir), log=print)
