@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from torch import nn
@@ -69,18 +70,6 @@ class WallEvent:
         return 1e3 * (end.t - self.t)
 
 
-@contextlib.contextmanager
-def patched(obj, **attrs):
-    old = {k: getattr(obj, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
-
-
 def cpu_shims(utils):
     """What airbench's GPU-only code needs to run on the CPU (see the module docstring)."""
 
@@ -90,14 +79,14 @@ def cpu_shims(utils):
             self.images = self.images.float()
 
     stack = contextlib.ExitStack()
-    stack.enter_context(patched(utils, CifarLoader=CpuCifarLoader))
-    stack.enter_context(patched(torch.cuda, Event=WallEvent, synchronize=lambda *a, **k: None))
+    stack.enter_context(patch.multiple(utils, CifarLoader=CpuCifarLoader))
+    stack.enter_context(patch.multiple(torch.cuda, Event=WallEvent, synchronize=lambda *a, **k: None))
     return stack, CpuCifarLoader
 
 
 def make_cpu_net(make_net, precision: str):
     def build():
-        with patched(nn.Module, half=lambda m: m, cuda=lambda m, *a, **k: m):
+        with patch.multiple(nn.Module, half=lambda m: m, cuda=lambda m, *a, **k: m):
             net = make_net()
         if precision == "bf16":
             forward = torch.autocast("cpu", dtype=torch.bfloat16)(net.forward)

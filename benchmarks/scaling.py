@@ -83,10 +83,10 @@ def train_ips(world: int, batch: int, steps: int, model: str = "seed", root: Pat
     return statistics.median(ips[1:] or ips)
 
 
-def independent_ceiling(batch: int, steps: int, model: str, root: Path, extra=()) -> float:
-    """Two world-size-1 runs of the same job at once, against one alone: the 2-process ceiling of this
-    workload (no communication; what the processes cost each other through the shared machine)."""
-    alone = train_ips(1, batch, steps, model, root, extra)
+def independent_ceiling(alone: float, batch: int, steps: int, model: str, root: Path, extra=()) -> float:
+    """Two world-size-1 runs of the same job at once, against one alone (`alone` img/s, measured in the
+    same round): the 2-process ceiling of this workload (no communication; what the processes cost each
+    other through the shared machine)."""
     with ThreadPoolExecutor(2) as pool:
         both = list(pool.map(lambda _: train_ips(1, batch, steps, model, root, extra), range(2)))
     return sum(both) / (2 * alone)
@@ -169,7 +169,7 @@ def main():
             ips[world].append(train_ips(world, a.per_rank_batch, a.steps, a.model, a.root, a.extra))
         ceilings.append(matmul_efficiency())
         if a.job_ceiling:
-            job_ceilings.append(independent_ceiling(a.per_rank_batch, a.steps, a.model, a.root, a.extra))
+            job_ceilings.append(independent_ceiling(ips[1][-1], a.per_rank_batch, a.steps, a.model, a.root, a.extra))
     ws1, ws2, ceiling = statistics.median(ips[1]), statistics.median(ips[2]), statistics.median(ceilings)
     job_ceiling = statistics.median(job_ceilings) if job_ceilings else None
     eff = ws2 / (2 * ws1)

@@ -190,12 +190,10 @@ def airbench():
 def airbench_net():
     from airbench import lib_airbench94
 
-    half, cuda = torch.nn.Module.half, torch.nn.Module.cuda
-    torch.nn.Module.half, torch.nn.Module.cuda = (lambda m: m), (lambda m, *a, **k: m)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Module, "half", lambda m: m)
+        mp.setattr(torch.nn.Module, "cuda", lambda m, *a, **k: m)
         return lib_airbench94.make_net94()
-    finally:
-        torch.nn.Module.half, torch.nn.Module.cuda = half, cuda
 
 
 def ours_from(net) -> torch.nn.Module:
