@@ -41,7 +41,7 @@ def write_airbench_data(data_dir: str, cache_dir: Path) -> Path:
     """The image folder as airbench's train.pt / test.pt under cache_dir/<folder key>/cifar10 (its
     loader's layout)."""
     from dist_cnn.config import DataConfig
-    from dist_cnn.data import load_dataset
+    from dist_cnn.data.datasets import load_dataset
 
     key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:12]  # one cache per folder
     target = cache_dir / key / "cifar10"

@@ -43,8 +43,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dist_cnn.loader import Augment, Normalize  # noqa: E402
-from dist_cnn.stream import StreamPipeline, scan_folder  # noqa: E402
+from dist_cnn.data.loader import Augment, Normalize  # noqa: E402
+from dist_cnn.data.stream import StreamPipeline, scan_folder  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # any fixed values: both pipelines use the same
 

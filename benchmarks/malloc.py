@@ -1,5 +1,5 @@
 """Page faults and CPU time per training step with glibc's default malloc thresholds, with
-dist_cnn.allocator.tune_malloc() (mallopt, what training does by default), and with the same values
+dist_cnn.train.allocator.tune_malloc() (mallopt, what training does by default), and with the same values
 set as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment before the process starts.
 
 Each variant runs in its own process, interleaved over --rounds; medians are printed. Page faults and
@@ -29,8 +29,8 @@ def child(mode: str, model: str, batch: int, steps: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from dist_cnn.allocator import tune_malloc
-    from dist_cnn.models import build_model
+    from dist_cnn.models.registry import build_model
+    from dist_cnn.train.allocator import tune_malloc
 
     torch.set_num_threads(1)
     if mode == "mallopt" and not tune_malloc():

@@ -24,7 +24,7 @@ Round r seeds every program with --seed + r (weights and data order), so the acc
 seeds, not one draw shared by every row.
 
 All see identical pixels: the image folder is decoded once with dist_cnn's own loader
-(dist_cnn.data.load_dataset) and saved as a .pt in --cache-dir, which the peers load. Threads: each
+(dist_cnn.data.datasets.load_dataset) and saved as a .pt in --cache-dir, which the peers load. Threads: each
 program gets the environment a user has (OMP_NUM_THREADS removed unless --threads is given), so each
 framework applies its own default (Lightning and dist_cnn: cores / processes; torchrun: 1 per process).
 
@@ -65,7 +65,7 @@ PEERS = ("lightning", "accelerate")
 
 
 def seed_model(num_classes: int, image_size: int) -> torch.nn.Module:
-    from dist_cnn.models import build_model  # the same architecture and initialization for everyone
+    from dist_cnn.models.registry import build_model  # the same architecture and initialization for everyone
 
     return build_model("seed", in_channels=3, num_classes=num_classes, image_size=image_size)
 
@@ -227,7 +227,7 @@ def cached_tensors(data_dir: str, cache_dir: Path) -> Path:
     """Decode the image folder with dist_cnn's loader (its own cache makes this fast after the first time)
     and save the tensors for the peers, keyed by what was decoded."""
     from dist_cnn.config import DataConfig
-    from dist_cnn.data import load_dataset
+    from dist_cnn.data.datasets import load_dataset
 
     ds = load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir), log=print)
     key = hashlib.sha1(

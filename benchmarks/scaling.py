@@ -173,7 +173,7 @@ def main():
     ws1, ws2, ceiling = statistics.median(ips[1]), statistics.median(ips[2]), statistics.median(ceilings)
     job_ceiling = statistics.median(job_ceilings) if job_ceilings else None
     eff = ws2 / (2 * ws1)
-    from dist_cnn.models import build_model
+    from dist_cnn.models.registry import build_model
 
     numel = sum(p.numel() for p in build_model(a.model, 3, 10, 32).parameters())
     ar = allreduce_seconds(numel)

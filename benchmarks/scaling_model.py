@@ -60,7 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dist_cnn.models import build_model  # noqa: E402
+from dist_cnn.models.registry import build_model  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ constants
 # Each value is a published figure or a labelled assumption. Units: seconds, bytes, bytes/s, FLOP/s.

@@ -53,13 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dist_cnn import config as config_mod  # noqa: E402
-from dist_cnn import distributed as D  # noqa: E402
 from dist_cnn.config import Config, DataConfig  # noqa: E402
-from dist_cnn.data import load_dataset  # noqa: E402
-from dist_cnn.loader import Normalize, normalization_stats  # noqa: E402
-from dist_cnn.models import build_model  # noqa: E402
-from dist_cnn.precision import cpu_has_native_bf16  # noqa: E402
-from dist_cnn.trainer import Trainer  # noqa: E402
+from dist_cnn.data.datasets import load_dataset  # noqa: E402
+from dist_cnn.data.loader import Normalize, normalization_stats  # noqa: E402
+from dist_cnn.distributed import process_group as D  # noqa: E402
+from dist_cnn.models.registry import build_model  # noqa: E402
+from dist_cnn.train.precision import cpu_has_native_bf16  # noqa: E402
+from dist_cnn.train.trainer import Trainer  # noqa: E402
 
 DTYPE = {"fp32": None, "bf16": torch.bfloat16}
 

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import fit  # noqa: E402  (the Python API: `from dist_cnn import fit`)
+from dist_cnn.api import fit  # noqa: E402  (the Python API: `from dist_cnn import fit`)
 
 __all__ = ["fit", "__version__"]

@@ -28,11 +28,11 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from . import config as config_mod
-from .data import Dataset
-from .errors import UserError
-from .models import call_factory, object_spec
-from .trainer import train as run_training
+from dist_cnn import config as config_mod
+from dist_cnn.data.datasets import Dataset
+from dist_cnn.errors import UserError
+from dist_cnn.models.registry import call_factory, object_spec
+from dist_cnn.train.trainer import train as run_training
 
 API_DATASET = "python"  # the dataset name recorded when fit() gets Dataset objects
 

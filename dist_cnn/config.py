@@ -14,9 +14,9 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from . import models
-from .errors import UserError, one_line
-from .profiling import parse_range
+from dist_cnn.errors import UserError, one_line
+from dist_cnn.models import registry as models
+from dist_cnn.train.profiling import parse_range
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import one_line
+from dist_cnn.errors import one_line
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool = False) -> None:

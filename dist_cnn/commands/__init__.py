@@ -13,10 +13,10 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .. import distributed
-from ..errors import PeerError, PeerFailed, TrainingFailed, UserError
-from . import doctor, export, predict, report, train
-from . import eval as eval_command
+from dist_cnn.commands import doctor, export, predict, report, train
+from dist_cnn.commands import eval as eval_command
+from dist_cnn.distributed import process_group as distributed
+from dist_cnn.errors import PeerError, PeerFailed, TrainingFailed, UserError
 
 COMMANDS = {
     "train": train.main_train,

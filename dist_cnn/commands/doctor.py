@@ -14,10 +14,9 @@ import sys
 
 import torch
 
-from .. import config as config_mod
-from .. import launch
-from ..errors import UserError
-from ..launch import (
+from dist_cnn import config as config_mod
+from dist_cnn.distributed import launch
+from dist_cnn.distributed.launch import (
     DistEnv,
     env_int,
     head_address,
@@ -27,7 +26,8 @@ from ..launch import (
     slurm_tasks_on_node,
     threads_for,
 )
-from ..rundir import default_run_name, effective_resume
+from dist_cnn.errors import UserError
+from dist_cnn.train.rundir import default_run_name, effective_resume
 
 
 def launcher_name(env: DistEnv | None, environ=os.environ) -> str:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import checkpoint
-from .. import config as config_mod
-from .. import distributed as D
-from .. import precision as P
-from ..data import load_dataset
-from ..errors import UserError
-from ..evaluate import evaluate, evaluate_batches
-from ..fileio import write_json_atomic
-from ..prepare import prepare_model
-from ..stream import StreamEval, load_index
+from dist_cnn import config as config_mod
+from dist_cnn.data.datasets import load_dataset
+from dist_cnn.data.stream import StreamEval, load_index
+from dist_cnn.distributed import process_group as D
+from dist_cnn.errors import UserError
+from dist_cnn.fileio import write_json_atomic
+from dist_cnn.models.prepare import prepare_model
+from dist_cnn.train import checkpoint
+from dist_cnn.train import precision as P
+from dist_cnn.train.evaluate import evaluate, evaluate_batches
 
 
 def _batch_size(text: str) -> int:

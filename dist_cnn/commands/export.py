@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from .. import config as config_mod
-from ..config import DataConfig
-from ..data import load_dataset
-from ..errors import UserError
-from ..export import FORMATS, SUFFIX, ExportFailed, check_available, export
-from ..inference import InferenceModel, list_images, load_image, load_model
-from ..loader import Normalize
+from dist_cnn import config as config_mod
+from dist_cnn.config import DataConfig
+from dist_cnn.data.datasets import load_dataset
+from dist_cnn.data.loader import Normalize
+from dist_cnn.errors import UserError
+from dist_cnn.inference.export import FORMATS, SUFFIX, ExportFailed, check_available, export
+from dist_cnn.inference.predictor import InferenceModel, list_images, load_image, load_model
 
 
 def export_parser():

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .. import config as config_mod
-from .. import distributed as D
-from .. import precision as P
-from ..errors import UserError
-from ..fileio import write_text_atomic
-from ..inference import InferenceModel, decode, list_images, load_decoders, load_model, logits, resize
-from ..loader import eval_shard
+from dist_cnn import config as config_mod
+from dist_cnn.data.loader import eval_shard
+from dist_cnn.distributed import process_group as D
+from dist_cnn.errors import UserError
+from dist_cnn.fileio import write_text_atomic
+from dist_cnn.inference.predictor import InferenceModel, decode, list_images, load_decoders, load_model, logits, resize
+from dist_cnn.train import precision as P
 
 FORMATS = ("table", "json", "csv")
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .. import config
-from ..errors import UserError
-from ..observability.report import check_run_dir, format_report, read_json, read_jsonl, write_plots
+from dist_cnn import config
+from dist_cnn.errors import UserError
+from dist_cnn.observability.report import check_run_dir, format_report, read_json, read_jsonl, write_plots
 
 
 def main_report(argv) -> int:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .. import config
-from ..trainer import train
-from .doctor import main_doctor
+from dist_cnn import config
+from dist_cnn.commands.doctor import main_doctor
+from dist_cnn.train.trainer import train
 
 
 def main_train(argv) -> int:

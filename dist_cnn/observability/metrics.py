@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..fileio import write_text_atomic
+from dist_cnn.fileio import write_text_atomic
 
 
 class MetricsLog:

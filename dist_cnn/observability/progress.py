@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .format import duration
+from dist_cnn.observability.format import duration
 
 
 class Progress:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError, one_line
-from ..fileio import atomic_write
-from .format import class_names, duration, is_number
+from dist_cnn.errors import UserError, one_line
+from dist_cnn.fileio import atomic_write
+from dist_cnn.observability.format import class_names, duration, is_number
 
 PLOT_NAMES = ("loss.png", "accuracy.png", "confusion_matrix.png")
 ANNOTATE_MAX_CLASSES = 20  # counts are written into the confusion-matrix cells up to this many classes

@@ -15,9 +15,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import one_line
-from .format import class_names, is_number
-from .report import _plot_confusion
+from dist_cnn.errors import one_line
+from dist_cnn.observability.format import class_names, is_number
+from dist_cnn.observability.report import _plot_confusion
 
 
 class TensorBoardLogger:

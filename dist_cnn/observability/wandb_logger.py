@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..config import LogConfig
-from ..errors import one_line
-from .format import class_names, is_number
+from dist_cnn.config import LogConfig
+from dist_cnn.errors import one_line
+from dist_cnn.observability.format import class_names, is_number
 
 INIT_TIMEOUT_S = 30.0  # wandb's default is 90 s; online init without network fails after this
 TEARDOWN_TIMEOUT_S = 15.0  # after a failed online init, before the offline fallback

@@ -98,7 +98,7 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
 
     code = (
         "import torch, torch.distributed as dist\n"
-        "from dist_cnn.models import build_model\n"
+        "from dist_cnn.models.registry import build_model\n"
         f"dist.init_process_group('nccl', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1,\n"
         "                        device_id=torch.device('cuda', 0))\n"
         "t = torch.ones(4, device='cuda'); dist.all_reduce(t); assert t.tolist() == [1.0] * 4\n"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_cnn import data
 from dist_cnn.config import DataConfig
-from dist_cnn.data import Dataset, load_dataset
+from dist_cnn.data import datasets as data
+from dist_cnn.data.datasets import Dataset, load_dataset
 from dist_cnn.errors import UserError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -1,4 +1,4 @@
-"""Preflight checks and `dist-cnn doctor` / `train.py --dry-run` (dist_cnn/launch.py,
+"""Preflight checks and `dist-cnn doctor` / `train.py --dry-run` (dist_cnn/distributed/launch.py,
 dist_cnn/commands/doctor.py), with fake launcher environments; the same inside real SLURM jobs:
 tests/slurm/test_train_slurm.py."""
 
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from dist_cnn import launch
+from dist_cnn.distributed import launch
 from tests.support.common import SMALL, clean_env, run_py, train
 
 SRUN_RANK1 = {

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from dist_cnn import cli
-from dist_cnn.export import ExportFailed, export
-from dist_cnn.inference import InferenceModel, load_model
-from dist_cnn.loader import Normalize
+from dist_cnn.data.loader import Normalize
+from dist_cnn.inference.export import ExportFailed, export
+from dist_cnn.inference.predictor import InferenceModel, load_model
 from tests.support.common import SMALL, run_py, train
 
 onnx = pytest.importorskip("onnx")

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_cnn import models
 from dist_cnn.errors import UserError
-from dist_cnn.models import MODELS, build_model, register, tta_logits, whitening_weights
+from dist_cnn.models import registry as models
+from dist_cnn.models.registry import MODELS, build_model, register, tta_logits, whitening_weights
 
 
 def n_params(m):

@@ -13,7 +13,7 @@ from torchvision.io import decode_image
 from torchvision.transforms import v2
 
 from dist_cnn import cli
-from dist_cnn.inference import InferenceModel, load_image
+from dist_cnn.inference.predictor import InferenceModel, load_image
 from tests.support.common import ROOT, clean_env, run_py
 
 # cli.main's torchrun error handler cannot install its fault handler under pytest's captured stderr

@@ -109,7 +109,7 @@ def test_node_launch_crash_is_reported_in_one_torchrun_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "dist_cnn.torchrun",
+            "dist_cnn.distributed.torchrun",
             "--standalone",
             "--nproc_per_node=2",
             ROOT / "tests/support/fail_rank.py",

@@ -1,4 +1,4 @@
-"""dist_cnn.report: plots and text report from a (fake but realistic) run directory."""
+"""dist_cnn.observability.report: plots and text report from a (fake but realistic) run directory."""
 
 from __future__ import annotations
 

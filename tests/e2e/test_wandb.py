@@ -1,4 +1,4 @@
-"""dist_cnn.wandb_logger against the real wandb library, offline (no network needed).
+"""dist_cnn.observability.wandb_logger against the real wandb library, offline (no network needed).
 
 Every test points HOME / WANDB_DIR / WANDB_CONFIG_DIR / WANDB_CACHE_DIR / WANDB_DATA_DIR at tmp_path
 and clears the W&B environment, so nothing leaks in from the machine or out to it.

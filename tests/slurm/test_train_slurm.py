@@ -1,6 +1,6 @@
 """slurm/train.sh on the local SLURM cluster (tests/slurm/README.md): both launch modes train to the
 end, USR1 checkpoints + requeues + resumes with the same step count, a plain scancel (TERM) does not
-requeue, and launches that cannot work fail fast with one line (dist_cnn/doctor.py, distributed.py).
+requeue, and launches that cannot work fail fast with one line (dist_cnn/commands/doctor.py, dist_cnn/distributed/).
 
 Every job gets 2 tasks of 1 CPU on the CPU-only node (--gpus-per-node=0), so gloo, 2 ranks.
 """
@@ -35,7 +35,7 @@ TWO_TASKS = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
 # (written into the test's directory and run as DIST_CNN_ENTRY).
 SLOW_ENTRY = """\
 import os, sys, time
-from dist_cnn import trainer
+from dist_cnn.train import trainer
 from dist_cnn.commands import entry
 _step = trainer.Trainer.train_step
 def slow_step(self, micro):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_cnn.distributed import DistEnv
+from dist_cnn.distributed.process_group import DistEnv
 
 
 def _rank_main(rank: int, world: int, store: str, out_dir: str, fn, args) -> None:

@@ -7,8 +7,8 @@ attempt fails (TORCHELASTIC_RESTART_COUNT 0 or unset), so restarts and resumes c
 import os
 import signal
 
-from dist_cnn import trainer
 from dist_cnn.commands import entry
+from dist_cnn.train import trainer
 
 _step = trainer.Trainer.train_step
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Import:
-    src: str  # importing module, e.g. 'dist_cnn.distributed'
+    src: str  # importing module, e.g. 'dist_cnn.distributed.process_group'
     dst: str  # imported package module, e.g. 'dist_cnn.doctor'
     path: str  # the importing file, relative to the package's parent, e.g. 'dist_cnn/distributed.py'
     line: int

@@ -4,8 +4,8 @@ long enough to be interrupted (a killed node, a signal) while it trains."""
 import os
 import time
 
-from dist_cnn import trainer
 from dist_cnn.commands import entry
+from dist_cnn.train import trainer
 
 _step = trainer.Trainer.train_step
 

@@ -75,9 +75,9 @@ def test_no_function_local_imports_of_the_package():
 
 def test_the_graph_sees_the_package():
     g = graph()
-    assert {f"{PACKAGE}.trainer", f"{PACKAGE}.loader", f"{PACKAGE}.cli"} <= g.modules
-    trainer_imports = {imp.dst for imp in g.imports if imp.src == f"{PACKAGE}.trainer"}
-    assert {f"{PACKAGE}.loader", f"{PACKAGE}.optim", f"{PACKAGE}.checkpoint"} <= trainer_imports
+    assert {f"{PACKAGE}.train.trainer", f"{PACKAGE}.data.loader", f"{PACKAGE}.cli"} <= g.modules
+    trainer_imports = {imp.dst for imp in g.imports if imp.src == f"{PACKAGE}.train.trainer"}
+    assert {f"{PACKAGE}.data.loader", f"{PACKAGE}.train.optim", f"{PACKAGE}.train.checkpoint"} <= trainer_imports
 
 
 # ------------------------------------------------------------------------------ the graph builder itself

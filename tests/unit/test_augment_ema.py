@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from dist_cnn.augment import BatchMix, ImageAugment, draw_seed
-from dist_cnn.ema import ModelEMA, adjusted_decay
+from dist_cnn.data.augment import BatchMix, ImageAugment, draw_seed
+from dist_cnn.train.ema import ModelEMA, adjusted_decay
 
 
 def images(n=6, size=16, seed=0):

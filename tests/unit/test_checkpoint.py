@@ -1,4 +1,4 @@
-"""dist_cnn.checkpoint: atomic writes, pruning to the newest K, resuming from the newest valid file."""
+"""dist_cnn.train.checkpoint: atomic writes, pruning to the newest K, resuming from the newest valid file."""
 
 import pickle
 import random
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_cnn import checkpoint
 from dist_cnn.errors import UserError
+from dist_cnn.train import checkpoint
 
 
 def state(step):

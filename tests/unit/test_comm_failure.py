@@ -2,7 +2,7 @@
 
 import torch.distributed as dist
 
-from dist_cnn.distributed import comm_failure
+from dist_cnn.distributed.process_group import comm_failure
 
 GLOO_RESET = (
     "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "

@@ -1,4 +1,4 @@
-"""dist_cnn.evaluate: exact metrics at any world size, in a real 3-process gloo group.
+"""dist_cnn.train.evaluate: exact metrics at any world size, in a real 3-process gloo group.
 
 499 test images over 3 ranks (166 + 166 + 167): no padding, no duplicates, the same confusion matrix
 as one process. The model has BatchNorm and the eval batches differ between world sizes, so
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from dist_cnn.distributed import DistEnv
-from dist_cnn.evaluate import evaluate
-from dist_cnn.loader import Normalize, eval_shard
+from dist_cnn.data.loader import Normalize, eval_shard
+from dist_cnn.distributed.process_group import DistEnv
+from dist_cnn.train.evaluate import evaluate
 from tests.support.dist import run_group
 
 N, CLASSES = 499, 5

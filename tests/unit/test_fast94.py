@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from dist_cnn import config as C
-from dist_cnn.loader import normalization_stats
-from dist_cnn.models import build_model, init_sample
-from dist_cnn.optim import build_optimizer, build_schedule, lr_factor, param_groups, total_steps
+from dist_cnn.data.loader import normalization_stats
+from dist_cnn.models.registry import build_model, init_sample
+from dist_cnn.train.optim import build_optimizer, build_schedule, lr_factor, param_groups, total_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -241,7 +241,7 @@ def test_whitening_matches_airbench(airbench):
 def test_lookahead_matches_airbench(airbench):
     from airbench.utils import LookaheadState
 
-    from dist_cnn.optim import Lookahead
+    from dist_cnn.train.optim import Lookahead
 
     torch.manual_seed(0)
     net, total = airbench_net(), 23
@@ -269,7 +269,7 @@ def test_tta_matches_airbench(airbench):
 
     from airbench.utils import infer
 
-    from dist_cnn.models import tta_logits
+    from dist_cnn.models.registry import tta_logits
 
     torch.manual_seed(0)
     ours = build_model("airbench", 3, 10, 32).eval()

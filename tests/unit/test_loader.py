@@ -1,10 +1,10 @@
-"""dist_cnn.loader: the epoch plan and its rank slices, the batched crop/flip, the fused normalize."""
+"""dist_cnn.data.loader: the epoch plan and its rank slices, the batched crop/flip, the fused normalize."""
 
 import numpy as np
 import pytest
 import torch
 
-from dist_cnn.loader import (
+from dist_cnn.data.loader import (
     Augment,
     DevicePipeline,
     LoaderPipeline,

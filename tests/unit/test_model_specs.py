@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dist_cnn.errors import UserError
-from dist_cnn.models import build_model, check_spec, factory_kwargs, object_spec, parse_spec
-from dist_cnn.weights import hub_file, init_from, load_into, load_pretrained
+from dist_cnn.models.registry import build_model, check_spec, factory_kwargs, object_spec, parse_spec
+from dist_cnn.models.weights import hub_file, init_from, load_into, load_pretrained
 
 
 @pytest.fixture
@@ -97,11 +97,11 @@ def test_factory_gets_the_keywords_it_names():
 
 
 def test_object_spec():
-    from dist_cnn.models import SeedNet, seed
+    from dist_cnn.models.registry import SeedNet, seed
 
-    assert object_spec(seed) == "dist_cnn.models:seed"
-    assert object_spec(SeedNet) == "dist_cnn.models:SeedNet"
-    assert object_spec(SeedNet()) == "python:dist_cnn.models.SeedNet"  # an instance: its arguments are unknown
+    assert object_spec(seed) == "dist_cnn.models.registry:seed"
+    assert object_spec(SeedNet) == "dist_cnn.models.registry:SeedNet"
+    assert object_spec(SeedNet()) == "python:dist_cnn.models.registry.SeedNet"  # an instance: its arguments are unknown
     assert object_spec(lambda **kw: None).startswith("python:")
 
 
@@ -137,7 +137,7 @@ def test_timm_model_or_one_line_without_timm(monkeypatch):
 def test_pretrained_from_the_hub_cache_reinitializes_another_head(tmp_path, monkeypatch):
     import torchvision
 
-    from dist_cnn.models import tv_weights
+    from dist_cnn.models.registry import tv_weights
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     path = hub_file(tv_weights("resnet18").url)

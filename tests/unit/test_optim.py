@@ -1,4 +1,4 @@
-"""dist_cnn.optim: the LR schedule's endpoints, parameter groups, the SGD settings and Lookahead."""
+"""dist_cnn.train.optim: the LR schedule's endpoints, parameter groups, the SGD settings and Lookahead."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_cnn.config import OptimConfig
-from dist_cnn.optim import Lookahead, build_optimizer, build_schedule, lr_factor, param_groups
+from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, lr_factor, param_groups
 
 CPU = torch.device("cpu")
 

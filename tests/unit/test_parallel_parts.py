@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cnn import allocator, parallel
 from dist_cnn.config import ModelConfig
+from dist_cnn.distributed import parallel
+from dist_cnn.distributed.launch import DistEnv
 from dist_cnn.errors import UserError
-from dist_cnn.launch import DistEnv
-from dist_cnn.models import build_model
-from dist_cnn.profiling import parse_range, split_step_time
+from dist_cnn.models.registry import build_model
+from dist_cnn.train import allocator
+from dist_cnn.train.profiling import parse_range, split_step_time
 
 
 def test_seed_buckets_are_cut_between_layers():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_cnn import checkpoint as C
 from dist_cnn.errors import UserError
+from dist_cnn.train import checkpoint as C
 
 
 def state(step: int, **kw) -> dict:

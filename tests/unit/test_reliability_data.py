@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_cnn import data as D
 from dist_cnn.config import DataConfig
-from dist_cnn.loader import normalization_stats
+from dist_cnn.data import datasets as D
+from dist_cnn.data.loader import normalization_stats
 
 
 def test_normalization_uses_the_whole_training_set_not_a_class_sorted_prefix():

@@ -40,8 +40,8 @@ def test_eval_on_a_dataset_with_other_class_names_says_so(tmp_path):
     cfg = config.Config()
     cfg.data.dataset = "synthetic"
     cfg.data.synthetic_train_size, cfg.data.synthetic_test_size = 64, 32
-    from dist_cnn.data import load_dataset
-    from dist_cnn.models import build_model
+    from dist_cnn.data.datasets import load_dataset
+    from dist_cnn.models.registry import build_model
 
     data = load_dataset(cfg.data)
     model = build_model("seed", 3, 10, 32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist_cnn import launch as D
+from dist_cnn.distributed import launch as D
 from dist_cnn.errors import UserError
 
 OK = {

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from dist_cnn import precision as P
+from dist_cnn.train import precision as P
 
 WHAT = {"model": "seed", "input": [3, 32, 32], "batch": 64}
 

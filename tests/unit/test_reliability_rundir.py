@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_cnn import config, rundir
-from dist_cnn.distributed import DistEnv
+from dist_cnn import config
+from dist_cnn.distributed.process_group import DistEnv
 from dist_cnn.errors import UserError
+from dist_cnn.train import rundir
 from tests.support.common import ROOT, clean_env
 
 
@@ -37,7 +38,7 @@ def _release_locks():
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that takes the run directory's lock and keeps it."""
     code = (
-        "import sys, time; from pathlib import Path; from dist_cnn import rundir; "
+        "import sys, time; from pathlib import Path; from dist_cnn.train import rundir; "
         "rundir.lock_run_dir(Path(sys.argv[1])); rundir.claim_run_dir(Path(sys.argv[1])); "
         "print('locked', flush=True); time.sleep(120)"
     )
@@ -163,7 +164,7 @@ def test_a_refused_run_leaves_the_lock_file_as_it_was(tmp_path):
 def test_resume_auto_says_which_checkpoint_it_took(tmp_path):
     import torch
 
-    from dist_cnn import checkpoint
+    from dist_cnn.train import checkpoint
 
     run = tmp_path / "run"
     state = {

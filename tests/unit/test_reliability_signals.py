@@ -8,10 +8,10 @@ import signal
 import pytest
 import torch
 
-from dist_cnn.distributed import DistEnv
-from dist_cnn.evaluate import evaluate
-from dist_cnn.loader import Normalize
-from dist_cnn.preempt import StopSignal
+from dist_cnn.data.loader import Normalize
+from dist_cnn.distributed.preempt import StopSignal
+from dist_cnn.distributed.process_group import DistEnv
+from dist_cnn.train.evaluate import evaluate
 
 
 def small_eval(should_stop, n=5000, batch=100):

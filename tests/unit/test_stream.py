@@ -6,11 +6,8 @@ import torch
 from PIL import Image
 
 from dist_cnn.config import DataConfig, parse_crop_scale
-from dist_cnn.distributed import DistEnv
-from dist_cnn.errors import UserError
-from dist_cnn.evaluate import evaluate_batches
-from dist_cnn.loader import Augment, Normalize, eval_shard
-from dist_cnn.stream import (
+from dist_cnn.data.loader import Augment, Normalize, eval_shard
+from dist_cnn.data.stream import (
     StreamEval,
     StreamImages,
     StreamPipeline,
@@ -20,6 +17,9 @@ from dist_cnn.stream import (
     sample_stats,
     scan_folder,
 )
+from dist_cnn.distributed.process_group import DistEnv
+from dist_cnn.errors import UserError
+from dist_cnn.train.evaluate import evaluate_batches
 from tests.support.dist import run_group
 
 CPU = torch.device("cpu")
@@ -306,8 +306,8 @@ def test_decode_gpu_matches_cpu_decoding(tmp_path):
 
 
 def test_auto_streams_a_folder_over_the_memory_budget(tmp_path, monkeypatch):
-    from dist_cnn import stream
-    from dist_cnn.distributed import DistEnv
+    from dist_cnn.data import stream
+    from dist_cnn.distributed.process_group import DistEnv
 
     root = write_folder(tmp_path / "d")
     cfg = DataConfig(dataset="imagefolder", data_dir=str(root), image_size=16, loader="auto")

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import check_compatible
-from .config import Config
-from .data import Dataset
-from .loader import Normalize, normalization_stats
-from .models import build_model, init_sample
-from .weights import init_from, load_pretrained
+from dist_cnn.config import Config
+from dist_cnn.data.datasets import Dataset
+from dist_cnn.data.loader import Normalize, normalization_stats
+from dist_cnn.models.registry import build_model, init_sample
+from dist_cnn.models.weights import init_from, load_pretrained
+from dist_cnn.train.checkpoint import check_compatible
 
 
 @dataclass

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
-from .errors import UserError, one_line
-from .models import _TV_NO_AUX, parse_spec, tv_weights
+from dist_cnn.errors import UserError, one_line
+from dist_cnn.models.registry import _TV_NO_AUX, parse_spec, tv_weights
+from dist_cnn.train import checkpoint
 
 
 def hub_file(url: str) -> Path:

@@ -17,31 +17,32 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, parallel
-from . import config as config_mod
-from . import distributed as D
-from . import precision as P
-from .allocator import tune_malloc
-from .augment import BatchMix, ImageAugment
-from .checkpoint import CheckpointPolicy
-from .config import Config
-from .data import Dataset, load_dataset
-from .ema import ModelEMA, adjusted_decay
-from .errors import PeerFailed, TrainingFailed, UserError, one_line
-from .evaluate import evaluate, evaluate_batches
-from .fileio import WritePolicy, write_json_atomic
-from .loader import Augment, DevicePipeline, LoaderPipeline
-from .observability.metrics import MetricsLog
-from .observability.progress import Progress, RateAverage
-from .observability.report import format_report, write_plots
-from .observability.tensorboard_logger import TensorBoardLogger
-from .observability.wandb_logger import WandbLogger
-from .optim import Lookahead, build_optimizer, build_schedule, total_steps
-from .preempt import StopSignal, requeue_slurm_job
-from .prepare import prepare_model
-from .profiling import StepProfiler
-from .rundir import prepare_run_dir, resolve_resume
-from .stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
+from dist_cnn import config as config_mod
+from dist_cnn.config import Config
+from dist_cnn.data.augment import BatchMix, ImageAugment
+from dist_cnn.data.datasets import Dataset, load_dataset
+from dist_cnn.data.loader import Augment, DevicePipeline, LoaderPipeline
+from dist_cnn.data.stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
+from dist_cnn.distributed import parallel
+from dist_cnn.distributed import process_group as D
+from dist_cnn.distributed.preempt import StopSignal, requeue_slurm_job
+from dist_cnn.errors import PeerFailed, TrainingFailed, UserError, one_line
+from dist_cnn.fileio import WritePolicy, write_json_atomic
+from dist_cnn.models.prepare import prepare_model
+from dist_cnn.observability.metrics import MetricsLog
+from dist_cnn.observability.progress import Progress, RateAverage
+from dist_cnn.observability.report import format_report, write_plots
+from dist_cnn.observability.tensorboard_logger import TensorBoardLogger
+from dist_cnn.observability.wandb_logger import WandbLogger
+from dist_cnn.train import checkpoint
+from dist_cnn.train import precision as P
+from dist_cnn.train.allocator import tune_malloc
+from dist_cnn.train.checkpoint import CheckpointPolicy
+from dist_cnn.train.ema import ModelEMA, adjusted_decay
+from dist_cnn.train.evaluate import evaluate, evaluate_batches
+from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps
+from dist_cnn.train.profiling import StepProfiler
+from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
 
 
 class StepSignals(NamedTuple):

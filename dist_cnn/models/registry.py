@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, one_line
+from dist_cnn.errors import UserError, one_line
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 SPEC_FORMS = ("torchvision:NAME", "timm:NAME", "package.module:factory")
@@ -172,8 +172,13 @@ def _timm():
 # ---- the user's own module -----------------------------------------------------------------------
 
 
+# Modules that moved: specs recorded by earlier versions (the Python API records `module:name`) still resolve.
+_MOVED = {"dist_cnn.models": "dist_cnn.models.registry"}
+
+
 def _user_callable(target: str):
     module_name, _, attr = target.partition(":")
+    module_name = _MOVED.get(module_name, module_name)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())  # torchrun puts the script's folder on the path, not the cwd
     try:

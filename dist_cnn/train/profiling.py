@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .errors import UserError
+from dist_cnn.errors import UserError
 
 PREFIX = "dist_cnn/"
 CATEGORIES = ("data wait", "optimizer", "compute", "communication", "other")

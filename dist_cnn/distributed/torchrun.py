@@ -1,4 +1,4 @@
-"""`python -m dist_cnn.torchrun [torchrun options] train.py [train options]`: torchrun, made quiet.
+"""`python -m dist_cnn.distributed.torchrun [torchrun options] train.py [train options]`: torchrun, made quiet.
 
 The launch scripts (launch/node.sh, launch/multinode.sh, slurm/train.sh) start torchrun through this:
 - the training flags are validated once, before any worker starts: a bad flag is the one-line error
@@ -6,7 +6,7 @@ The launch scripts (launch/node.sh, launch/multinode.sh, slurm/train.sh) start t
 - when a worker fails, the workers' own messages stand (a one-line error, exit code 2, needs nothing
   more) and torchrun's report becomes one line naming the first failed rank and its exit code or
   signal (`DIST_CNN_TORCHRUN_VERBOSE=1` keeps torchrun's full report and logs).
-`python -m dist_cnn.torchrun --check-only [train.py] [train options]` only validates (exit 0 or 2).
+`python -m dist_cnn.distributed.torchrun --check-only [train.py] [train options]` only validates (exit 0 or 2).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 import signal
 import sys
 
-from . import config
-from .errors import UserError
+from dist_cnn import config
+from dist_cnn.errors import UserError
 
 
 def check_train_args(args: list[str]) -> int | None:

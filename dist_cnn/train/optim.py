@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import OptimConfig
+from dist_cnn.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig):

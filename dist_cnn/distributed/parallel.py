@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import ModelConfig
-from .distributed import DistEnv
+from dist_cnn.config import ModelConfig
+from dist_cnn.distributed.process_group import DistEnv
 
 # torch 2.14 renamed broadcast_buffers; older releases (which pyproject allows) only know the old name.
 _SYNC_BUFFERS = (

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import CheckpointConfig
-from .errors import UserError, one_line
-from .fileio import atomic_write
+from dist_cnn.config import CheckpointConfig
+from dist_cnn.errors import UserError, one_line
+from dist_cnn.fileio import atomic_write
 
 CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 

@@ -14,8 +14,16 @@ import re
 import torch
 import torch.distributed as dist
 
-from .errors import PeerError, UserError
-from .launch import DistEnv, detect, pick_device, preflight, resolve_backend, resolve_head, threads_for
+from dist_cnn.distributed.launch import (
+    DistEnv,
+    detect,
+    pick_device,
+    preflight,
+    resolve_backend,
+    resolve_head,
+    threads_for,
+)
+from dist_cnn.errors import PeerError, UserError
 
 JOINED_GROUP = False  # this process was part of a process group (see commands.entry)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import UserError
-from .inference import InferenceModel
-from .models import build_model
+from dist_cnn import __version__
+from dist_cnn.errors import UserError
+from dist_cnn.inference.predictor import InferenceModel
+from dist_cnn.models.registry import build_model
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}

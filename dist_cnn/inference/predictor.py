@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import checkpoint
-from .config import DataConfig
-from .data import IMAGE_EXTS, load_dataset
-from .errors import UserError, one_line
-from .loader import Normalize, normalization_stats
-from .models import build_model, tta_logits
+from dist_cnn.config import DataConfig
+from dist_cnn.data.datasets import IMAGE_EXTS, load_dataset
+from dist_cnn.data.loader import Normalize, normalization_stats
+from dist_cnn.errors import UserError, one_line
+from dist_cnn.models.registry import build_model, tta_logits
+from dist_cnn.train import checkpoint
 
 
 @dataclass
@@ -213,7 +213,7 @@ def resize(img: torch.Tensor, size: int, crop_ratio: float | None) -> torch.Tens
 
         img = TF.resize(img, [round(size / crop_ratio)], antialias=True)
         return TF.center_crop(img, [size, size])
-    if img.shape[1:] != (size, size):  # the image-folder loader's square resize (dist_cnn.data)
+    if img.shape[1:] != (size, size):  # the image-folder loader's square resize (dist_cnn.data.datasets)
         img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)
         img = img[0].round().clamp(0, 255).to(torch.uint8)
     return img

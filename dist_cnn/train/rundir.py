@@ -11,11 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import checkpoint
-from . import distributed as D
-from .config import Config
-from .errors import UserError
-from .models import short_name
+from dist_cnn.config import Config
+from dist_cnn.distributed import process_group as D
+from dist_cnn.errors import UserError
+from dist_cnn.models.registry import short_name
+from dist_cnn.train import checkpoint
 
 
 def default_run_name(cfg: Config, environ=os.environ) -> str:

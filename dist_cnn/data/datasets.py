@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import DataConfig
-from .errors import UserError, one_line
-from .fileio import atomic_write
+from dist_cnn.config import DataConfig
+from dist_cnn.errors import UserError, one_line
+from dist_cnn.fileio import atomic_write
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
 FASHION_CLASSES = [

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from .distributed import DistEnv, all_reduce_sum
-from .loader import Normalize, eval_shard
-from .models import tta_logits
-from .precision import autocast
+from dist_cnn.data.loader import Normalize, eval_shard
+from dist_cnn.distributed.process_group import DistEnv, all_reduce_sum
+from dist_cnn.models.registry import tta_logits
+from dist_cnn.train.precision import autocast
 
 STOP_CHECK_SECONDS = 1.0  # how often, at most, the ranks vote on a stop during an evaluation
 
