@@ -15,7 +15,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_cnn import config as config_mod
 from dist_cnn.config import Config
@@ -40,7 +39,7 @@ from dist_cnn.train.allocator import tune_malloc
 from dist_cnn.train.checkpoint import CheckpointPolicy
 from dist_cnn.train.ema import ModelEMA, adjusted_decay
 from dist_cnn.train.evaluate import evaluate, evaluate_batches
-from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps
+from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps, use_fused, zero_momentum
 from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
 
@@ -115,7 +114,9 @@ class Trainer:
             if state and t.precision == "auto"
             else D.main_only(env, self._resolve_precision)
         )
-        self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, env.device, use_fused(env.device, self.precision))
+        # fused SGD skips a non-finite step in its kernel (found_inf), with no host sync; foreach on the host
+        self.skip_on_device = bool(self.optimizer.defaults.get("fused"))
         self.pipeline = self._build_pipeline()
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch == 0:
@@ -285,8 +286,10 @@ class Trainer:
         )
         self.raw_model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
+        zero_momentum(self.optimizer)  # a checkpoint written before the first step has no buffers yet
         self.schedule.load_state_dict(s["schedule"])
-        self.scaler.load_state_dict(s["scaler"])
+        if not P.load_scaler(self.scaler, s["scaler"]):
+            self.log(f"the checkpoint was trained in {s.get('precision', 'fp32')}: fp16's loss scale starts fresh")
         if self.lookahead:
             self.lookahead.load_state_dict(s["lookahead"])
         if self.ema:
@@ -335,11 +338,11 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------
     def train_step(self, micro_batches) -> tuple[StepSignals, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches; returns what all ranks agreed on, and the loss."""
-        model, accum = self.model, len(micro_batches)
+        model, accum, ddp = self.model, len(micro_batches), parallel.ddp_of(self.model)
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (x, y) in enumerate(micro_batches):
             last = i == accum - 1
-            with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+            with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
                 with self.profiler.region("forward"), P.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 loss_sum += loss.detach().float()
@@ -365,7 +368,7 @@ class Trainer:
         if self.precision == "fp16":  # the scaler skips non-finite steps by itself
             self.scaler.step(self.optimizer)
             return StepSignals(*agreement.read())
-        if self.optimizer.defaults.get("fused"):
+        if self.skip_on_device:
             # fused SGD skips the update on the device when found_inf is 1: no host sync for the guard,
             # and the flags are read after the step is queued (from pinned memory, see Agreement)
             self.optimizer.found_inf = agreement.on_device()[:1]
@@ -575,7 +578,9 @@ class Trainer:
     def run_eval(self) -> dict | None:
         """The test metrics (logged, and a checkpoint when they are the best so far); None when a stop
         signal cut the evaluation short."""
-        res = self._evaluate(self.model)
+        # The plain module, not the DDP wrapper: DDP's forward broadcasts BatchNorm buffers, a collective
+        # that a rank without test images would never join (evaluate syncs the buffers once, up front).
+        res = self._evaluate(self.raw_model)
         if res is None:
             return None
         if isinstance(self.data, FolderIndex):
@@ -709,7 +714,7 @@ class Trainer:
 
 
 def train(cfg: Config, data: Dataset | None = None, model_factory=None) -> dict:
-    with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
+    with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory
         trainer = Trainer(cfg, env, data=data, model_factory=model_factory)
