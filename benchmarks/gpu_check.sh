@@ -78,7 +78,7 @@ if not torch.cuda.is_available():
 p = torch.cuda.get_device_properties(0)
 print(f"python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}), "
-      f"bf16 {torch.cuda.is_bf16_supported()}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+      f"bf16 in hardware {torch.cuda.is_bf16_supported(including_emulation=False)}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
 missing = []
 for mod in ("pytest", "pytest_timeout", "torchvision", "yaml", "tqdm", "PIL", "matplotlib", "numpy"):
     try:

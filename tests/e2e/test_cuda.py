@@ -73,8 +73,14 @@ def test_bf16_run(tmp_path):
 def test_auto_precision_on_the_gpu_is_a_half_type(tmp_path):
     out = tmp_path / "run"
     train([*SMALL_ANY_PRECISION, "--precision", "auto", "--max-steps", "8", "--eval-every", "0", "--out", out], check=0)
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     assert read_summary(out)["precision"] == expected
+
+
+def test_the_bf16_rule_agrees_with_torch_on_this_gpu():
+    from dist_cnn.train.precision import cuda_bf16
+
+    assert cuda_bf16(torch.device("cuda", 0)) == torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def test_torchrun_one_process_on_the_gpu_joins_no_group(tmp_path):
@@ -187,3 +193,19 @@ def test_compile_run(tmp_path):
     _learned(sc)
     assert abs(tc[-1]["loss"] - te[-1]["loss"]) < 0.15, (tc[-1]["loss"], te[-1]["loss"])
     assert abs(sc["test_accuracy"] - se["test_accuracy"]) < 0.1, (sc["test_accuracy"], se["test_accuracy"])
+
+
+@pytest.mark.skipif(GPU_COUNT < 2, reason="needs 2 CUDA GPUs for an NCCL group of 2")
+def test_nccl_timeout_ends_in_one_line(tmp_path):
+    """Rank 1 hangs (SIGSTOP) at step 3: rank 0's collective times out after --timeout, NCCL's watchdog
+    aborts the communicator (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) and rank 0 leaves with gloo's one line."""
+    from tests.support.common import ROOT, clean_env, run_py
+
+    out = tmp_path / "run"
+    args = [*SMALL_ANY_PRECISION, "--precision", "bf16", "--backend", "nccl", "--timeout", "20", "--out", out]
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "tests/support/fail_rank.py"]
+    p = run_py([*cmd, *args], env=clean_env(FAIL_RANK="1", FAIL_STEP="3", FAIL_MODE="stop"), timeout=180)
+    assert p.returncode != 0, p.stdout[-2000:]
+    text = p.stdout + p.stderr
+    assert "lost contact with another process of the job" in text, text[-4000:]
+    assert "[rank0]: Traceback" not in text, text[-4000:]
