@@ -204,6 +204,13 @@ class TrainConfig:
 class DistConfig:
     backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
     timeout: float = opt(300.0, "seconds a collective may wait before the job fails", low=1, high=7 * 86400)
+    setup_timeout: float = opt(
+        3600.0,
+        "seconds the other ranks wait for rank 0's one-time setup (preparing the run directory, listing or "
+        "decoding the dataset) before the job fails; --timeout bounds the collectives of training",
+        low=1,
+        high=7 * 86400,
+    )
 
 
 @dataclass

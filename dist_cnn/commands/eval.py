@@ -76,7 +76,7 @@ def main_eval(argv) -> int:
         cfg.data.dataset = args.dataset
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
-    with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
+    with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         if state.get("loader") == "stream":  # trained on a streamed folder: evaluated the same way
             data = load_index(cfg.data, env)
             _check_classes(state, data, cfg)
