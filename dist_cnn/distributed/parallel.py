@@ -89,6 +89,13 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
     return model, raw
 
 
+def ddp_of(model: torch.nn.Module) -> DDP | None:
+    """The DDP wrapper of a wrapped model, also inside torch.compile's OptimizedModule (so gradient
+    accumulation can use its no_sync); None at world size 1."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DDP) else None
+
+
 def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:
     """The bucket's trip over the network. PowerSGD keeps per-rank state (error feedback, warm-start
     factors) that is not checkpointed: after a resume it starts over, with its vanilla all_reduce
