@@ -50,7 +50,8 @@ class DistEnv:
 
     @property
     def initialized(self) -> bool:
-        return self.world_size > 1 and dist.is_initialized()
+        """In a process group: world size > 1, or a group of one (process_group.GROUP_OF_ONE)."""
+        return dist.is_available() and dist.is_initialized()
 
 
 def first_slurm_host(nodelist: str) -> str:

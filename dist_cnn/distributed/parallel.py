@@ -63,7 +63,7 @@ def bucket_caps_mb(model: torch.nn.Module) -> list[float]:
 def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int):
     """Returns (the module to train, the plain module whose state_dict is checkpointed)."""
     raw = model
-    if env.world_size > 1:
+    if env.initialized or env.world_size > 1:
         if cfg.sync_bn:
             raw = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         has_buffers = any(True for _ in model.buffers())

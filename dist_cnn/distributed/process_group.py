@@ -38,6 +38,10 @@ from dist_cnn.errors import PeerError, UserError
 JOINED_GROUP = False  # this process was part of a process group (see commands.entry)
 NCCL_ERROR_HANDLING = "2"  # TORCH_NCCL_ASYNC_ERROR_HANDLING: abort communicators only (module docstring)
 _SETUP_GROUP = None  # the gloo group rank 0's setup is waited for on (--setup-timeout)
+# A single process joins no group, unless this is 1: then it makes a group of one and runs every
+# distributed code path (DDP, the step agreement, object collectives, teardown) on one device; the GPU
+# check uses it to run dist_cnn's own NCCL code on a machine with one GPU.
+GROUP_OF_ONE = "DIST_CNN_GROUP_OF_ONE"
 
 
 def nccl_error_handling(environ=os.environ) -> str:
@@ -48,7 +52,8 @@ def nccl_error_handling(environ=os.environ) -> str:
 def setup(
     backend: str = "auto", timeout_s: float = 300.0, environ=os.environ, setup_timeout_s: float = 3600.0
 ) -> DistEnv:
-    """Detect, check the launch, pick the device, and join the process group (world size > 1 only)."""
+    """Detect, check the launch, pick the device, and join the process group (world size > 1, or a group
+    of one with DIST_CNN_GROUP_OF_ONE=1)."""
     env = detect(environ)
     preflight(env, environ)
     env.device = pick_device(env, environ)
@@ -56,10 +61,13 @@ def setup(
         torch.set_num_threads(threads_for(env, env.device, environ))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    if env.world_size == 1:
+    group_of_one = env.world_size == 1 and environ.get(GROUP_OF_ONE) == "1"
+    if env.world_size == 1 and not group_of_one:
         return env
     env.backend = resolve_backend(backend, env.device)
-    if env.launcher == "slurm":
+    if group_of_one:
+        pass  # an in-process store: nobody else to meet
+    elif env.launcher == "slurm":
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if resolve_head(env.master_addr) is None:
@@ -76,7 +84,7 @@ def setup(
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,
-        store=_agent_store(env, timeout, environ),
+        store=dist.HashStore() if group_of_one else _agent_store(env, timeout, environ),
         device_id=env.device if env.device.type == "cuda" else None,
     )
     make_setup_group(setup_timeout_s)

@@ -128,6 +128,21 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
     assert p.returncode == 0 and "nccl ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
 
 
+def test_the_trainer_in_an_nccl_group_of_one(tmp_path):
+    """dist_cnn's own NCCL code on one GPU (DIST_CNN_GROUP_OF_ONE=1): DDP wrapping, the step agreement
+    (found_inf for fused SGD under fp16's scaler), no_sync accumulation, object collectives, evaluation and
+    teardown, with the NCCL error handling the trainer sets."""
+    from tests.support.common import clean_env
+
+    out = tmp_path / "run"
+    args = [*SMALL_ANY_PRECISION, "--epochs", "2", "--precision", "fp16", "--grad-accum", "2", "--backend", "nccl"]
+    p = train([*args, "--out", out], env=clean_env(DIST_CNN_GROUP_OF_ONE="1"), check=0)
+    s = read_summary(out)
+    assert (s["world_size"], s["backend"], s["device"], s["grad_accum"]) == (1, "nccl", "cuda:0", 2), s
+    _learned(s)
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
 @pytest.mark.skipif(GPU_COUNT < 2, reason="needs 2 CUDA GPUs for an NCCL group of 2")
 def test_nccl_torchrun_world_size_2(tmp_path):
     out = tmp_path / "run"

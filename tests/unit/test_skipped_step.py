@@ -43,22 +43,35 @@ def tiny_data() -> Dataset:
     return Dataset("python", list("abcd"), x, y, x[:16], y[:16])
 
 
-def trained(tmp_path, name: str, on_device: bool) -> tuple[Trainer, list[torch.Tensor]]:
+def trained(tmp_path, name: str, on_device: bool, device=torch.device("cpu")) -> tuple[Trainer, list[torch.Tensor]]:
     cfg = Config()
     cfg.data.dataset = "python"
     cfg.model.name = "test:NaNFirst"
     cfg.train.precision, cfg.train.batch_size, cfg.train.epochs = "bf16", 16, 1
     cfg.optim.weight_decay, cfg.optim.warmup = 5e-4, 0.0
     cfg.log.out, cfg.log.wandb, cfg.log.progress = str(tmp_path / name), "disabled", False
-    trainer = Trainer(cfg, DistEnv(), data=tiny_data(), model_factory=NaNFirst)
+    trainer = Trainer(cfg, DistEnv(device=device), data=tiny_data(), model_factory=NaNFirst)
     trainer.skip_on_device = on_device  # False: the trainer's host path (no optimizer.step at all)
     assert trainer.run_steps(4) == 4
     return trainer, [p.detach().clone() for p in trainer.raw_model.parameters()]
 
 
-@pytest.mark.skipif(not FUSED_ON_CPU, reason="this torch has no fused SGD kernel for the CPU")
-def test_a_skipped_first_step_on_the_device_equals_one_skipped_on_the_host(tmp_path):
-    device, host = trained(tmp_path, "device", True), trained(tmp_path, "host", False)
+CUDA = pytest.param(
+    torch.device("cuda", 0),
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    id="cuda",
+)
+CPU = pytest.param(
+    torch.device("cpu"),
+    marks=pytest.mark.skipif(not FUSED_ON_CPU, reason="this torch has no fused SGD kernel for the CPU"),
+    id="cpu",
+)
+
+
+@pytest.mark.parametrize("where", [CPU, CUDA])
+def test_a_skipped_first_step_on_the_device_equals_one_skipped_on_the_host(tmp_path, where):
+    device = trained(tmp_path, "device", True, where)
+    host = trained(tmp_path, "host", False, where)
     assert device[0].optimizer.defaults["fused"] and device[0].skipped_steps == host[0].skipped_steps == 1
     for a, b in zip(device[1], host[1]):
         assert torch.equal(a, b), (a - b).abs().max()
