@@ -13,7 +13,16 @@ from dist_cnn.distributed.process_group import DistEnv
 from dist_cnn.train.optim import build_optimizer, use_fused
 from dist_cnn.train.trainer import Trainer
 
-FUSED_ON_CPU = "cpu" in torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+
+def _fused_on_cpu() -> bool:
+    try:
+        torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1, fused=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+FUSED_ON_CPU = _fused_on_cpu()
 
 
 class NaNFirst(nn.Module):
