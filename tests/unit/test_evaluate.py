@@ -108,6 +108,7 @@ def _bn_model(in_channels, num_classes, image_size):
     )
 
 
+@pytest.mark.slow
 def test_three_ranks_two_test_images_through_the_trainer(tmp_path):
     ranks = run_group(3, train_and_score_two_images, str(tmp_path / "run"), tmp_dir=tmp_path)
     for r in ranks:
