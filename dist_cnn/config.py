@@ -44,7 +44,8 @@ class DataConfig:
         "auto",
         "input pipeline: in-memory tensors on the device, a DataLoader over them, or "
         "stream (imagefolder: decode files per batch in workers, nothing cached); auto picks "
-        "device, or stream for an image folder too large to decode into memory",
+        "device, or stream for an image folder too large to decode into memory; the "
+        "batches are the same whichever pipeline reads them",
         choices=("auto", "device", "dataloader", "stream"),
     )
     workers: int = opt(
@@ -55,17 +56,36 @@ class DataConfig:
         high=256,
     )
     test_split: str = opt("test", "imagefolder: the test split's folder beside train/ (ImageNet: val)")
+    train_crop: str = opt(
+        "none",
+        "training images: none = prepared as test images are (--eval-resize), then the batch "
+        "augmentations; random-resized = RandomResizedCrop of the decoded file (--crop-scale; "
+        "ImageNet recipes; image folders read by --loader stream or auto). The same for every loader",
+        choices=("none", "random-resized"),
+    )
     crop_scale: str = opt(
         "0.08,1",
-        "stream: RandomResizedCrop's area range 'MIN,MAX' for training "
-        "images (one number s = 's,s'; 1 = the whole image, resized)",
+        "--train-crop random-resized: the crop's area range 'MIN,MAX' (one number s = 's,s')",
+    )
+    eval_resize: str = opt(
+        "stretch",
+        "test images (and predict): stretch = resize to image_size x image_size (nothing to do when "
+        "they are that size already); center-crop = resize the shorter side to floor(image_size / "
+        "--eval-crop-ratio), then centre-crop. The same for every loader",
+        choices=("stretch", "center-crop"),
     )
     eval_crop_ratio: float = opt(
         0.875,
-        "stream: test images are resized to image_size / ratio (shorter "
-        "side), then centre-cropped to image_size (1 = no margin)",
+        "--eval-resize center-crop: the crop's share of the resized shorter side (1 = no margin)",
         above=0,
         high=1,
+    )
+    max_image_pixels: int = opt(
+        89_478_485,
+        "image files: refuse one whose header declares more pixels than this, before decoding "
+        "(PIL's limit; 0 = no limit)",
+        low=0,
+        high=2**40,
     )
     skip_bad_images: bool = opt(
         False,

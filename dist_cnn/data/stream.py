@@ -39,9 +39,9 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms.v2 import RandomResizedCrop
 
 from dist_cnn.data.datasets import scan_classes
+from dist_cnn.data.loader import Augment, Normalize, _draws, _image_aug, crop_flip, epoch_plan, eval_shard, rank_slice
 from dist_cnn.distributed.process_group import main_only
 from dist_cnn.errors import UserError
-from dist_cnn.data.loader import Augment, Normalize, _draws, _image_aug, crop_flip, epoch_plan, eval_shard, rank_slice
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios (torchvision's and timm's default)
 STATS_SAMPLE = 2000  # training images whose pixels give the normalization mean/std
