@@ -126,6 +126,8 @@ class DataSource(ABC):
 
     name: str
     classes: list[str]
+    kind: str = "source"  # "memory", "stream": for logs; never branch on it outside this package
+    adaptive_eval: bool = False  # eval_batches reads a callable batch size before each batch
 
     @property
     @abstractmethod
@@ -185,6 +187,14 @@ class DataSource(ABC):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's contiguous test shard as (normalized x, y) batches; batch_size may be a callable
         read before each batch (in-memory sources size batches to the stop-check interval)."""
+
+    @abstractmethod
+    def test_label(self, i: int) -> int:
+        """Test sample i's class."""
+
+    def test_name(self, i: int) -> str:
+        """Test sample i's display name (a file path where there is one), for per-sample outputs."""
+        return f"{self.name}:test:{i}"
 
     def skipped_names(self) -> set[str]:
         """Samples found unreadable so far on this rank (skip_bad_images), by name."""
