@@ -89,7 +89,7 @@ def _torchvision(raw: bytes, channels: int) -> torch.Tensor | None:
         if "truncated" in str(e) or "corrupt" in str(e).lower():
             raise UserError(clean_error(e)) from None  # named by the caller's handler
         return None
-    if img.ndim != 3:
+    if img.ndim != 3 or img.shape[0] != channels:  # animated GIFs; GIF ignores the mode
         return None
     if img.dtype == torch.uint16:  # 16-bit PNG
         from torchvision.transforms.v2.functional import to_dtype
