@@ -36,7 +36,7 @@ class DataConfig:
     data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
     image_size: int = opt(
-        32, "imagefolder: images are resized to this square size (stream: the crop size)", low=4, high=1024
+        32, "imagefolder: the square size images are prepared to (--eval-resize, --train-crop)", low=4, high=1024
     )
     synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=200_000)
     synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=200_000)
@@ -503,6 +503,11 @@ def _check_data(d) -> None:
     parse_crop_scale(d.crop_scale)
     if d.loader == "stream" and d.dataset != "imagefolder":
         raise UserError(f"--loader stream reads image folders: use --dataset imagefolder (got {d.dataset})")
+    if d.train_crop == "random-resized" and (d.dataset != "imagefolder" or d.loader in ("device", "dataloader")):
+        raise UserError(
+            "--train-crop random-resized crops the decoded image files: use --dataset imagefolder with "
+            f"--loader stream or auto (got --dataset {d.dataset} --loader {d.loader})"
+        )
     if d.decode == "gpu" and d.loader not in ("stream", "auto"):
         raise UserError(f"--decode gpu is for --loader stream (got --loader {d.loader})")
 

@@ -22,7 +22,7 @@ from dist_cnn.config import Config
 from dist_cnn.data.augment import BatchMix, ImageAugment
 from dist_cnn.data.loader import Augment
 from dist_cnn.data.open import open_source
-from dist_cnn.data.source import DataSource
+from dist_cnn.data.source import DataSource, upgrade_stored_config
 from dist_cnn.data.stream import default_workers
 from dist_cnn.distributed import parallel
 from dist_cnn.distributed import process_group as D
@@ -102,6 +102,10 @@ class Trainer:
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
         self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
+        if state is not None and "eval_resize" not in state["config"].get("data", {}):
+            # a run from before the recipe options resumes with the recipe its loader gave it
+            legacy = upgrade_stored_config(state["config"].get("data", {}), state.get("loader"))
+            cfg.data.train_crop, cfg.data.eval_resize = legacy["train_crop"], legacy["eval_resize"]
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()
 
