@@ -31,7 +31,19 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 from dist_cnn.data.decode import check_pixels, decode, image_size_of
-from dist_cnn.data.loader import Augment, Normalize, _draws, _image_aug, crop_flip, epoch_plan, eval_shard, rank_slice
+from dist_cnn.data.loader import (
+    Augment,
+    Normalize,
+    _draws,
+    _image_aug,
+    crop_flip,
+    draws_on,
+    epoch_plan,
+    eval_shard,
+    image_keys,
+    per_image,
+    rank_slice,
+)
 from dist_cnn.data.source import DataSource, Recipe, SampleReader
 from dist_cnn.data.stats import STATS_BATCH, STATS_SAMPLE, Moments, stats_picks
 from dist_cnn.data.transform import CropDraws, eval_transform, resized_crop
@@ -56,7 +68,8 @@ class Sample:
 
 
 class StreamImages(TorchDataset):
-    """Map-style: dataset[(epoch, index)] decodes sample `index` and prepares it by the recipe."""
+    """Map-style: dataset[(epoch, index)] decodes sample `index` and prepares it by the recipe; a key of
+    loader.image_keys also crops, flips and augments it (loader.per_image)."""
 
     def __init__(
         self,
@@ -68,9 +81,11 @@ class StreamImages(TorchDataset):
         skip_bad: bool = False,
         raw_jpeg: bool = False,
         channels: int = 3,
+        pad: int = 0,
+        image_aug=None,
     ):
         self.reader, self.recipe, self.train, self.skip_bad = reader, recipe, train, skip_bad
-        self.raw_jpeg, self.channels = raw_jpeg, channels
+        self.raw_jpeg, self.channels, self.pad, self.image_aug = raw_jpeg, channels, pad, image_aug
         self.crop = train and recipe.train_crop == "random-resized"
         self.draws = CropDraws(recipe.image_size, recipe.crop_scale, seed)
 
@@ -78,7 +93,12 @@ class StreamImages(TorchDataset):
         return len(self.reader)
 
     def __getitem__(self, key) -> Sample:
-        epoch, index = key
+        sample = self._sample(*key[:2])
+        if len(key) > 2 and not sample.error:
+            sample.image = per_image(sample.image, key, self.pad, self.image_aug)
+        return sample
+
+    def _sample(self, epoch: int, index: int) -> Sample:
         skipped, j = [], index
         while True:
             try:
@@ -231,8 +251,12 @@ class _PlanSampler(Sampler):
     def __iter__(self):
         p = self.p
         for step in range(p.start_step, p.steps_per_epoch):
-            for i in p.plan["perm"][rank_slice(step, p.batch, p.rank, p.world)].tolist():
-                yield p.current_epoch, i
+            pos = rank_slice(step, p.batch, p.rank, p.world)
+            if p.in_workers:
+                yield from image_keys(p.plan, pos, p.current_epoch)
+            else:
+                for i in p.plan["perm"][pos].tolist():
+                    yield p.current_epoch, i
 
     def __len__(self):
         return (self.p.steps_per_epoch - self.p.start_step) * self.p.batch
@@ -268,7 +292,18 @@ class StreamPipeline:
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step, self.current_epoch = None, 0, 0
         self.workers = default_workers(workers)
-        dataset = StreamImages(reader, recipe, train=True, seed=seed, skip_bad=skip_bad, raw_jpeg=decode == "gpu")
+        # the per-image transforms in the workers (loader's docstring), unless nvjpeg decodes on the device
+        self.in_workers = bool(image_aug) and decode != "gpu"
+        dataset = StreamImages(
+            reader,
+            recipe,
+            train=True,
+            seed=seed,
+            skip_bad=skip_bad,
+            raw_jpeg=decode == "gpu",
+            pad=aug.crop_padding,
+            image_aug=image_aug,
+        )
         self.to_device = _Batches(reader, recipe, device)
         self.loader = _loader(dataset, _PlanSampler(self), batch_per_rank, self.workers, device)
 
@@ -279,12 +314,14 @@ class StreamPipeline:
     def epoch(self, epoch: int, start_step: int = 0):
         self.plan = epoch_plan(self.n, self.seed, epoch, self.aug)
         self.start_step, self.current_epoch = start_step, epoch
+        draws = draws_on(self.plan, self.device)
         for step, batch in enumerate(_iterate(self.loader), start=start_step):
             x, y = self.to_device(batch)
-            pos = rank_slice(step, self.batch, self.rank, self.world)
-            shift, flip = _draws(self.plan, "shift", pos, self.device), _draws(self.plan, "flip", pos, self.device)
-            x = crop_flip(x, shift, flip, self.aug.crop_padding)
-            yield self.normalize(_image_aug(self.image_aug, x, epoch, pos)), y
+            if not self.in_workers:  # else cropped, flipped and augmented by the workers
+                pos = rank_slice(step, self.batch, self.rank, self.world)
+                x = crop_flip(x, _draws(draws, "shift", pos), _draws(draws, "flip", pos), self.aug.crop_padding)
+                x = _image_aug(self.image_aug, x, epoch, pos)
+            yield self.normalize(x), y
 
 
 # ----------------------------------------------------------------------------- evaluation and statistics
