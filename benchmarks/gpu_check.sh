@@ -12,7 +12,7 @@
 #   5. a table: test / result / seconds, then the recipe's and airbench's accuracy, train_seconds, images/s
 #
 # Time budget, worst case (every step at its limit, plus the seconds `timeout -k` allows to stop):
-#   all (default): preflight 50, tests 240+15, unpack 30, recipe 110+10, airbench 80+10, table 12 = 557 s
+#   all (default): preflight 50, tests 270+15, unpack 30, recipe 100+10, airbench 70+10, table 12 = 567 s
 #   tests:         preflight 50, tests 480+15, table 12                                           = 557 s
 #   train:         preflight 50, unpack 30, recipe 250+10, airbench 200+10, table 12              = 562 s
 # so one call of 600 s holds either the whole check or one part. The parts are the two-call way when a
@@ -62,7 +62,7 @@ fi
 part="${1:-all}"
 case "$part" in all|tests|train) ;; *) echo "usage: gpu_check.sh [--prepare | all | tests | train]" >&2; exit 2 ;; esac
 want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
-if [ "$part" = all ]; then lim_tests=240 lim_recipe=110 lim_airbench=80; else lim_tests=480 lim_recipe=250 lim_airbench=200; fi
+if [ "$part" = all ]; then lim_tests=270 lim_recipe=100 lim_airbench=70; else lim_tests=480 lim_recipe=250 lim_airbench=200; fi
 
 cd "$root"
 PY="${PYTHON:-python3}"
