@@ -64,7 +64,7 @@ def _test_images(im: InferenceModel, n: int) -> tuple[torch.Tensor, str]:
     stored = upgrade_stored_config(dict(im.config.get("data", {}) or {}), im.loader)
     known = {k: v for k, v in stored.items() if k in DataConfig.__dataclass_fields__}
     try:
-        cfg = DataConfig(**{**known, "download": False, "workers": 0})
+        cfg = DataConfig(**{**known, "download": False, "workers": 0, "train_crop": "none"})
         if im.loader == "stream":  # read as the run read it (a folder too large for memory)
             cfg.loader = "stream"
         data, _ = open_source(cfg, DistEnv(), measure=False)
