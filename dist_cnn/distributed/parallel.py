@@ -25,6 +25,7 @@ _SYNC_BUFFERS = (
     "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
 )
 _PER_BUCKET_CAPS = "bucket_cap_mb_list" in inspect.signature(DDP).parameters
+_FIRST_BUCKET_BYTES = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1 << 20)  # DDP's own first bucket
 
 BUCKETS = 4  # buckets of about gradient bytes / BUCKETS ...
 FIRST_BUCKET = 16  # ... except the first layers' bucket, about bytes / 16: its all_reduce cannot overlap
@@ -73,6 +74,10 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
             # those chains interleave differently on different ranks (gloo then aborts on mismatched
             # sizes), so all gradients go in one bucket: one chain a step, in the same order everywhere.
             caps = [sum(caps)]
+        if cfg.compile:
+            # torch.compile splits the graph at DDP's buckets (DDPOptimizer) by one size, the largest cap,
+            # and refuses one below its first bucket's (1 MiB): a small model's plan would stop the run.
+            caps = [max(max(caps), _FIRST_BUCKET_BYTES / 2**20)]
         buckets = {"bucket_cap_mb_list": caps} if _PER_BUCKET_CAPS else {"bucket_cap_mb": max(caps)}
         model = DDP(
             model,
