@@ -67,7 +67,8 @@ def main(argv=None):
         lines.append(
             f"{'(no JUnit results: pytest exit ' + str(a.tests_rc) + ')':{w}s}  {'ERROR':8s} {a.tests_seconds:8.1f}"
         )
-    lines.append(f"{'pytest -m cuda tests/ (all)':{w}s}  {'exit ' + str(a.tests_rc):8s} {a.tests_seconds:8.1f}")
+    pytest_row = "pytest -m cuda tests/unit tests/e2e (all)"
+    lines.append(f"{pytest_row:{w}s}  {'exit ' + str(a.tests_rc):8s} {a.tests_seconds:8.1f}")
     lines.append(f"{'unpack CIFAR-10 JPEG':{w}s}  {'ok' if a.data_ok else 'NO DATA':8s} {a.unpack_seconds:8.1f}")
     recipe_result = a.recipe_rc if a.recipe_rc in ("skipped", "not-run") else "ok" if a.recipe_rc == "0" else ""
     recipe_result = recipe_result or f"exit {a.recipe_rc}"

@@ -2,7 +2,8 @@
 # GPU check for a lent GPU machine (one or more CUDA GPUs): one short script, no network, no pip installs.
 # It runs on the machine's torch as it is (the lent machines: PyTorch 2.11 + CUDA 13).
 #
-#   1. the CUDA-only tests:      python3 -m pytest -m cuda tests/   (tests/e2e/test_cuda.py, among them the
+#   1. the CUDA-only tests:      python3 -m pytest -m cuda tests/unit tests/e2e   (the quick in-process ones
+#                                first, so a cut-off loses the slow end-to-end ones; tests/e2e/test_cuda.py, the
 #                                trainer in an NCCL group of one; the fused-SGD skipped-step test; the stream
 #                                pipeline's --decode gpu (nvjpeg) against CPU decoding and a --decode gpu run)
 #   2. unpack CIFAR-10 (JPEG):   .gpu_data/cifar10-jpeg.tar.gz -> .gpu_data/cifar10-jpeg
@@ -113,10 +114,10 @@ timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm
 
 # 1. the CUDA tests ------------------------------------------------------------------------------------
 if want tests; then
-  echo "== 1. CUDA tests: $PY -m pytest -m cuda tests/"
+  echo "== 1. CUDA tests: $PY -m pytest -m cuda tests/unit tests/e2e"
   t0=$(date +%s)
   # SIGINT at the limit: pytest stops like on Ctrl-C and still writes the JUnit XML of the tests it ran
-  timeout -s INT -k 15 "$lim_tests" "$PY" -m pytest -m cuda tests/ -q -ra -p no:cacheprovider --timeout 150 \
+  timeout -s INT -k 15 "$lim_tests" "$PY" -m pytest -m cuda tests/unit tests/e2e -q -ra -p no:cacheprovider --timeout 150 \
     --continue-on-collection-errors \
     --junitxml="$out/cuda_tests.xml" --basetemp="$runs/pytest" 2>&1 | tee "$out/cuda_tests.log" | tail -40
   tests_rc=${PIPESTATUS[0]}
