@@ -29,7 +29,7 @@ from torch import nn
 from dist_cnn.errors import UserError, one_line
 
 # The built-in architectures, one module each; their names stay importable from here.
-from dist_cnn.models.airbench import Airbench, airbench, init_sample, whitening_weights  # noqa: F401
+from dist_cnn.models.airbench import Airbench, airbench, whitening_weights  # noqa: F401
 from dist_cnn.models.resnet import ResNet18, resnet18  # noqa: F401
 from dist_cnn.models.seed import SeedNet, seed  # noqa: F401
 from dist_cnn.models.tta import tta_logits  # noqa: F401

@@ -1,15 +1,18 @@
-"""The package's import structure, read from the source (tests/support/import_graph.py).
+"""The package's structure, read from the source (tests/support/import_graph.py, ast).
 
 Which package may import which is import-linter's layers contract (pyproject.toml, `lint-imports` in CI).
 What it cannot say is checked here:
   (a) no import cycle among the package's modules (the contract only orders the packages);
   (b) no import of a package module inside a function (the usual way to hide a cycle);
   (c) no module uses another module's private (`_name`) names: a boundary crossed that way is not shown.
+  (d) no isinstance/issubclass on a data source outside dist_cnn/data: consumers use its interface.
 Each failure names the file, line and statement to change.
 """
 
+import ast
 import functools
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +181,67 @@ def test_builder_finds_private_names_used_across_modules(tmp_path):
         ("pkg.b", "pkg.a", "_x", 5),
         ("pkg.c", "pkg.a", "_f", 1),
     ]
+
+
+# ------------------------------------------------------------------------------ one data interface
+
+
+def data_source_forks(package_dir, data_package: str = "data") -> list[str]:
+    """`isinstance`/`issubclass` tests against a class or alias of the data package (e.g. FolderIndex,
+    InMemory, StreamSource) in any module outside it: consumers use the DataSource interface only."""
+    package_dir = Path(package_dir)
+    inside = package_dir / data_package
+    names = set()
+    for path in inside.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in names:
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))  # Dataset = InMemory
+
+    def named(node) -> set[str]:
+        if isinstance(node, ast.Tuple):
+            return set().union(*(named(e) for e in node.elts))
+        if isinstance(node, ast.Attribute):
+            return {node.attr}
+        return {node.id} if isinstance(node, ast.Name) else set()
+
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        if inside in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("isinstance", "issubclass")
+                and len(node.args) == 2
+                and named(node.args[1]) & names
+            ):
+                found.append(f"{path.relative_to(package_dir.parent)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_data_source_isinstance_outside_the_data_package():
+    bad = data_source_forks(ROOT / PACKAGE)
+    if bad:
+        pytest.fail(
+            "tests on the kind of a data source outside dist_cnn/data (use the DataSource interface, "
+            "dist_cnn/data/source.py):\n" + "\n".join(f"  {b}" for b in bad),
+            pytrace=False,
+        )
+
+
+def test_the_data_source_rule_finds_a_fork(tmp_path):
+    write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/data/__init__.py": "",
+            "pkg/data/stream.py": "class FolderIndex:\n    pass\nAlias = FolderIndex\n",
+            "pkg/data/memory.py": "def f(x):\n    return isinstance(x, FolderIndex)\n",  # inside: allowed
+            "pkg/train.py": "from pkg.data import stream\ndef g(d):\n    return isinstance(d, (int, stream.Alias))\n",
+            "pkg/api.py": "def h(d):\n    return isinstance(d, str)\n",
+        },
+    )
+    assert data_source_forks(tmp_path / "pkg") == ["pkg/train.py:3: isinstance(d, (int, stream.Alias))"]
