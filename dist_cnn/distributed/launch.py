@@ -38,11 +38,12 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    launcher: str = "single"  # single | torchrun | slurm
+    launcher: str = "single"  # single | torchrun | slurm | existing (a process group made before us)
     backend: str = "none"
     master_addr: str = ""
     master_port: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this process made the group (and destroys it at the end)
 
     @property
     def is_main(self) -> bool:
