@@ -72,8 +72,8 @@ def job_config(options) -> dict:
     if isinstance(options, (list, tuple)):
         try:
             job["cfg"] = config_mod.from_args(config_mod.train_parser().parse_args([str(a) for a in options]))
-        except SystemExit as e:  # argparse printed the usage and the problem
-            raise UserError("train.py flags: see the message above") from e
+        except SystemExit as e:  # --help: printed, and nothing to run
+            raise UserError("train.py flags: --help printed the options; nothing was run") from e
     elif isinstance(options, dict):
         options = dict(options)
         model, data = options.pop("model", "seed"), options.pop("train", "cifar10")

@@ -75,7 +75,7 @@ def weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "model.pt", weights_only=True)["model"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_ray_worker_killed_mid_run_resumes_and_matches_torchrun(tmp_path):
     run, pids, log = tmp_path / "run", tmp_path / "pids", tmp_path / "driver.log"
     pids.mkdir()
@@ -97,13 +97,13 @@ def test_ray_worker_killed_mid_run_resumes_and_matches_torchrun(tmp_path):
             "first checkpoint",
             driver,
             log,
-            timeout=600,
+            timeout=1200,  # Ray's start on a busy 2-core machine takes minutes
         )
         assert ray_processes(ray_tmp), "Ray's processes do not name its temp directory: the leak check below is void"
         first = [p for p in pids.iterdir() if p.name.startswith("rank1-")]
         assert len(first) == 1, list(pids.iterdir())
         os.kill(int(first[0].name.split("-")[1]), signal.SIGKILL)
-        driver.wait(timeout=600)
+        driver.wait(timeout=900)
         text = log.read_text()
         assert driver.returncode == 0, text[-5000:]
         # Ray restarted the group (a second rank-1 worker) and the run resumed from its checkpoint.
