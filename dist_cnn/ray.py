@@ -22,6 +22,7 @@ import copy
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from dist_cnn import api
@@ -43,8 +44,19 @@ def _ray():
     return ray
 
 
+JOB_MARK = ".dist_cnn_ray_job"  # in the run directory: which train() call wrote its checkpoints
+
+
 class RayReporter(Reporter):
-    """Metrics and checkpoints to ray.train.report; every rank reports at the same points."""
+    """Metrics and checkpoints to ray.train.report; every rank reports at the same points. Rank 0
+    marks the run directory with the job's token before its first checkpoint."""
+
+    def __init__(self, token: str = ""):
+        self.token = token
+
+    def run_dir_ready(self, run_dir: Path, is_main: bool) -> None:
+        if is_main and self.token:
+            (run_dir / JOB_MARK).write_text(self.token)
 
     def metrics(self, record: dict) -> None:
         _ray().train.report(record)
@@ -54,8 +66,8 @@ class RayReporter(Reporter):
         if path is None:
             ray.train.report(record)
             return
-        # A directory of the step file alone (a hard link where it can be), uploaded by Ray to its
-        # storage; in the run directory, where an interrupted one is cleaned up as a stale temporary.
+        # A directory of the step file alone, uploaded by Ray to its storage: in the run directory, so
+        # that a hard link (no copy) is possible there.
         with tempfile.TemporaryDirectory(dir=path.parent.parent, prefix=".tmp-ray-") as d:
             try:
                 os.link(path, Path(d) / path.name)
@@ -68,7 +80,7 @@ def job_config(options) -> dict:
     """train()'s options, checked on the driver before Ray starts anything: a list of train.py flags,
     or a dict of fit()'s arguments (model=, train=, test=, classes= and its options). What every
     worker gets: the config, the model factory (fit()'s model object) and fit()'s Datasets."""
-    job = {"factory": None, "datasets": None}
+    job = {"factory": None, "datasets": None, "token": uuid.uuid4().hex}
     if isinstance(options, (list, tuple)):
         try:
             job["cfg"] = config_mod.from_args(config_mod.train_parser().parse_args([str(a) for a in options]))
@@ -96,6 +108,15 @@ def _newest_file(d: str) -> str:
     return str(files[-1])
 
 
+def restarted(run_dir: str, token: str) -> bool:
+    """Whether an earlier attempt of this same train() call used the run directory (Ray restarts
+    the workers with no count of its own): then its checkpoints are this run's."""
+    try:
+        return (Path(run_dir) / JOB_MARK).read_text() == token
+    except OSError:
+        return False
+
+
 def worker(job: dict) -> dict:
     """Every Ray Train worker: resume from Ray's newest checkpoint if there is one, then train."""
     ray = _ray()
@@ -107,7 +128,10 @@ def worker(job: dict) -> dict:
     with found.as_directory() if found is not None and rank0 else contextlib.nullcontext() as d:
         if d is not None:
             cfg.ckpt.resume = _newest_file(d)
-        return run_training(cfg, data=data, model_factory=job["factory"], reporter=RayReporter())
+        elif rank0 and cfg.ckpt.resume == "none" and restarted(cfg.log.out, job["token"]):
+            # killed after writing a checkpoint but before Ray took it: as a torchrun restart does
+            cfg.ckpt.resume = "auto"
+        return run_training(cfg, data=data, model_factory=job["factory"], reporter=RayReporter(job["token"]))
 
 
 def train(

@@ -8,6 +8,9 @@ from pathlib import Path
 
 
 class Reporter:
+    def run_dir_ready(self, run_dir: Path, is_main: bool) -> None:
+        """The run directory is settled (rank 0 made, locked and checked it); nothing is written yet."""
+
     def metrics(self, record: dict) -> None:
         """A train or eval record of metrics.jsonl; every rank's own."""
 

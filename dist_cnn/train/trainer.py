@@ -110,6 +110,7 @@ class Trainer:
         # The run directory and the checkpoint to resume are settled before the data is loaded: a
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
         self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
+        self.reporter.run_dir_ready(self.run_dir, main)
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()

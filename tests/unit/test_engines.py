@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
-from dist_cnn.ray import job_config
+from dist_cnn.ray import RayReporter, job_config, restarted
 
 
 def test_an_existing_group_is_used_and_left_in_place(tmp_path):
@@ -52,3 +52,14 @@ def test_ray_options_are_checked_on_the_driver(tmp_path, monkeypatch):
         job_config({"train": "synthetic", "epoch": 1})
     with pytest.raises(UserError, match="list of train.py flags or a dict"):
         job_config("--epochs 1")
+
+
+def test_a_ray_restart_recognizes_its_own_run_directory(tmp_path):
+    """Killed between writing a checkpoint and Ray taking it, the restarted run resumes from the run
+    directory (as torchrun's restart does) only when this same train() call wrote it."""
+    token = job_config(["--dataset", "synthetic", "--out", str(tmp_path)])["token"]
+    assert not restarted(str(tmp_path), token)
+    RayReporter(token).run_dir_ready(tmp_path, is_main=False)
+    assert not restarted(str(tmp_path), token)
+    RayReporter(token).run_dir_ready(tmp_path, is_main=True)
+    assert restarted(str(tmp_path), token) and not restarted(str(tmp_path), "another call")
