@@ -31,7 +31,7 @@ from dist_cnn.distributed.launch import (
 from dist_cnn.errors import PeerError, UserError
 
 JOINED_GROUP = False  # this process was part of a process group (see commands.entry)
-_GROUPS_MADE = 0  # process groups this process made so far (every rank counts alike)
+_GROUPS_MADE = 0  # groups this process made on torchrun's store so far (every rank counts alike)
 
 
 def setup(backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -> DistEnv:
