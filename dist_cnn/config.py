@@ -255,12 +255,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def _sections():
+def sections():
     hints = typing.get_type_hints(Config)
     return [(f.name, hints[f.name]) for f in fields(Config)]
 
 
-def _flag(f) -> str:
+def flag_name(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
@@ -282,7 +282,7 @@ def _range_text(f) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; defaults are shown but not set, so only given flags override."""
     parser.add_argument("--config", help="config file (.toml, .yaml or .json); flags override it")
-    for section, cls in _sections():
+    for section, cls in sections():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
@@ -301,7 +301,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 kw.update(type=typ, choices=f.metadata.get("choices"))
                 if not kw["choices"]:
                     kw["metavar"] = {int: "N", float: "X", str: "STR"}[typ]
-            group.add_argument(_flag(f), **kw)
+            group.add_argument(flag_name(f), **kw)
 
 
 def train_parser(prog: str = "train.py") -> ArgumentParser:
@@ -398,14 +398,14 @@ def load_file(path: str) -> dict:
 
 def apply_dict(cfg: Config, data: dict, where: str = "config") -> None:
     """Set fields from a nested {section: {key: value}} mapping; unknown keys and wrong types are errors."""
-    sections = dict(_sections())
+    known = dict(sections())
     for section, values in data.items():
-        if section not in sections:
-            raise UserError(f"{where}: unknown section {section!r} (known: {', '.join(sections)})")
+        if section not in known:
+            raise UserError(f"{where}: unknown section {section!r} (known: {', '.join(known)})")
         if not isinstance(values, dict):
             raise UserError(f"{where}: [{section}] must be a table of settings")
         obj = getattr(cfg, section)
-        hints = typing.get_type_hints(sections[section])
+        hints = typing.get_type_hints(known[section])
         for key, value in values.items():
             if key not in hints:
                 raise UserError(f"{where}: unknown key {section}.{key} (known: {', '.join(hints)})")
@@ -413,7 +413,7 @@ def apply_dict(cfg: Config, data: dict, where: str = "config") -> None:
 
 
 def _check_field(f, value) -> None:
-    m, flag = f.metadata, _flag(f)
+    m, flag = f.metadata, flag_name(f)
     if m.get("choices") and value not in m["choices"]:
         raise UserError(f"{flag}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -457,14 +457,14 @@ def _check_text(flag: str, value: str, key: str) -> None:
 def validate(cfg: Config) -> None:
     """Every field against its type and its own metadata (choices, range, finiteness; text without
     control characters), before any work starts; cross-field rules last."""
-    for section, cls in _sections():
+    for section, cls in sections():
         obj, hints = getattr(cfg, section), typing.get_type_hints(cls)
         for f in fields(cls):
             value, typ = getattr(obj, f.name), hints[f.name]
-            _check_type(_flag(f), value, typ)
+            _check_type(flag_name(f), value, typ)
             _check_field(f, value)
             for text in value if typ is list else [value] if typ is str else []:
-                _check_text(_flag(f), text, f"{section}.{f.name}")
+                _check_text(flag_name(f), text, f"{section}.{f.name}")
     if cfg.data.dataset == "imagefolder" and cfg.data.crop_padding >= cfg.data.image_size:
         raise UserError(
             f"--crop-padding {cfg.data.crop_padding} must be smaller than --image-size {cfg.data.image_size}"
@@ -529,11 +529,11 @@ def save(cfg: Config, path: Path) -> None:
     path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
-assert all(is_dataclass(t) for _, t in _sections())
+assert all(is_dataclass(t) for _, t in sections())
 assert all(
     any(f.metadata.get(k) is not None for k in ("low", "above"))
     and any(f.metadata.get(k) is not None for k in ("high", "below"))
-    for _, t in _sections()
+    for _, t in sections()
     for f in fields(t)
     if typing.get_type_hints(t)[f.name] in (int, float)
 ), "every number needs both ends of its range"

@@ -8,19 +8,19 @@ One Ray session for everything: starting Ray and its workers takes minutes on a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support.common import PY, ROOT, SMALL, clean_env, read_events, read_summary, torchrun
+from tests.support.common import PY, ROOT, SMALL, clean_env, read_events, read_summary, torchrun, wait_until
 from tests.support.wandb_records import offline_run_dirs
 
 pytest.importorskip("ray.train")
@@ -59,16 +59,15 @@ def ray_processes(marker: str) -> list[int]:
     return found
 
 
-def wait_for(condition, what: str, driver: subprocess.Popen, log: Path, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
+def driver_alive(driver: subprocess.Popen, log: Path, condition):
+    """`condition`, failing the test at once when the Ray driver has exited."""
+
+    def check():
         if driver.poll() is not None:
-            pytest.fail(f"the Ray driver exited ({driver.returncode}) before {what}:\n{log.read_text()[-5000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"no {what} after {timeout} s:\n{log.read_text()[-5000:]}")
+            pytest.fail(f"the Ray driver exited ({driver.returncode}):\n{log.read_text()[-5000:]}")
+        return condition()
+
+    return check
 
 
 def weights(run_dir: Path) -> dict:
@@ -93,12 +92,12 @@ def test_ray_worker_killed_mid_run_resumes_and_matches_torchrun(tmp_path):
     try:
         metrics = run / "metrics.jsonl"
         # The second checkpoint is being written: Ray has long taken the first (each report waits for it).
-        wait_for(
-            lambda: metrics.exists() and '"event": "checkpoint", "step": 8' in metrics.read_text(),
-            "second checkpoint",
-            driver,
-            log,
+        wait_until(
+            driver_alive(
+                driver, log, lambda: metrics.exists() and '"event": "checkpoint", "step": 8' in metrics.read_text()
+            ),
             timeout=1200,  # Ray's start on a busy 2-core machine takes minutes
+            what="second checkpoint",
         )
         assert ray_processes(ray_tmp), "Ray's processes do not name its temp directory: the leak check below is void"
         first = [p for p in pids.iterdir() if p.name.startswith("rank1-")]
@@ -123,9 +122,8 @@ def test_ray_worker_killed_mid_run_resumes_and_matches_torchrun(tmp_path):
             driver.kill()
             driver.wait()
         # Ray shut down by the driver leaves nothing behind (whatever is left is killed, by PID, and fails the test)
-        deadline = time.monotonic() + 60
-        while ray_processes(ray_tmp) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: not ray_processes(ray_tmp), timeout=60, what="the end of Ray's processes")
         left = ray_processes(ray_tmp)
         for pid in left:
             try:
