@@ -16,7 +16,9 @@
   `config="file.toml"` (options override the file, as flags do).
 
 Run it under torchrun, srun or plain python: every process calls fit() and it gets what the CLI gets
-(DDP, exact sharding and evaluation, checkpoints and resume, stop signals, W&B on rank 0). It returns
+(DDP, exact sharding and evaluation, checkpoints and resume, stop signals, W&B on rank 0). Inside a
+process group that already exists (a notebook, Lightning, Ray Train, your own launcher), fit() uses
+that group and leaves it in place, so fit() can be called again. Ray Train: dist_cnn.ray. It returns
 the run's summary dict (on every rank), or {"stopped": True, "step": N} when a stop signal ended it.
 Bad options raise dist_cnn.errors.UserError (one line). The module passed in is trained in place.
 """
@@ -137,8 +139,9 @@ def model_factory(model, spec: str):
     return lambda in_channels, num_classes, image_size: call_factory(model, spec, in_channels, num_classes, image_size)
 
 
-def fit(model, train="cifar10", test=None, *, classes=None, **options) -> dict:
-    cfg = build_config(dict(options))
+def configure(model, train="cifar10", test=None, options: dict | None = None):
+    """fit()'s arguments checked and turned into (config, model factory or None); nothing is read yet."""
+    cfg = build_config(dict(options or {}))
     factory = None
     if isinstance(model, str):
         cfg.model.name = model
@@ -147,7 +150,6 @@ def fit(model, train="cifar10", test=None, *, classes=None, **options) -> dict:
         factory = model_factory(model, cfg.model.name)
     else:
         raise UserError(f"fit(): model must be an nn.Module, a factory or a --model string, got {type(model).__name__}")
-    data = None
     if isinstance(train, str):
         if test is not None:
             raise UserError("fit(): a built-in dataset brings its own test split; leave test= out")
@@ -157,5 +159,10 @@ def fit(model, train="cifar10", test=None, *, classes=None, **options) -> dict:
         cfg.data.dataset = "synthetic"  # any valid name, for validation of the other fields
         config_mod.validate(cfg)
         cfg.data.dataset = API_DATASET
-        data = datasets_from(train, test, classes)
+    return cfg, factory
+
+
+def fit(model, train="cifar10", test=None, *, classes=None, **options) -> dict:
+    cfg, factory = configure(model, train, test, options)
+    data = None if isinstance(train, str) else datasets_from(train, test, classes)
     return run_training(cfg, data=data, model_factory=factory)

@@ -3,6 +3,10 @@
 torchrun / `accelerate launch` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
 `srun python train.py` sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID: the head is the first host of
 SLURM_JOB_NODELIST and the port is derived from the job id, so every task computes the same address.
+Kubeflow's PyTorchJob (training-operator v1) started without torchrun, one process per pod: RANK
+is the pod's index and WORLD_SIZE the number of pods, with MASTER_ADDR/MASTER_PORT the master pod;
+read as such only inside a Kubernetes pod (KUBERNETES_SERVICE_HOST) when nothing torchrun sets for
+its workers (LOCAL_RANK, LOCAL_WORLD_SIZE) is there. Under torchrun, torchrun's own variables win.
 Nothing set: one process and no process group. The library never spawns processes itself.
 
 The launch checks (`problems`, `preflight`) run before the process group is joined, so that a launch
@@ -38,11 +42,12 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    launcher: str = "single"  # single | torchrun | slurm
+    launcher: str = "single"  # single | torchrun | slurm | kubeflow | existing (a process group made before us)
     backend: str = "none"
     master_addr: str = ""
     master_port: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this process made the group (and destroys it at the end)
 
     @property
     def is_main(self) -> bool:
@@ -97,6 +102,15 @@ def _env_int(environ, name: str, lo: int, hi: int | None = None, default: int | 
 def detect(environ=os.environ) -> DistEnv:
     """Who launched us and where the head is; pure reading, no side effects. A contradictory launch
     environment is a one-line error."""
+    if one_process_per_pod(environ):
+        world = _env_int(environ, "WORLD_SIZE", 1)
+        return DistEnv(
+            rank=_env_int(environ, "RANK", 0, world - 1),
+            world_size=world,
+            launcher="kubeflow",
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_env_int(environ, "MASTER_PORT", 1, 65535, default=29500),
+        )
     if "RANK" in environ or "WORLD_SIZE" in environ:
         world = _env_int(environ, "WORLD_SIZE", 1)
         rank = _env_int(environ, "RANK", 0, world - 1)
@@ -128,6 +142,16 @@ def detect(environ=os.environ) -> DistEnv:
             master_port=slurm_port(environ.get("SLURM_JOB_ID", "0")),
         )
     return DistEnv()
+
+
+def one_process_per_pod(environ=os.environ) -> bool:
+    """A Kubeflow PyTorchJob pod whose command is train.py itself: RANK and WORLD_SIZE count pods."""
+    return (
+        "KUBERNETES_SERVICE_HOST" in environ
+        and "RANK" in environ
+        and "WORLD_SIZE" in environ
+        and not any(k in environ for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"))
+    )
 
 
 def pick_device(env: DistEnv, environ=os.environ) -> torch.device:
@@ -292,7 +316,9 @@ def threads_for(env: DistEnv, device: torch.device | None, environ=os.environ) -
     """Intra-op threads for this process: the node's cores shared by its processes on the CPU
     (oversubscribed OpenMP threads spin and run ~10x slower); OMP_NUM_THREADS wins when set."""
     if device is not None and device.type == "cpu" and "OMP_NUM_THREADS" not in environ:
-        local_world = int(environ.get("LOCAL_WORLD_SIZE", 0) or 0) or env.world_size
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", 0) or 0) or (
+            1 if env.launcher == "kubeflow" else env.world_size
+        )
         return max(1, (os.cpu_count() or 1) // local_world)
     return torch.get_num_threads()  # torch already read OMP_NUM_THREADS
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 
 INTERRUPT_NOTICE = (
     "\nCtrl-C: writing a checkpoint at the next step, then stopping (press Ctrl-C again to abort at once, without it)\n"
@@ -24,11 +25,22 @@ class StopSignal:
     def __init__(self, announce: bool = True):
         self.signum = 0
         self.announce = announce  # rank 0 says what Ctrl-C does; the other ranks stay quiet
+        self._previous: dict = {}
 
     def install(self) -> None:
+        """Handle the signals, until uninstall(); only the main thread can (Ray Train runs the training
+        function in another thread, and stops it itself)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for s in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(s, self._handle)
-        signal.signal(signal.SIGINT, self._interrupt)
+            self._previous[s] = signal.signal(s, self._handle)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+
+    def uninstall(self) -> None:
+        """The handlers from before install(): a caller's own, for whatever it runs after training."""
+        while self._previous:
+            s, handler = self._previous.popitem()
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def _handle(self, signum, frame):
         self.signum = self.signum or signum

@@ -12,6 +12,10 @@ NCCL: TORCH_NCCL_ASYNC_ERROR_HANDLING is 2 (abort the communicators, leave the p
 the environment sets it. torch's default tears the process down from NCCL's watchdog thread when a
 collective times out, before the failed wait reaches Python; with 2 the wait raises a DistBackendError
 and the job ends with the same one line as under gloo ("lost contact with another process ...").
+
+A process group that already exists when training starts (a notebook, Lightning, Ray Train, a
+user's own launcher called init_process_group) is used as it is -- its backend, rank and world
+size -- and left in place at the end: whoever made it destroys it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.distributed as dist
 from dist_cnn.distributed.launch import (
     DistEnv,
     detect,
+    env_int,
     pick_device,
     preflight,
     resolve_backend,
@@ -36,6 +41,9 @@ from dist_cnn.distributed.launch import (
 from dist_cnn.errors import PeerError, UserError
 
 JOINED_GROUP = False  # this process was part of a process group (see commands.entry)
+_GROUPS_MADE = 0  # groups this process made on torchrun's store so far (every rank counts alike)
+
+
 NCCL_ERROR_HANDLING = "2"  # TORCH_NCCL_ASYNC_ERROR_HANDLING: abort communicators only (module docstring)
 _SETUP_GROUP = None  # the gloo group rank 0's setup is waited for on (--setup-timeout)
 # A single process joins no group, unless this is 1: then it makes a group of one and runs every
@@ -53,7 +61,9 @@ def setup(
     backend: str = "auto", timeout_s: float = 300.0, environ=os.environ, setup_timeout_s: float = 3600.0
 ) -> DistEnv:
     """Detect, check the launch, pick the device, and join the process group (world size > 1, or a group
-    of one with DIST_CNN_GROUP_OF_ONE=1)."""
+    of one with DIST_CNN_GROUP_OF_ONE=1); inside an existing process group, that group."""
+    if dist.is_available() and dist.is_initialized():
+        return existing(environ)
     env = detect(environ)
     preflight(env, environ)
     env.device = pick_device(env, environ)
@@ -78,6 +88,7 @@ def setup(
     JOINED_GROUP = True
     if env.backend == "nccl":
         nccl_error_handling(os.environ)  # torch reads it from the process environment
+    env.owns_group = True
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         env.backend,
@@ -97,10 +108,35 @@ def make_setup_group(setup_timeout_s: float) -> None:
     _SETUP_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=setup_timeout_s))
 
 
+def existing(environ=os.environ) -> DistEnv:
+    """The DistEnv of the process group someone else made: its rank, world size and backend; the
+    GPU the caller selected for NCCL (torch.cuda.current_device()), the CPU for gloo."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    backend = str(dist.get_backend())
+    local_rank = env_int(environ, "LOCAL_RANK")
+    env = DistEnv(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank if local_rank is not None and 0 <= local_rank <= rank else rank,
+        launcher="existing",
+        backend=backend,
+        master_addr=environ.get("MASTER_ADDR", ""),
+        master_port=env_int(environ, "MASTER_PORT") or 0,
+    )
+    env.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    if env.device.type == "cpu":
+        torch.set_num_threads(threads_for(env, env.device, environ))
+    return env
+
+
 @contextlib.contextmanager
 def process_group(backend: str = "auto", timeout_s: float = 300.0, setup_timeout_s: float = 3600.0):
-    """setup() ... teardown(): after success all ranks leave together, after an error at once."""
+    """setup() ... teardown(): after success all ranks leave together, after an error at once. A group
+    that existed before is left as it was."""
     env = setup(backend, timeout_s, setup_timeout_s=setup_timeout_s)
+    if not env.owns_group:
+        yield env
+        return
     try:
         yield env
     except BaseException:
@@ -113,12 +149,16 @@ def _agent_store(env: DistEnv, timeout, environ):
     """torchrun's store, with a key prefix per restart attempt.
 
     torchrun keeps one store across elastic restarts, so without a prefix the restarted group reads
-    the dead group's keys (gloo then dials the old ranks' addresses and hangs or is refused).
+    the dead group's keys (gloo then dials the old ranks' addresses and hangs or is refused); the
+    same holds for a second group made in the same process.
     """
     if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None  # env:// as usual: rank 0 hosts the store at MASTER_ADDR:MASTER_PORT
+    global _GROUPS_MADE
+    _GROUPS_MADE += 1  # a second run in the same process (two fit() calls) must not read the first's keys
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"dist_cnn/attempt_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"dist_cnn/attempt_{attempt}/group_{_GROUPS_MADE}", store)
 
 
 def teardown(graceful: bool = True) -> None:

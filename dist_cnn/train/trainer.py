@@ -32,6 +32,7 @@ from dist_cnn.models.prepare import prepare_model
 from dist_cnn.observability.metrics import MetricsLog
 from dist_cnn.observability.progress import Progress, RateAverage
 from dist_cnn.observability.report import format_report, write_plots
+from dist_cnn.observability.reporter import Reporter
 from dist_cnn.observability.tensorboard_logger import TensorBoardLogger
 from dist_cnn.observability.wandb_logger import WandbLogger
 from dist_cnn.train import checkpoint
@@ -83,10 +84,19 @@ def memory_mb(device: torch.device) -> float:
 
 class Trainer:
     """Build everything from the config, then fit(). `data` skips loading (benchmarks, the Python API);
-    `model_factory` builds the model instead of `cfg.model.name` (the Python API)."""
+    `model_factory` builds the model instead of `cfg.model.name` (the Python API); `reporter` hears
+    the metrics and checkpoints (an engine such as Ray Train)."""
 
-    def __init__(self, cfg: Config, env: D.DistEnv, data: DataSource | None = None, model_factory=None):
+    def __init__(
+        self,
+        cfg: Config,
+        env: D.DistEnv,
+        data: DataSource | None = None,
+        model_factory=None,
+        reporter: Reporter | None = None,
+    ):
         self.cfg, self.env = cfg, env
+        self.reporter = reporter or Reporter()
         t, main = cfg.train, env.is_main
         self.log = Progress(main, False, 0).print  # replaced once the step count is known
         micro_world = env.world_size * t.grad_accum
@@ -100,6 +110,7 @@ class Trainer:
         # The run directory and the checkpoint to resume are settled before the data is loaded: a
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
         self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
+        self.reporter.run_dir_ready(self.run_dir, main)
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
         if state is not None and "eval_resize" not in state["config"].get("data", {}):
             # a run from before the recipe options resumes with the recipe its loader gave it
@@ -292,11 +303,12 @@ class Trainer:
             f"step {self.epoch_step} of {self.steps_per_epoch})"
         )
 
-    def save_checkpoint(self, is_best: bool = False, final: bool = False) -> None:
-        """All ranks call this (RNG states are gathered); rank 0 writes while the others wait."""
+    def save_checkpoint(self, is_best: bool = False, final: bool = False, summary: dict | None = None) -> None:
+        """All ranks call this (RNG states are gathered); rank 0 writes while the others wait. The final
+        checkpoint is reported with the run's summary."""
         state = self._state()
         state["finished"] = final
-        err = None
+        err, path = None, None
         if self.env.is_main:
             try:
                 path, pruned = checkpoint.write(self.run_dir, state, self.cfg.ckpt.keep, is_best)
@@ -308,6 +320,9 @@ class Trainer:
                 if pruned and checkpoint.scrub_missing(self.metrics.history):
                     self.metrics.rewrite()  # metrics.jsonl never names a checkpoint that is gone
         err = D.broadcast_object(err, self.env)
+        self.reporter.checkpoint(
+            path, {"event": "checkpoint", "step": self.step, "epoch": self.epoch, "final": final, **(summary or {})}
+        )
         if err and self.cfg.ckpt.on_write_error == "stop":
             raise TrainingFailed(err) if self.env.is_main else PeerFailed(err)
         self._raise_if_write_failed(D.broadcast_object(self.writes.pending, self.env))
@@ -507,6 +522,7 @@ class Trainer:
         if self.precision == "fp16":
             rec["scaler_scale"] = self.scaler.get_scale()
         self.metrics.write(rec)
+        self.reporter.metrics(rec)
         self.wandb.log_train(rec)
         self.tensorboard.log_train(rec)
         self.progress.update(self.step, rec)
@@ -567,6 +583,7 @@ class Trainer:
             rec["best_weights"] = winner
             ema_note = f", EMA {ema['test_accuracy']:.4f}"
         self.metrics.write(rec)
+        self.reporter.metrics({k: v for k, v in rec.items() if k != "confusion_matrix"})
         self.wandb.log_eval(rec, self.data.classes)
         self.tensorboard.log_eval(rec, self.data.classes)
         self.log(
@@ -596,7 +613,7 @@ class Trainer:
 
     def finish(self, ev: dict) -> dict:
         summary = self.summary(ev)
-        self.save_checkpoint(final=True)
+        self.save_checkpoint(final=True, summary=summary)
         if self.env.is_main:
             cfg, d = self.cfg, self.data
             export = {
@@ -664,11 +681,11 @@ class Trainer:
         self.log(format_report(summary, self.metrics.history))
 
 
-def train(cfg: Config, data: DataSource | None = None, model_factory=None) -> dict:
+def train(cfg: Config, data: DataSource | None = None, model_factory=None, reporter: Reporter | None = None) -> dict:
     with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory
-        trainer = Trainer(cfg, env, data=data, model_factory=model_factory)
+        trainer = Trainer(cfg, env, data=data, model_factory=model_factory, reporter=reporter)
         try:
             return trainer.fit()
         except BaseException:
@@ -676,3 +693,5 @@ def train(cfg: Config, data: DataSource | None = None, model_factory=None) -> di
             # (commands.entry), which skips wandb's own exit hooks and would leave the run unreadable.
             trainer.wandb.finish()
             raise
+        finally:
+            trainer.stop.uninstall()
