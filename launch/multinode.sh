@@ -42,6 +42,6 @@ is_host=$([ "$node_rank" = 0 ] && echo 1 || echo 0)
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 # dist_cnn.torchrun: torchrun that checks the training flags before starting workers (see launch/node.sh).
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m dist_cnn.torchrun --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$procs" \
+exec "$py" -m dist_cnn.distributed.torchrun --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$procs" \
   --rdzv_backend=c10d --rdzv_endpoint="$head" --rdzv_id="$run_id" --rdzv_conf="is_host=$is_host" \
   --max_restarts="$restarts" "${DIST_CNN_ENTRY:-$root/train.py}" "$@"

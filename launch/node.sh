@@ -16,4 +16,4 @@ fi
 # dist_cnn.torchrun is torchrun that checks the training flags once before starting the workers and
 # reports a failed worker in one line (DIST_CNN_TORCHRUN_VERBOSE=1: torchrun's full report).
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m dist_cnn.torchrun --standalone --nnodes=1 --nproc_per_node="$procs" "$root/train.py" "$@"
+exec "$py" -m dist_cnn.distributed.torchrun --standalone --nnodes=1 --nproc_per_node="$procs" "$root/train.py" "$@"
