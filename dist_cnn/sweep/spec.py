@@ -24,9 +24,7 @@ trial starts; a bad spec is one line and exit code 2.
 
 from __future__ import annotations
 
-import copy
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_cnn import config as C
@@ -99,22 +97,17 @@ class Spec:
 
 def _field(key: str):
     """(section, dataclass field, type) of 'section.name', or a one-line error."""
-    sections = dict(C._sections())
-    section, _, name = key.partition(".")
-    cls = sections.get(section)
-    found = [f for f in fields(cls) if f.name == name] if cls else []
-    if not found:
+    found = C.option_field(key)
+    if found is None:
         raise UserError(f"sweep.space: unknown option {key!r} (options are SECTION.FIELD, e.g. optim.lr)")
-    return section, found[0], typing.get_type_hints(cls)[name]
+    return found
 
 
 def _check_value(cfg: C.Config, key: str, value) -> None:
     """The option's own validation, on a copy of the base config with this value."""
-    section, f, typ = _field(key)
-    trial = copy.deepcopy(cfg)
+    _field(key)
     try:
-        setattr(getattr(trial, section), f.name, C._check_type(C._flag(f), value, typ))
-        C.validate(trial)
+        C.with_option(cfg, key, value)
     except UserError as e:
         raise UserError(f"sweep.space.{key}: {e}") from None
 
@@ -134,7 +127,7 @@ def _dim(cfg: C.Config, key: str, d) -> Dim:
             _check_value(cfg, key, v)
         return Dim(key, "choices", choices=[float(v) if typ is float else v for v in d["choices"]])
     if typ not in (int, float):
-        raise UserError(f"{where}: {C._flag(f)} is not a number: give choices = [...]")
+        raise UserError(f"{where}: {C.flag_of(f)} is not a number: give choices = [...]")
     if "low" not in d or "high" not in d:
         raise UserError(f"{where}: a range needs both low and high")
     low, high, log, step = d["low"], d["high"], d.get("log", False), d.get("step")
@@ -151,7 +144,7 @@ def _dim(cfg: C.Config, key: str, d) -> Dim:
         if log or isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
             raise UserError(f"{where}: step must be a positive number, and not with log")
         if typ is int and not isinstance(step, int):
-            raise UserError(f"{where}: {C._flag(f)} is an integer: step must be one too")
+            raise UserError(f"{where}: {C.flag_of(f)} is an integer: step must be one too")
     return Dim(key, "int" if typ is int else "float", low, high, log, step)
 
 
