@@ -17,6 +17,7 @@ import pytest
 from dist_cnn.sweep import spec as S
 from dist_cnn.sweep import study as study_mod
 from tests.support.common import PY, clean_env, read_events, read_summary, run_py, torchrun
+from tests.support.wandb_records import read_offline_run, read_records
 
 # 256 images, 8 steps an epoch, an evaluation after each of 4 epochs: the pruner sees 3 before the end.
 BASE = """
@@ -141,6 +142,7 @@ def test_sweep_survives_a_killed_driver_prunes_and_reruns_the_best(tmp_path):
 DIVERGING_SWEEP = """
 [sweep]
 trials = 2
+args = ["--wandb", "offline"]
 enqueue = [{ "optim.lr" = 1e8 }, { "optim.lr" = 0.1 }]
 [sweep.space]
 "optim.lr" = { choices = [0.1, 1e8] }
@@ -156,6 +158,14 @@ def test_a_diverging_trial_fails_alone_and_max_failures_ends_a_sweep(tmp_path):
     assert (failed.state.name, ok.state.name) == ("FAIL", "COMPLETE"), p.stdout
     assert failed.user_attrs["error"].startswith("loss was NaN/Inf"), failed.user_attrs
     assert "trial 0 failed: loss was NaN/Inf" in p.stdout
+    # W&B: one run per trial, in the sweep's group, the trial's values in its config
+    runs = [
+        next(r.run for r in read_records(f) if r.WhichOneof("record_type") == "run")
+        for n in (0, 1)
+        for f in (tmp_path / f"a/trials/{n:04d}/wandb").glob("offline-run-*/run-*.wandb")
+    ]
+    assert [(r.run_group, r.display_name) for r in runs] == [("a", "a-0000"), ("a", "a-0001")]
+    assert read_offline_run(tmp_path / "a/trials/0001")["config"]["optim"]["lr"] == 0.1
 
     p = sweep(spec, tmp_path / "b", "--max-failures", "1", check=1)
     # ended after the first failure: the second enqueued trial never started

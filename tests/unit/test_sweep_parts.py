@@ -12,6 +12,8 @@ from dist_cnn import config as C
 from dist_cnn.distributed.preempt import StopSignal
 from dist_cnn.errors import UserError
 from dist_cnn.sweep import report, tomlfile
+from dist_cnn.sweep import spec as S
+from dist_cnn.sweep import study as study_mod
 from dist_cnn.sweep.launch_local import make_slots
 from dist_cnn.sweep.trialfiles import TrialFiles, error_line, outcome
 
@@ -65,3 +67,30 @@ def test_report_sorts_by_the_objective_and_writes_best_toml(tmp_path):
     assert lines[4].split()[3] == "pruned"
     best = C.from_dict(C.load_file(str(report.write_best(tmp_path, study))))
     assert (best.optim.lr, best.log.out, best.ckpt.resume) == (study.best_params["optim.lr"], "", "none")
+
+
+SPEC = """
+[data]
+dataset = "synthetic"
+[sweep]
+trials = 2
+enqueue = [{ "optim.lr" = 0.08 }]
+[sweep.space]
+"optim.lr" = { low = 0.01, high = 1.0, log = true }
+"""
+
+
+@pytest.mark.parametrize("storage", [None, "sqlite"])
+def test_the_same_directory_continues_the_same_study(tmp_path, storage):
+    (tmp_path / "spec.toml").write_text(SPEC)
+    spec = S.load(str(tmp_path / "spec.toml"))
+    url = f"sqlite:///{tmp_path / 'x.db'}" if storage else None
+    study, record = study_mod.open_sweep(tmp_path / "out", spec, url, None)
+    assert record["name"] == "out" and record["storage"] == (url or f"journal:{tmp_path / 'out/journal.log'}")
+    assert [t.system_attrs["fixed_params"] for t in study.get_trials()] == [{"optim.lr": 0.08}]  # enqueued once
+    again, _ = study_mod.open_sweep(tmp_path / "out", spec, None, None)
+    assert len(again.get_trials()) == 1 and again.study_name == "out"
+    loaded, _ = study_mod.load_sweep(tmp_path / "out")
+    assert loaded.study_name == "out"
+    with pytest.raises(UserError, match="its study is named out, not other"):
+        study_mod.open_sweep(tmp_path / "out", spec, None, "other")
