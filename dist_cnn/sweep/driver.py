@@ -149,7 +149,7 @@ class Driver:
         while True:
             self._reap()
             if self.interrupted:
-                if not self.running:
+                if not self.running or self.launcher.detached:  # SLURM jobs go on; the next driver finds them
                     self.log("sweep stopped; the same command continues it (running trials resume)")
                     return 128 + self.interrupted
             elif self.max_failures and self._failures() >= self.max_failures:

@@ -132,6 +132,8 @@ class LocalTrial:
 
 
 class LocalLauncher:
+    detached = False  # its trials stop with the driver
+
     def __init__(self, parallel: int, procs: int, extra_env: dict | None = None):
         self.procs, self.extra_env = procs, extra_env or {}
         self.free = make_slots(parallel, procs)

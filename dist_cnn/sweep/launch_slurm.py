@@ -41,6 +41,8 @@ class SlurmTrial:
 
 
 class SlurmLauncher:
+    detached = True  # its trials outlive the driver
+
     def __init__(self, parallel: int, sbatch_args: list[str], script: str, extra_env: dict | None = None):
         if not Path(script).is_file():
             raise UserError(f"--slurm-script {script}: no such file (run the sweep from the repository root)")
