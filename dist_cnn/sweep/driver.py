@@ -80,7 +80,7 @@ class Driver:
         how = "resumed" if resumed else "started"
         self.log(f"trial {trial.number} {how}: {_params_text(trial.params)}  ({files.run_dir})")
 
-    def _tell(self, number: int, code: int) -> None:
+    def _tell(self, number: int, code: int | None) -> None:
         """Tell the study how a trial whose run ended did; its files say which."""
         import optuna
 
@@ -95,7 +95,8 @@ class Driver:
             self.study.tell(number, state=S.PRUNED)
             self.log(f"trial {number} pruned at step {data['step']}")
         else:
-            err = error_line(files, f"the run exited with code {code} without a result")
+            how = f"exited with code {code}" if code else "ended"
+            err = error_line(files, f"the run {how} without a result")
             trial_id = self._trials_by_number()[number]._trial_id
             optuna.trial.Trial(self.study, trial_id).set_user_attr("error", err)
             self.study.tell(number, state=S.FAIL)
@@ -120,7 +121,7 @@ class Driver:
                 self.running[trial.number] = job
                 self.log(f"trial {trial.number}: found its job {getattr(job, 'job', '')} still queued or running")
             elif outcome(files)[0] != "unfinished" or (files.job.is_file() and files.config.is_file()):
-                self._tell(trial.number, 0)  # it ended while no driver watched it
+                self._tell(trial.number, None)  # it ended while no driver watched it
             else:
                 pending.append(self._decided(trial))
         return pending
@@ -154,8 +155,8 @@ class Driver:
                     return 128 + self.interrupted
             elif self.max_failures and self._failures() >= self.max_failures:
                 if not self.running:
-                    raise_failures = f"{self._failures()} trials failed (--max-failures {self.max_failures})"
-                    self.log(f"sweep ended: {raise_failures}")
+                    why = f"{self._failures()} trials failed (--max-failures {self.max_failures})"
+                    self.log(f"sweep ended: {why}")
                     return 1
             else:
                 started = self._finished() + len(self.running) + len(pending)

@@ -7,6 +7,7 @@ the same trial. The sweep directory must be on a filesystem that the nodes share
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -30,8 +31,13 @@ class SlurmTrial:
         self.files, self.job = files, job
 
     def poll(self) -> int | None:
-        """None while the job is queued, running or requeued; then 0 (the outcome is in its files)."""
-        return None if job_state(self.job) is not None else 0
+        """None while the job is queued, running or requeued; then the job's exit code (0 when SLURM has
+        forgotten it: the outcome itself is in the trial's files)."""
+        if job_state(self.job) is not None:
+            return None
+        out = subprocess.run(["scontrol", "show", "job", self.job], capture_output=True, text=True)
+        found = re.search(r"\bExitCode=(\d+):(\d+)", out.stdout)
+        return int(found.group(1)) if found else 0
 
     def stop(self) -> None:
         pass  # the jobs outlive the driver: a driver started again finds them
