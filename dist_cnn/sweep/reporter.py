@@ -28,8 +28,9 @@ def option(cfg: Config, key: str):
 
 
 class TrialReporter:
-    def __init__(self, link: dict, env: DistEnv, log):
+    def __init__(self, link: dict, env: DistEnv, log, ranks: list[dict]):
         self.link, self.env, self.log = link, env, log
+        self.ranks = ranks  # each rank's values of the searched options, checked equal to the trial's
         self.objective, self.number = link["objective"], link["number"]
         self._trial = None  # the Optuna trial, opened by rank 0 at its first report
 
@@ -51,9 +52,7 @@ class TrialReporter:
                 f"sweep trial {link['number']}: rank {bad[0]} trains with {every[bad[0]]}, "
                 f"not the trial's {link['params']}"
             )
-        reporter = cls(link, env, log)
-        reporter.ranks = every
-        return reporter
+        return cls(link, env, log, every)
 
     def start_event(self) -> dict:
         """The metrics.jsonl record of this trial: its study, number, values, and each rank's values."""
