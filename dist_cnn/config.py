@@ -7,6 +7,7 @@ Every field is a flag: `--<field-name>` with dashes, unless its metadata names a
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -545,6 +546,31 @@ def from_args(ns: argparse.Namespace) -> Config:
     apply_dict(cfg, nested, where="flags")
     validate(cfg)
     return cfg
+
+
+def option_field(key: str):
+    """(section, dataclass field, type) of an option named 'section.field' (e.g. optim.lr); None if unknown."""
+    section, _, name = key.partition(".")
+    cls = dict(sections()).get(section)
+    found = [f for f in fields(cls) if f.name == name] if cls else []
+    return (section, found[0], typing.get_type_hints(cls)[name]) if found else None
+
+
+def flag_of(f) -> str:
+    """The command-line flag of a config field (--lr for optim.lr)."""
+    return flag_name(f)
+
+
+def with_option(cfg: Config, key: str, value) -> Config:
+    """A copy of `cfg` with one option set, checked as a flag would be (type, range, cross-field rules)."""
+    found = option_field(key)
+    if found is None:
+        raise UserError(f"unknown option {key!r}")
+    section, f, typ = found
+    out = copy.deepcopy(cfg)
+    setattr(getattr(out, section), f.name, _check_type(flag_name(f), value, typ))
+    validate(out)
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

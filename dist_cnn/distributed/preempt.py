@@ -24,6 +24,7 @@ INTERRUPT_NOTICE = (
 class StopSignal:
     def __init__(self, announce: bool = True):
         self.signum = 0
+        self.pruned = False  # a sweep's pruner stopped the run: a finished trial, not an interruption
         self.announce = announce  # rank 0 says what Ctrl-C does; the other ranks stay quiet
         self._previous: dict = {}
 
@@ -52,13 +53,16 @@ class StopSignal:
         if self.announce:
             os.write(2, INTERRUPT_NOTICE.encode())  # not print(): a handler may interrupt a print
 
+    def prune(self) -> None:
+        self.pruned = True
+
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum) if self.signum else 0
 
     @property
     def requested(self) -> bool:
-        return self.signum != 0
+        return self.signum != 0 or self.pruned
 
     @property
     def wants_requeue(self) -> bool:

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             rest = rest[1:]
         code = check_train_args(rest)
         return 0 if code is None else code
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         if code != 2:  # 2: a worker's own one-line error already said everything
             print(_describe(rank, failure), file=sys.stderr)
         return code
+    except SignalException as e:  # SIGTERM/SIGINT to torchrun itself: it has passed it on to the workers
+        if verbose:
+            raise
+        print(f"torchrun: stopped by {signal.Signals(e.sigval).name}; the workers were stopped too", file=sys.stderr)
+        return 128 + int(e.sigval)
     return 0
 
 

@@ -35,6 +35,7 @@ from dist_cnn.observability.report import format_report, write_plots
 from dist_cnn.observability.reporter import Reporter
 from dist_cnn.observability.tensorboard_logger import TensorBoardLogger
 from dist_cnn.observability.wandb_logger import WandbLogger
+from dist_cnn.sweep.reporter import TrialReporter
 from dist_cnn.train import checkpoint
 from dist_cnn.train import precision as P
 from dist_cnn.train.allocator import tune_malloc
@@ -175,6 +176,7 @@ class Trainer:
         )
         self.stop = StopSignal(announce=main)
         self.stop.install()
+        self.trial = TrialReporter.from_environ(cfg, env, self.log)  # None unless a sweep started the run
         self.profiler = StepProfiler(
             cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack, self.log
         )
@@ -390,6 +392,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or a stop signal), evaluating as configured; returns the summary."""
         cfg, t = self.cfg, self.cfg.train
+        if self.trial:
+            self.metrics.write(self.trial.start_event())
         if self.env.is_main:
             self.writes.attempt("config.json", lambda: config_mod.save(cfg, self.run_dir / "config.json"))
             self.log(
@@ -530,7 +534,13 @@ class Trainer:
     requeued = False
 
     def handle_stop(self) -> bool:
-        requeue = D.broadcast_object(self.stop.wants_requeue, self.env)
+        requeue, pruned = D.broadcast_object((self.stop.wants_requeue, self.stop.pruned), self.env)
+        if pruned:  # rank 0's decision, which the other ranks only saw as "stop"
+            self.log(f"pruned by the sweep: checkpoint written at step {self.step}")
+            self.wandb.finish()
+            self.tensorboard.finish()
+            self.progress.close()
+            return True
         self.log(f"stop signal: checkpoint written at step {self.step}")
         self.wandb.finish()  # complete the W&B files inside the grace period; a requeue resumes the run
         self.tensorboard.finish()
@@ -586,6 +596,9 @@ class Trainer:
         self.reporter.metrics({k: v for k, v in rec.items() if k != "confusion_matrix"})
         self.wandb.log_eval(rec, self.data.classes)
         self.tensorboard.log_eval(rec, self.data.classes)
+        if self.trial and self.trial.should_prune(rec, last=self.step >= self.total_steps):
+            self.metrics.write({"event": "pruned", "step": self.step, "epoch": self.epoch})
+            self.stop.prune()  # rank 0's stop flag: all ranks agree on it at the next step
         self.log(
             f"epoch {self.epoch}: test accuracy {res['test_accuracy']:.4f} "
             f"({res['test_correct']}/{res['test_total']}){ema_note}, {self.meter.seconds:.1f} s of training"
