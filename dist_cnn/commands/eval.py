@@ -78,7 +78,7 @@ def main_eval(argv) -> int:
         cfg.data.data_dir = args.data_dir
     with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
         if state.get("loader") == "stream":  # trained on a streamed folder: evaluated the same way
-            data = load_index(cfg.data, env)
+            data = load_index(cfg.data, env, cfg.dist.timeout)
             _check_classes(state, data, cfg)
             prepared = prepare_model(cfg, data, env.device, state)
             test = StreamEval(

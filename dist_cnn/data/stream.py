@@ -39,6 +39,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms.v2 import RandomResizedCrop
 
 from dist_cnn.data.datasets import scan_classes
+from dist_cnn.data.shards.source import open_split_readers
 from dist_cnn.distributed.process_group import main_only
 from dist_cnn.errors import UserError
 from dist_cnn.data.loader import Augment, Normalize, _draws, _image_aug, crop_flip, epoch_plan, eval_shard, rank_slice
@@ -64,6 +65,21 @@ class FileList:
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, os.fsdecode(self.paths[i]))
+
+    # the sample-source interface the stream pipeline reads through (shards offer it too)
+    kind = "imagefolder"
+    name = path
+
+    def label(self, i: int) -> int:
+        return int(self.labels[i])
+
+    def read(self, i: int) -> bytes:
+        path = self.path(i)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise UserError(f"imagefolder: cannot read {path} ({e.strerror or e})") from None
 
 
 @dataclass
@@ -116,8 +132,16 @@ def scan_folder(root: str, image_size: int, test_split: str = "test") -> FolderI
     )
 
 
-def load_index(data_cfg, env) -> FolderIndex:
-    """One rank lists the folder (a million files on a shared filesystem), the others receive the list."""
+def load_index(data_cfg, env, timeout: float = 300.0) -> FolderIndex:
+    """One rank lists the folder (a million files on a shared filesystem) or reads the shards' index,
+    the others receive the list."""
+    if data_cfg.dataset == "shards":
+
+        def open_shards():
+            classes, train, test = open_split_readers(data_cfg, timeout, log=lambda m: print(m, flush=True))
+            return FolderIndex("shards", classes, train, test, data_cfg.image_size)
+
+        return main_only(env, open_shards)
     return main_only(env, lambda: scan_folder(data_cfg.data_dir, data_cfg.image_size, data_cfg.test_split))
 
 
@@ -143,8 +167,11 @@ def decode_file(path: str) -> torch.Tensor:
     return decode_bytes(raw, path)
 
 
-def decode_bytes(raw: bytes, path: str) -> torch.Tensor:
+def decode_bytes(raw: bytes, path: str, what: str = "imagefolder") -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
+
+    if not raw:
+        raise UserError(f"{what}: cannot decode image {path} (empty file)")
 
     try:
         with warnings.catch_warnings():  # deprecated in favour of torchcodec, but the fastest CPU decoders here
@@ -154,12 +181,12 @@ def decode_bytes(raw: bytes, path: str) -> torch.Tensor:
             return img
     except RuntimeError as e:
         if "truncated" in str(e) or "corrupt" in str(e).lower():
-            raise UserError(f"imagefolder: cannot decode image {path} ({_last_clause(e)})") from None
+            raise UserError(f"{what}: cannot decode image {path} ({_last_clause(e)})") from None
     try:  # formats torchvision does not decode, or 16-bit PNGs
         with Image.open(io.BytesIO(raw)) as im:
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except Exception as e:
-        raise UserError(f"imagefolder: cannot decode image {path} ({_last_clause(e)})") from None
+        raise UserError(f"{what}: cannot decode image {path} ({_last_clause(e)})") from None
 
 
 def _last_clause(e: BaseException) -> str:
@@ -247,7 +274,7 @@ class StreamImages(TorchDataset):
             try:
                 return self._load(epoch, index, j, tuple(skipped), flip)
             except UserError as e:
-                if not self.skip_bad:
+                if not self.skip_bad or getattr(e, "fatal", False):  # fatal: the dataset, not one image
                     return Sample(torch.zeros(0, dtype=torch.uint8), -1, error=str(e))
                 skipped.append(j)
                 if not self.train:  # a test image that cannot be read is left out of the score
@@ -259,16 +286,15 @@ class StreamImages(TorchDataset):
                     )
 
     def _load(self, epoch: int, index: int, j: int, skipped: tuple, flip: bool) -> Sample:
-        path, label = self.files.path(j), int(self.files.labels[j])
+        files = self.files
+        path, label, raw = files.name(j), files.label(j), files.read(j)
         if self.raw_jpeg:
-            with open(path, "rb") as f:
-                raw = f.read()
             if raw[:2] == b"\xff\xd8":  # a JPEG: only its size is read here, nvjpeg decodes it
                 try:
                     with Image.open(io.BytesIO(raw)) as im:
                         width, height = im.size
                 except Exception as e:
-                    raise UserError(f"imagefolder: cannot decode image {path} ({_last_clause(e)})") from None
+                    raise UserError(f"{files.kind}: cannot decode image {path} ({_last_clause(e)})") from None
                 box = self.draws(epoch, index, height, width) if self.train else None
                 return Sample(
                     torch.frombuffer(bytearray(raw), dtype=torch.uint8),
@@ -279,7 +305,7 @@ class StreamImages(TorchDataset):
                     box=box,
                     flip=flip,
                 )
-        img = decode_file(path)
+        img = decode_bytes(raw, path, files.kind)
         if self.train:
             img = train_transform(img, self.draws(epoch, index, img.shape[1], img.shape[2]), self.size)
         else:
@@ -393,7 +419,7 @@ class _Batches:
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
-            return decode_bytes(data.numpy().tobytes(), self.files.path(source)).to(self.device)
+            return decode_bytes(data.numpy().tobytes(), self.files.name(source), self.files.kind).to(self.device)
 
 
 # ----------------------------------------------------------------------------- training pipeline
@@ -438,11 +464,13 @@ class StreamPipeline:
         skip_bad: bool = False,
         decode: str = "cpu",
         image_aug=None,
+        order=None,
     ):
+        """order(epoch) -> the epoch's permutation, instead of epoch_plan's (--shuffle shards:K)."""
         if decode == "gpu" and device.type != "cuda":
             raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
         self.n, self.batch, self.rank, self.world = len(files), batch_per_rank, rank, world
-        self.seed, self.aug, self.image_aug = seed, aug, image_aug
+        self.seed, self.aug, self.image_aug, self.order = seed, aug, image_aug, order
         self.normalize, self.device = normalize, device
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step, self.current_epoch = None, 0, 0
@@ -464,7 +492,7 @@ class StreamPipeline:
         return self.to_device.skipped
 
     def epoch(self, epoch: int, start_step: int = 0):
-        self.plan = epoch_plan(self.n, self.seed, epoch, self.aug)
+        self.plan = epoch_plan(self.n, self.seed, epoch, self.aug, None if self.order is None else self.order(epoch))
         self.start_step, self.current_epoch = start_step, epoch
         for step, batch in enumerate(_iterate(self.loader), start=start_step):
             x, y = self.to_device(batch)
@@ -607,9 +635,11 @@ def fits_in_memory(index: FolderIndex, device: torch.device, local_world: int = 
     )
 
 
-def open_folder(data_cfg, env) -> tuple[FolderIndex | None, str]:
+def open_folder(data_cfg, env, timeout: float = 300.0) -> tuple[FolderIndex | None, str]:
     """The file index to stream, or None to load the dataset into memory; and why, for the log.
     --loader stream streams; auto streams an image folder whose decoded size exceeds the budget."""
+    if data_cfg.dataset == "shards":
+        return load_index(data_cfg, env, timeout), "--dataset shards"
     if data_cfg.dataset != "imagefolder" or data_cfg.loader not in ("auto", "stream"):
         return None, ""
     if data_cfg.decode == "gpu" and env.device.type != "cuda":

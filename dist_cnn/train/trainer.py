@@ -22,6 +22,7 @@ from dist_cnn.config import Config
 from dist_cnn.data.augment import BatchMix, ImageAugment
 from dist_cnn.data.datasets import Dataset, load_dataset
 from dist_cnn.data.loader import Augment, DevicePipeline, LoaderPipeline
+from dist_cnn.data.shards.order import make_order
 from dist_cnn.data.stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
 from dist_cnn.distributed import parallel
 from dist_cnn.distributed import process_group as D
@@ -165,7 +166,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
     def _load_data(self):
         """In-memory tensors, or the file index of an image folder to stream (stream.open_folder)."""
-        index, self.loader_note = open_folder(self.cfg.data, self.env)
+        index, self.loader_note = open_folder(self.cfg.data, self.env, self.cfg.dist.timeout)
         if index is not None:
             return attach_sample(index, self.cfg.data, self.env)
         return D.main_then_all(self.env, lambda: load_dataset(self.cfg.data, log=self.log))
@@ -212,6 +213,7 @@ class Trainer:
                 crop_scale=config_mod.parse_crop_scale(cfg.data.crop_scale),
                 skip_bad=cfg.data.skip_bad_images,
                 decode=cfg.data.decode,
+                order=make_order(d.train, cfg.data.shuffle, cfg.train.seed),
                 **kw,
             )
         kind = cfg.data.loader
