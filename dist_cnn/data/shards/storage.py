@@ -159,7 +159,11 @@ class Storage:
             if entry.get("type") == "directory":
                 continue
             base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            out[f"{folder}/{base}" if folder else base] = entry.get("size")
+            name = f"{folder}/{base}" if folder else base
+            size = entry.get("size")
+            if size is None and name.endswith(".tar"):  # directory pages of web servers carry no sizes
+                size = self.size(name)
+            out[name] = size
         return out
 
     def size(self, name: str) -> int | None:
@@ -177,6 +181,7 @@ class Storage:
         """fn() with the whole call bounded by the timeout: the first contact with a remote location."""
         if self.local:
             return fn()
+        self.fs  # the client's imports and set-up are not the server's time  # noqa: B018
         box: dict = {}
 
         def run():
@@ -189,7 +194,9 @@ class Storage:
         t.start()
         t.join(self.timeout)
         if t.is_alive():
-            raise UserError(f"shards: no answer from {self.url} within --timeout {self.timeout:g} s")
+            raise UserError(
+                f"shards: no answer from {self.url} within --timeout {self.timeout:g} s (server or bucket unreachable?)"
+            )
         if "error" in box:
             raise box["error"]
         return box.get("value")
