@@ -42,7 +42,10 @@ class DataConfig:
     )
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
     image_size: int = opt(
-        32, "imagefolder: images are resized to this square size (stream: the crop size)", low=4, high=1024
+        32,
+        "imagefolder, shards: the square size images are prepared to (--eval-resize, --train-crop)",
+        low=4,
+        high=1024,
     )
     synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=200_000)
     synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=200_000)
@@ -50,7 +53,8 @@ class DataConfig:
         "auto",
         "input pipeline: in-memory tensors on the device, a DataLoader over them, or "
         "stream (imagefolder: decode files per batch in workers, nothing cached); auto picks "
-        "device, or stream for an image folder too large to decode into memory",
+        "device, or stream for an image folder too large to decode into memory; the "
+        "batches are the same whichever pipeline reads them",
         choices=("auto", "device", "dataloader", "stream"),
     )
     workers: int = opt(
@@ -61,17 +65,36 @@ class DataConfig:
         high=256,
     )
     test_split: str = opt("test", "imagefolder: the test split's folder beside train/ (ImageNet: val)")
+    train_crop: str = opt(
+        "none",
+        "training images: none = prepared as test images are (--eval-resize), then the batch "
+        "augmentations; random-resized = RandomResizedCrop of the decoded file (--crop-scale; "
+        "ImageNet recipes; image folders read by --loader stream or auto). The same for every loader",
+        choices=("none", "random-resized"),
+    )
     crop_scale: str = opt(
         "0.08,1",
-        "stream: RandomResizedCrop's area range 'MIN,MAX' for training "
-        "images (one number s = 's,s'; 1 = the whole image, resized)",
+        "--train-crop random-resized: the crop's area range 'MIN,MAX' (one number s = 's,s')",
+    )
+    eval_resize: str = opt(
+        "stretch",
+        "test images (and predict): stretch = resize to image_size x image_size (nothing to do when "
+        "they are that size already); center-crop = resize the shorter side to floor(image_size / "
+        "--eval-crop-ratio), then centre-crop. The same for every loader",
+        choices=("stretch", "center-crop"),
     )
     eval_crop_ratio: float = opt(
         0.875,
-        "stream: test images are resized to image_size / ratio (shorter "
-        "side), then centre-cropped to image_size (1 = no margin)",
+        "--eval-resize center-crop: the crop's share of the resized shorter side (1 = no margin)",
         above=0,
         high=1,
+    )
+    max_image_pixels: int = opt(
+        89_478_485,
+        "image files: refuse one whose header declares more pixels than this, before decoding "
+        "(PIL's limit; 0 = no limit)",
+        low=0,
+        high=2**40,
     )
     skip_bad_images: bool = opt(
         False,
@@ -508,6 +531,13 @@ def _check_data(d) -> None:
         raise UserError(f"--loader stream reads image folders: use --dataset imagefolder (got {d.dataset})")
     if d.dataset == "shards" and d.loader not in ("stream", "auto"):
         raise UserError(f"--dataset shards is streamed: use --loader stream or auto (got --loader {d.loader})")
+    if d.train_crop == "random-resized" and (
+        d.dataset not in ("imagefolder", "shards") or d.loader in ("device", "dataloader")
+    ):
+        raise UserError(
+            "--train-crop random-resized crops the decoded image files: use --dataset imagefolder or shards with "
+            f"--loader stream or auto (got --dataset {d.dataset} --loader {d.loader})"
+        )
     _check_shards(d)
     if d.decode == "gpu" and d.loader not in ("stream", "auto"):
         raise UserError(f"--decode gpu is for --loader stream (got --loader {d.loader})")

@@ -62,8 +62,12 @@ def _test_images(im: InferenceModel, n: int) -> tuple[torch.Tensor, str]:
     known = {k: v for k, v in stored.items() if k in DataConfig.__dataclass_fields__}
     try:
         data = load_dataset(DataConfig(**{**known, "download": False}))
-        if data.test_x.shape[1:] == (im.in_channels, im.image_size, im.image_size) and len(data.test_x):
-            return data.test_x[:n], f"{min(n, len(data.test_x))} test images of {data.name}"
+        batches = data.eval_batches(
+            rank=0, world=1, normalize=lambda x: x, device=torch.device("cpu"), batch_size=n, workers=0
+        )
+        x, _ = next(iter(batches), (None, None))
+        if x is not None and tuple(x.shape[1:]) == (im.in_channels, im.image_size, im.image_size):
+            return x[:n], f"{min(n, len(x))} test images of {data.name}"
     except (UserError, OSError, TypeError):
         pass
     g = torch.Generator().manual_seed(0)
@@ -75,7 +79,7 @@ def _given_images(im: InferenceModel, paths, n: int) -> tuple[torch.Tensor, str]
     files = list_images(paths)[:n]
     try:
         return torch.stack([load_image(f, im) for f in files]), f"{len(files)} given images"
-    except ValueError as e:
+    except UserError as e:
         raise UserError(f"--images: {e}") from None
 
 

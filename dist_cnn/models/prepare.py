@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from dist_cnn.config import Config
-from dist_cnn.data.datasets import Dataset
-from dist_cnn.data.loader import Normalize, normalization_stats
-from dist_cnn.models.registry import build_model, init_sample
+from dist_cnn.data.loader import Normalize
+from dist_cnn.data.source import DataSource
+from dist_cnn.models.registry import build_model
 from dist_cnn.models.weights import init_from, load_pretrained
 from dist_cnn.train.checkpoint import check_compatible
 
@@ -28,7 +28,7 @@ class Prepared:
 
 def prepare_model(
     cfg: Config,
-    data: Dataset,
+    data: DataSource,
     device: torch.device,
     state: dict | None = None,
     *,
@@ -41,13 +41,10 @@ def prepare_model(
     --pretrained / --init-from apply (a resumed one loads its own checkpoint afterwards)."""
     shape = dict(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size)
     model = factory(**shape) if factory else build_model(cfg.model.name, **shape)
-    sample = getattr(data, "sample", None)  # a streamed folder's (stream.attach_sample): no train_x in memory
     if state is not None and "mean" in state:
         mean, std = list(state["mean"]), list(state["std"])  # the run's own normalization, as trained
-    elif sample is not None:
-        mean, std = sample.mean, sample.std
     else:
-        mean, std = normalization_stats(data.train_x, cfg.data.normalize)
+        mean, std = data.normalization(cfg.data.normalize)
     normalize = Normalize(mean, std, device, cfg.model.channels_last)
     if state is not None:
         check_compatible(
@@ -59,7 +56,7 @@ def prepare_model(
         model.load_state_dict(state["model"])
     else:
         if hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
-            x = sample.x if sample is not None else data.train_x[init_sample(len(data.train_x), 5000, cfg.train.seed)]
+            x, _ = data.probe(5000, cfg.train.seed)
             model.init_from_data(normalize(x.to(device)).cpu())
         if starting_weights and cfg.model.pretrained:
             load_pretrained(model, cfg.model.name, data.num_classes, data.in_channels, log)

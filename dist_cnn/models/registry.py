@@ -377,14 +377,6 @@ def whitening_weights(images: torch.Tensor, eps: float = 5e-4, k: int = 2) -> to
     return torch.cat((w, -w)).float()
 
 
-def init_sample(n: int, k: int, seed: int) -> torch.Tensor:
-    """Indices of the k training images a data-initialized layer sees: a uniform sample without
-    replacement (airbench takes the first 5,000 of a shuffled set; an image folder is sorted by class),
-    the same on every rank for a given seed."""
-    g = torch.Generator().manual_seed(seed + 0x5EED)
-    return torch.randperm(n, generator=g)[:k].sort().values
-
-
 class Airbench(nn.Module):
     def __init__(self, in_channels=3, num_classes=10, widths=(64, 256, 256), scale=1 / 9):
         super().__init__()

@@ -20,10 +20,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_cnn import config as config_mod
 from dist_cnn.config import Config
 from dist_cnn.data.augment import BatchMix, ImageAugment
-from dist_cnn.data.datasets import Dataset, load_dataset
-from dist_cnn.data.loader import Augment, DevicePipeline, LoaderPipeline
-from dist_cnn.data.shards.order import make_order
-from dist_cnn.data.stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
+from dist_cnn.data.loader import Augment
+from dist_cnn.data.open import open_source
+from dist_cnn.data.source import DataSource, upgrade_stored_config
+from dist_cnn.data.stream import default_workers
 from dist_cnn.distributed import parallel
 from dist_cnn.distributed import process_group as D
 from dist_cnn.distributed.preempt import StopSignal, requeue_slurm_job
@@ -40,7 +40,7 @@ from dist_cnn.train import precision as P
 from dist_cnn.train.allocator import tune_malloc
 from dist_cnn.train.checkpoint import CheckpointPolicy
 from dist_cnn.train.ema import ModelEMA, adjusted_decay
-from dist_cnn.train.evaluate import evaluate, evaluate_batches
+from dist_cnn.train.evaluate import evaluate_source
 from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps
 from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
@@ -86,7 +86,7 @@ class Trainer:
     """Build everything from the config, then fit(). `data` skips loading (benchmarks, the Python API);
     `model_factory` builds the model instead of `cfg.model.name` (the Python API)."""
 
-    def __init__(self, cfg: Config, env: D.DistEnv, data: Dataset | None = None, model_factory=None):
+    def __init__(self, cfg: Config, env: D.DistEnv, data: DataSource | None = None, model_factory=None):
         self.cfg, self.env = cfg, env
         t, main = cfg.train, env.is_main
         self.log = Progress(main, False, 0).print  # replaced once the step count is known
@@ -102,6 +102,10 @@ class Trainer:
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
         self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
+        if state is not None and "eval_resize" not in state["config"].get("data", {}):
+            # a run from before the recipe options resumes with the recipe its loader gave it
+            legacy = upgrade_stored_config(state["config"].get("data", {}), state.get("loader"))
+            cfg.data.train_crop, cfg.data.eval_resize = legacy["train_crop"], legacy["eval_resize"]
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()
 
@@ -120,7 +124,7 @@ class Trainer:
         self.pipeline = self._build_pipeline()
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({self.pipeline.n})")
+            raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({self.data.train_size})")
         self.total_steps = total_steps(t.epochs, self.steps_per_epoch, t.max_steps)
         self.schedule = build_schedule(self.optimizer, self.total_steps, cfg.optim)
         self.scaler = P.grad_scaler(self.precision, env.device)
@@ -164,25 +168,23 @@ class Trainer:
         )
 
     # ---- setup -------------------------------------------------------------------------------
-    def _load_data(self):
-        """In-memory tensors, or the file index of an image folder to stream (stream.open_folder)."""
-        index, self.loader_note = open_folder(self.cfg.data, self.env, self.cfg.dist.timeout)
-        if index is not None:
-            return attach_sample(index, self.cfg.data, self.env)
-        return D.main_then_all(self.env, lambda: load_dataset(self.cfg.data, log=self.log))
+    def _load_data(self) -> DataSource:
+        """The source the config names (data.open_source: in memory or streamed, and why)."""
+        source, self.loader_note = open_source(self.cfg.data, self.env, log=self.log, timeout=self.cfg.dist.timeout)
+        return source
 
     @property
     def train_size(self) -> int:
-        return len(self.data.train) if isinstance(self.data, FolderIndex) else len(self.data.train_x)
+        return self.data.train_size
 
     def _resolve_precision(self) -> tuple[str, str]:
         """(precision, why); `auto` is a rule from the hardware, or a measurement cached per machine,
         model, input and batch, so the same command resolves the same way every time."""
         if self.cfg.train.precision != "auto":
             return self.cfg.train.precision, "as asked"
-        n, d = min(self.batch_per_rank, 64), self.data
-        x, y = (d.sample.x, d.sample.y) if isinstance(d, FolderIndex) else (d.train_x, d.train_y)
-        x, y = self.normalize(x[:n].to(self.env.device)), y[:n].to(self.env.device)
+        x, y = self.data.probe(min(self.batch_per_rank, 64), self.cfg.train.seed)
+        x, y = self.normalize(x.to(self.env.device)), y.to(self.env.device)
+        n = len(x)
         probe = P.time_training_step(self.raw_model, x, y)
         what = {
             "model": self.cfg.model.name,
@@ -193,8 +195,9 @@ class Trainer:
         return P.resolve_auto(self.env.device, what, probe)
 
     def _build_pipeline(self):
-        cfg, env, d = self.cfg, self.env, self.data
-        kw = dict(
+        cfg, env = self.cfg, self.env
+        pipeline = self.data.train_batches(
+            loader=cfg.data.loader,
             batch_per_rank=self.batch_per_rank,
             rank=env.rank,
             world=env.world_size,
@@ -203,32 +206,10 @@ class Trainer:
             image_aug=ImageAugment(cfg.data.auto_augment, cfg.data.random_erase, cfg.train.seed, self.mean),
             normalize=self.normalize,
             device=env.device,
+            workers=default_workers(cfg.data.workers),
         )
-        if isinstance(d, FolderIndex):
-            self.loader_kind, self._test_stream = "stream", None
-            return StreamPipeline(
-                d.train,
-                workers=cfg.data.workers,
-                image_size=d.image_size,
-                crop_scale=config_mod.parse_crop_scale(cfg.data.crop_scale),
-                skip_bad=cfg.data.skip_bad_images,
-                decode=cfg.data.decode,
-                order=make_order(d.train, cfg.data.shuffle, cfg.train.seed),
-                **kw,
-            )
-        kind = cfg.data.loader
-        if kind == "auto":
-            kind = "device" if self._fits_on_device(d.train_x) else "dataloader"
-        self.loader_kind = kind
-        if kind == "device":
-            return DevicePipeline(d.train_x, d.train_y, **kw)
-        return LoaderPipeline(d.train_x, d.train_y, workers=default_workers(cfg.data.workers), **kw)
-
-    def _fits_on_device(self, x: torch.Tensor) -> bool:
-        if self.env.device.type != "cuda":
-            return True  # already in RAM: the device pipeline just indexes it
-        free, _ = torch.cuda.mem_get_info(self.env.device)
-        return x.numel() * 2 < free * 0.5  # uint8 data plus room for the model
+        self.loader_kind = pipeline.kind
+        return pipeline
 
     # ---- checkpoint state --------------------------------------------------------------------
     def _state(self) -> dict:
@@ -550,26 +531,14 @@ class Trainer:
 
     def _evaluate(self, model) -> dict | None:
         """The test metrics of `model`; None when a stop signal cut the evaluation short."""
-        d = self.data
-        if isinstance(d, FolderIndex):
-            return evaluate_batches(
-                model,
-                self._test_batches(),
-                len(d.test),
-                num_classes=d.num_classes,
-                env=self.env,
-                precision=self.precision,
-                tta=self.cfg.train.tta,
-                should_stop=lambda: self.stop.requested,
-            )
-        return evaluate(
+        return evaluate_source(
             model,
-            d.test_x,
-            d.test_y,
-            num_classes=d.num_classes,
+            self.data,
             normalize=self.normalize,
             env=self.env,
             precision=self.precision,
+            batch_size=1000 if self.data.adaptive_eval else 2 * self.batch_per_rank,
+            workers=self.cfg.data.workers,
             tta=self.cfg.train.tta,
             should_stop=lambda: self.stop.requested,
         )
@@ -580,8 +549,7 @@ class Trainer:
         res = self._evaluate(self.model)
         if res is None:
             return None
-        if isinstance(self.data, FolderIndex):
-            res["skipped_images"] = self._count_skipped()
+        res["skipped_images"] = self._count_skipped()
         rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.meter.seconds}
         score, winner, ema_note = res["test_accuracy"], "model", ""
         if self.ema:  # the average is scored beside the model; the better of the two may make best.pt
@@ -605,28 +573,9 @@ class Trainer:
             self.save_checkpoint(is_best=True)
         return rec
 
-    def _test_batches(self):
-        """This rank's shard of a streamed test folder (workers started once, kept between evaluations)."""
-        if self._test_stream is None:
-            c, d = self.cfg.data, self.data
-            self._test_stream = StreamEval(
-                d.test,
-                rank=self.env.rank,
-                world=self.env.world_size,
-                image_size=d.image_size,
-                eval_crop_ratio=c.eval_crop_ratio,
-                device=self.env.device,
-                workers=c.workers,
-                batch_size=2 * self.batch_per_rank,
-                skip_bad=c.skip_bad_images,
-                decode=c.decode,
-            )
-        return self._test_stream.batches(self.normalize)
-
     def _count_skipped(self) -> int:
         """Distinct unreadable files any rank has found (--skip-bad-images); new ones are named in the log."""
-        d = self.data
-        mine = {d.train.path(i) for i in self.pipeline.skipped} | {d.test.path(i) for i in self._test_stream.skipped}
+        mine = self.data.skipped_names()
         found = [mine]
         if self.env.initialized:
             found = [None] * self.env.world_size
@@ -710,7 +659,7 @@ class Trainer:
         self.log(format_report(summary, self.metrics.history))
 
 
-def train(cfg: Config, data: Dataset | None = None, model_factory=None) -> dict:
+def train(cfg: Config, data: DataSource | None = None, model_factory=None) -> dict:
     with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory

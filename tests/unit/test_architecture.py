@@ -1,15 +1,18 @@
-"""The package's import structure, read from the source (tests/support/import_graph.py).
+"""The package's structure, read from the source (tests/support/import_graph.py, ast).
 
 Imports flow one way: commands (dist_cnn/commands/*, dist_cnn/cli.py, dist_cnn/__main__.py) -> trainer
 -> components -> errors. So:
   (a) no import cycle among the package's modules;
   (b) no library module imports a command module;
-  (c) no import of a package module inside a function (the usual way to hide a cycle).
+  (c) no import of a package module inside a function (the usual way to hide a cycle);
+  (d) no isinstance/issubclass on a data source outside dist_cnn/data: consumers use its interface.
 Each failure names the file, line and statement to change.
 """
 
+import ast
 import functools
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +152,67 @@ def test_builder_finds_cycles_and_local_imports(tmp_path):
     assert cycle[1].where() == "pkg/b.py:2 in f(): from .c import g"
     local = sorted((i.src, i.function, i.dst) for i in g.imports if i.function)
     assert local == [("pkg.b", "f", "pkg.c"), ("pkg.c", "K.m", "pkg.d")]
+
+
+# ------------------------------------------------------------------------------ one data interface
+
+
+def data_source_forks(package_dir, data_package: str = "data") -> list[str]:
+    """`isinstance`/`issubclass` tests against a class or alias of the data package (e.g. FolderIndex,
+    InMemory, StreamSource) in any module outside it: consumers use the DataSource interface only."""
+    package_dir = Path(package_dir)
+    inside = package_dir / data_package
+    names = set()
+    for path in inside.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in names:
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))  # Dataset = InMemory
+
+    def named(node) -> set[str]:
+        if isinstance(node, ast.Tuple):
+            return set().union(*(named(e) for e in node.elts))
+        if isinstance(node, ast.Attribute):
+            return {node.attr}
+        return {node.id} if isinstance(node, ast.Name) else set()
+
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        if inside in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("isinstance", "issubclass")
+                and len(node.args) == 2
+                and named(node.args[1]) & names
+            ):
+                found.append(f"{path.relative_to(package_dir.parent)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_data_source_isinstance_outside_the_data_package():
+    bad = data_source_forks(ROOT / PACKAGE)
+    if bad:
+        pytest.fail(
+            "tests on the kind of a data source outside dist_cnn/data (use the DataSource interface, "
+            "dist_cnn/data/source.py):\n" + "\n".join(f"  {b}" for b in bad),
+            pytrace=False,
+        )
+
+
+def test_the_data_source_rule_finds_a_fork(tmp_path):
+    write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/data/__init__.py": "",
+            "pkg/data/stream.py": "class FolderIndex:\n    pass\nAlias = FolderIndex\n",
+            "pkg/data/memory.py": "def f(x):\n    return isinstance(x, FolderIndex)\n",  # inside: allowed
+            "pkg/train.py": "from pkg.data import stream\ndef g(d):\n    return isinstance(d, (int, stream.Alias))\n",
+            "pkg/api.py": "def h(d):\n    return isinstance(d, str)\n",
+        },
+    )
+    assert data_source_forks(tmp_path / "pkg") == ["pkg/train.py:3: isinstance(d, (int, stream.Alias))"]

@@ -19,7 +19,7 @@ from dist_cnn.data.shards.order import parse_shuffle, window_order
 from dist_cnn.data.shards.source import open_split_readers
 from dist_cnn.data.shards.storage import Storage
 from dist_cnn.data.shards.writer import write_shards
-from dist_cnn.data.stream import scan_folder
+from dist_cnn.data.folder import scan_folder
 from dist_cnn.errors import UserError
 from tests.support.shard_servers import S3_ENV, http_server, s3_server, upload
 
@@ -67,7 +67,7 @@ def fresh_copy(shards, tmp_path):
 
 def test_writer_keeps_the_folders_order_bytes_and_labels(folder, shards):
     classes, train, test = open_split_readers(cfg(shards), timeout=5)
-    files = scan_folder(str(folder), 24)
+    files = scan_folder(str(folder))
     assert classes == ["k0", "k1", "k2"] and len(train) == 30 and len(test) == 7
     assert train.num_shards > 3  # small shards: several of them
     for samples, listed in ((train, files.train), (test, files.test)):
@@ -333,7 +333,7 @@ def test_writer_refuses_a_non_empty_out_and_bad_images(tmp_path, folder):
 def test_max_side_reencodes_only_larger_images(tmp_path, folder):
     reports = write_shards(str(folder), str(tmp_path / "small"), shard_size=10**6, max_side=40)
     _, train, _ = open_split_readers(cfg(tmp_path / "small"), timeout=5)
-    files = scan_folder(str(folder), 24).train
+    files = scan_folder(str(folder)).train
     for i in range(len(train)):
         with Image.open(files.path(i)) as im:
             big = max(im.size) > 40

@@ -40,16 +40,16 @@ def window_order(shard_of: np.ndarray, num_shards: int, window: int, seed: int, 
 
 
 class WindowOrder:
-    """order(epoch) for the stream pipeline: picklable, holds only the shard of each sample."""
+    """order(seed, epoch) for the stream pipeline: picklable, holds only the shard of each sample."""
 
-    def __init__(self, shard_of: np.ndarray, num_shards: int, window: int, seed: int):
-        self.shard_of, self.num_shards, self.window, self.seed = shard_of, num_shards, window, seed
+    def __init__(self, shard_of: np.ndarray, num_shards: int, window: int):
+        self.shard_of, self.num_shards, self.window = shard_of, num_shards, window
 
-    def __call__(self, epoch: int) -> torch.Tensor:
-        return window_order(self.shard_of, self.num_shards, self.window, self.seed, epoch)
+    def __call__(self, seed: int, epoch: int) -> torch.Tensor:
+        return window_order(self.shard_of, self.num_shards, self.window, seed, epoch)
 
 
-def make_order(samples, shuffle: str, seed: int) -> WindowOrder | None:
+def make_order(samples, shuffle: str) -> WindowOrder | None:
     """None (the epoch plan's global permutation) or the shards:K order of a shards split."""
     window = parse_shuffle(shuffle)
-    return None if window is None else WindowOrder(samples.index.shard, samples.num_shards, window, seed)
+    return None if window is None else WindowOrder(samples.index.shard, samples.num_shards, window)

@@ -1,4 +1,4 @@
-"""One split of a sharded dataset as a streamed sample source: len, read(i) -> the image's bytes,
+"""One split of a sharded dataset as a source.SampleReader: len, read(i) -> the image's bytes,
 label(i), name(i), classes -- what a folder's file list offers, so the stream pipeline's order,
 crops, rank slices, resume and evaluation apply unchanged.
 
@@ -31,13 +31,12 @@ class ShardError(UserError):
 
 
 class ShardSamples:
-    kind = "shards"  # the word that starts its messages
+    """A source.SampleReader over one split's shards."""
 
     def __init__(
         self, storage: Storage, split: SplitIndex, classes: list[str], cache: ShardCache | None, open_shards: int = 0
     ):
         self.storage, self.index, self.classes, self.cache = storage, split, classes, cache
-        self.labels = split.label  # what a FileList offers
         self.open_shards = max(open_shards, OPEN_SHARDS)
         self._files: OrderedDict[int, object] = OrderedDict()
         self._pid = None
@@ -55,8 +54,6 @@ class ShardSamples:
     def name(self, i: int) -> str:
         s = self.index
         return f"{self.storage.join(s.shards[s.shard[i]])}:{s.key[i].decode('utf-8', 'replace')}"
-
-    path = name  # the FileList spelling, used in messages and the skipped-images log
 
     @property
     def num_shards(self) -> int:
