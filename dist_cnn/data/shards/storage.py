@@ -60,7 +60,13 @@ class Storage:
         if self._fs is None or self._pid != os.getpid():
             import fsspec
 
-            self._fs, self._pid = fsspec.filesystem(self.kind, **self._client_options()), os.getpid()
+            try:
+                self._fs, self._pid = fsspec.filesystem(self.kind, **self._client_options()), os.getpid()
+            except ImportError as e:  # s3fs (or aiohttp) is an optional dependency
+                extra = "s3" if self.kind == "s3" else "shards"
+                raise UserError(f"{self.url} needs {e.name or e}: pip install 'dist_cnn[{extra}]'") from None
+            except (TypeError, ValueError) as e:  # an option the client does not take
+                raise UserError(f"--storage-options for {self.url}: {one_line(e)}") from None
         return self._fs
 
     def _client_options(self) -> dict:
