@@ -16,7 +16,7 @@ import torch
 from dist_cnn.data.datasets import load_dataset
 from dist_cnn.data.folder import FolderIndex, scan_folder
 from dist_cnn.data.shards.order import make_order
-from dist_cnn.data.shards.source import open_split_readers
+from dist_cnn.data.shards.dataset import open_split_readers
 from dist_cnn.data.source import DataSource, check_recipe, recipe_of
 from dist_cnn.data.stream import StreamSource, _local_world
 from dist_cnn.distributed.process_group import main_only, main_then_all

@@ -7,5 +7,5 @@ member's offset, read by offset from a local folder, an http(s):// prefix or an 
 - cache: a bounded local cache of whole shards;
 - reader: one split as a streamed sample source (len, read(i) -> bytes, label(i), name(i));
 - order: --shuffle shards:K, the epoch order read K shards at a time;
-- source: opening a dataset for training or evaluation (rank 0 indexes, every rank reads).
+- dataset: opening a dataset for training or evaluation (rank 0 indexes, every rank reads).
 """
