@@ -47,8 +47,8 @@ from dist_cnn.config import DataConfig  # noqa: E402
 from dist_cnn.data.loader import Augment, Normalize, epoch_plan  # noqa: E402
 from dist_cnn.data.open import open_source  # noqa: E402
 from dist_cnn.data.shards import index as ix  # noqa: E402
-from dist_cnn.data.shards.order import window_order  # noqa: E402
 from dist_cnn.data.shards.dataset import open_split_readers  # noqa: E402
+from dist_cnn.data.shards.order import window_order  # noqa: E402
 from dist_cnn.data.shards.writer import write_shards  # noqa: E402
 from dist_cnn.distributed.process_group import DistEnv  # noqa: E402
 from tests.support.shard_servers import S3_ENV  # noqa: E402

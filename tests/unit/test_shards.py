@@ -16,8 +16,8 @@ from PIL import Image
 from dist_cnn.data.folder import scan_folder
 from dist_cnn.data.shards import index as ix
 from dist_cnn.data.shards.cache import parse_size
-from dist_cnn.data.shards.order import parse_shuffle, window_order
 from dist_cnn.data.shards.dataset import open_split_readers
+from dist_cnn.data.shards.order import parse_shuffle, window_order
 from dist_cnn.data.shards.storage import Storage
 from dist_cnn.data.shards.writer import write_shards
 from dist_cnn.errors import UserError
