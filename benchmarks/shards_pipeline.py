@@ -281,7 +281,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=20000, help="training images in the generated folder")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "dist_cnn_bench"), help="generated data")
-    ap.add_argument("--shard-size", type=int, default=64 * 10**6, help="bytes a shard (default 64 MB)")
+    ap.add_argument("--shard-size", type=int, default=16 * 10**6, help="bytes a shard (default 16 MB)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12, help="batches of 32 timed per configuration and round")
     ap.add_argument("--only", default="opens,throughput,rss")
