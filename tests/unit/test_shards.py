@@ -4,6 +4,7 @@ order, the bounded cache, and every bad input as one line."""
 import io
 import json
 import os
+import pickle
 import tarfile
 from types import SimpleNamespace
 
@@ -349,3 +350,12 @@ def test_index_files_hold_no_pickles(shards):
         assert set(z.files) == {"key", "shard", "offset", "size", "crc32", "label"}
     storage = Storage(str(shards))
     assert storage.sizes("train") and storage.size("nothing.tar") is None
+
+
+def test_an_epoch_in_any_order_opens_each_shard_once(shards):
+    _, train, _ = open_split_readers(cfg(shards), timeout=5)
+    for order in (torch.randperm(len(train), generator=torch.Generator().manual_seed(0)), torch.arange(len(train))):
+        reader = pickle.loads(pickle.dumps(train))  # as a DataLoader worker gets it: no open files
+        for i in order.tolist():
+            reader.read(i)
+        assert reader.opens == train.num_shards

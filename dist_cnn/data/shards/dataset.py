@@ -71,7 +71,7 @@ def load_index(storage: Storage, splits: list[str], shard_cache: str = "", log=N
 
 def open_split_readers(data_cfg, timeout: float, log=None):
     """(classes, train samples, test samples) of --data-dir, checked."""
-    shuffle = parse_shuffle(data_cfg.shuffle)
+    parse_shuffle(data_cfg.shuffle)
     storage = Storage(data_cfg.data_dir, storage_options(data_cfg.storage_options), timeout)
     if storage.local and not os.path.isdir(storage.url):
         raise UserError(f"shards: {storage.url} not found; point --data-dir at a folder, http(s):// or s3:// prefix")
@@ -83,6 +83,5 @@ def open_split_readers(data_cfg, timeout: float, log=None):
     if data_cfg.shard_cache:
         cache = ShardCache(data_cfg.shard_cache, parse_size(data_cfg.shard_cache_size, "--shard-cache-size"))
         cache.check(max(max(s.shard_bytes) for s in index.splits.values()))
-    window = (shuffle or 0) + 2  # shards open at once: a window and the next one's first
-    readers = [ShardSamples(storage, index.splits[s], index.classes, cache, window) for s in splits]
+    readers = [ShardSamples(storage, index.splits[s], index.classes, cache) for s in splits]
     return index.classes, readers[0], readers[1]

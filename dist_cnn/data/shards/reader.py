@@ -3,13 +3,15 @@ label(i), name(i), classes -- what a folder's file list offers, so the stream pi
 crops, rank slices, resume and evaluation apply unchanged.
 
 Reads are by offset: a pread in an open local shard (the folder's own, or the cache's copy), else a
-range request. Each process keeps a few shards open (the most recently used), so an epoch opens each
-shard a bounded number of times, not one file per sample. Every member's CRC-32 is checked on read.
+range request. Each process keeps the shards it read open (all of them, or the most recently used
+within its file limit), so an epoch opens each shard a bounded number of times, not one file per
+sample. Every member's CRC-32 is checked on read.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import zlib
 from collections import OrderedDict
 
@@ -20,7 +22,14 @@ from dist_cnn.data.shards.index import SplitIndex
 from dist_cnn.data.shards.storage import Storage
 from dist_cnn.errors import UserError
 
-OPEN_SHARDS = 16  # open shard files kept per process
+MIN_OPEN_SHARDS = 16
+
+
+def open_shards_budget(num_shards: int) -> int:
+    """Shard files a process keeps open: all of them when a quarter of its file limit allows (a
+    global permutation then opens each shard once a worker and epoch), else the most recent ones."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(MIN_OPEN_SHARDS, min(num_shards, soft // 4 if soft > 0 else MIN_OPEN_SHARDS))
 
 
 class ShardError(UserError):
@@ -33,11 +42,9 @@ class ShardError(UserError):
 class ShardSamples:
     """A source.SampleReader over one split's shards."""
 
-    def __init__(
-        self, storage: Storage, split: SplitIndex, classes: list[str], cache: ShardCache | None, open_shards: int = 0
-    ):
+    def __init__(self, storage: Storage, split: SplitIndex, classes: list[str], cache: ShardCache | None):
         self.storage, self.index, self.classes, self.cache = storage, split, classes, cache
-        self.open_shards = max(open_shards, OPEN_SHARDS)
+        self.open_shards = open_shards_budget(len(split.shards))
         self._files: OrderedDict[int, object] = OrderedDict()
         self._pid = None
         self.opens = 0  # shard files this process opened (the benchmark's count)
