@@ -359,3 +359,17 @@ def test_an_epoch_in_any_order_opens_each_shard_once(shards):
         for i in order.tolist():
             reader.read(i)
         assert reader.opens == train.num_shards
+
+
+def test_cache_never_evicts_a_shard_a_reader_holds_open(tmp_path, shards):
+    biggest = max(p.stat().st_size for p in (shards / "train").glob("*.tar"))
+    c = cfg(shards, shard_cache=str(tmp_path / "cache"), shard_cache_size=str(2 * biggest))
+    _, train, _ = open_split_readers(c, timeout=5)
+    a, b = pickle.loads(pickle.dumps(train)), pickle.loads(pickle.dumps(train))  # two workers
+    first = int(train.index.shard[0])
+    a.read(0)  # a holds shard `first` open
+    for i in np.flatnonzero(train.index.shard != first)[:20].tolist():
+        b.read(i)  # b cycles through other shards, evicting what it can
+    assert a.read(0) == train.read(0) and a.opens == 1
+    held = a.cache.path(a.storage, train.index.shards[first], train.index.shard_bytes[first])
+    assert os.path.exists(held)

@@ -2,8 +2,10 @@
 
 A shard is fetched once into DIR and then read by offset there. Every process of a node shares the
 folder: a per-shard lock makes one process fetch while the others wait for it, and the least recently
-used shards are deleted to stay under the size limit (a process still reading a deleted shard keeps
-its open file). A cached file's name carries the shard's URL and size, so a changed shard is
+used shards are deleted to stay under the size limit. A reader holds a shared lock on each cached
+shard it keeps open (at most as many as the cache holds), and eviction passes over those, so the
+files on disk stay within the limit unless the processes together hold more shards open than it
+holds. A cached file's name carries the shard's URL and size, so a changed shard is
 fetched again, never read stale.
 """
 
@@ -78,6 +80,25 @@ class ShardCache:
                         os.unlink(tmp)
         return path
 
+    def capacity(self, largest_shard: int) -> int:
+        """Shards the cache holds: how many a reader may keep open."""
+        return max(1, self.max_bytes // max(1, largest_shard))
+
+    def open(self, storage: Storage, name: str, nbytes: int) -> int:
+        """A descriptor of the cached copy, shared-locked (eviction passes over it until closed)."""
+        for _ in range(3):  # evicted by another process between fetching and opening: fetch again
+            path = self.local(storage, name, nbytes)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if os.path.exists(path):
+                os.utime(path)  # the eviction order: once per opening, not per sample
+                return fd
+            os.close(fd)
+        raise UserError(f"--shard-cache {self.dir}: {name} is evicted as soon as fetched; raise --shard-cache-size")
+
     def _make_room(self, need: int) -> None:
         entries = []
         for e in os.scandir(self.dir):
@@ -91,18 +112,25 @@ class ShardCache:
         for _, size, path in sorted(entries):  # least recently used first
             if total + need <= self.max_bytes:
                 break
-            try:
-                os.unlink(path)
+            if _evict(path):
                 total -= size
-            except FileNotFoundError:
-                pass
 
-    def touch(self, path: str) -> None:
-        """Marks a shard as used now (the eviction order), once per opening, not per sample."""
-        try:
-            os.utime(path)
-        except FileNotFoundError:
-            pass
+
+def _evict(path: str) -> bool:
+    """Deletes a cached shard unless a reader holds it open."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _has(path: str, nbytes: int) -> bool:

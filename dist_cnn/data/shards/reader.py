@@ -45,6 +45,8 @@ class ShardSamples:
     def __init__(self, storage: Storage, split: SplitIndex, classes: list[str], cache: ShardCache | None):
         self.storage, self.index, self.classes, self.cache = storage, split, classes, cache
         self.open_shards = open_shards_budget(len(split.shards))
+        if cache is not None:  # no more open than the cache holds: evicted shards are not kept alive
+            self.open_shards = min(self.open_shards, cache.capacity(max(split.shard_bytes)))
         self._files: OrderedDict[int, object] = OrderedDict()
         self._pid = None
         self.opens = 0  # shard files this process opened (the benchmark's count)
@@ -91,26 +93,26 @@ class ShardSamples:
         return data
 
     def _open(self, shard: int) -> int:
-        if self._pid != os.getpid():  # a forked worker: the parent's descriptors are not ours to keep
+        if self._pid != os.getpid():  # a forked worker: the parent's descriptors (and locks) are not ours
+            for fd in self._files.values():
+                os.close(fd)
             self._files, self._pid = OrderedDict(), os.getpid()
         fd = self._files.get(shard)
         if fd is not None:
             self._files.move_to_end(shard)
             return fd
         name, nbytes = self.index.shards[shard], self.index.shard_bytes[shard]
+        if len(self._files) >= self.open_shards:  # before opening: the cache may need to evict it
+            os.close(self._files.popitem(last=False)[1])
         if self.cache is not None:
-            path = self.cache.local(self.storage, name, nbytes)
-            self.cache.touch(path)
+            fd = self.cache.open(self.storage, name, nbytes)
         else:
-            path = self.storage.join(name)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise ShardError(f"shards: cannot read {path} ({e.strerror or e})") from None
+            try:
+                fd = os.open(self.storage.join(name), os.O_RDONLY)
+            except OSError as e:
+                raise ShardError(f"shards: cannot read {self.storage.join(name)} ({e.strerror or e})") from None
         self.opens += 1
         self._files[shard] = fd
-        if len(self._files) > self.open_shards:
-            os.close(self._files.popitem(last=False)[1])
         return fd
 
     def index_bytes(self) -> int:
