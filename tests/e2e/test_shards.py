@@ -52,6 +52,7 @@ def shards(folder):
     return out
 
 
+@pytest.mark.slow
 def test_global_order_gives_the_stream_loaders_batches(tmp_path, folder, shards):
     train(args(shards, "--out", tmp_path / "shards", "--epochs", "1"), check=0)
     stream = ["--dataset", "imagefolder", "--loader", "stream", "--data-dir", folder, *COMMON]
