@@ -102,6 +102,7 @@ def main_eval(argv) -> int:
         cfg.data.max_image_pixels = args.max_image_pixels
     if state.get("loader") == "stream":  # read as it was trained (the batches are the same either way)
         cfg.data.loader = "stream"
+    cfg.data.train_crop = "none"  # nothing is trained here: the test split's transform alone matters
     with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
         data, _ = open_source(cfg.data, env, measure="mean" not in state, timeout=cfg.dist.timeout)
         _check_classes(state, data, cfg)

@@ -9,8 +9,10 @@ import torch
 
 from dist_cnn import config as config_mod
 from dist_cnn.config import DataConfig
-from dist_cnn.data.datasets import load_dataset
 from dist_cnn.data.loader import Normalize
+from dist_cnn.data.open import open_source
+from dist_cnn.data.source import upgrade_stored_config
+from dist_cnn.distributed.launch import DistEnv
 from dist_cnn.errors import UserError
 from dist_cnn.inference.export import FORMATS, SUFFIX, ExportFailed, check_available, export
 from dist_cnn.inference.predictor import InferenceModel, list_images, load_image, load_model
@@ -57,11 +59,15 @@ def export_parser():
 
 
 def _test_images(im: InferenceModel, n: int) -> tuple[torch.Tensor, str]:
-    """uint8 [n, C, S, S] from the run's test set, else random pixels; and where they came from."""
-    stored = im.config.get("data", {})
+    """uint8 [n, C, S, S] from the run's test set as its evaluation prepared it, else random pixels;
+    and where they came from."""
+    stored = upgrade_stored_config(dict(im.config.get("data", {}) or {}), im.loader)
     known = {k: v for k, v in stored.items() if k in DataConfig.__dataclass_fields__}
     try:
-        data = load_dataset(DataConfig(**{**known, "download": False}))
+        cfg = DataConfig(**{**known, "download": False, "workers": 0, "train_crop": "none"})
+        if im.loader == "stream":  # read as the run read it (a folder too large for memory)
+            cfg.loader = "stream"
+        data, _ = open_source(cfg, DistEnv(), measure=False)
         batches = data.eval_batches(
             rank=0, world=1, normalize=lambda x: x, device=torch.device("cpu"), batch_size=n, workers=0
         )

@@ -275,7 +275,7 @@ def test_imagefolder_cache_hit_and_invalidation(folder, monkeypatch):
     def no_decoding(*a):
         raise AssertionError("decoded although the cache is valid")
 
-    monkeypatch.setattr(data, "_decode", no_decoding)
+    monkeypatch.setattr(data, "read_file", no_decoding)
     second = load_dataset(img_cfg(root))
     assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
     assert second.classes == first.classes
@@ -297,7 +297,7 @@ def test_imagefolder_cache_falls_back_to_user_cache(folder, tmp_path, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     first = load_dataset(img_cfg(root))
     assert len(list((tmp_path / "xdg" / "dist_cnn").glob("imagefolder-*.pt"))) == 1
-    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("decoded although the user cache is valid"))
+    monkeypatch.setattr(data, "read_file", lambda *a: pytest.fail("decoded although the user cache is valid"))
     assert torch.equal(load_dataset(img_cfg(root)).train_x, first.train_x)
 
 

@@ -1,4 +1,5 @@
-"""Streaming image folders in-process: the file index, decoding, per-image draws, shards and bad files."""
+"""Streaming image folders in-process: the file index, per-image draws, shards and bad files (the
+decoder itself: test_decode.py)."""
 
 import numpy as np
 import pytest
@@ -67,29 +68,6 @@ def test_scan_sorted_layout_and_compact_paths(tmp_path):
     assert idx.train.path(7).endswith("train/dog/000.JPEG") and idx.test.path(0).endswith("val/cat/000.JPEG")
     with pytest.raises(UserError, match="test not found.*--test-split"):
         scan_folder(str(root))
-
-
-def test_grayscale_rgba_cmyk_palette_become_rgb(tmp_path):
-    rgb = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
-    im = Image.fromarray(rgb)
-    files = {
-        "gray.jpg": im.convert("L"),
-        "cmyk.jpg": im.convert("CMYK"),
-        "rgba.png": im.convert("RGBA"),
-        "pal.png": im.convert("P"),
-        "pal.gif": im.convert("P"),
-        "la.png": im.convert("LA"),
-        "x.bmp": im,
-        "x.tiff": im.convert("CMYK"),
-    }
-    for name, img in files.items():
-        img.save(tmp_path / name)
-        x = decode_file(str(tmp_path / name))
-        assert x.shape == (3, 12, 10) and x.dtype == torch.uint8, name
-    assert torch.equal(decode_file(str(tmp_path / "rgba.png")), torch.from_numpy(rgb).permute(2, 0, 1))
-    assert torch.equal(decode_file(str(tmp_path / "x.bmp")), torch.from_numpy(rgb).permute(2, 0, 1))
-    gray = decode_file(str(tmp_path / "gray.jpg"))
-    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 
 def test_crop_draws_are_a_function_of_seed_epoch_index(tmp_path):
