@@ -84,7 +84,13 @@ def upload(endpoint: str, bucket: str, root: Path, prefix: str) -> None:
     """Every file under root to s3://bucket/prefix/..., with a real boto3 client."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items() if "KEY" in k})
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
     s3.create_bucket(Bucket=bucket)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
