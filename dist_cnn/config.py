@@ -15,11 +15,14 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from dist_cnn.data.shards.cache import parse_size
+from dist_cnn.data.shards.order import parse_shuffle
+from dist_cnn.data.shards.storage import storage_options
 from dist_cnn.errors import UserError, one_line
 from dist_cnn.models import registry as models
 from dist_cnn.train.profiling import parse_range
 
-DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "shards", "synthetic")
 
 
 def opt(default, help: str, *, choices=None, flag: str | None = None, low=None, above=None, high=None, below=None):
@@ -34,10 +37,16 @@ def opt(default, help: str, *, choices=None, flag: str | None = None, low=None, 
 @dataclass
 class DataConfig:
     dataset: str = opt("cifar10", "dataset to train on", choices=DATASETS)
-    data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
+    data_dir: str = opt(
+        "data",
+        "where the dataset lives (or is downloaded to); shards: a folder, an http(s):// prefix or s3://bucket/prefix",
+    )
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
     image_size: int = opt(
-        32, "imagefolder: the square size images are prepared to (--eval-resize, --train-crop)", low=4, high=1024
+        32,
+        "imagefolder, shards: the square size images are prepared to (--eval-resize, --train-crop)",
+        low=4,
+        high=1024,
     )
     synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=200_000)
     synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=200_000)
@@ -97,6 +106,18 @@ class DataConfig:
     decode: str = opt(
         "cpu", "stream: decode JPEGs in the CPU workers, or in batches on the GPU (nvjpeg)", choices=("cpu", "gpu")
     )
+    shuffle: str = opt(
+        "global",
+        "shards: the epoch order: global (a permutation of all samples, random reads) or shards:K "
+        "(shards in a random order, samples shuffled within windows of K shards: sequential-ish reads)",
+    )
+    storage_options: str = opt(
+        "", 'shards: fsspec options for http(s):// and s3:// as a JSON object, e.g. \'{"endpoint_url": "URL"}\''
+    )
+    shard_cache: str = opt(
+        "", "shards: a local folder caching whole shards (fetched once, then read by offset); '' = range reads"
+    )
+    shard_cache_size: str = opt("20GB", "shards: --shard-cache's size limit (least recently used shards go first)")
     normalize: str = opt(
         "dataset",
         "per-channel normalization: the training set's mean/std, or 0.5/0.5 as in the tutorial",
@@ -224,7 +245,12 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
-    timeout: float = opt(300.0, "seconds a collective may wait before the job fails", low=1, high=7 * 86400)
+    timeout: float = opt(
+        300.0,
+        "seconds a collective, or a request to a shards server (http/s3), may wait before the job fails",
+        low=1,
+        high=7 * 86400,
+    )
     setup_timeout: float = opt(
         3600.0,
         "seconds the other ranks wait for rank 0's one-time setup (preparing the run directory, listing or "
@@ -493,7 +519,7 @@ def validate(cfg: Config) -> None:
             _check_field(f, value)
             for text in value if typ is list else [value] if typ is str else []:
                 _check_text(flag_name(f), text, f"{section}.{f.name}")
-    if cfg.data.dataset == "imagefolder" and cfg.data.crop_padding >= cfg.data.image_size:
+    if cfg.data.dataset in ("imagefolder", "shards") and cfg.data.crop_padding >= cfg.data.image_size:
         raise UserError(
             f"--crop-padding {cfg.data.crop_padding} must be smaller than --image-size {cfg.data.image_size}"
         )
@@ -509,15 +535,27 @@ def _check_data(d) -> None:
     if not d.test_split or d.test_split in (".", "..", "train") or "/" in d.test_split:
         raise UserError(f"--test-split must name a folder beside train/ (e.g. test or val), got {d.test_split!r}")
     parse_crop_scale(d.crop_scale)
-    if d.loader == "stream" and d.dataset != "imagefolder":
+    if d.loader == "stream" and d.dataset not in ("imagefolder", "shards"):
         raise UserError(f"--loader stream reads image folders: use --dataset imagefolder (got {d.dataset})")
-    if d.train_crop == "random-resized" and (d.dataset != "imagefolder" or d.loader in ("device", "dataloader")):
+    if d.dataset == "shards" and d.loader not in ("stream", "auto"):
+        raise UserError(f"--dataset shards is streamed: use --loader stream or auto (got --loader {d.loader})")
+    if d.train_crop == "random-resized" and (
+        d.dataset not in ("imagefolder", "shards") or d.loader in ("device", "dataloader")
+    ):
         raise UserError(
-            "--train-crop random-resized crops the decoded image files: use --dataset imagefolder with "
+            "--train-crop random-resized crops the decoded image files: use --dataset imagefolder or shards with "
             f"--loader stream or auto (got --dataset {d.dataset} --loader {d.loader})"
         )
+    _check_shards(d)
     if d.decode == "gpu" and d.loader not in ("stream", "auto"):
         raise UserError(f"--decode gpu is for --loader stream (got --loader {d.loader})")
+
+
+def _check_shards(d) -> None:
+    if parse_shuffle(d.shuffle) is not None and d.dataset != "shards":
+        raise UserError(f"--shuffle {d.shuffle} orders shards: use it with --dataset shards")
+    storage_options(d.storage_options)
+    parse_size(d.shard_cache_size, "--shard-cache-size")
 
 
 def parse_crop_scale(text: str) -> tuple[float, float]:

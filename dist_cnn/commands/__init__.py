@@ -1,5 +1,5 @@
 """The command line: `dist-cnn [train] [flags]`, `dist-cnn eval`, `dist-cnn report`, `dist-cnn doctor`,
-`dist-cnn predict`, `dist-cnn export`, `dist-cnn sweep`.
+`dist-cnn predict`, `dist-cnn export`, `dist-cnn sweep`, `dist-cnn shard`.
 
 Bad input (UserError) is one line on stderr and exit code 2; a run that cannot go on (non-finite
 loss, failed checkpoint write, a lost peer process or node) is one line and exit code 1. Bugs keep
@@ -13,7 +13,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from dist_cnn.commands import doctor, export, predict, report, sweep, train
+from dist_cnn.commands import doctor, export, predict, report, shard, sweep, train
 from dist_cnn.commands import eval as eval_command
 from dist_cnn.distributed import process_group as distributed
 from dist_cnn.errors import PeerError, PeerFailed, TrainingFailed, UserError
@@ -26,6 +26,7 @@ COMMANDS = {
     "predict": predict.main_predict,
     "export": export.main_export,
     "sweep": sweep.main_sweep,
+    "shard": shard.main_shard,
 }
 
 

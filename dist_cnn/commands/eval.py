@@ -104,7 +104,7 @@ def main_eval(argv) -> int:
         cfg.data.loader = "stream"
     cfg.data.train_crop = "none"  # nothing is trained here: the test split's transform alone matters
     with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
-        data, _ = open_source(cfg.data, env, measure="mean" not in state)
+        data, _ = open_source(cfg.data, env, measure="mean" not in state, timeout=cfg.dist.timeout)
         _check_classes(state, data, cfg)
         prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
         mine = [] if args.predictions else None

@@ -67,8 +67,8 @@ def decode(raw: bytes, name: str, channels: int = 3, max_pixels: int = DEFAULT_M
         img = _torchvision(raw, channels)
         if img is None:
             img = _pil(raw, channels, mode)
-    except UserError:
-        raise
+    except UserError as e:  # torchvision's truncated or corrupt data, named here
+        raise UserError(f"cannot decode image {name} ({e})") from None
     except Exception as e:  # MemoryError, RuntimeError with C++ frames, PIL's errors
         raise UserError(f"cannot decode image {name} ({clean_error(e)})") from None
     if img.shape[0] != channels:

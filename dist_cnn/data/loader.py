@@ -37,9 +37,12 @@ class Augment:
     alternate_flip: bool = False
 
 
-def epoch_plan(n: int, seed: int, epoch: int, aug: Augment) -> dict[str, torch.Tensor]:
+def epoch_plan(n: int, seed: int, epoch: int, aug: Augment, perm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """perm: another order of the n samples (shards read a few at a time); the other draws are the same."""
     g = torch.Generator().manual_seed(seed * PLAN_SEED_OFFSET + epoch)
     plan = {"perm": torch.randperm(n, generator=g)}
+    if perm is not None:
+        plan["perm"] = perm
     if aug.crop_padding:
         plan["shift"] = torch.randint(0, 2 * aug.crop_padding + 1, (n, 2), generator=g)
     if aug.flip and aug.alternate_flip:

@@ -15,6 +15,8 @@ import torch
 
 from dist_cnn.data.datasets import load_dataset
 from dist_cnn.data.folder import FolderIndex, scan_folder
+from dist_cnn.data.shards.order import make_order
+from dist_cnn.data.shards.dataset import open_split_readers
 from dist_cnn.data.source import DataSource, check_recipe, recipe_of
 from dist_cnn.data.stream import StreamSource, local_world
 from dist_cnn.distributed.process_group import main_only, main_then_all
@@ -71,10 +73,30 @@ def _choose(index: FolderIndex, data_cfg, env) -> tuple[bool, str]:
     return (not fits), (f"auto: in memory, {why}" if fits else f"auto: streamed, {why}")
 
 
-def open_source(data_cfg, env, log=None, measure: bool = True) -> tuple[DataSource, str]:
+def _shards(data_cfg, env, log, measure: bool, timeout: float) -> StreamSource:
+    """--dataset shards: rank 0 reads (or builds) the index and checks it; every rank reads the shards."""
+    classes, train, test = main_only(env, lambda: open_split_readers(data_cfg, timeout, log))
+    source = StreamSource(
+        "shards",
+        train,
+        test,
+        recipe_of(data_cfg),
+        skip_bad=data_cfg.skip_bad_images,
+        decode=data_cfg.decode,
+        order=make_order(train, data_cfg.shuffle),
+    )
+    if not measure:
+        return source
+    return source.attach(main_only(env, lambda: source.measure(data_cfg.normalize, data_cfg.workers)))
+
+
+def open_source(data_cfg, env, log=None, measure: bool = True, timeout: float = 300.0) -> tuple[DataSource, str]:
     """The source data_cfg names on this rank, and why it is read that way (for the log). measure:
-    False skips a streamed source's normalization sample (evaluating a saved model)."""
+    False skips a streamed source's normalization sample (evaluating a saved model). timeout: seconds
+    a request to a remote shards location may take (--timeout)."""
     log = log or (lambda msg: None)
+    if data_cfg.dataset == "shards":
+        return _shards(data_cfg, env, log, measure, timeout), f"--dataset shards, --shuffle {data_cfg.shuffle}"
     if data_cfg.decode == "gpu" and env.device.type != "cuda" and data_cfg.dataset == "imagefolder":
         raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
     note = ""

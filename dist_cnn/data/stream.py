@@ -104,7 +104,7 @@ class StreamImages(TorchDataset):
             try:
                 return self._load(epoch, index, j, tuple(skipped))
             except UserError as e:
-                if not self.skip_bad:
+                if not self.skip_bad or getattr(e, "fatal", False):  # fatal: the dataset, not one image
                     return Sample(torch.zeros(0, dtype=torch.uint8), -1, error=str(e))
                 skipped.append(j)
                 if not self.train:  # a test sample that cannot be read is left out of the score
@@ -283,11 +283,13 @@ class StreamPipeline:
         skip_bad: bool = False,
         decode: str = "cpu",
         image_aug=None,
+        order=None,
     ):
+        """order(seed, epoch) -> the epoch's permutation instead of epoch_plan's (--shuffle shards:K)."""
         if decode == "gpu" and device.type != "cuda":
             raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
         self.n, self.batch, self.rank, self.world = len(reader), batch_per_rank, rank, world
-        self.seed, self.aug, self.image_aug = seed, aug, image_aug
+        self.seed, self.aug, self.image_aug, self.order = seed, aug, image_aug, order
         self.normalize, self.device = normalize, device
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step, self.current_epoch = None, 0, 0
@@ -312,7 +314,8 @@ class StreamPipeline:
         return self.to_device.skipped
 
     def epoch(self, epoch: int, start_step: int = 0):
-        self.plan = epoch_plan(self.n, self.seed, epoch, self.aug)
+        perm = None if self.order is None else self.order(self.seed, epoch)
+        self.plan = epoch_plan(self.n, self.seed, epoch, self.aug, perm)
         self.start_step, self.current_epoch = start_step, epoch
         draws = draws_on(self.plan, self.device)
         for step, batch in enumerate(_iterate(self.loader), start=start_step):
@@ -418,8 +421,11 @@ class StreamSource(DataSource):
         skip_bad: bool = False,
         decode: str = "cpu",
         channels: int = 3,
+        order=None,
     ):
+        """order(seed, epoch): the training order, when not epoch_plan's global permutation."""
         self.name, self.classes = name, list(train.classes)
+        self.order = order
         self.train, self.test, self.recipe = train, test, recipe
         self.skip_bad, self.decode, self.channels = skip_bad, decode, channels
         self.sample: SampleStats | None = None
@@ -480,6 +486,7 @@ class StreamSource(DataSource):
             skip_bad=self.skip_bad,
             decode=self.decode,
             image_aug=image_aug,
+            order=self.order,
         )
         return self._pipeline
 

@@ -184,7 +184,7 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
     def _load_data(self) -> DataSource:
         """The source the config names (data.open_source: in memory or streamed, and why)."""
-        source, self.loader_note = open_source(self.cfg.data, self.env, log=self.log)
+        source, self.loader_note = open_source(self.cfg.data, self.env, log=self.log, timeout=self.cfg.dist.timeout)
         return source
 
     @property
