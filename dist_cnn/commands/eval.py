@@ -12,6 +12,7 @@ from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
 from dist_cnn.fileio import write_json_atomic
 from dist_cnn.models.prepare import prepare_model
+from dist_cnn.models.trust import add_trust_arguments, check_file_spec
 from dist_cnn.train import checkpoint
 from dist_cnn.train import precision as P
 from dist_cnn.train.evaluate import evaluate, evaluate_batches
@@ -34,6 +35,7 @@ def eval_parser():
         "(training's exact, distributed evaluation; torchrun works too).",
     )
     p.add_argument("--checkpoint", required=True, help="a step-N.pt/best.pt checkpoint or a model.pt export")
+    add_trust_arguments(p)
     p.add_argument("--dataset", choices=config_mod.DATASETS, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", help="default: the checkpoint's data dir")
     p.add_argument(
@@ -72,6 +74,7 @@ def main_eval(argv) -> int:
         cfg = config_mod.from_dict(state["config"])
     except UserError as e:
         raise UserError(f"{args.checkpoint}: its config does not fit this version ({e})") from None
+    check_file_spec(cfg.model.name, args.checkpoint, named=args.model, trust=args.trust_model_code)
     if args.dataset:
         cfg.data.dataset = args.dataset
     if args.data_dir:

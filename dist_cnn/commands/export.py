@@ -14,6 +14,7 @@ from dist_cnn.data.loader import Normalize
 from dist_cnn.errors import UserError
 from dist_cnn.inference.export import FORMATS, SUFFIX, ExportFailed, check_available, export
 from dist_cnn.inference.predictor import InferenceModel, list_images, load_image, load_model
+from dist_cnn.models.trust import add_trust_arguments
 
 
 def export_parser():
@@ -23,6 +24,7 @@ def export_parser():
         "metadata, then check that the exported file computes the same logits as PyTorch.",
     )
     p.add_argument("model_file", metavar="MODEL_FILE", help="a run's model.pt or a checkpoint (step-N.pt, best.pt)")
+    add_trust_arguments(p)
     p.add_argument(
         "--format",
         choices=FORMATS,
@@ -92,7 +94,7 @@ def main_export(argv) -> int:
         raise UserError(f"--output {output}: not a file in an existing folder")
     if output.resolve() == src.resolve():
         raise UserError(f"--output {output} is the model file itself")
-    im = load_model(src)
+    im = load_model(src, model=args.model, trust_model_code=args.trust_model_code)
     pixels, source = (
         _given_images(im, args.images, args.parity_images) if args.images else _test_images(im, args.parity_images)
     )

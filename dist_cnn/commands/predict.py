@@ -23,6 +23,7 @@ from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
 from dist_cnn.fileio import write_text_atomic
 from dist_cnn.inference.predictor import InferenceModel, decode, list_images, load_decoders, load_model, logits, resize
+from dist_cnn.models.trust import add_trust_arguments
 from dist_cnn.train import precision as P
 
 FORMATS = ("table", "json", "csv")
@@ -39,6 +40,7 @@ def predict_parser():
         "paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively for image files"
     )
     p.add_argument("--model-file", required=True, help="a run's model.pt or a checkpoint (step-N.pt, best.pt)")
+    add_trust_arguments(p)
     p.add_argument(
         "--top-k",
         type=int,
@@ -208,7 +210,9 @@ def main_predict(argv) -> int:
 
 def _run(args, env) -> int:
     files = D.main_only(env, lambda: list_images(args.paths))
-    im = D.main_then_all(env, lambda: load_model(args.model_file))
+    im = D.main_then_all(
+        env, lambda: load_model(args.model_file, model=args.model, trust_model_code=args.trust_model_code)
+    )
     part = eval_shard(len(files), env.rank, env.world_size)
     load_decoders()  # the clock below measures predicting, not importing
     start = time.perf_counter()
