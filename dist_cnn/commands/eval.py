@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from dist_cnn import config as config_mod
@@ -10,9 +12,10 @@ from dist_cnn.data.datasets import load_dataset
 from dist_cnn.data.stream import StreamEval, load_index
 from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
-from dist_cnn.fileio import write_json_atomic
+from dist_cnn.fileio import STDOUT, check_output, write_output
 from dist_cnn.models.prepare import prepare_model
 from dist_cnn.models.trust import add_trust_arguments, check_file_spec
+from dist_cnn.observability.format import display_names, percent
 from dist_cnn.train import checkpoint
 from dist_cnn.train import precision as P
 from dist_cnn.train.evaluate import evaluate, evaluate_batches
@@ -51,12 +54,18 @@ def eval_parser():
         choices=("model", "ema"),
         help="the trained weights, or their EMA (runs with --model-ema) (default: model)",
     )
-    p.add_argument("--output", help="write the metrics here as JSON (default: eval-<checkpoint>.json beside it)")
+    p.add_argument(
+        "--output",
+        help="write the metrics here as JSON (a FIFO or device is written into, - is stdout) "
+        "(default: eval-<checkpoint>.json beside it)",
+    )
     return p
 
 
 def main_eval(argv) -> int:
     args = eval_parser().parse_args(argv)
+    if args.output:
+        check_output(args.output, [args.checkpoint])
     state = checkpoint.load(Path(args.checkpoint))
     if (
         not isinstance(state, dict)
@@ -149,12 +158,14 @@ def _report(args, cfg, data, env, res: dict) -> None:
         "world_size": env.world_size,
         **res,
     }
-    print(f"test accuracy {res['test_accuracy']:.4f} ({res['test_correct']}/{res['test_total']})")
-    for name, acc in zip(data.classes, res["per_class_accuracy"]):
-        print(f"  {name:<12} {acc:7.2%}")
+    console = sys.stderr if args.output == STDOUT else sys.stdout  # stdout carries the JSON then
+    print(f"test accuracy {res['test_accuracy']:.4f} ({res['test_correct']}/{res['test_total']})", file=console)
+    per_class = res["per_class_accuracy"]
+    for name, acc in zip(display_names(data.classes, len(per_class)), per_class):
+        print(f"  {name:<12} {percent(acc)}", file=console)
     ckpt = Path(args.checkpoint)
-    out = Path(args.output) if args.output else ckpt.with_name(f"eval-{ckpt.stem}.json")
+    out = args.output or str(ckpt.with_name(f"eval-{ckpt.stem}.json"))
     try:
-        write_json_atomic(out, res)
+        write_output(out, (json.dumps(res, indent=2) + "\n").encode())
     except OSError as e:
-        print(f"warning: could not write {out}: {e.strerror}")
+        print(f"warning: could not write {out}: {e.strerror or e}", file=sys.stderr)

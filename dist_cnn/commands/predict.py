@@ -12,7 +12,6 @@ import io
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,7 +20,7 @@ from dist_cnn import config as config_mod
 from dist_cnn.data.loader import eval_shard
 from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
-from dist_cnn.fileio import write_text_atomic
+from dist_cnn.fileio import check_output, write_output
 from dist_cnn.inference.predictor import InferenceModel, decode, list_images, load_decoders, load_model, logits, resize
 from dist_cnn.models.trust import add_trust_arguments
 from dist_cnn.train import precision as P
@@ -58,7 +57,12 @@ def predict_parser():
         help="table: aligned columns; json: one "
         "JSON object per line; csv: a header, then one row per file (default: table)",
     )
-    p.add_argument("--output", metavar="FILE", help="write the rows to FILE (replaced when done) instead of stdout")
+    p.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write the rows to FILE instead of stdout: a regular file is replaced when done, a FIFO or "
+        "device is written into, - is stdout; never one of the inputs",
+    )
     p.add_argument(
         "--skip-bad-images",
         action="store_true",
@@ -100,11 +104,7 @@ def _check(args) -> None:
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.output:
-        parent = Path(args.output).resolve().parent
-        if not parent.is_dir():
-            raise UserError(f"--output {args.output}: folder {parent} does not exist")
-        if Path(args.output).is_dir():
-            raise UserError(f"--output {args.output} is a directory")
+        check_output(args.output, [args.model_file, *args.paths])
 
 
 class _Files(Dataset):
@@ -196,9 +196,16 @@ def _write(text: str, output: str | None) -> None:
         sys.stdout.write(text)
         return
     try:
-        write_text_atomic(Path(output), text)
+        write_output(output, text.encode())
     except OSError as e:
         raise UserError(f"--output {output}: cannot write it ({e.strerror or e})") from None
+
+
+def _listed(args) -> list[str]:
+    files = list_images(args.paths)
+    if args.output:  # a folder given as input may hold the output file
+        check_output(args.output, files)
+    return files
 
 
 def main_predict(argv) -> int:
@@ -209,7 +216,7 @@ def main_predict(argv) -> int:
 
 
 def _run(args, env) -> int:
-    files = D.main_only(env, lambda: list_images(args.paths))
+    files = D.main_only(env, lambda: _listed(args))
     im = D.main_then_all(
         env, lambda: load_model(args.model_file, model=args.model, trust_model_code=args.trust_model_code)
     )

@@ -77,7 +77,8 @@ class TensorBoardLogger:
                 w.add_scalar("train_seconds", record["train_seconds"], step)
             per_class = record.get("per_class_accuracy") or []
             for name, acc in zip(class_names(classes, len(per_class)), per_class):
-                w.add_scalar(f"test/per_class_accuracy/{name}", acc, step)
+                if is_number(acc):  # a class without test images has no accuracy
+                    w.add_scalar(f"test/per_class_accuracy/{name}", acc, step)
             matrix = record.get("confusion_matrix")
             if matrix:
                 w.add_image(

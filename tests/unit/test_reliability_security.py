@@ -46,11 +46,12 @@ def planted(tmp_path, monkeypatch):
 def model_file(path, spec: str):
     cfg = config.Config()
     cfg.model.name, cfg.data.dataset = spec, "synthetic"
+    cfg.data.synthetic_train_size, cfg.data.synthetic_test_size = 64, 32
     torch.save(
         {
             "model": SeedNet(3, 10, 32).state_dict(),
             "model_name": spec,
-            "classes": [str(i) for i in range(10)],
+            "classes": [f"pattern{i}" for i in range(10)],
             "in_channels": 3,
             "image_size": 32,
             "mean": [0.5] * 3,
