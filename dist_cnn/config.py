@@ -116,6 +116,9 @@ class ModelConfig:
         "start from the weights of a dist_cnn model.pt or checkpoint (fine-tuning); a "
         "classifier head for another class count is re-initialized",
     )
+    output_key: str = opt(
+        "", "which element of a model's tuple or dict output holds the logits: an index or a key (default: the output)"
+    )
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")

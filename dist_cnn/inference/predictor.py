@@ -23,6 +23,7 @@ from dist_cnn.config import DataConfig
 from dist_cnn.data.datasets import IMAGE_EXTS, load_dataset
 from dist_cnn.data.loader import Normalize, normalization_stats
 from dist_cnn.errors import UserError, one_line
+from dist_cnn.models.checks import select_output
 from dist_cnn.models.registry import build_model, tta_logits
 from dist_cnn.models.trust import check_file_spec
 from dist_cnn.train import checkpoint
@@ -136,6 +137,8 @@ def load_model(path: str | Path, *, model: str | None = None, trust_model_code: 
         raise UserError(
             f"{path}: the weights do not fit a {name} model with {len(info['classes'])} classes ({one_line(e)[:200]})"
         ) from None
+    key = cfg.get("model", {}).get("output_key", "")
+    select_output(model, key if isinstance(key, str) else "")
     model.eval()
     return InferenceModel(
         model,

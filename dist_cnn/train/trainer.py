@@ -28,6 +28,7 @@ from dist_cnn.distributed import process_group as D
 from dist_cnn.distributed.preempt import StopSignal, requeue_slurm_job
 from dist_cnn.errors import PeerFailed, TrainingFailed, UserError, one_line
 from dist_cnn.fileio import WritePolicy, write_json_atomic
+from dist_cnn.models.checks import check_trainable
 from dist_cnn.models.prepare import prepare_model
 from dist_cnn.observability.metrics import MetricsLog
 from dist_cnn.observability.progress import Progress, RateAverage
@@ -108,6 +109,7 @@ class Trainer:
             cfg, self.data, env.device, factory=model_factory, starting_weights=state is None, log=self.log
         )
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
+        check_trainable(prepared.model, self.batch_per_rank, cfg.model.sync_bn and env.world_size > 1)
         self.model, self.raw_model = parallel.wrap(prepared.model, env, cfg.model, t.grad_accum)
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
         self.precision, self.precision_reason = (
