@@ -53,8 +53,12 @@ def option_fields() -> dict[str, tuple[str, str]]:
 def build_config(options: dict) -> config_mod.Config:
     cfg = config_mod.Config()
     path = options.pop("config", None)
+    trust = bool(options.pop("trust_model_code", False))
+    given: set[str] = set()
     if path:
-        config_mod.apply_dict(cfg, config_mod.load_file(str(path)), where=f"config file {path}")
+        data = config_mod.load_file(str(path))
+        config_mod.apply_dict(cfg, data, where=f"config file {path}")
+        given = config_mod.keys_of(data)
     known, nested = option_fields(), {}
     for key, value in options.items():
         if key not in known:
@@ -62,6 +66,7 @@ def build_config(options: dict) -> config_mod.Config:
         section, name = known[key]
         nested.setdefault(section, {})[name] = str(value) if name == "out" else value
     config_mod.apply_dict(cfg, nested, where="fit()")
+    config_mod.mark_given(cfg, given | config_mod.keys_of(nested), trust_model_code=trust)
     return cfg
 
 
@@ -158,4 +163,7 @@ def fit(model, train="cifar10", test=None, *, classes=None, **options) -> dict:
         config_mod.validate(cfg)
         cfg.data.dataset = API_DATASET
         data = datasets_from(train, test, classes)
+    # fit()'s own arguments are given too: a resume refuses another model or dataset
+    given = config_mod.given_keys(cfg) | {"model.name", "data.dataset"}
+    config_mod.mark_given(cfg, given, trust_model_code=config_mod.trusts_model_code(cfg))
     return run_training(cfg, data=data, model_factory=factory)

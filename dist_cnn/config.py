@@ -314,6 +314,12 @@ def train_parser(prog: str = "train.py") -> ArgumentParser:
     )
     add_arguments(parser)
     parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="on resume, build the package.module:factory model the checkpoint names without naming it "
+        "with --model (imports and calls that module: only for checkpoints you trust) (default: False)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print what was detected (launcher, rank, world size, device, backend, head "
@@ -506,16 +512,41 @@ def parse_crop_scale(text: str) -> tuple[float, float]:
 def from_args(ns: argparse.Namespace) -> Config:
     """Defaults, then the --config file, then the flags that were given; validated."""
     cfg = Config()
+    given: set[str] = set()
     if getattr(ns, "config", None):
-        apply_dict(cfg, load_file(ns.config), where=f"config file {ns.config}")
+        data = load_file(ns.config)
+        apply_dict(cfg, data, where=f"config file {ns.config}")
+        given |= keys_of(data)
     nested: dict = {}
     for key, value in vars(ns).items():
         if "." in key:
             section, name = key.split(".", 1)
             nested.setdefault(section, {})[name] = value
     apply_dict(cfg, nested, where="flags")
+    mark_given(cfg, given | keys_of(nested), trust_model_code=getattr(ns, "trust_model_code", False))
     validate(cfg)
     return cfg
+
+
+def keys_of(nested: dict) -> set[str]:
+    """{section: {name: value}} -> {"section.name"}."""
+    return {f"{section}.{name}" for section, values in nested.items() for name in values}
+
+
+def mark_given(cfg: Config, keys: set[str], *, trust_model_code: bool = False) -> None:
+    """Remember which options the user set (flags, --config, API options) and whether they passed
+    --trust-model-code: a resumed run takes the others from its checkpoint (train/resume_rules.py).
+    Kept beside the fields, never saved: a file cannot grant itself trust."""
+    cfg.__dict__["given"] = frozenset(keys)
+    cfg.__dict__["trust_model_code"] = bool(trust_model_code)
+
+
+def given_keys(cfg: Config) -> frozenset:
+    return cfg.__dict__.get("given", frozenset())
+
+
+def trusts_model_code(cfg: Config) -> bool:
+    return cfg.__dict__.get("trust_model_code", False)
 
 
 def to_dict(cfg: Config) -> dict:

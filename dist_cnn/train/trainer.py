@@ -30,6 +30,7 @@ from dist_cnn.errors import PeerFailed, TrainingFailed, UserError, one_line
 from dist_cnn.fileio import WritePolicy, write_json_atomic
 from dist_cnn.models.checks import check_trainable
 from dist_cnn.models.prepare import prepare_model
+from dist_cnn.models.trust import check_file_spec
 from dist_cnn.observability.metrics import MetricsLog
 from dist_cnn.observability.progress import Progress, RateAverage
 from dist_cnn.observability.report import format_report, write_plots
@@ -43,6 +44,7 @@ from dist_cnn.train.ema import ModelEMA, adjusted_decay
 from dist_cnn.train.evaluate import evaluate, evaluate_batches
 from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps
 from dist_cnn.train.profiling import StepProfiler
+from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
 
 
@@ -102,6 +104,12 @@ class Trainer:
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
         self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
+        if state is not None:
+            self._resume_config(state)
+            self.batch_per_rank = t.batch_size // micro_world
+            if t.batch_size % micro_world:
+                raise UserError(f"--batch-size {t.batch_size} must divide by world size x grad accum = {micro_world}")
+            seed_everything(t.seed)
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()
 
@@ -165,6 +173,18 @@ class Trainer:
         )
 
     # ---- setup -------------------------------------------------------------------------------
+    def _resume_config(self, state: dict) -> None:
+        """The resumed run's options: the checkpoint's, except those that may change (resume_rules)."""
+        cfg = self.cfg
+        if not isinstance(state.get("config"), dict):
+            raise UserError(f"{self.resume_path} holds no config")
+        given = config_mod.given_keys(cfg)
+        resolved = {"train.precision": state.get("precision"), "data.loader": state.get("loader")}
+        reconcile(cfg, state["config"], given, resolved)
+        if "model.name" not in given:  # the model is the file's: it may import code only if allowed
+            check_file_spec(cfg.model.name, str(self.resume_path), trust=config_mod.trusts_model_code(cfg))
+        config_mod.validate(cfg)  # a file's values meet the same rules as flags
+
     def _load_data(self):
         """In-memory tensors, or the file index of an image folder to stream (stream.open_folder)."""
         index, self.loader_note = open_folder(self.cfg.data, self.env)
@@ -297,6 +317,10 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = s["step"], s["epoch"], s["epoch_step"]
         self.meter, self.best_acc, self.skipped_steps = Meter(s["train_seconds"]), s["best_acc"], s["skipped_steps"]
         self.wandb_id = s["wandb_id"]
+        if self.resume_path.resolve().parent.parent != self.run_dir.resolve():
+            # another run's checkpoint into a new --out: that run's W&B run stays its own
+            self.wandb_id = None
+            self.log(f"resuming {self.resume_path} into a new --out {self.run_dir}: a new W&B run")
         self.skipped_images = set(s.get("skipped_images", []))
         checkpoint.set_rng_state(s["rng"][self.env.rank % len(s["rng"])])
         self.metrics.history = list(s["metrics"])
