@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dist_cnn import config as config_mod
 from dist_cnn.data.loader import eval_shard
+from dist_cnn.data.workers import ignore_stop_signals
 from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
 from dist_cnn.fileio import check_output, write_output
@@ -146,6 +147,7 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
         shuffle=False,
         num_workers=args.workers,
         collate_fn=_collate,
+        worker_init_fn=ignore_stop_signals,  # Ctrl-C is the main process's: one line, exit 130
         pin_memory=env.device.type == "cuda",
     )
     rows, errors = [], []

@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
+from dist_cnn.data import workers as worker_signals
+
 PLAN_SEED_OFFSET = 1_000_003  # keeps data-order draws independent of the weight-init stream
 
 
@@ -187,11 +189,12 @@ class LoaderPipeline:
             pin_memory=device.type == "cuda",
             persistent_workers=False,
             drop_last=False,
+            worker_init_fn=worker_signals.ignore_stop_signals,
         )
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.plan, self.start_step = epoch_plan(self.n, self.seed, epoch, self.aug), start_step
-        for step, (x, y) in enumerate(self.loader, start=start_step):
+        for step, (x, y) in enumerate(worker_signals.start(self.loader), start=start_step):
             pos = rank_slice(step, self.batch, self.rank, self.world)
             shift, flip = _draws(self.plan, "shift", pos, self.device), _draws(self.plan, "flip", pos, self.device)
             x = x.to(self.device, non_blocking=True)

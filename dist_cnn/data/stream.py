@@ -40,6 +40,7 @@ from torchvision.transforms.v2 import RandomResizedCrop
 
 from dist_cnn.data.datasets import scan_classes
 from dist_cnn.distributed.process_group import main_only
+from dist_cnn.data import workers as worker_signals
 from dist_cnn.errors import UserError
 from dist_cnn.data.loader import Augment, Normalize, _draws, _image_aug, crop_flip, epoch_plan, eval_shard, rank_slice
 
@@ -323,7 +324,7 @@ def _iterate(loader: DataLoader):
     where its __del__ cannot stop its own workers and says so on stderr."""
     if loader.num_workers and getattr(loader, "_iterator", None) is None:
         gc.collect()
-    return iter(loader)
+    return worker_signals.start(loader)
 
 
 def _own_generator() -> torch.Generator:
@@ -345,6 +346,7 @@ def _loader(dataset, sampler, batch: int, workers: int, device: torch.device) ->
         prefetch_factor=4 if workers > 0 else None,
         drop_last=False,
         generator=_own_generator(),
+        worker_init_fn=worker_signals.ignore_stop_signals,
     )
 
 
@@ -564,6 +566,7 @@ def sample_stats(
         num_workers=default_workers(workers),
         collate_fn=collate,
         generator=_own_generator(),
+        worker_init_fn=worker_signals.ignore_stop_signals,
     )
     total = torch.zeros(2, 3, dtype=torch.float64)  # per channel: sum, sum of squares (pixels in [0, 1])
     count, xs, ys = 0, [], []

@@ -77,7 +77,7 @@ def reconcile(cfg: Config, recorded: dict, explicit: set[str], resolved: dict | 
         if key in explicit and not same:
             flag = _flag(key)
             raise UserError(
-                f"the checkpoint is for {flag.removeprefix('--')} {_show(old)}, this run has {flag} {_show(new)}: "
+                f"the checkpoint is for {flag} {_show(old)}, this run has {flag} {_show(new)}: "
                 f"{flag} cannot change on resume (it changes the results); leave it out to continue with "
                 f"{_show(old)}, or start a new run in another --out"
             )

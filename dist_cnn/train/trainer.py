@@ -425,6 +425,29 @@ class Trainer:
             )
             if t.precision == "auto":
                 self.log(f"precision {self.precision} (auto: {self.precision_reason})")
+        try:
+            return self._train_to_end()
+        except RuntimeError as e:  # torch's SIGCHLD handler, raised wherever this rank happens to be
+            if "DataLoader worker" not in str(e):
+                raise
+            return self._worker_lost(e)
+
+    def _worker_lost(self, e: RuntimeError) -> dict:
+        """A DataLoader worker died (killed, out of memory): one line. While a stop signal is being
+        handled by a single rank the checkpoint is still written (no peer waits in a collective)."""
+        why = one_line(e, 200)
+        if self.stop.requested and not self.env.initialized:
+            self.log(f"warning: {why} while stopping; writing the checkpoint anyway")
+            self.save_checkpoint()
+            self.handle_stop()
+            return self.stopped()
+        raise TrainingFailed(
+            f"rank {self.env.rank}: {why} (out of memory? see the kernel log); continue with "
+            f"--out {self.run_dir} --resume auto"
+        )
+
+    def _train_to_end(self) -> dict:
+        t = self.cfg.train
         last_eval = None
         while self.step < self.total_steps and self.epoch < t.epochs:
             if self.run_epoch():

@@ -34,11 +34,11 @@ def first(tmp_path_factory):
 @pytest.mark.parametrize(
     "option,value,words",
     [
-        ("seed", 4, "the checkpoint is for seed 3, this run has --seed 4"),
-        ("lr", 0.1, "the checkpoint is for lr 0.05, this run has --lr 0.1"),
-        ("precision", "bf16", "precision fp32, this run has --precision bf16"),
-        ("loader", "dataloader", "loader auto, this run has --loader dataloader"),
-        ("model_ema", True, "model-ema False, this run has --model-ema True"),
+        ("seed", 4, "the checkpoint is for --seed 3, this run has --seed 4"),
+        ("lr", 0.1, "the checkpoint is for --lr 0.05, this run has --lr 0.1"),
+        ("precision", "bf16", "--precision fp32, this run has --precision bf16"),
+        ("loader", "dataloader", "--loader auto, this run has --loader dataloader"),
+        ("model_ema", True, "--model-ema False, this run has --model-ema True"),
         ("flip", True, "--flip cannot change on resume"),
     ],
 )
@@ -50,7 +50,7 @@ def test_a_fixed_option_given_with_another_value_is_one_line(first, tmp_path, op
 
 
 def test_another_model_is_one_line(first, tmp_path):
-    with pytest.raises(UserError, match="the checkpoint is for model seed, this run has --model resnet18"):
+    with pytest.raises(UserError, match="the checkpoint is for --model seed, this run has --model resnet18"):
         fit("resnet18", train="synthetic", **BASE, resume=str(first), out=str(tmp_path / "r"))
 
 
