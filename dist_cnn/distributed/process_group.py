@@ -24,6 +24,7 @@ from dist_cnn.distributed.launch import (
     threads_for,
 )
 from dist_cnn.errors import PeerError, UserError
+from dist_cnn.observability.hang import flight_recorder_env
 
 JOINED_GROUP = False  # this process was part of a process group (see commands.entry)
 
@@ -40,6 +41,8 @@ def setup(backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -
     if env.world_size == 1:
         return env
     env.backend = resolve_backend(backend, env.device)
+    if env.backend == "nccl":  # before the group exists: the hang report's flight recorder
+        flight_recorder_env(environ)
     if env.launcher == "slurm":
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
@@ -83,6 +86,11 @@ def _agent_store(env: DistEnv, timeout, environ):
         return None  # env:// as usual: rank 0 hosts the store at MASTER_ADDR:MASTER_PORT
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
     return dist.PrefixStore(f"dist_cnn/attempt_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def store():
+    """The process group's key-value store (None for a single process)."""
+    return dist.distributed_c10d._get_default_store() if dist.is_available() and dist.is_initialized() else None
 
 
 def teardown(graceful: bool = True) -> None:

@@ -31,18 +31,20 @@ from dist_cnn.fileio import WritePolicy, write_json_atomic
 from dist_cnn.models.checks import check_trainable
 from dist_cnn.models.prepare import prepare_model
 from dist_cnn.models.trust import check_file_spec
+from dist_cnn.observability import hang
 from dist_cnn.observability.metrics import MetricsLog
 from dist_cnn.observability.progress import Progress, RateAverage
 from dist_cnn.observability.report import format_report, write_plots
 from dist_cnn.observability.tensorboard_logger import TensorBoardLogger
 from dist_cnn.observability.wandb_logger import WandbLogger
-from dist_cnn.train import checkpoint
+from dist_cnn.train import checkpoint, phases
 from dist_cnn.train import precision as P
 from dist_cnn.train.allocator import tune_malloc
 from dist_cnn.train.checkpoint import CheckpointPolicy
 from dist_cnn.train.ema import ModelEMA, adjusted_decay
 from dist_cnn.train.evaluate import evaluate, evaluate_batches
 from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps
+from dist_cnn.train.phases import PHASES
 from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
@@ -103,6 +105,7 @@ class Trainer:
         # The run directory and the checkpoint to resume are settled before the data is loaded: a
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
         self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
+        self.heartbeat = hang.start(D.store(), env.rank, env.world_size, self.run_dir)
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
         if state is not None:
             self._resume_config(state)
@@ -334,6 +337,10 @@ class Trainer:
 
     def save_checkpoint(self, is_best: bool = False, final: bool = False) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes while the others wait."""
+        with PHASES.during(phases.CHECKPOINT):
+            self._save_checkpoint(is_best, final)
+
+    def _save_checkpoint(self, is_best: bool, final: bool) -> None:
         state = self._state()
         state["finished"] = final
         err = None
@@ -366,11 +373,13 @@ class Trainer:
         for i, (x, y) in enumerate(micro_batches):
             last = i == accum - 1
             with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+                PHASES.enter(phases.FORWARD)
                 with self.profiler.region("forward"), P.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 loss_sum += loss.detach().float()
                 if last:  # the loss is known before the backward pass: agree while it runs
                     agreement = self._agree(loss_sum)
+                PHASES.enter(phases.BACKWARD)
                 with self.profiler.region("backward"):
                     self.scaler.scale(loss).backward()
         whiten = getattr(self.raw_model, "whiten", None)
@@ -379,6 +388,7 @@ class Trainer:
         if self.cfg.optim.clip_grad_norm:  # on the true gradients: unscaled from fp16's loss scale first
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
+        PHASES.enter(phases.OPTIMIZER)
         with self.profiler.region("optimizer"):
             signals = self._apply(agreement)
             self.scaler.update()
@@ -398,7 +408,8 @@ class Trainer:
             self.optimizer.step()
             del self.optimizer.found_inf
             return StepSignals(*agreement.read())
-        signals = StepSignals(*agreement.read())  # long done: it ran alongside the backward pass
+        with PHASES.during(phases.STEP_ALL_REDUCE):
+            signals = StepSignals(*agreement.read())  # long done: it ran alongside the backward pass
         if not signals.nonfinite:
             self.optimizer.step()
         return signals
@@ -491,6 +502,7 @@ class Trainer:
             with self.profiler.region(f"step {self.step}"):
                 wait_from = time.perf_counter()
                 # MixUp/CutMix (when on) turn each micro-batch's labels into soft targets, seeded by its position
+                PHASES.enter(phases.DATA_WAIT, self.step + 1)
                 with self.profiler.region("data_wait"):
                     micro = [self.mix(*next(batches), self.epoch, self.epoch_step * accum + i) for i in range(accum)]
                 waited = time.perf_counter() - wait_from
@@ -624,6 +636,10 @@ class Trainer:
     def run_eval(self) -> dict | None:
         """The test metrics (logged, and a checkpoint when they are the best so far); None when a stop
         signal cut the evaluation short."""
+        with PHASES.during(phases.EVALUATION):
+            return self._run_eval()
+
+    def _run_eval(self) -> dict | None:
         res = self._evaluate(self.model)
         if res is None:
             return None

@@ -87,7 +87,7 @@ def test_sigterm_to_the_group_with_dataloader_workers_checkpoints_and_resumes_ex
     train([*args, "--out", out, "--resume", "auto"], check=0)
     assert read_summary(out)["steps"] == read_summary(tmp_path / "ref")["steps"]
     ref, resumed = weights(tmp_path / "ref"), weights(out)
-    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert max((ref[k] - resumed[k]).abs().max().item() for k in ref) <= 1e-6  # as test_checkpoint's
 
 
 def test_sigint_to_the_group_with_stream_workers_checkpoints(tmp_path, image_folder):
