@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,6 +96,21 @@ def _image(img, where: str) -> torch.Tensor:
     raise UserError(f"{where}: images must be uint8 or float tensors, got {img.dtype}")
 
 
+def _label(value, where: str) -> int:
+    """An integer class index: ints, numpy integers, one-element integer tensors. Anything else (a
+    float would be truncated, a string is a class name) is one line."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    hint = "; map class names to indices and pass classes=[...]" if isinstance(value, str) else ""
+    raise UserError(
+        f"{where}: labels must be integer class indices, got {type(value).__name__} {str(value)[:40]!r}{hint}"
+    )
+
+
 def materialize(ds, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A map-style Dataset of (image, label) as uint8 [N, C, H, W] and int64 [N] tensors."""
     try:
@@ -115,7 +131,7 @@ def materialize(ds, where: str) -> tuple[torch.Tensor, torch.Tensor]:
                 f"resize in the dataset's transform"
             )
         xs.append(x)
-        ys.append(int(item[1]))
+        ys.append(_label(item[1], f"{where}[{i}]"))
     return torch.stack(xs).contiguous(), torch.tensor(ys, dtype=torch.int64)
 
 

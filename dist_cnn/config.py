@@ -492,6 +492,11 @@ def _check_data(d) -> None:
     parse_crop_scale(d.crop_scale)
     if d.loader == "stream" and d.dataset != "imagefolder":
         raise UserError(f"--loader stream reads image folders: use --dataset imagefolder (got {d.dataset})")
+    if d.dataset != "imagefolder" and d.image_size != DataConfig.image_size:
+        raise UserError(
+            f"--image-size is for --dataset imagefolder; {d.dataset} images keep their own size "
+            f"(got --image-size {d.image_size})"
+        )
     if d.decode == "gpu" and d.loader not in ("stream", "auto"):
         raise UserError(f"--decode gpu is for --loader stream (got --loader {d.loader})")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dist_cnn.train.phases import PHASES, Phases
+from dist_cnn.train.phases import COLLECTIVE_PHASES, PHASES, Phases
 
 INTERVAL_S = 2.0  # heartbeat period
 SILENT_AFTER = 3  # periods without a heartbeat: the rank is stopped or frozen, not just busy
@@ -133,7 +133,7 @@ class Heartbeat:
             self._wait_for_stacks(beats)
         except Exception:
             return None
-        return diagnose(beats, self.world, time.time(), self.run_dir)
+        return diagnose(beats, self.world, time.time(), self.run_dir, self.rank)
 
     def _wait_for_stacks(self, beats: dict[int, dict]) -> None:
         """Give the ranks that are alive one heartbeat and a bit to write their stacks (the store may
@@ -145,22 +145,21 @@ class Heartbeat:
             time.sleep(0.1)
 
 
-def diagnose(beats: dict[int, dict], world: int, now: float, run_dir: Path) -> str:
+def diagnose(beats: dict[int, dict], world: int, now: float, run_dir: Path, reporter: int = 0) -> str:
     """One line from every rank's last heartbeat: the rank that fell behind, and where the others are.
-    A rank gone silent (stopped, frozen) is the cause; else the one at the lowest step, in another
-    phase than the rest (stuck reading data while the others wait in a collective)."""
+    The reporter's own collective timed out, so it was waiting, not behind. Of the others, a rank gone
+    silent (stopped, frozen) is the cause; else the one at the lowest step, preferably outside a
+    collective (stuck reading data while the others wait)."""
     where = f"; stacks in {Path(run_dir) / 'hang'}"
     missing = [r for r in range(world) if r not in beats]
     if missing:
         return f"rank {missing[0]} never reported (it did not get as far as training){where}"
-    silent = [r for r in beats if now - beats[r]["time"] > SILENT_AFTER * INTERVAL_S]
-    if silent:
-        r = min(silent, key=lambda q: (beats[q]["step"], beats[q]["time"]))
-    else:
-        low = min(b["step"] for b in beats.values())
-        lowest = [q for q in sorted(beats) if beats[q]["step"] == low]
-        odd = [q for q in lowest if all(beats[o]["phase"] != beats[q]["phase"] for o in beats if o != q)]
-        r = (odd or lowest)[0]
+    silent = {r for r in beats if now - beats[r]["time"] > SILENT_AFTER * INTERVAL_S}
+    candidates = [r for r in beats if r != reporter] or list(beats)
+    r = min(
+        candidates,
+        key=lambda q: (q not in silent, beats[q]["step"], beats[q]["phase"] in COLLECTIVE_PHASES, q),
+    )
     b, seen = beats[r], now - beats[r]["time"]
     text = f"rank {r} last seen {seen:.0f} s ago in {b['phase']} at step {b['step']}"
     if r not in silent:  # alive, but stuck where it is

@@ -31,6 +31,12 @@ class TensorBoardLogger:
         self.log_dir = Path(run_dir) / "tensorboard"
         if not enabled:
             return
+        try:  # the writer's own thread would fail later, with a traceback of its own
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.NamedTemporaryFile(dir=self.log_dir, prefix=".probe", suffix=".tmp").close()
+        except OSError as e:
+            log(f"tensorboard: cannot write {self.log_dir} ({e.strerror or one_line(e)}); TensorBoard logging disabled")
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -22,6 +22,8 @@ OPTIMIZER = "optimizer step"
 CHECKPOINT = "checkpoint write"
 EVALUATION = "evaluation"
 DONE = "done"
+# Where a rank waits for its peers (DDP's forward syncs too): a rank stuck elsewhere fell behind.
+COLLECTIVE_PHASES = frozenset({FORWARD, BACKWARD, STEP_ALL_REDUCE, CHECKPOINT, EVALUATION})
 
 
 class Phases:

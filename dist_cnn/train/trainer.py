@@ -193,6 +193,11 @@ class Trainer:
         index, self.loader_note = open_folder(self.cfg.data, self.env)
         if index is not None:
             return attach_sample(index, self.cfg.data, self.env)
+        if self.cfg.data.skip_bad_images:  # the in-memory loaders decode every file up front
+            raise UserError(
+                "--skip-bad-images works with --loader stream (image folders); the in-memory loaders "
+                f"(--loader {self.cfg.data.loader}) read every image before training and stop at a bad one"
+            )
         return D.main_then_all(self.env, lambda: load_dataset(self.cfg.data, log=self.log))
 
     @property
@@ -471,7 +476,7 @@ class Trainer:
                     last_eval = self.run_eval()
                     if last_eval is None:
                         return self.stop_after_eval()
-        self.profiler.stop(self.step, force=True)  # a window past the end of training ends with it
+        self.profiler.end(self.step)  # a window past the end of training ends with it, or says so
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.run_eval()
             if last_eval is None:
