@@ -105,15 +105,18 @@ def main_eval(argv) -> int:
                 skip_bad=cfg.data.skip_bad_images,
                 decode=cfg.data.decode,
             )
-            res = evaluate_batches(
-                prepared.model,
-                test.batches(prepared.normalize),
-                len(data.test),
-                num_classes=data.num_classes,
-                env=env,
-                precision=P.resolve(args.precision, env.device),
-                tta=cfg.train.tta,
-            )
+            try:
+                res = evaluate_batches(
+                    prepared.model,
+                    test.batches(prepared.normalize),
+                    len(data.test),
+                    num_classes=data.num_classes,
+                    env=env,
+                    precision=P.resolve(args.precision, env.device),
+                    tta=cfg.train.tta,
+                )
+            except UserError as e:  # training's hint names a flag that eval does not take
+                raise UserError(str(e).replace(", or pass --skip-bad-images", "")) from None
         else:
             data = D.main_then_all(env, lambda: load_dataset(cfg.data))
             _check_classes(state, data, cfg)

@@ -107,3 +107,19 @@ def test_two_ranks_under_torchrun_checkpoint_on_a_group_signal(tmp_path, image_f
     code, stderr = stop_group(2, args, out, sig)
     assert_checkpointed(out, code, stderr, sig)
     assert f"torchrun: stopped by {signal.Signals(sig).name}" in stderr
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_a_killed_dataloader_worker_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = start_group(1, [*SYNTHETIC, "--loader", "dataloader", "--workers", "2", "--out", out])
+    wait_for(lambda: events(out, "train") and children(proc.pid), proc=proc)
+    os.kill(children(proc.pid)[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=180)
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and "DataLoader worker" in lines[0] and "--resume auto" in lines[0], lines
