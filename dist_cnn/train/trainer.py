@@ -784,7 +784,9 @@ def train(cfg: Config, data: Dataset | None = None, model_factory=None) -> dict:
             tune_malloc()  # before the model and the data take their memory
         trainer = Trainer(cfg, env, data=data, model_factory=model_factory)
         try:
-            return trainer.fit()
+            result = trainer.fit()
+            trainer.heartbeat.stop()  # kept running on failure: the hang report reads it
+            return result
         except BaseException:
             # Complete the W&B files before leaving: a rank that lost its peers exits with os._exit
             # (commands.entry), which skips wandb's own exit hooks and would leave the run unreadable.
