@@ -9,13 +9,10 @@
 3. resnet50    torchvision ResNet-50 at 224 px, 2 ranks on the CPU through the stream pipeline: images/s
                and data_wait_frac (needs `--model torchvision:resnet50`).
 4. cifar       CIFAR-10 (an image folder of 32 px JPEGs) with the default recipe, 2 epochs: the device
-               pipeline against `--loader stream --crop-scale 1 --eval-crop-ratio 1`. Those two flags
-               make the stream transform the identity on 32x32 images (a "random resized crop" of the
-               whole image to its own size, and a centre crop without margin), i.e. the default
-               recipe's data exactly; the remaining differences are the normalization statistics (the
-               device path: the first 10,000 training images; stream: a random sample of 2,000) and
-               the precision `auto` picks by timing. A second pair pins both (--normalize half
-               --precision bf16): the two pipelines then feed the model the same batches.
+               pipeline against `--loader stream`. The recipe is the loader's no longer: both feed the
+               model the same uint8 batches and the same normalization; what may still differ is the
+               precision `auto` picks by timing. A second pair pins it (--normalize half --precision
+               bf16).
 
 The generated folders are made once and cached (--cache). Figures taken on a busy machine vary; the
 ratios are what to read.
@@ -43,8 +40,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dist_cnn.config import DataConfig  # noqa: E402
 from dist_cnn.data.loader import Augment, Normalize  # noqa: E402
-from dist_cnn.data.stream import StreamPipeline, scan_folder  # noqa: E402
+from dist_cnn.data.open import open_source  # noqa: E402
+from dist_cnn.distributed.process_group import DistEnv  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # any fixed values: both pipelines use the same
 
@@ -110,9 +109,19 @@ def measure(batches, loader, warmup: int, count: int, batch: int) -> dict:
 
 
 def ours(root: Path, workers: int, batch: int, steps: int) -> dict:
-    idx = scan_folder(str(root), 224)
-    pipe = StreamPipeline(
-        idx.train,
+    cfg = DataConfig(
+        dataset="imagefolder",
+        data_dir=str(root),
+        image_size=224,
+        loader="stream",
+        train_crop="random-resized",
+        eval_resize="center-crop",
+        normalize="half",  # no statistics sample: this measures the training pipeline
+        workers=workers,
+    )
+    source, _ = open_source(cfg, DistEnv())
+    pipe = source.train_batches(
+        loader="stream",
         batch_per_rank=batch,
         rank=0,
         world=1,
@@ -121,7 +130,6 @@ def ours(root: Path, workers: int, batch: int, steps: int) -> dict:
         normalize=Normalize(MEAN, STD, torch.device("cpu"), channels_last=False),
         device=torch.device("cpu"),
         workers=workers,
-        image_size=224,
     )
     res = measure(pipe.epoch(0), pipe.loader, 2, steps, batch)
     del pipe
@@ -226,8 +234,6 @@ def peak_rss(root: Path, loader: str) -> float:
             "fp32",
             "--workers",
             1,
-            "--crop-scale",
-            "0.35,1",
         ]
     )
     return max(r["memory_mb"] for r in rows if r["event"] == "train")
@@ -265,6 +271,10 @@ def resnet50(root: Path, steps: int) -> dict:
             "--precision",
             "fp32",
             "--flip",
+            "--train-crop",
+            "random-resized",
+            "--eval-resize",
+            "center-crop",
         ],
         nproc=2,
     )
@@ -280,7 +290,7 @@ def cifar(data_dir: str) -> dict:
     """The default recipe through both pipelines; then again with the normalization and the precision
     pinned (--normalize half --precision bf16), the two things that may differ between them."""
     base = ["--dataset", "imagefolder", "--data-dir", data_dir]
-    stream = ["--loader", "stream", "--crop-scale", "1", "--eval-crop-ratio", "1"]
+    stream = ["--loader", "stream"]
     pinned = ["--normalize", "half", "--precision", "bf16"]
     runs = {
         "device": [*base, "--loader", "device"],

@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from dist_cnn import config as config_mod  # noqa: E402
 from dist_cnn.config import Config, DataConfig  # noqa: E402
 from dist_cnn.data.datasets import load_dataset  # noqa: E402
-from dist_cnn.data.loader import Normalize, normalization_stats  # noqa: E402
+from dist_cnn.data.loader import Normalize  # noqa: E402
 from dist_cnn.distributed import process_group as D  # noqa: E402
 from dist_cnn.models.registry import build_model  # noqa: E402
 from dist_cnn.train.precision import cpu_has_native_bf16  # noqa: E402
@@ -338,7 +338,7 @@ def _ws2_worker(rank, world, port, specs, data_dir, cmd_q, res_q, malloc_tune=Fa
         import torch.distributed as dist
 
         data, _ = get_data(data_dir)
-        mean, std = normalization_stats(data.train_x, "dataset")
+        mean, std = data.normalization("dataset")  # what the Trainer uses
         xf = None
         runners, outdir = {}, tempfile.mkdtemp(prefix=f"throughput-ws2-r{rank}-")
         for s in specs:
@@ -786,7 +786,7 @@ def main(argv=None):
     load0, t_start = os.getloadavg(), time.time()
 
     data, source = get_data(args.data_dir)
-    mean, std = normalization_stats(data.train_x, "dataset")
+    mean, std = data.normalization("dataset")  # what the Trainer uses
     xf = Normalize(mean, std, "cpu", False)(data.train_x)  # (d)'s preloaded normalized float tensor
     image_dir = args.data_dir if source.startswith("imagefolder") else synthetic_imagefolder(data)
     tmp = tempfile.mkdtemp(prefix="throughput-runs-")

@@ -41,10 +41,10 @@ API_DATASET = "python"  # the dataset name recorded when fit() gets Dataset obje
 def option_fields() -> dict[str, tuple[str, str]]:
     """option name -> (section, field): the field name, and the flag's name where it differs."""
     out = {}
-    for section, cls in config_mod._sections():
+    for section, cls in config_mod.sections():
         for f in fields(cls):
             out[f.name] = (section, f.name)
-            flag = config_mod._flag(f)[2:].replace("-", "_")
+            flag = config_mod.flag_name(f)[2:].replace("-", "_")
             out.setdefault(flag, (section, f.name))
     for skip in ("name", "model", "dataset"):  # given as fit's own arguments
         out.pop(skip, None)

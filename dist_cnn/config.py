@@ -36,7 +36,7 @@ class DataConfig:
     data_dir: str = opt("data", "where the dataset lives (or is downloaded to)")
     download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
     image_size: int = opt(
-        32, "imagefolder: images are resized to this square size (stream: the crop size)", low=4, high=1024
+        32, "imagefolder: the square size images are prepared to (--eval-resize, --train-crop)", low=4, high=1024
     )
     synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=200_000)
     synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=200_000)
@@ -44,7 +44,8 @@ class DataConfig:
         "auto",
         "input pipeline: in-memory tensors on the device, a DataLoader over them, or "
         "stream (imagefolder: decode files per batch in workers, nothing cached); auto picks "
-        "device, or stream for an image folder too large to decode into memory",
+        "device, or stream for an image folder too large to decode into memory; the "
+        "batches are the same whichever pipeline reads them",
         choices=("auto", "device", "dataloader", "stream"),
     )
     workers: int = opt(
@@ -55,17 +56,36 @@ class DataConfig:
         high=256,
     )
     test_split: str = opt("test", "imagefolder: the test split's folder beside train/ (ImageNet: val)")
+    train_crop: str = opt(
+        "none",
+        "training images: none = prepared as test images are (--eval-resize), then the batch "
+        "augmentations; random-resized = RandomResizedCrop of the decoded file (--crop-scale; "
+        "ImageNet recipes; image folders read by --loader stream or auto). The same for every loader",
+        choices=("none", "random-resized"),
+    )
     crop_scale: str = opt(
         "0.08,1",
-        "stream: RandomResizedCrop's area range 'MIN,MAX' for training "
-        "images (one number s = 's,s'; 1 = the whole image, resized)",
+        "--train-crop random-resized: the crop's area range 'MIN,MAX' (one number s = 's,s')",
+    )
+    eval_resize: str = opt(
+        "stretch",
+        "test images (and predict): stretch = resize to image_size x image_size (nothing to do when "
+        "they are that size already); center-crop = resize the shorter side to floor(image_size / "
+        "--eval-crop-ratio), then centre-crop. The same for every loader",
+        choices=("stretch", "center-crop"),
     )
     eval_crop_ratio: float = opt(
         0.875,
-        "stream: test images are resized to image_size / ratio (shorter "
-        "side), then centre-cropped to image_size (1 = no margin)",
+        "--eval-resize center-crop: the crop's share of the resized shorter side (1 = no margin)",
         above=0,
         high=1,
+    )
+    max_image_pixels: int = opt(
+        89_478_485,
+        "image files: refuse one whose header declares more pixels than this, before decoding "
+        "(PIL's limit; 0 = no limit)",
+        low=0,
+        high=2**40,
     )
     skip_bad_images: bool = opt(
         False,
@@ -207,6 +227,13 @@ class TrainConfig:
 class DistConfig:
     backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
     timeout: float = opt(300.0, "seconds a collective may wait before the job fails", low=1, high=7 * 86400)
+    setup_timeout: float = opt(
+        3600.0,
+        "seconds the other ranks wait for rank 0's one-time setup (preparing the run directory, listing or "
+        "decoding the dataset) before the job fails; --timeout bounds the collectives of training",
+        low=1,
+        high=7 * 86400,
+    )
 
 
 @dataclass
@@ -258,12 +285,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def _sections():
+def sections():
     hints = typing.get_type_hints(Config)
     return [(f.name, hints[f.name]) for f in fields(Config)]
 
 
-def _flag(f) -> str:
+def flag_name(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
@@ -285,7 +312,7 @@ def _range_text(f) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; defaults are shown but not set, so only given flags override."""
     parser.add_argument("--config", help="config file (.toml, .yaml or .json); flags override it")
-    for section, cls in _sections():
+    for section, cls in sections():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
@@ -304,7 +331,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 kw.update(type=typ, choices=f.metadata.get("choices"))
                 if not kw["choices"]:
                     kw["metavar"] = {int: "N", float: "X", str: "STR"}[typ]
-            group.add_argument(_flag(f), **kw)
+            group.add_argument(flag_name(f), **kw)
 
 
 def train_parser(prog: str = "train.py") -> ArgumentParser:
@@ -407,14 +434,14 @@ def load_file(path: str) -> dict:
 
 def apply_dict(cfg: Config, data: dict, where: str = "config") -> None:
     """Set fields from a nested {section: {key: value}} mapping; unknown keys and wrong types are errors."""
-    sections = dict(_sections())
+    known = dict(sections())
     for section, values in data.items():
-        if section not in sections:
-            raise UserError(f"{where}: unknown section {section!r} (known: {', '.join(sections)})")
+        if section not in known:
+            raise UserError(f"{where}: unknown section {section!r} (known: {', '.join(known)})")
         if not isinstance(values, dict):
             raise UserError(f"{where}: [{section}] must be a table of settings")
         obj = getattr(cfg, section)
-        hints = typing.get_type_hints(sections[section])
+        hints = typing.get_type_hints(known[section])
         for key, value in values.items():
             if key not in hints:
                 raise UserError(f"{where}: unknown key {section}.{key} (known: {', '.join(hints)})")
@@ -422,7 +449,7 @@ def apply_dict(cfg: Config, data: dict, where: str = "config") -> None:
 
 
 def _check_field(f, value) -> None:
-    m, flag = f.metadata, _flag(f)
+    m, flag = f.metadata, flag_name(f)
     if m.get("choices") and value not in m["choices"]:
         raise UserError(f"{flag}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -466,14 +493,14 @@ def _check_text(flag: str, value: str, key: str) -> None:
 def validate(cfg: Config) -> None:
     """Every field against its type and its own metadata (choices, range, finiteness; text without
     control characters), before any work starts; cross-field rules last."""
-    for section, cls in _sections():
+    for section, cls in sections():
         obj, hints = getattr(cfg, section), typing.get_type_hints(cls)
         for f in fields(cls):
             value, typ = getattr(obj, f.name), hints[f.name]
-            _check_type(_flag(f), value, typ)
+            _check_type(flag_name(f), value, typ)
             _check_field(f, value)
             for text in value if typ is list else [value] if typ is str else []:
-                _check_text(_flag(f), text, f"{section}.{f.name}")
+                _check_text(flag_name(f), text, f"{section}.{f.name}")
     if cfg.data.dataset == "imagefolder" and cfg.data.crop_padding >= cfg.data.image_size:
         raise UserError(
             f"--crop-padding {cfg.data.crop_padding} must be smaller than --image-size {cfg.data.image_size}"
@@ -492,6 +519,11 @@ def _check_data(d) -> None:
     parse_crop_scale(d.crop_scale)
     if d.loader == "stream" and d.dataset != "imagefolder":
         raise UserError(f"--loader stream reads image folders: use --dataset imagefolder (got {d.dataset})")
+    if d.train_crop == "random-resized" and (d.dataset != "imagefolder" or d.loader in ("device", "dataloader")):
+        raise UserError(
+            "--train-crop random-resized crops the decoded image files: use --dataset imagefolder with "
+            f"--loader stream or auto (got --dataset {d.dataset} --loader {d.loader})"
+        )
     if d.dataset != "imagefolder" and d.image_size != DataConfig.image_size:
         raise UserError(
             f"--image-size is for --dataset imagefolder; {d.dataset} images keep their own size "
@@ -568,11 +600,11 @@ def save(cfg: Config, path: Path) -> None:
     path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
-assert all(is_dataclass(t) for _, t in _sections())
+assert all(is_dataclass(t) for _, t in sections())
 assert all(
     any(f.metadata.get(k) is not None for k in ("low", "above"))
     and any(f.metadata.get(k) is not None for k in ("high", "below"))
-    for _, t in _sections()
+    for _, t in sections()
     for f in fields(t)
     if typing.get_type_hints(t)[f.name] in (int, float)
 ), "every number needs both ends of its range"

@@ -40,8 +40,8 @@ is_host=$([ "$node_rank" = 0 ] && echo 1 || echo 0)
 # torch's default, one store shared by all rounds, a node that comes back as a new torchrun agent
 # after a failure waits for an address that only the first round published, and never rejoins.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
-# dist_cnn.torchrun: torchrun that checks the training flags before starting workers (see launch/node.sh).
+# dist_cnn.distributed.torchrun: torchrun that checks the training flags before starting workers (see launch/node.sh).
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m dist_cnn.torchrun --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$procs" \
+exec "$py" -m dist_cnn.distributed.torchrun --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$procs" \
   --rdzv_backend=c10d --rdzv_endpoint="$head" --rdzv_id="$run_id" --rdzv_conf="is_host=$is_host" \
   --max_restarts="$restarts" "${DIST_CNN_ENTRY:-$root/train.py}" "$@"

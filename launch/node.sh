@@ -13,7 +13,7 @@ if [ -z "$procs" ]; then
     echo "launch/node.sh: no GPU found; pass --procs N to run N CPU processes" >&2; exit 2
   fi
 fi
-# dist_cnn.torchrun is torchrun that checks the training flags once before starting the workers and
+# dist_cnn.distributed.torchrun is torchrun that checks the training flags once before starting the workers and
 # reports a failed worker in one line (DIST_CNN_TORCHRUN_VERBOSE=1: torchrun's full report).
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m dist_cnn.torchrun --standalone --nnodes=1 --nproc_per_node="$procs" "$root/train.py" "$@"
+exec "$py" -m dist_cnn.distributed.torchrun --standalone --nnodes=1 --nproc_per_node="$procs" "$root/train.py" "$@"

@@ -25,7 +25,7 @@
 # passes the submitting environment to the job):
 #   torchrun (default)  One srun task per node (srun --ntasks=$SLURM_NNODES --ntasks-per-node=1,
 #                       holding all of the node's allocated CPUs and GPUs) runs
-#                         python -m dist_cnn.torchrun --nnodes=$SLURM_NNODES
+#                         python -m dist_cnn.distributed.torchrun --nnodes=$SLURM_NNODES
 #                           --nproc_per_node=P --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID
 #                           --rdzv_endpoint=<first host of the job>:<port from the job id> train.py ...
 #                       P = GPUs per node when the job has GPUs, otherwise the job's tasks per
@@ -104,7 +104,7 @@ WRAP=(bash -c 'trap "" USR1 USR2; exec "$@"' dist_cnn_task)
 
 # The training flags are checked once here, before any step starts: a bad flag is one line in the
 # job's log and exit code 2, not one line per process plus torchrun's and srun's reports.
-"$PY" -m dist_cnn.torchrun --check-only "$ENTRY" "$@" || exit $?
+"$PY" -m dist_cnn.distributed.torchrun --check-only "$ENTRY" "$@" || exit $?
 
 # Since SLURM 22.05 srun does not inherit --cpus-per-task from sbatch: pass it explicitly.
 case "$LAUNCH" in
@@ -118,7 +118,7 @@ case "$LAUNCH" in
         port="${DIST_CNN_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
         CMD=(srun --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task=$((cpus_per_task * tasks_per_node))
              --kill-on-bad-exit=1
-             "${WRAP[@]}" "$PY" -m dist_cnn.torchrun
+             "${WRAP[@]}" "$PY" -m dist_cnn.distributed.torchrun
              --nnodes="$nnodes" --nproc_per_node="$nproc"
              --rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID" --rdzv_endpoint="$head_host:$port"
              "$ENTRY" "$@")

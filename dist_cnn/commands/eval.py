@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 from pathlib import Path
 
+import torch
+
 from dist_cnn import config as config_mod
-from dist_cnn.data.datasets import load_dataset
-from dist_cnn.data.stream import StreamEval, load_index
+from dist_cnn.data.open import open_source
+from dist_cnn.data.source import upgrade_stored_config
 from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
 from dist_cnn.fileio import STDOUT, check_output, write_output
@@ -18,7 +22,7 @@ from dist_cnn.models.trust import add_trust_arguments, check_file_spec
 from dist_cnn.observability.format import display_names, percent
 from dist_cnn.train import checkpoint
 from dist_cnn.train import precision as P
-from dist_cnn.train.evaluate import evaluate, evaluate_batches
+from dist_cnn.train.evaluate import evaluate_source
 
 
 def _batch_size(text: str) -> int:
@@ -59,13 +63,27 @@ def eval_parser():
         help="write the metrics here as JSON (a FIFO or device is written into, - is stdout) "
         "(default: eval-<checkpoint>.json beside it)",
     )
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="also write each test sample's prediction as CSV: sample,label,prediction (class names, in "
+        "the test set's order; prediction empty for a sample left out)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="image files: refuse one whose header declares more pixels than this, before decoding; "
+        "0 = no limit (default: the run's)",
+    )
     return p
 
 
 def main_eval(argv) -> int:
     args = eval_parser().parse_args(argv)
-    if args.output:
-        check_output(args.output, [args.checkpoint])
+    for flag in ("--output", "--predictions"):
+        if getattr(args, flag[2:]):
+            check_output(getattr(args, flag[2:]), [args.checkpoint], flag)
     state = checkpoint.load(Path(args.checkpoint))
     if (
         not isinstance(state, dict)
@@ -79,8 +97,11 @@ def main_eval(argv) -> int:
             raise UserError(f"{args.checkpoint} has no EMA weights (the run had no --model-ema)")
         # checkpoints keep the AveragedModel's state (module.* and its update count), model.pt the plain one
         state = dict(state, model={k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
+    stored = dict(state["config"])
+    if isinstance(stored.get("data"), dict):  # runs from before the recipe options: their loader's recipe
+        stored["data"] = upgrade_stored_config(stored["data"], state.get("loader"))
     try:
-        cfg = config_mod.from_dict(state["config"])
+        cfg = config_mod.from_dict(stored)
     except UserError as e:
         raise UserError(f"{args.checkpoint}: its config does not fit this version ({e})") from None
     check_file_spec(cfg.model.name, args.checkpoint, named=args.model, trust=args.trust_model_code)
@@ -88,53 +109,59 @@ def main_eval(argv) -> int:
         cfg.data.dataset = args.dataset
     if args.data_dir:
         cfg.data.data_dir = args.data_dir
-    with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
-        if state.get("loader") == "stream":  # trained on a streamed folder: evaluated the same way
-            data = load_index(cfg.data, env)
-            _check_classes(state, data, cfg)
-            prepared = prepare_model(cfg, data, env.device, state)
-            test = StreamEval(
-                data.test,
-                rank=env.rank,
-                world=env.world_size,
-                image_size=data.image_size,
-                eval_crop_ratio=cfg.data.eval_crop_ratio,
-                device=env.device,
-                workers=cfg.data.workers,
-                batch_size=args.batch_size,
-                skip_bad=cfg.data.skip_bad_images,
-                decode=cfg.data.decode,
-            )
-            try:
-                res = evaluate_batches(
-                    prepared.model,
-                    test.batches(prepared.normalize),
-                    len(data.test),
-                    num_classes=data.num_classes,
-                    env=env,
-                    precision=P.resolve(args.precision, env.device),
-                    tta=cfg.train.tta,
-                )
-            except UserError as e:  # training's hint names a flag that eval does not take
-                raise UserError(str(e).replace(", or pass --skip-bad-images", "")) from None
-        else:
-            data = D.main_then_all(env, lambda: load_dataset(cfg.data))
-            _check_classes(state, data, cfg)
-            prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
-            res = evaluate(
-                prepared.model,
-                data.test_x,
-                data.test_y,
-                num_classes=data.num_classes,
-                normalize=prepared.normalize,
-                env=env,
-                precision=P.resolve(args.precision, env.device),
-                batch_size=args.batch_size,
-                tta=cfg.train.tta,
-            )
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels < 0:
+            raise UserError(f"--max-image-pixels must be >= 0, got {args.max_image_pixels}")
+        cfg.data.max_image_pixels = args.max_image_pixels
+    if state.get("loader") == "stream":  # read as it was trained (the batches are the same either way)
+        cfg.data.loader = "stream"
+    cfg.data.train_crop = "none"  # nothing is trained here: the test split's transform alone matters
+    if cfg.data.loader != "stream":  # runs from before it was refused in memory recorded it, unused
+        cfg.data.skip_bad_images = False
+    with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
+        data, _ = open_source(cfg.data, env, measure="mean" not in state)
+        _check_classes(state, data, cfg)
+        prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
+        mine = [] if args.predictions else None
+        res = evaluate_source(
+            prepared.model,
+            data,
+            normalize=prepared.normalize,
+            env=env,
+            precision=P.resolve(args.precision, env.device),
+            batch_size=args.batch_size,
+            workers=cfg.data.workers,
+            tta=cfg.train.tta,
+            predictions=mine,
+        )
+        preds = _gather(mine, env) if args.predictions else None
         if env.is_main:
             _report(args, cfg, data, env, res)
+            if preds is not None:
+                _write_predictions(Path(args.predictions), data, preds)
     return 0
+
+
+def _gather(mine: list, env) -> list[int]:
+    """Every rank's predictions, in rank order: the test set's order (contiguous shards)."""
+    if not env.initialized:
+        return mine
+    parts = [None] * env.world_size
+    torch.distributed.all_gather_object(parts, mine)
+    return [p for part in parts for p in part]
+
+
+def _write_predictions(path: Path, data, preds: list[int]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["sample", "label", "prediction"])
+    for i, p in enumerate(preds):
+        label = data.test_label(i)
+        w.writerow([data.test_name(i), data.classes[label], data.classes[p] if p >= 0 else ""])
+    try:
+        write_output(str(path), buf.getvalue().encode())
+    except OSError as e:
+        raise UserError(f"--predictions {path}: cannot write it ({e.strerror or e})") from None
 
 
 def _check_classes(state: dict, data, cfg) -> None:

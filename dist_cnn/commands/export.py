@@ -9,8 +9,10 @@ import torch
 
 from dist_cnn import config as config_mod
 from dist_cnn.config import DataConfig
-from dist_cnn.data.datasets import load_dataset
 from dist_cnn.data.loader import Normalize
+from dist_cnn.data.open import open_source
+from dist_cnn.data.source import upgrade_stored_config
+from dist_cnn.distributed.launch import DistEnv
 from dist_cnn.errors import UserError, one_line
 from dist_cnn.fileio import STDOUT, check_output
 from dist_cnn.inference.export import FORMATS, SUFFIX, ExportFailed, check_available, export
@@ -62,13 +64,21 @@ def export_parser():
 
 
 def _test_images(im: InferenceModel, n: int) -> tuple[torch.Tensor, str]:
-    """uint8 [n, C, S, S] from the run's test set, else random pixels; and where they came from."""
-    stored = im.config.get("data", {})
+    """uint8 [n, C, S, S] from the run's test set as its evaluation prepared it, else random pixels;
+    and where they came from."""
+    stored = upgrade_stored_config(dict(im.config.get("data", {}) or {}), im.loader)
     known = {k: v for k, v in stored.items() if k in DataConfig.__dataclass_fields__}
     try:
-        data = load_dataset(DataConfig(**{**known, "download": False}))
-        if data.test_x.shape[1:] == (im.in_channels, im.image_size, im.image_size) and len(data.test_x):
-            return data.test_x[:n], f"{min(n, len(data.test_x))} test images of {data.name}"
+        cfg = DataConfig(**{**known, "download": False, "workers": 0, "train_crop": "none"})
+        if im.loader == "stream":  # read as the run read it (a folder too large for memory)
+            cfg.loader = "stream"
+        data, _ = open_source(cfg, DistEnv(), measure=False)
+        batches = data.eval_batches(
+            rank=0, world=1, normalize=lambda x: x, device=torch.device("cpu"), batch_size=n, workers=0
+        )
+        x, _ = next(iter(batches), (None, None))
+        if x is not None and tuple(x.shape[1:]) == (im.in_channels, im.image_size, im.image_size):
+            return x[:n], f"{min(n, len(x))} test images of {data.name}"
     except (UserError, OSError, TypeError):
         pass
     g = torch.Generator().manual_seed(0)
@@ -80,7 +90,7 @@ def _given_images(im: InferenceModel, paths, n: int) -> tuple[torch.Tensor, str]
     files = list_images(paths)[:n]
     try:
         return torch.stack([load_image(f, im) for f in files]), f"{len(files)} given images"
-    except ValueError as e:
+    except UserError as e:
         raise UserError(f"--images: {e}") from None
 
 

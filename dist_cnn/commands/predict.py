@@ -22,7 +22,7 @@ from dist_cnn.data.workers import ignore_stop_signals
 from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
 from dist_cnn.fileio import check_output, write_output
-from dist_cnn.inference.predictor import InferenceModel, decode, list_images, load_decoders, load_model, logits, resize
+from dist_cnn.inference.predictor import InferenceModel, list_images, load_decoders, load_image, load_model, logits
 from dist_cnn.models.trust import add_trust_arguments
 from dist_cnn.train import precision as P
 
@@ -89,6 +89,13 @@ def predict_parser():
         help="autocast precision of the forward pass (default: fp32)",
     )
     p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="refuse an image whose header declares more pixels than this, before decoding; 0 = no limit "
+        "(default: the run's --max-image-pixels, else PIL's 89478485)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=300.0,
@@ -102,6 +109,8 @@ def _check(args) -> None:
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.max_image_pixels is not None and args.max_image_pixels < 0:
+        raise UserError(f"--max-image-pixels must be >= 0, got {args.max_image_pixels}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.output:
@@ -112,18 +121,19 @@ class _Files(Dataset):
     """(position, uint8 image or None, error or None): a bad file is a row, not an exception.
     Holds only what decoding needs (workers get a copy of it, not of the model)."""
 
-    def __init__(self, files: list[str], start: int, im: InferenceModel):
-        self.files, self.start = files, start
-        self.channels, self.size, self.crop_ratio = im.in_channels, im.image_size, im.eval_crop_ratio
+    def __init__(self, files: list[str], start: int, im: InferenceModel, max_pixels: int | None):
+        self.files, self.start, self.max_pixels = files, start, max_pixels
+        self.im = InferenceModel(None, im.name, [], im.in_channels, im.image_size, [], [], im.config, im.loader)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return self.start + i, resize(decode(self.files[i], self.channels), self.size, self.crop_ratio), None
-        except (ValueError, OSError, RuntimeError) as e:
-            return self.start + i, None, str(e)
+            return self.start + i, load_image(self.files[i], self.im, self.max_pixels), None
+        except UserError as e:  # the decoder's one line, which names the file: keep what follows the name
+            text = str(e).replace(f" {self.files[i]}", "")
+            return self.start + i, None, text
 
 
 def _collate(items):
@@ -142,7 +152,7 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
     precision = P.resolve(args.precision, env.device)
     k = min(args.top_k, im.num_classes)
     loader = DataLoader(
-        _Files(files[part], part.start, im),
+        _Files(files[part], part.start, im, args.max_image_pixels),
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.workers,

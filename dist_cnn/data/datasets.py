@@ -15,15 +15,17 @@ import os
 import pickle
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from dist_cnn.config import DataConfig
+from dist_cnn.data.decode import read_file
+from dist_cnn.data.memory import InMemory
+from dist_cnn.data.source import Recipe, recipe_of
+from dist_cnn.data.transform import eval_transform
 from dist_cnn.errors import UserError, one_line
 from dist_cnn.fileio import atomic_write
 
@@ -41,29 +43,10 @@ FASHION_CLASSES = [
     "Ankle boot",
 ]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-CACHE_VERSION = 1  # bump when decoding changes, so no run reuses pixels decoded the old way
+CACHE_VERSION = 2  # bump when decoding changes, so no run reuses pixels decoded the old way
 
 
-@dataclass
-class Dataset:
-    name: str
-    classes: list[str]
-    train_x: torch.Tensor  # uint8 [N, C, H, W], contiguous
-    train_y: torch.Tensor  # int64 [N]
-    test_x: torch.Tensor  # uint8 [M, C, H, W]
-    test_y: torch.Tensor  # int64 [M]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_channels(self) -> int:
-        return self.train_x.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.train_x.shape[2]
+Dataset = InMemory  # the name readers and the Python API use
 
 
 def _tensors(x, y, num_classes: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,10 +237,12 @@ def _scan(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, items
 
 
-def _cache_paths(root: str, items: list[tuple[str, int]], image_size: int) -> list[Path]:
+def _cache_paths(root: str, items: list[tuple[str, int]], recipe: Recipe) -> list[Path]:
     """Next to the data when writable, else the user's cache (shared data dirs are often read-only).
     The name changes when any file is added, removed, renamed or rewritten, or the size changes."""
-    lines = [f"v{CACHE_VERSION} size={image_size}\n"]
+    image_size = recipe.image_size
+    how = recipe.eval_resize + (f"-{recipe.eval_crop_ratio}" if recipe.eval_resize == "center-crop" else "")
+    lines = [f"v{CACHE_VERSION} size={image_size} {how}\n"]
     for path, label in items:
         st = os.stat(path)
         lines.append(f"{path[len(root) :]}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n")
@@ -265,33 +250,12 @@ def _cache_paths(root: str, items: list[tuple[str, int]], image_size: int) -> li
     where = hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist_cnn"
     # One cache per (folder, size): a run at another --image-size must not delete this one.
-    return [d / f"imagefolder-{where}-s{image_size}-{key}.pt" for d in (Path(root) / ".dist_cnn_cache", user)]
+    return [d / f"imagefolder-{where}-s{image_size}{how}-{key}.pt" for d in (Path(root) / ".dist_cnn_cache", user)]
 
 
-def _decode(path: str, size: int) -> torch.Tensor:
-    """One image file -> uint8 [3, size, size]."""
-    try:  # torchvision.io is ~4x faster than PIL on small JPEGs (deprecated in 0.29, hence optional)
-        from torchvision.io import ImageReadMode, decode_image, read_file
-
-        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except Exception:
-        img = None
-    if img is None or img.dtype != torch.uint8 or img.ndim != 3:  # e.g. BMP, TIFF, 16-bit PNG
-        try:
-            with Image.open(path) as im:
-                img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-        except Exception as e:
-            raise UserError(f"imagefolder: cannot decode image {path} ({one_line(e)})") from None
-    if img.shape[1:] != (size, size):  # stretched to a square, as Resize((size, size)) would
-        img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)
-        img = img[0].round().clamp(0, 255).to(torch.uint8)
-    return img
-
-
-def _decode_all(items: list[tuple[str, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io's, once per image
-        x = torch.stack([_decode(path, size) for path, _ in items])
+def _decode_all(items: list[tuple[str, int]], recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each file decoded and prepared by the evaluation transform, as a streamed read prepares it."""
+    x = torch.stack([eval_transform(read_file(path, recipe.max_pixels), recipe) for path, _ in items])
     return x, torch.tensor([label for _, label in items], dtype=torch.int64)
 
 
@@ -327,15 +291,21 @@ def _load_imagefolder(cfg: DataConfig, log) -> Dataset:
     if test_classes != classes:
         differ = sorted(set(classes) ^ set(test_classes))
         raise UserError(f"imagefolder: train/ and test/ class folders differ ({differ})")
-    paths = _cache_paths(root, train + test, cfg.image_size)
+    recipe = recipe_of(cfg)
+    paths = _cache_paths(root, train + test, recipe)
     data = next((d for p in paths if p.is_file() and (d := _load_cache(p, log)) is not None), None)
     if data is None:
         log(f"decoding {len(train) + len(test)} images from {root} into a cache (once) ...")
         data = dict(classes=classes)
-        data["train_x"], data["train_y"] = _decode_all(train, cfg.image_size)
-        data["test_x"], data["test_y"] = _decode_all(test, cfg.image_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io's, once per image
+            data["train_x"], data["train_y"] = _decode_all(train, recipe)
+            data["test_x"], data["test_y"] = _decode_all(test, recipe)
         _save_cache(data, paths, log)
-    return Dataset(cfg.dataset, list(data["classes"]), *(data[k] for k in ("train_x", "train_y", "test_x", "test_y")))
+    tensors = (data[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+    return Dataset(
+        cfg.dataset, list(data["classes"]), *tensors, folder_stats=True, test_names=[path for path, _ in test]
+    )
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -10,6 +10,13 @@ run would have seen.
   flip and a fused normalize, all batched. No workers, no host-to-device copy per step.
 - LoaderPipeline: a torch DataLoader (worker processes gather the uint8 images, pinned memory for
   CUDA) for data that does not fit on the device; augmentation is the same batched code.
+
+The recipe's per-image transforms (--auto-augment, --random-erase: augment.ImageAugment) run on the
+CPU, one image at a time. The DataLoader and stream pipelines run them in their workers (image_keys,
+per_image): each image is cropped and flipped there exactly as in the batch, then augmented with the
+same seed, so the batches are the ones the training process would have made, without its CPU time and
+without a device -> CPU -> device round trip per batch. The device pipeline keeps them in the
+training process (its images never leave the device otherwise).
 """
 
 from __future__ import annotations
@@ -107,6 +114,36 @@ def _draws(plan: dict, key: str, pos: slice, device=None):
     return plan[key][pos].to(device) if key in plan else None
 
 
+def draws_on(plan: dict, device) -> dict:
+    """The epoch's crop and flip draws on the device, copied once per epoch: a slice of a pageable CPU
+    tensor copied per batch is a blocking host-to-device copy each time."""
+    return {k: v.to(device) for k, v in plan.items() if k in ("shift", "flip")}
+
+
+def image_keys(plan: dict, pos: slice, epoch: int) -> list[tuple]:
+    """(epoch, index, position, shift, flip) for each image at plan positions `pos`: what a DataLoader
+    worker needs to crop, flip and augment the image itself (per_image)."""
+    index = plan["perm"][pos].tolist()
+    none = [None] * len(index)
+    shift = [tuple(s) for s in plan["shift"][pos].tolist()] if "shift" in plan else none
+    flip = plan["flip"][pos].tolist() if "flip" in plan else none
+    return [(epoch, i, p, s, f) for i, p, s, f in zip(index, range(pos.start, pos.stop), shift, flip)]
+
+
+def per_image(img: torch.Tensor, key: tuple, pad: int, image_aug) -> torch.Tensor:
+    """One uint8 [C, H, W] image (in a worker): crop_flip as its batch would have it (a gather: the
+    same pixels), then ImageAugment.one seeded by its plan position, as ImageAugment's batch call."""
+    epoch, _, pos, shift, flip = key
+    if shift is not None or flip is not None:
+        img = crop_flip(
+            img[None],
+            None if shift is None else torch.tensor([shift]),
+            None if flip is None else torch.tensor([flip]),
+            pad,
+        )[0]
+    return image_aug.one(img, epoch, pos)
+
+
 def _image_aug(aug, x: torch.Tensor, epoch: int, pos: slice) -> torch.Tensor:
     """The recipe's per-image transforms (augment.ImageAugment), keyed by each image's plan position."""
     return aug(x, epoch, range(pos.start, pos.stop)) if aug else x
@@ -144,21 +181,26 @@ class _ShardSampler(Sampler):
     def __iter__(self):
         p = self.p
         for step in range(p.start_step, p.steps_per_epoch):
-            yield from p.plan["perm"][rank_slice(step, p.batch, p.rank, p.world)].tolist()
+            pos = rank_slice(step, p.batch, p.rank, p.world)
+            yield from image_keys(p.plan, pos, p.current_epoch) if p.in_workers else p.plan["perm"][pos].tolist()
 
     def __len__(self):
         return (self.p.steps_per_epoch - self.p.start_step) * self.p.batch
 
 
 class _Images(TorchDataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
+    """Images by index; by image_keys' key, cropped, flipped and augmented here (per_image)."""
+
+    def __init__(self, x, y, pad: int = 0, image_aug=None):
+        self.x, self.y, self.pad, self.image_aug = x, y, pad, image_aug
 
     def __len__(self):
         return len(self.x)
 
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return per_image(self.x[key[1]], key, self.pad, self.image_aug), self.y[key[1]]
+        return self.x[key], self.y[key]
 
 
 class LoaderPipeline:
@@ -180,9 +222,10 @@ class LoaderPipeline:
         self.n, self.batch, self.rank, self.world, self.seed, self.aug = len(x), batch_per_rank, rank, world, seed, aug
         self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = self.n // (batch_per_rank * world)
-        self.plan, self.start_step = None, 0
+        self.plan, self.start_step, self.current_epoch = None, 0, 0
+        self.in_workers = bool(image_aug)  # the per-image transforms run in the workers (module docstring)
         self.loader = DataLoader(
-            _Images(x, y),
+            _Images(x, y, aug.crop_padding, image_aug),
             batch_size=batch_per_rank,
             sampler=_ShardSampler(self),
             num_workers=workers,
@@ -194,12 +237,14 @@ class LoaderPipeline:
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.plan, self.start_step = epoch_plan(self.n, self.seed, epoch, self.aug), start_step
+        self.current_epoch, draws = epoch, draws_on(self.plan, self.device)
         for step, (x, y) in enumerate(worker_signals.start(self.loader), start=start_step):
-            pos = rank_slice(step, self.batch, self.rank, self.world)
-            shift, flip = _draws(self.plan, "shift", pos, self.device), _draws(self.plan, "flip", pos, self.device)
-            x = x.to(self.device, non_blocking=True)
-            x = _image_aug(self.image_aug, crop_flip(x, shift, flip, self.aug.crop_padding), epoch, pos)
-            yield self.normalize(x), y.to(self.device, non_blocking=True)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if not self.in_workers:  # else cropped, flipped and augmented by the workers
+                pos = rank_slice(step, self.batch, self.rank, self.world)
+                shift, flip = _draws(draws, "shift", pos), _draws(draws, "flip", pos)
+                x = _image_aug(self.image_aug, crop_flip(x, shift, flip, self.aug.crop_padding), epoch, pos)
+            yield self.normalize(x), y
 
 
 def eval_shard(n: int, rank: int, world: int) -> slice:

@@ -1,213 +1,63 @@
-"""Streaming image folders: each rank decodes only its own files, per sample, in DataLoader workers.
+"""Streamed sources: each rank decodes only its own samples, per batch, in DataLoader workers.
 
-For folders too large to decode into memory (ImageNet: 1.28 M JPEGs). Nothing is cached: a process
-holds the file list (one numpy bytes array, not a Python object per image) and the batches in flight,
-so its memory does not grow with the number of images.
+For datasets too large to decode into memory (ImageNet: 1.28 M JPEGs). A StreamSource reads any
+source.SampleReader (an image folder's files, members of tar shards); nothing is cached: a process
+holds the reader's arrays and the batches in flight, so its memory does not grow with the data.
 
-The guarantees of the in-memory pipelines carry over:
+The guarantees of the in-memory pipelines carry over, and so do their batches:
 - an epoch's order is loader.epoch_plan(seed, epoch); global batch i is plan positions [i*B, (i+1)*B)
   and rank r takes the r-th slice of it (loader.rank_slice), so resuming at step k replays exactly;
-- an image's random crop is a pure function of (seed, epoch, image index): torchvision's
-  RandomResizedCrop draws its parameters from a generator seeded with a hash of the three, in the
-  worker; flips (--flip, --alternate-flip) are the epoch plan's draws, as elsewhere, applied in the
-  worker after the crop; padded crops (--crop-padding) are the plan's draws too, on the whole batch;
-- evaluation reads this rank's contiguous shard (loader.eval_shard) and scores each test image once.
+- a worker decodes a sample (decode.decode) and prepares it by the recipe (transform.py): the
+  evaluation transform, or a RandomResizedCrop drawn from (seed, epoch, index); padded crops and flips
+  are the plan's draws on the whole batch, as in memory -- with the default recipe the uint8 batches
+  are bit-equal to the in-memory pipelines';
+- evaluation reads this rank's contiguous shard (loader.eval_shard) and scores each test sample once.
 
-Unreadable files (zero bytes, truncated, not an image) are found when a worker decodes them: the run
-stops with one line naming the file. With skip_bad_images a training sample is replaced by the next
-readable image in file order (a pure function of the index, so every world size and every resume
-sees the same replacement) and a test image is left out of the score; both are counted, never silent.
+Unreadable samples (zero bytes, truncated, not an image, too many pixels) are found when a worker
+decodes them: the run stops with one line naming the sample. With skip_bad_images a training sample is
+replaced by the next readable one in index order (a pure function of the index, so every world size
+and every resume sees the same replacement) and a test sample is left out of the score; both are
+counted, never silent.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import io
-import math
 import os
-import struct
-import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
-from torchvision.transforms.v2 import RandomResizedCrop
 
-from dist_cnn.data.datasets import scan_classes
-from dist_cnn.distributed.process_group import main_only
 from dist_cnn.data import workers as worker_signals
+from dist_cnn.data.decode import check_pixels, decode, image_size_of
+from dist_cnn.data.loader import (
+    Augment,
+    Normalize,
+    _draws,
+    _image_aug,
+    crop_flip,
+    draws_on,
+    epoch_plan,
+    eval_shard,
+    image_keys,
+    per_image,
+    rank_slice,
+)
+from dist_cnn.data.source import DataSource, Recipe, SampleReader
+from dist_cnn.data.stats import STATS_BATCH, STATS_SAMPLE, Moments, stats_picks
+from dist_cnn.data.transform import CropDraws, eval_transform, resized_crop
 from dist_cnn.errors import UserError
-from dist_cnn.data.loader import Augment, Normalize, _draws, _image_aug, crop_flip, epoch_plan, eval_shard, rank_slice
 
-RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios (torchvision's and timm's default)
-STATS_SAMPLE = 2000  # training images whose pixels give the normalization mean/std
-STATS_SEED = 20_240_601  # the sample does not depend on --seed: the same statistics for every run
-
-
-# ----------------------------------------------------------------------------- the file index
-
-
-@dataclass
-class FileList:
-    """Files of one split: paths relative to the root as one bytes array, labels as int64."""
-
-    root: str
-    paths: np.ndarray  # dtype S<n>: ~40 bytes an image, no per-image Python object
-    labels: np.ndarray  # int64
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def path(self, i: int) -> str:
-        return os.path.join(self.root, os.fsdecode(self.paths[i]))
-
-
-@dataclass
-class FolderIndex:
-    """What the trainer needs to know of a streamed image folder (the in-memory Dataset's counterpart)."""
-
-    name: str
-    classes: list[str]
-    train: FileList
-    test: FileList
-    image_size: int
-    in_channels: int = 3
-    sample: SampleStats | None = None  # normalization statistics and a few images (attach_sample)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def decoded_bytes(self) -> int:
-        return (len(self.train) + len(self.test)) * self.in_channels * self.image_size**2
-
-
-def _scan_split(root: str, split: str) -> tuple[list[str], list[bytes], list[int]]:
-    """Class names, paths relative to root (bytes) and labels, in data.scan_classes' order."""
-    classes, files = scan_classes(root, split)
-    paths, labels = [], []
-    for label, (c, names) in enumerate(zip(classes, files)):
-        prefix = os.fsencode(os.path.join(split, c)) + b"/"
-        paths += [prefix + os.fsencode(f) for f in names]
-        labels += [label] * len(names)
-    return classes, paths, labels
-
-
-def scan_folder(root: str, image_size: int, test_split: str = "test") -> FolderIndex:
-    """List train/<class>/* and <test_split>/<class>/* (sorted classes and files), ImageNet's layout too."""
-    root = os.path.normpath(root)
-    if not os.path.isdir(root):
-        raise UserError(f"imagefolder: {root} not found; point --data-dir at a folder holding train/ and {test_split}/")
-    classes, train_paths, train_labels = _scan_split(root, "train")
-    test_classes, test_paths, test_labels = _scan_split(root, test_split)
-    if test_classes != classes:
-        differ = sorted(set(classes) ^ set(test_classes))
-        raise UserError(f"imagefolder: train/ and {test_split}/ class folders differ ({differ[:5]})")
-
-    def files(paths, labels):
-        return FileList(root, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int64))
-
-    return FolderIndex(
-        "imagefolder", classes, files(train_paths, train_labels), files(test_paths, test_labels), image_size
-    )
-
-
-def load_index(data_cfg, env) -> FolderIndex:
-    """One rank lists the folder (a million files on a shared filesystem), the others receive the list."""
-    return main_only(env, lambda: scan_folder(data_cfg.data_dir, data_cfg.image_size, data_cfg.test_split))
-
-
-# ----------------------------------------------------------------------------- decoding and transforms
-
-
-def _draw_seed(seed: int, epoch: int, index: int) -> int:
-    return (
-        int.from_bytes(hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8).digest(), "little") >> 1
-    )
-
-
-def decode_file(path: str) -> torch.Tensor:
-    """One file -> uint8 RGB [3, H, W]: torchvision's decoders (JPEG, PNG, WebP, GIF; grayscale, CMYK,
-    RGBA and palette become RGB), PIL for the rest (BMP, TIFF, ...). Raises UserError naming the file."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UserError(f"imagefolder: cannot read {path} ({e.strerror or e})") from None
-    if not raw:
-        raise UserError(f"imagefolder: cannot decode image {path} (empty file)")
-    return decode_bytes(raw, path)
-
-
-def decode_bytes(raw: bytes, path: str) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        with warnings.catch_warnings():  # deprecated in favour of torchcodec, but the fastest CPU decoders here
-            warnings.simplefilter("ignore", DeprecationWarning)
-            img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        if img.dtype == torch.uint8 and img.ndim == 3:
-            return img
-    except RuntimeError as e:
-        if "truncated" in str(e) or "corrupt" in str(e).lower():
-            raise UserError(f"imagefolder: cannot decode image {path} ({_last_clause(e)})") from None
-    try:  # formats torchvision does not decode, or 16-bit PNGs
-        with Image.open(io.BytesIO(raw)) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-    except Exception as e:
-        raise UserError(f"imagefolder: cannot decode image {path} ({_last_clause(e)})") from None
-
-
-def _last_clause(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text.rsplit(", ", 1)[-1] if text.startswith("decode_") else text  # drop torchvision's C++ location
-
-
-def eval_resize(image_size: int, crop_ratio: float) -> int:
-    """The shorter side before the centre crop, as torchvision's reference and timm (floor(size / ratio))."""
-    return int(math.floor(image_size / crop_ratio))
-
-
-def eval_transform(img: torch.Tensor, image_size: int, crop_ratio: float) -> torch.Tensor:
-    img = TF.resize(img, [eval_resize(image_size, crop_ratio)], antialias=True)
-    return TF.center_crop(img, [image_size, image_size])
-
-
-class CropDraws:
-    """RandomResizedCrop's parameters for image `index` in `epoch`: torchvision's own draw, under a
-    generator state that depends on (seed, epoch, index) only -- not on the worker or the order."""
-
-    def __init__(self, image_size: int, scale: tuple[float, float], seed: int):
-        self.rrc = RandomResizedCrop(image_size, scale=scale, ratio=RATIO, antialias=True)
-        self.seed = seed
-
-    def __call__(self, epoch: int, index: int, height: int, width: int) -> tuple[int, int, int, int]:
-        shape_only = torch.empty((), dtype=torch.uint8).expand(3, height, width)  # no pixels needed
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed would also queue seeds for every accelerator
-            # backend, formatting a stack trace each time (a third of a sample's decoding time).
-            torch.default_generator.manual_seed(_draw_seed(self.seed, epoch, index))
-            p = self.rrc.make_params([shape_only])
-        return p["top"], p["left"], p["height"], p["width"]
-
-
-def train_transform(img: torch.Tensor, box: tuple[int, int, int, int], image_size: int) -> torch.Tensor:
-    return TF.resized_crop(img, *box, size=[image_size, image_size], antialias=True)
-
-
-# ----------------------------------------------------------------------------- the dataset
+# ----------------------------------------------------------------------------- one sample
 
 
 @dataclass
 class Sample:
-    """What a worker returns for one index. `image` is the final uint8 [3, S, S], or (decode gpu,
-    `jpeg` set) the file's bytes, with `box` (training) to crop on the device. `source`: the file read;
-    `skipped`: the indices found unreadable on the way."""
+    """What a worker returns for one index. `image` is the final uint8 [C, S, S], or (decode gpu,
+    `jpeg` set) the file's bytes, with `box` (training crop) to apply on the device. `source`: the
+    index read; `skipped`: the indices found unreadable on the way."""
 
     image: torch.Tensor
     label: int
@@ -216,76 +66,68 @@ class Sample:
     error: str = ""
     jpeg: bool = False
     box: tuple | None = None
-    flip: bool = False
 
 
 class StreamImages(TorchDataset):
-    """Map-style: dataset[(epoch, index, flip)] decodes file `index` and applies the split's transform."""
+    """Map-style: dataset[(epoch, index)] decodes sample `index` and prepares it by the recipe; a key of
+    loader.image_keys also crops, flips and augments it (loader.per_image)."""
 
     def __init__(
         self,
-        files: FileList,
+        reader: SampleReader,
+        recipe: Recipe,
         *,
-        image_size: int,
         train: bool,
         seed: int = 0,
-        crop_scale=(0.08, 1.0),
-        eval_crop_ratio: float = 0.875,
         skip_bad: bool = False,
         raw_jpeg: bool = False,
+        channels: int = 3,
+        pad: int = 0,
+        image_aug=None,
     ):
-        self.files, self.size, self.train, self.skip_bad = files, image_size, train, skip_bad
-        self.crop_ratio, self.raw_jpeg = eval_crop_ratio, raw_jpeg
-        self.draws = CropDraws(image_size, crop_scale, seed)
+        self.reader, self.recipe, self.train, self.skip_bad = reader, recipe, train, skip_bad
+        self.raw_jpeg, self.channels, self.pad, self.image_aug = raw_jpeg, channels, pad, image_aug
+        self.crop = train and recipe.train_crop == "random-resized"
+        self.draws = CropDraws(recipe.image_size, recipe.crop_scale, seed)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.reader)
 
     def __getitem__(self, key) -> Sample:
-        epoch, index, flip = key
+        sample = self._sample(*key[:2])
+        if len(key) > 2 and not sample.error:
+            sample.image = per_image(sample.image, key, self.pad, self.image_aug)
+        return sample
+
+    def _sample(self, epoch: int, index: int) -> Sample:
         skipped, j = [], index
         while True:
             try:
-                return self._load(epoch, index, j, tuple(skipped), flip)
+                return self._load(epoch, index, j, tuple(skipped))
             except UserError as e:
                 if not self.skip_bad:
                     return Sample(torch.zeros(0, dtype=torch.uint8), -1, error=str(e))
                 skipped.append(j)
-                if not self.train:  # a test image that cannot be read is left out of the score
-                    return Sample(torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, j, tuple(skipped))
-                j = (j + 1) % len(self.files)  # the next readable image, the same at every world size
+                if not self.train:  # a test sample that cannot be read is left out of the score
+                    size = self.recipe.image_size
+                    return Sample(torch.zeros(self.channels, size, size, dtype=torch.uint8), -1, j, tuple(skipped))
+                j = (j + 1) % len(self.reader)  # the next readable sample, the same at every world size
                 if j == index:
-                    return Sample(
-                        torch.zeros(0, dtype=torch.uint8), -1, error="imagefolder: no readable training image"
-                    )
+                    return Sample(torch.zeros(0, dtype=torch.uint8), -1, error="no readable training image")
 
-    def _load(self, epoch: int, index: int, j: int, skipped: tuple, flip: bool) -> Sample:
-        path, label = self.files.path(j), int(self.files.labels[j])
-        if self.raw_jpeg:
-            with open(path, "rb") as f:
-                raw = f.read()
-            if raw[:2] == b"\xff\xd8":  # a JPEG: only its size is read here, nvjpeg decodes it
-                try:
-                    with Image.open(io.BytesIO(raw)) as im:
-                        width, height = im.size
-                except Exception as e:
-                    raise UserError(f"imagefolder: cannot decode image {path} ({_last_clause(e)})") from None
-                box = self.draws(epoch, index, height, width) if self.train else None
-                return Sample(
-                    torch.frombuffer(bytearray(raw), dtype=torch.uint8),
-                    label,
-                    j,
-                    skipped,
-                    jpeg=True,
-                    box=box,
-                    flip=flip,
-                )
-        img = decode_file(path)
-        if self.train:
-            img = train_transform(img, self.draws(epoch, index, img.shape[1], img.shape[2]), self.size)
+    def _load(self, epoch: int, index: int, j: int, skipped: tuple) -> Sample:
+        raw, label, name = self.reader.read(j), self.reader.label(j), self.reader.name(j)
+        if self.raw_jpeg and raw[:2] == b"\xff\xd8":  # a JPEG: only its header is read here, nvjpeg decodes it
+            width, height, _ = image_size_of(raw, name)
+            check_pixels(width, height, name, self.recipe.max_pixels)
+            box = self.draws(epoch, index, height, width) if self.crop else None
+            return Sample(torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, j, skipped, jpeg=True, box=box)
+        img = decode(raw, name, self.channels, self.recipe.max_pixels)
+        if self.crop:
+            img = resized_crop(img, self.draws(epoch, index, img.shape[1], img.shape[2]), self.recipe.image_size)
         else:
-            img = eval_transform(img, self.size, self.crop_ratio)
-        return Sample((img.flip(-1) if flip else img).contiguous(), label, j, skipped)
+            img = eval_transform(img, self.recipe)
+        return Sample(img.contiguous(), label, j, skipped)
 
 
 def collate(samples: list[Sample]) -> dict:
@@ -299,13 +141,16 @@ def collate(samples: list[Sample]) -> dict:
     if errors:
         return batch
     if any(s.jpeg for s in samples):
-        batch["raw"] = [(s.image, s.jpeg, s.box, s.source, s.flip) for s in samples]
+        batch["raw"] = [(s.image, s.jpeg, s.box, s.source) for s in samples]
     else:
         batch["images"] = torch.stack([s.image for s in samples])
     return batch
 
 
-def _local_world() -> int:
+# ----------------------------------------------------------------------------- DataLoader plumbing
+
+
+def local_world() -> int:
     """Ranks on this node (torchrun, or srun's tasks per node)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 0) or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
 
@@ -315,7 +160,7 @@ def default_workers(workers: int) -> int:
     if workers >= 0:
         return workers
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // _local_world())
+    return max(1, cpus // local_world())
 
 
 def _iterate(loader: DataLoader):
@@ -334,7 +179,7 @@ def _own_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _loader(dataset, sampler, batch: int, workers: int, device: torch.device) -> DataLoader:
+def _loader(dataset, sampler, batch: int, workers: int, device: torch.device, persistent: bool = True) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch,
@@ -342,7 +187,7 @@ def _loader(dataset, sampler, batch: int, workers: int, device: torch.device) ->
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         drop_last=False,
         generator=_own_generator(),
@@ -351,11 +196,11 @@ def _loader(dataset, sampler, batch: int, workers: int, device: torch.device) ->
 
 
 class _Batches:
-    """Turns collated batches into uint8 device tensors: raises the first unreadable file as one line,
-    records the skipped ones, decodes JPEG bytes with nvjpeg (decode gpu)."""
+    """Turns collated batches into uint8 device tensors: raises the first unreadable sample as one
+    line, records the skipped ones, decodes JPEG bytes with nvjpeg (decode gpu)."""
 
-    def __init__(self, files: FileList, image_size: int, device: torch.device, train: bool, crop_ratio: float):
-        self.files, self.size, self.device, self.train, self.crop_ratio = files, image_size, device, train, crop_ratio
+    def __init__(self, reader: SampleReader, recipe: Recipe, device: torch.device):
+        self.reader, self.recipe, self.device = reader, recipe, device
         self.skipped: set[int] = set()
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,30 +224,27 @@ class _Batches:
         except RuntimeError:  # one bad file fails the whole batch: decode one by one to name it
             decoded = [self._decode_one(raw[i][0], raw[i][3]) for i in jpegs]
         for i, img in zip(jpegs, decoded):
-            img = (
-                train_transform(img, raw[i][2], self.size)
-                if self.train
-                else eval_transform(img, self.size, self.crop_ratio)
-            )
-            out[i] = img.flip(-1) if raw[i][4] else img
+            box = raw[i][2]
+            out[i] = resized_crop(img, box, self.recipe.image_size) if box else eval_transform(img, self.recipe)
         return torch.stack([o.to(self.device, non_blocking=True) for o in out])
 
     def _decode_one(self, data: torch.Tensor, source: int) -> torch.Tensor:
-        """nvjpeg refused it: the CPU decoders read some JPEGs it does not; else the file is damaged
+        """nvjpeg refused it: the CPU decoder reads some JPEGs it does not; else the sample is damaged
         (found only now, on the device, so it stops the run even with --skip-bad-images)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
-            return decode_bytes(data.numpy().tobytes(), self.files.path(source)).to(self.device)
+            name = self.reader.name(source)
+            return decode(data.numpy().tobytes(), name, 3, self.recipe.max_pixels).to(self.device)
 
 
 # ----------------------------------------------------------------------------- training pipeline
 
 
 class _PlanSampler(Sampler):
-    """This rank's (epoch, index, flip) keys of the epoch plan from a given step on (DistributedSampler's
+    """This rank's (epoch, index) keys of the epoch plan from a given step on (DistributedSampler's
     role); the epoch travels with the key because persistent workers keep their own dataset copy."""
 
     def __init__(self, pipeline: StreamPipeline):
@@ -412,20 +254,25 @@ class _PlanSampler(Sampler):
         p = self.p
         for step in range(p.start_step, p.steps_per_epoch):
             pos = rank_slice(step, p.batch, p.rank, p.world)
-            flips = p.plan["flip"][pos].tolist() if "flip" in p.plan else [False] * p.batch
-            for i, flip in zip(p.plan["perm"][pos].tolist(), flips):
-                yield p.current_epoch, i, flip
+            if p.in_workers:
+                yield from image_keys(p.plan, pos, p.current_epoch)
+            else:
+                for i in p.plan["perm"][pos].tolist():
+                    yield p.current_epoch, i
 
     def __len__(self):
         return (self.p.steps_per_epoch - self.p.start_step) * self.p.batch
 
 
 class StreamPipeline:
-    """The DevicePipeline/LoaderPipeline interface over a FolderIndex's training files."""
+    """source.TrainBatches over a SampleReader's training samples."""
+
+    kind = "stream"
 
     def __init__(
         self,
-        files: FileList,
+        reader: SampleReader,
+        recipe: Recipe,
         *,
         batch_per_rank,
         rank,
@@ -435,30 +282,31 @@ class StreamPipeline:
         normalize: Normalize,
         device,
         workers: int,
-        image_size: int,
-        crop_scale=(0.08, 1.0),
         skip_bad: bool = False,
         decode: str = "cpu",
         image_aug=None,
     ):
         if decode == "gpu" and device.type != "cuda":
             raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
-        self.n, self.batch, self.rank, self.world = len(files), batch_per_rank, rank, world
+        self.n, self.batch, self.rank, self.world = len(reader), batch_per_rank, rank, world
         self.seed, self.aug, self.image_aug = seed, aug, image_aug
         self.normalize, self.device = normalize, device
         self.steps_per_epoch = self.n // (batch_per_rank * world)
         self.plan, self.start_step, self.current_epoch = None, 0, 0
         self.workers = default_workers(workers)
+        # the per-image transforms in the workers (loader's docstring), unless nvjpeg decodes on the device
+        self.in_workers = bool(image_aug) and decode != "gpu"
         dataset = StreamImages(
-            files,
-            image_size=image_size,
+            reader,
+            recipe,
             train=True,
             seed=seed,
-            crop_scale=crop_scale,
             skip_bad=skip_bad,
             raw_jpeg=decode == "gpu",
+            pad=aug.crop_padding,
+            image_aug=image_aug,
         )
-        self.to_device = _Batches(files, image_size, device, train=True, crop_ratio=1.0)
+        self.to_device = _Batches(reader, recipe, device)
         self.loader = _loader(dataset, _PlanSampler(self), batch_per_rank, self.workers, device)
 
     @property
@@ -468,60 +316,52 @@ class StreamPipeline:
     def epoch(self, epoch: int, start_step: int = 0):
         self.plan = epoch_plan(self.n, self.seed, epoch, self.aug)
         self.start_step, self.current_epoch = start_step, epoch
+        draws = draws_on(self.plan, self.device)
         for step, batch in enumerate(_iterate(self.loader), start=start_step):
             x, y = self.to_device(batch)
-            pos = rank_slice(step, self.batch, self.rank, self.world)
-            if self.aug.crop_padding:
-                x = crop_flip(x, _draws(self.plan, "shift", pos, self.device), None, self.aug.crop_padding)
-            yield self.normalize(_image_aug(self.image_aug, x, epoch, pos)), y
+            if not self.in_workers:  # else cropped, flipped and augmented by the workers
+                pos = rank_slice(step, self.batch, self.rank, self.world)
+                x = crop_flip(x, _draws(draws, "shift", pos), _draws(draws, "flip", pos), self.aug.crop_padding)
+                x = _image_aug(self.image_aug, x, epoch, pos)
+            yield self.normalize(x), y
 
 
 # ----------------------------------------------------------------------------- evaluation and statistics
 
 
-class _Range(Sampler):
-    def __init__(self, indices: range):
+class _Keys(Sampler):
+    def __init__(self, indices):
         self.indices = indices
 
     def __iter__(self):
-        return ((0, i, False) for i in self.indices)
+        return ((0, i) for i in self.indices)
 
     def __len__(self):
         return len(self.indices)
 
 
 class StreamEval:
-    """This rank's contiguous shard of the test files, decoded in batches (Resize + CenterCrop).
-    Skipped test images come with label -1, which the scorer leaves out and counts."""
+    """This rank's contiguous shard of the test samples, decoded in batches (the evaluation transform).
+    Skipped test samples come with label -1, which the scorer leaves out and counts."""
 
     def __init__(
         self,
-        files: FileList,
+        reader: SampleReader,
+        recipe: Recipe,
         *,
         rank: int,
         world: int,
-        image_size: int,
-        eval_crop_ratio: float,
         device,
         workers: int,
         batch_size: int = 250,
         skip_bad: bool = False,
         decode: str = "cpu",
     ):
-        self.files, self.n = files, len(files)
-        part = eval_shard(len(files), rank, world)
-        dataset = StreamImages(
-            files,
-            image_size=image_size,
-            train=False,
-            eval_crop_ratio=eval_crop_ratio,
-            skip_bad=skip_bad,
-            raw_jpeg=decode == "gpu" and device.type == "cuda",
-        )
-        self.to_device = _Batches(files, image_size, device, train=False, crop_ratio=eval_crop_ratio)
-        self.loader = _loader(
-            dataset, _Range(range(part.start, part.stop)), batch_size, default_workers(workers), device
-        )
+        part = eval_shard(len(reader), rank, world)
+        gpu = decode == "gpu" and device.type == "cuda"
+        dataset = StreamImages(reader, recipe, train=False, skip_bad=skip_bad, raw_jpeg=gpu)
+        self.to_device = _Batches(reader, recipe, device)
+        self.loader = _loader(dataset, _Keys(range(part.start, part.stop)), batch_size, default_workers(workers), device)
 
     @property
     def skipped(self) -> set[int]:
@@ -542,106 +382,137 @@ class SampleStats:
 
 
 def sample_stats(
-    files: FileList,
-    n: int = STATS_SAMPLE,
-    *,
-    image_size: int,
-    eval_crop_ratio: float,
-    workers: int,
-    skip_bad: bool = False,
-    keep: int = 64,
+    reader: SampleReader, recipe: Recipe, n: int, *, workers: int, skip_bad: bool = False, keep: int = 64
 ) -> SampleStats:
-    """Per-channel mean/std of an unbiased random sample of n training images (seeded, not the first n
-    in class order) through the evaluation transform, accumulated batch by batch; keeps `keep` images."""
-    g = torch.Generator().manual_seed(STATS_SEED)
-    picks = torch.randperm(len(files), generator=g)[:n].sort().values.tolist()
-    dataset = StreamImages(
-        files, image_size=image_size, train=False, eval_crop_ratio=eval_crop_ratio, skip_bad=skip_bad
+    """Per-channel mean/std of the seeded random sample of n training samples (stats.py) through the
+    evaluation transform; keeps the first `keep` images."""
+    dataset = StreamImages(reader, recipe, train=False, skip_bad=skip_bad)
+    to_host = _Batches(reader, recipe, torch.device("cpu"))
+    loader = _loader(
+        dataset, _Keys(stats_picks(len(reader), n)), STATS_BATCH, default_workers(workers), torch.device("cpu"), False
     )
-    to_host = _Batches(files, image_size, torch.device("cpu"), train=False, crop_ratio=eval_crop_ratio)
-    loader = DataLoader(
-        dataset,
-        batch_size=50,
-        sampler=_Range(picks),
-        num_workers=default_workers(workers),
-        collate_fn=collate,
-        generator=_own_generator(),
-        worker_init_fn=worker_signals.ignore_stop_signals,
-    )
-    total = torch.zeros(2, 3, dtype=torch.float64)  # per channel: sum, sum of squares (pixels in [0, 1])
-    count, xs, ys = 0, [], []
+    moments, xs, ys = Moments(), [], []
     for batch in _iterate(loader):
         x, y = to_host(batch)
         x, y = x[y >= 0], y[y >= 0]  # unreadable ones (skip_bad) left out
-        v = x.double().div_(255)
-        total += torch.stack([v.sum(dim=(0, 2, 3)), v.square().sum(dim=(0, 2, 3))])
-        count += v.numel() // 3
+        moments.add(x)
         if sum(len(k) for k in xs) < keep:
             xs.append(x[:keep]), ys.append(y[:keep])
-    mean = total[0] / count
-    std = ((total[1] - count * mean.square()) / max(count - 1, 1)).clamp(min=0).sqrt()
-    return SampleStats(mean.tolist(), std.tolist(), torch.cat(xs)[:keep], torch.cat(ys)[:keep])
+    mean, std = moments.mean_std()
+    return SampleStats(mean, std, torch.cat(xs)[:keep], torch.cat(ys)[:keep])
 
 
-# ----------------------------------------------------------------------------- choosing the pipeline
+# ----------------------------------------------------------------------------- the source
 
 
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+class StreamSource(DataSource):
+    """A source.DataSource over two SampleReaders (train, test), decoded by workers as batches go."""
 
+    kind = "stream"
 
-def fits_in_memory(index: FolderIndex, device: torch.device, local_world: int = 1) -> tuple[bool, str]:
-    """Whether the decoded folder fits half the free memory (each rank on a node holds its own copy)."""
-    need = index.decoded_bytes()
-    budget = available_memory(device) // 2 // (1 if device.type == "cuda" else max(1, local_world))
-    where = "GPU memory" if device.type == "cuda" else "RAM"
-    gib = 2**30
-    return need <= budget, (
-        f"{len(index.train) + len(index.test)} images at {index.image_size} px decode to "
-        f"{need / gib:.1f} GiB, budget {budget / gib:.1f} GiB (half the free {where}"
-        f"{' per rank' if local_world > 1 and device.type != 'cuda' else ''})"
-    )
+    def __init__(
+        self,
+        name: str,
+        train: SampleReader,
+        test: SampleReader,
+        recipe: Recipe,
+        *,
+        skip_bad: bool = False,
+        decode: str = "cpu",
+        channels: int = 3,
+    ):
+        self.name, self.classes = name, list(train.classes)
+        self.train, self.test, self.recipe = train, test, recipe
+        self.skip_bad, self.decode, self.channels = skip_bad, decode, channels
+        self.sample: SampleStats | None = None
+        self._pipeline: StreamPipeline | None = None
+        self._eval: tuple | None = None  # (key, StreamEval): its workers are kept between evaluations
 
+    @property
+    def in_channels(self) -> int:
+        return self.channels
 
-def open_folder(data_cfg, env) -> tuple[FolderIndex | None, str]:
-    """The file index to stream, or None to load the dataset into memory; and why, for the log.
-    --loader stream streams; auto streams an image folder whose decoded size exceeds the budget."""
-    if data_cfg.dataset != "imagefolder" or data_cfg.loader not in ("auto", "stream"):
-        return None, ""
-    if data_cfg.decode == "gpu" and env.device.type != "cuda":
-        raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
-    index = load_index(data_cfg, env)
-    if data_cfg.loader == "stream":
-        return index, "--loader stream"
-    fits, why = main_only(env, lambda: fits_in_memory(index, env.device, _local_world()))
-    return (None, f"auto: in memory, {why}") if fits else (index, f"auto: streamed, {why}")
+    @property
+    def image_size(self) -> int:
+        return self.recipe.image_size
 
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
 
-def attach_sample(index: FolderIndex, data_cfg, env, keep: int = 256) -> FolderIndex:
-    """Rank 0 measures the normalization statistics on a random sample; every rank gets them, with
-    `keep` of its images for start-up probes (precision timing, data-dependent initialization)."""
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
 
-    def measure():
-        n = keep if data_cfg.normalize == "half" else STATS_SAMPLE
-        s = sample_stats(
-            index.train,
-            n,
-            image_size=index.image_size,
-            eval_crop_ratio=data_cfg.eval_crop_ratio,
-            workers=data_cfg.workers,
-            skip_bad=data_cfg.skip_bad_images,
-            keep=keep,
-        )
-        if data_cfg.normalize == "half":  # the tutorial's Normalize((0.5,)*3, (0.5,)*3)
+    def measure(self, mode: str, workers: int, keep: int = 256) -> SampleStats:
+        """The normalization sample (stats.py), with `keep` images for probes; run by one rank
+        (process_group.main_only), then attach()ed on every rank."""
+        n = keep if mode == "half" else STATS_SAMPLE
+        s = sample_stats(self.train, self.recipe, n, workers=workers, skip_bad=self.skip_bad, keep=keep)
+        if mode == "half":  # the tutorial's Normalize((0.5,)*3, (0.5,)*3)
             s.mean, s.std = [0.5] * 3, [0.5] * 3
         return s
 
-    index.sample = main_only(env, measure)
-    return index
+    def attach(self, sample: SampleStats) -> StreamSource:
+        self.sample = sample
+        return self
+
+    def normalization(self, mode: str) -> tuple[list[float], list[float]]:
+        if mode == "half":
+            return [0.5] * self.channels, [0.5] * self.channels
+        return list(self.sample.mean), list(self.sample.std)
+
+    def probe(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sample.x[:n], self.sample.y[:n]
+
+    def train_batches(
+        self, *, loader, batch_per_rank, rank, world, seed, aug, normalize, device, workers, image_aug=None
+    ) -> StreamPipeline:
+        self._pipeline = StreamPipeline(
+            self.train,
+            self.recipe,
+            batch_per_rank=batch_per_rank,
+            rank=rank,
+            world=world,
+            seed=seed,
+            aug=aug,
+            normalize=normalize,
+            device=device,
+            workers=workers,
+            skip_bad=self.skip_bad,
+            decode=self.decode,
+            image_aug=image_aug,
+        )
+        return self._pipeline
+
+    def eval_batches(self, *, rank, world, normalize, device, batch_size, workers):
+        size = batch_size() if callable(batch_size) else batch_size
+        key = (rank, world, str(device), size, workers)
+        if self._eval is None or self._eval[0] != key:
+            self._eval = key, StreamEval(
+                self.test,
+                self.recipe,
+                rank=rank,
+                world=world,
+                device=device,
+                workers=workers,
+                batch_size=size,
+                skip_bad=self.skip_bad,
+                decode=self.decode,
+            )
+        return self._eval[1].batches(normalize)
+
+    def test_label(self, i: int) -> int:
+        return self.test.label(i)
+
+    def test_name(self, i: int) -> str:
+        return self.test.name(i)
+
+    def skipped_names(self) -> set[str]:
+        train = self._pipeline.skipped if self._pipeline else set()
+        test = self._eval[1].skipped if self._eval else set()
+        return {self.train.name(i) for i in train} | {self.test.name(i) for i in test}
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.train_size} training and {self.test_size} test samples, streamed"
+

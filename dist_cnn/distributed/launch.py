@@ -50,7 +50,8 @@ class DistEnv:
 
     @property
     def initialized(self) -> bool:
-        return self.world_size > 1 and dist.is_initialized()
+        """In a process group: world size > 1, or a group of one (process_group.GROUP_OF_ONE)."""
+        return dist.is_available() and dist.is_initialized()
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -129,10 +130,13 @@ def detect(environ=os.environ) -> DistEnv:
     return DistEnv()
 
 
-def pick_device(env: DistEnv) -> torch.device:
+def pick_device(env: DistEnv, environ=os.environ) -> torch.device:
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         if n == 1:  # per-task GPU binding (srun --gpus-per-task=1): each task sees only its own GPU
+            shared = shared_gpu(env, environ)
+            if shared:
+                raise UserError(shared)
             return torch.device("cuda", 0)
         if env.local_rank >= n:
             raise UserError(
@@ -140,6 +144,37 @@ def pick_device(env: DistEnv) -> torch.device:
             )
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
+
+
+def shared_gpu(env: DistEnv, environ=os.environ) -> str | None:
+    """One line when this task sees one GPU but SLURM gave this node's tasks fewer GPUs than tasks: every
+    rank would then pick cuda:0 (torchrun's ranks are checked by local rank instead). Per-task binding
+    (--gpus-per-task=1) gives the node as many GPUs as tasks; with no GPU variables from SLURM nothing
+    binds tasks to GPUs, so all of them see the same one."""
+    if env.launcher != "slurm":
+        return None
+    tasks = slurm_tasks_on_node(environ) or 1
+    if tasks <= 1:
+        return None
+    gpus = slurm_gpus_on_node(environ)
+    if gpus is not None and gpus >= tasks:
+        return None
+    return (
+        f"{tasks} tasks on this node but {gpus or 1} GPU(s) for them: every rank would use cuda:0; "
+        f"give each task its own GPU (srun --gpus-per-task=1) or start at most {gpus or 1} task(s) per node"
+    )
+
+
+def slurm_gpus_on_node(environ=os.environ) -> int | None:
+    """GPUs SLURM allocated to this step (or job) on this node; None when SLURM manages no GPUs."""
+    count = env_int(environ, "SLURM_GPUS_ON_NODE")
+    if count is not None:
+        return count
+    for key in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):  # GPU ids, as on older SLURM releases
+        ids = [g for g in environ.get(key, "").split(",") if g.strip()]
+        if ids:
+            return len(ids)
+    return None
 
 
 # ---- SLURM environment ---------------------------------------------------------------------------

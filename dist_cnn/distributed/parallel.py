@@ -25,6 +25,7 @@ _SYNC_BUFFERS = (
     "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
 )
 _PER_BUCKET_CAPS = "bucket_cap_mb_list" in inspect.signature(DDP).parameters
+_FIRST_BUCKET_BYTES = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1 << 20)  # DDP's own first bucket
 
 BUCKETS = 4  # buckets of about gradient bytes / BUCKETS ...
 FIRST_BUCKET = 16  # ... except the first layers' bucket, about bytes / 16: its all_reduce cannot overlap
@@ -63,7 +64,7 @@ def bucket_caps_mb(model: torch.nn.Module) -> list[float]:
 def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int):
     """Returns (the module to train, the plain module whose state_dict is checkpointed)."""
     raw = model
-    if env.world_size > 1:
+    if env.initialized or env.world_size > 1:
         if cfg.sync_bn:
             raw = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         has_buffers = any(True for _ in model.buffers())
@@ -73,6 +74,10 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
             # those chains interleave differently on different ranks (gloo then aborts on mismatched
             # sizes), so all gradients go in one bucket: one chain a step, in the same order everywhere.
             caps = [sum(caps)]
+        if cfg.compile:
+            # torch.compile splits the graph at DDP's buckets (DDPOptimizer) by one size, the largest cap,
+            # and refuses one below its first bucket's (1 MiB): a small model's plan would stop the run.
+            caps = [max(max(caps), _FIRST_BUCKET_BYTES / 2**20)]
         buckets = {"bucket_cap_mb_list": caps} if _PER_BUCKET_CAPS else {"bucket_cap_mb": max(caps)}
         model = DDP(
             model,
@@ -87,6 +92,13 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
     if cfg.compile:
         model = torch.compile(model)  # after DDP, so DDPOptimizer splits graphs at bucket boundaries
     return model, raw
+
+
+def ddp_of(model: torch.nn.Module) -> DDP | None:
+    """The DDP wrapper of a wrapped model, also inside torch.compile's OptimizedModule (so gradient
+    accumulation can use its no_sync); None at world size 1."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DDP) else None
 
 
 def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:

@@ -9,19 +9,18 @@ then normalized with the run's mean/std.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from dist_cnn.config import DataConfig
 from dist_cnn.data.datasets import IMAGE_EXTS, load_dataset
-from dist_cnn.data.loader import Normalize, normalization_stats
+from dist_cnn.data.decode import read_file
+from dist_cnn.data.loader import Normalize
+from dist_cnn.data.source import DEFAULT_MAX_IMAGE_PIXELS, Recipe, upgrade_stored_config
+from dist_cnn.data.transform import eval_transform
 from dist_cnn.errors import UserError, one_line
 from dist_cnn.models.checks import select_output
 from dist_cnn.models.registry import build_model, tta_logits
@@ -39,16 +38,27 @@ class InferenceModel:
     mean: list[float]
     std: list[float]
     config: dict = field(default_factory=dict)  # the run's config.json, as stored
+    loader: str = ""  # the pipeline the run trained with (older runs' recipe followed it)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     @property
+    def recipe(self) -> Recipe:
+        """The run's evaluation transform (source.Recipe), which predict and exports apply."""
+        data = upgrade_stored_config(dict(self.config.get("data", {}) or {}), self.loader)
+        ratio, pixels = data.get("eval_crop_ratio", 0.875), data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+        ratio = float(ratio) if isinstance(ratio, (int, float)) and 0 < ratio <= 1 else 0.875
+        resize = data.get("eval_resize") if data.get("eval_resize") in ("stretch", "center-crop") else "stretch"
+        pixels = int(pixels) if isinstance(pixels, int) and pixels >= 0 else DEFAULT_MAX_IMAGE_PIXELS
+        return Recipe(self.image_size, eval_resize=resize, eval_crop_ratio=ratio, max_pixels=pixels)
+
+    @property
     def eval_crop_ratio(self) -> float | None:
-        """Set by runs whose evaluation resizes to image_size/ratio and center-crops (streamed data)."""
-        ratio = self.config.get("data", {}).get("eval_crop_ratio")
-        return float(ratio) if isinstance(ratio, (int, float)) and 0 < ratio < 1 else None
+        """The centre crop's ratio for runs that evaluate resize + centre crop, else None."""
+        recipe = self.recipe
+        return recipe.eval_crop_ratio if recipe.eval_resize == "center-crop" else None
 
     @property
     def tta(self) -> int:
@@ -63,13 +73,7 @@ class InferenceModel:
 
     def metadata(self) -> dict:
         """What a consumer of an exported model needs besides the weights."""
-        ratio = self.eval_crop_ratio
-        resize = (
-            f"resize the shorter side to round({self.image_size} / {ratio}), center-crop "
-            f"{self.image_size}x{self.image_size}"
-            if ratio
-            else f"resize to {self.image_size}x{self.image_size} (bilinear, antialiased)"
-        )
+        recipe = self.recipe
         colour = {3: "RGB", 1: "grayscale"}.get(self.in_channels, f"{self.in_channels}-channel")
         return {
             "model": self.name,
@@ -79,9 +83,10 @@ class InferenceModel:
             "image_size": self.image_size,
             "mean": self.mean,
             "std": self.std,
-            "eval_crop_ratio": ratio,
+            "eval_resize": recipe.eval_resize,
+            "eval_crop_ratio": self.eval_crop_ratio,
             "input": f"float32 [N, {self.in_channels}, {self.image_size}, {self.image_size}], {colour}; "
-            f"{resize}; scale to [0, 1], then (x - mean) / std per channel",
+            f"{recipe.describe()}; scale to [0, 1], then (x - mean) / std per channel",
             "output": f"logits [N, {self.num_classes}] in class order; softmax for probabilities",
         }
 
@@ -103,7 +108,7 @@ def _from_dataset(state: dict, path: Path) -> dict:
             f"{path} holds no class names or normalization and its dataset is not readable "
             f"here ({e}); use the run's model.pt instead"
         ) from None
-    mean, std = normalization_stats(data.train_x, cfg.normalize)
+    mean, std = data.normalization(cfg.normalize)
     return {
         "classes": data.classes,
         "in_channels": data.in_channels,
@@ -149,6 +154,7 @@ def load_model(path: str | Path, *, model: str | None = None, trust_model_code: 
         [float(v) for v in info["mean"]],
         [float(v) for v in info["std"]],
         cfg,
+        str(state.get("loader") or ""),
     )
 
 
@@ -187,46 +193,12 @@ def load_decoders() -> None:
     import torchvision.transforms.v2.functional  # noqa: F401
 
 
-def decode(path: str, channels: int) -> torch.Tensor:
-    """One file -> uint8 [channels, H, W]: grayscale, palette, RGBA and CMYK become RGB (or gray),
-    exactly as the image-folder loader decodes training data. Raises ValueError if unreadable."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io's
-            img = decode_image(read_file(path), mode=mode)
-    except Exception:
-        img = None
-    if img is None or img.dtype != torch.uint8 or img.ndim != 3:  # e.g. BMP, TIFF, 16-bit PNG
-        try:
-            with Image.open(path) as im:
-                arr = np.array(im.convert("RGB" if channels == 3 else "L"))
-        except Exception as e:
-            text = " ".join(str(e).split())[:200] or type(e).__name__
-            raise ValueError(f"cannot decode image ({text})") from None
-        img = torch.from_numpy(arr).permute(2, 0, 1) if arr.ndim == 3 else torch.from_numpy(arr)[None]
-    if img.shape[0] != channels:
-        raise ValueError(f"decoded to {img.shape[0]} channels, the model takes {channels}")
-    return img.contiguous()
-
-
-def resize(img: torch.Tensor, size: int, crop_ratio: float | None) -> torch.Tensor:
-    """uint8 [C, H, W] -> uint8 [C, size, size] the way the run's evaluation data was prepared."""
-    if crop_ratio:  # Resize(size / ratio) of the shorter side, then CenterCrop(size)
-        from torchvision.transforms.v2 import functional as TF
-
-        img = TF.resize(img, [round(size / crop_ratio)], antialias=True)
-        return TF.center_crop(img, [size, size])
-    if img.shape[1:] != (size, size):  # the image-folder loader's square resize (dist_cnn.data.datasets)
-        img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)
-        img = img[0].round().clamp(0, 255).to(torch.uint8)
-    return img
-
-
-def load_image(path: str, im: InferenceModel) -> torch.Tensor:
-    return resize(decode(path, im.in_channels), im.image_size, im.eval_crop_ratio)
+def load_image(path: str, im: InferenceModel, max_pixels: int | None = None) -> torch.Tensor:
+    """One image file -> uint8 [C, S, S] as the run's evaluation prepared its test images (the one
+    decoder and the one evaluation transform). Raises UserError naming the file when unreadable."""
+    recipe = im.recipe
+    pixels = recipe.max_pixels if max_pixels is None else max_pixels
+    return eval_transform(read_file(path, pixels, im.in_channels), recipe)
 
 
 @torch.no_grad()

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from dist_cnn.config import Config
-from dist_cnn.data.datasets import Dataset
-from dist_cnn.data.loader import Normalize, normalization_stats
+from dist_cnn.data.loader import Normalize
+from dist_cnn.data.source import DataSource
 from dist_cnn.models.checks import check_output, select_output
-from dist_cnn.models.registry import build_model, init_sample
+from dist_cnn.models.registry import build_model
 from dist_cnn.models.weights import init_from, load_pretrained
 from dist_cnn.train.checkpoint import check_compatible
 
@@ -29,7 +29,7 @@ class Prepared:
 
 def prepare_model(
     cfg: Config,
-    data: Dataset,
+    data: DataSource,
     device: torch.device,
     state: dict | None = None,
     *,
@@ -42,13 +42,10 @@ def prepare_model(
     --pretrained / --init-from apply (a resumed one loads its own checkpoint afterwards)."""
     shape = dict(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size)
     model = factory(**shape) if factory else build_model(cfg.model.name, **shape)
-    sample = getattr(data, "sample", None)  # a streamed folder's (stream.attach_sample): no train_x in memory
     if state is not None and "mean" in state:
         mean, std = list(state["mean"]), list(state["std"])  # the run's own normalization, as trained
-    elif sample is not None:
-        mean, std = sample.mean, sample.std
     else:
-        mean, std = normalization_stats(data.train_x, cfg.data.normalize)
+        mean, std = data.normalization(cfg.data.normalize)
     normalize = Normalize(mean, std, device, cfg.model.channels_last)
     if state is not None:
         check_compatible(
@@ -60,7 +57,7 @@ def prepare_model(
         model.load_state_dict(state["model"])
     else:
         if hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
-            x = sample.x if sample is not None else data.train_x[init_sample(len(data.train_x), 5000, cfg.train.seed)]
+            x, _ = data.probe(5000, cfg.train.seed)
             model.init_from_data(normalize(x.to(device)).cpu())
         if starting_weights and cfg.model.pretrained:
             load_pretrained(model, cfg.model.name, data.num_classes, data.in_channels, log)
@@ -70,7 +67,7 @@ def prepare_model(
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
     select_output(model, cfg.model.output_key)
-    x = sample.x if sample is not None else getattr(data, "train_x", None)
-    if x is not None and len(x):  # once, before any step: the output is [batch, classes] logits
-        check_output(model, normalize(x[:2].to(device)), data.num_classes)
+    x, _ = data.probe(2, cfg.train.seed)
+    if len(x):  # once, before any step: the output is [batch, classes] logits
+        check_output(model, normalize(x.to(device)), data.num_classes)
     return Prepared(model, normalize, mean, std)

@@ -17,7 +17,7 @@ import importlib
 from torch import nn
 
 from dist_cnn.errors import UserError
-from dist_cnn.models.registry import _MOVED, MODELS, parse_spec
+from dist_cnn.models.registry import MODELS, MOVED, parse_spec
 
 OWN_MODEL_PACKAGE = "dist_cnn.models"
 
@@ -26,7 +26,7 @@ def _own_model_class(target: str) -> bool:
     """`dist_cnn.models[.sub]:Class` naming an nn.Module subclass of dist_cnn's own model modules, or
     one of its registered builders."""
     module_name, _, attr = target.partition(":")
-    module_name = _MOVED.get(module_name, module_name)
+    module_name = MOVED.get(module_name, module_name)
     if module_name != OWN_MODEL_PACKAGE and not module_name.startswith(OWN_MODEL_PACKAGE + "."):
         return False
     try:  # dist_cnn's own package: importing it runs only dist_cnn's code

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dist_cnn.errors import UserError, one_line
-from dist_cnn.models.registry import _TV_NO_AUX, parse_spec, tv_weights
+from dist_cnn.models.registry import TV_NO_AUX, parse_spec, tv_weights
 from dist_cnn.train import checkpoint
 
 
@@ -36,7 +36,7 @@ def load_pretrained(model: nn.Module, spec: str, num_classes: int, in_channels: 
                 f"there (or set TORCH_HOME), e.g. on a machine with network access"
             )
         state = _read(path, f"--pretrained: {path}")
-        if s.name in _TV_NO_AUX:  # built without the auxiliary heads (see models.py)
+        if s.name in TV_NO_AUX:  # built without the auxiliary heads (see registry.py)
             state = {k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
         load_into(model, state, num_classes, f"torchvision:{s.name} weights", log)
     elif s.kind == "timm":

@@ -1,6 +1,6 @@
 """The hang report: when a collective times out or a peer is lost, say which rank fell behind and where.
 
-Every rank of a distributed run publishes its phase and step (train/phases.py) to the job's store
+Every rank of a distributed run publishes its phase and step (observability/phases.py) to the job's store
 every few seconds, from a background thread: `dist_cnn/heartbeat/<rank>` = {"phase", "step",
 "since", "time"}. When a rank's collective fails (commands: comm_failure), `report()`:
 - on rank 0, reads every rank's heartbeat and returns one line naming the rank that fell behind, its
@@ -11,7 +11,7 @@ every few seconds, from a background thread: `dist_cnn/heartbeat/<rank>` = {"pha
   flag: ranks that are alive but not in a collective (stuck reading data) see it on their next
   heartbeat and write their stacks too.
 On CUDA, NCCL's flight recorder (the last collectives of each rank) is switched on before the
-process group starts (`flight_recorder_env`); the report writes each rank's records to
+process group starts (distributed/process_group.py); the report writes each rank's records to
 RUN_DIR/hang/nccl-trace-rank-N.pkl (torch's own watchdog also dumps them on its timeout, to
 TORCH_NCCL_DEBUG_INFO_TEMP_FILE, /tmp/nccl_trace_rank_N by default).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import json
-import os
 import threading
 import time
 import traceback
@@ -29,20 +28,13 @@ from pathlib import Path
 
 import torch
 
-from dist_cnn.train.phases import COLLECTIVE_PHASES, PHASES, Phases
+from dist_cnn.observability.phases import COLLECTIVE_PHASES, PHASES, Phases
 
 INTERVAL_S = 2.0  # heartbeat period
 SILENT_AFTER = 3  # periods without a heartbeat: the rank is stopped or frozen, not just busy
 KEY = "dist_cnn/heartbeat/{}"
 HANG_FLAG = "dist_cnn/hang"
 DUMPED = "dist_cnn/hang/dumped/{}"
-
-
-def flight_recorder_env(environ=os.environ) -> None:
-    """NCCL's flight recorder, set before the NCCL process group is created (no effect on gloo): a
-    ring of each rank's last 2000 collectives, dumped by torch's watchdog on a timeout."""
-    environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
-    environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
 
 
 def dump_nccl_trace(path: Path) -> bool:

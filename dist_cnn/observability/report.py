@@ -147,7 +147,7 @@ def _plot_accuracy(evals: list[dict], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def _plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title: str) -> Path:
+def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title: str) -> Path:
     import numpy as np
 
     m = np.asarray(matrix, dtype=float)
@@ -209,7 +209,7 @@ def write_plots(run_dir) -> list[Path]:
         matrix = last["confusion_matrix"]
         names = class_names(summary.get("classes"), len(matrix))
         title = f"confusion matrix, epoch {last['epoch']}{label}"
-        written.append(_plot_confusion(matrix, names, run_dir / "confusion_matrix.png", title))
+        written.append(plot_confusion(matrix, names, run_dir / "confusion_matrix.png", title))
     return written
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dist_cnn.errors import one_line
 from dist_cnn.observability.format import class_names, is_number
-from dist_cnn.observability.report import _plot_confusion
+from dist_cnn.observability.report import plot_confusion
 
 
 class TensorBoardLogger:
@@ -117,5 +117,5 @@ def _confusion_image(matrix, names, epoch):
     from torchvision.io import ImageReadMode, decode_png, read_file
 
     with tempfile.TemporaryDirectory() as d:
-        path = _plot_confusion(matrix, names, Path(d) / "confusion.png", f"confusion matrix, epoch {epoch}")
+        path = plot_confusion(matrix, names, Path(d) / "confusion.png", f"confusion matrix, epoch {epoch}")
         return decode_png(read_file(str(path)), mode=ImageReadMode.RGB)

@@ -21,7 +21,9 @@ def adjusted_decay(decay: float, global_batch: int, every: int, epochs: int) -> 
 class ModelEMA:
     def __init__(self, model: torch.nn.Module, decay: float, every: int, warmup_steps: int):
         self.decay, self.every, self.warmup_steps = decay, every, warmup_steps
-        self.avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        # on the model's device, n_averaged included: on the CPU it would be copied to the GPU at every update
+        device = next(model.parameters()).device
+        self.avg = AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.avg.eval()
         for p in self.avg.parameters():
             p.requires_grad_(False)

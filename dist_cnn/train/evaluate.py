@@ -71,6 +71,44 @@ def evaluate(
     )
 
 
+def evaluate_source(
+    model: torch.nn.Module,
+    source,
+    *,
+    normalize: Normalize,
+    env: DistEnv,
+    precision: str,
+    batch_size: int,
+    workers: int = 0,
+    tta: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+    predictions: list | None = None,
+) -> dict | None:
+    """A source.DataSource's test set: this rank's contiguous shard; None when a stop cut it short.
+    batch_size is the cap of an adaptively sized source (in memory), else the batch."""
+    sizer = _BatchSizer(batch_size, env) if source.adaptive_eval else None
+    batches = source.eval_batches(
+        rank=env.rank,
+        world=env.world_size,
+        normalize=normalize,
+        device=env.device,
+        batch_size=(lambda: sizer.size) if sizer else batch_size,
+        workers=workers,
+    )
+    return evaluate_batches(
+        model,
+        batches,
+        source.test_size,
+        num_classes=source.num_classes,
+        env=env,
+        precision=precision,
+        tta=tta,
+        should_stop=should_stop,
+        sizer=sizer,
+        predictions=predictions,
+    )
+
+
 class _BatchSizer:
     """Rank 0 times each batch and sizes the next to take about STOP_CHECK_SECONDS (at most `limit`);
     agree() gives every rank rank 0's size."""
@@ -100,10 +138,12 @@ def evaluate_batches(
     tta: int = 0,
     should_stop: Callable[[], bool] | None = None,
     sizer: _BatchSizer | None = None,
+    predictions: list | None = None,
 ) -> dict | None:
     """Score this rank's (normalized x, y) batches of its shard; the counts of all ranks are summed and
     must cover the n test images. Label -1 marks an image left out (unreadable, --skip-bad-images).
-    None when any rank's `should_stop` became true."""
+    None when any rank's `should_stop` became true. `predictions`: a list that gets this rank's
+    predicted class of each sample, in order (-1 for one left out)."""
     was_training = model.training
     model.eval()
     sync_buffers(model, env)
@@ -127,6 +167,8 @@ def evaluate_batches(
             with autocast(precision, env.device):
                 pred = tta_logits(model, xb, tta).argmax(1)
             cell = torch.where(yb >= 0, yb * num_classes + pred, num_classes * num_classes)
+            if predictions is not None:
+                predictions += torch.where(yb >= 0, pred, -1).tolist()
             conf += torch.bincount(cell, minlength=num_classes * num_classes + 1)
         if sizer is not None:
             sizer.done()

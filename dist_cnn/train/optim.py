@@ -35,11 +35,49 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig):
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.SGD:
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(
-        param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **kw
-    )
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, device: torch.device, fused: bool = False
+) -> torch.optim.SGD:
+    """SGD over param_groups; `fused` (see use_fused) where torch has the fused kernel for the device,
+    foreach otherwise. The momentum buffers exist, zero, before the first step (zero_momentum)."""
+    groups = param_groups(model, cfg)
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    opt = None
+    if fused:
+        try:
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, fused=True)
+        except RuntimeError:  # no fused SGD kernel for this device in this torch
+            opt = None
+    if opt is None:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, foreach=True)
+    zero_momentum(opt)
+    return opt
+
+
+def use_fused(device: torch.device, precision: str) -> bool:
+    """Fused SGD on CUDA, and on the CPU for bf16 so CI runs the same step logic (found_inf skips the
+    update in the kernel). fp32 on the CPU keeps foreach: the CPU fused kernel rounds some elements of
+    each tensor differently (its scalar tail contracts multiply-adds), so fp32 runs keep the weights,
+    bit for bit, that earlier versions trained."""
+    return device.type == "cuda" or precision != "fp32"
+
+
+def zero_momentum(opt: torch.optim.SGD) -> None:
+    """Zero momentum buffers for the parameters that have none yet (a new optimizer, or state loaded
+    from a checkpoint written before the first step).
+
+    Fused SGD creates its buffers uninitialized (empty_like) on its first step and fills them in the
+    kernel; when that step is skipped (found_inf: a non-finite loss, or fp16's GradScaler, whose first
+    steps routinely overflow) the kernel returns early and the next step would use that garbage as
+    momentum. A zero buffer gives the same first update as none (with dampening 0, which this SGD
+    always uses: 0 x momentum + grad is grad exactly), so nothing else changes."""
+    for group in opt.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            state = opt.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

@@ -1,6 +1,8 @@
 """Which autocast dtype to train in, and the context that applies it.
 
-auto: bf16 on GPUs that support it, fp16 (with a GradScaler) on those that don't. On the CPU, fp32
+auto: bf16 on GPUs with bf16 in hardware (compute capability 8.0 and later), fp16 (with a GradScaler)
+on the others: torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4),
+which runs slower than their fp16 tensor cores. On the CPU, fp32
 without native bf16 matrix instructions (AMX or AVX-512 BF16); with them, whichever of the two runs
 this model's training step faster (small convolutions such as the seed model's run ~4x slower under
 CPU bf16 autocast, large ones faster). That is measured once per (CPU, threads, torch, model, input,
@@ -30,12 +32,22 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
 
 
+def gpu_native_bf16(capability: tuple[int, int], hip: bool = False) -> bool:
+    """bf16 arithmetic in hardware: NVIDIA compute capability 8.0 (Ampere) and later, and the ROCm GPUs
+    torch supports; the rule of torch.cuda.is_bf16_supported(including_emulation=False)."""
+    return hip or tuple(capability) >= (8, 0)
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    return gpu_native_bf16(torch.cuda.get_device_capability(device), bool(torch.version.hip))
+
+
 def resolve(precision: str, device: torch.device, step_seconds=None) -> str:
     """step_seconds(precision) -> seconds of one training step; used on CPUs with native bf16."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_bf16(device) else "fp16"
     if not cpu_has_native_bf16() or step_seconds is None:
         return "fp32"
     # bf16 must win clearly: a coin flip between equals would make runs differ for no gain.
@@ -62,9 +74,9 @@ def resolve_auto(device: torch.device, what: dict, step_seconds=None) -> tuple[s
     """`--precision auto` as (precision, reason). `what` names the workload (model, input shape, batch);
     step_seconds(precision) times one training step and is called only when nothing is cached."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", "the GPU supports bf16"
-        return "fp16", "the GPU has no bf16: fp16 with loss scaling"
+        if cuda_bf16(device):
+            return "bf16", "the GPU has bf16 in hardware"
+        return "fp16", "the GPU has no bf16 in hardware (only emulated, slower): fp16 with loss scaling"
     if not cpu_has_native_bf16() or step_seconds is None:
         return "fp32", "the CPU has no native bf16 (AMX or AVX-512 BF16)"
     key_fields = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, **what}
@@ -126,3 +138,13 @@ def autocast(precision: str, device: torch.device):
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """Enabled only for fp16: bf16 and fp32 have fp32's exponent range and need no loss scaling."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def load_scaler(scaler: torch.amp.GradScaler, state: dict) -> bool:
+    """A checkpoint's loss-scaler state; False when there is none to load into an fp16 run (the
+    checkpoint was trained in bf16 or fp32, whose scaler is disabled and saves nothing): fp16's loss
+    scale then starts fresh, as in a new run."""
+    if not state and scaler.is_enabled():
+        return False
+    scaler.load_state_dict(state)
+    return True

@@ -47,7 +47,7 @@ def fixed_options() -> list[str]:
     """Every option that may not change on resume, as section.name."""
     return [
         f"{section}.{f.name}"
-        for section, cls in config_mod._sections()
+        for section, cls in config_mod.sections()
         for f in fields(cls)
         if f"{section}.{f.name}" not in MAY_CHANGE
     ]
@@ -55,8 +55,8 @@ def fixed_options() -> list[str]:
 
 def _flag(key: str) -> str:
     section, name = key.split(".")
-    cls = dict(config_mod._sections())[section]
-    return config_mod._flag(next(f for f in fields(cls) if f.name == name))
+    cls = dict(config_mod.sections())[section]
+    return config_mod.flag_name(next(f for f in fields(cls) if f.name == name))
 
 
 def _show(value) -> str:

@@ -15,14 +15,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_cnn import config as config_mod
 from dist_cnn.config import Config
 from dist_cnn.data.augment import BatchMix, ImageAugment
-from dist_cnn.data.datasets import Dataset, load_dataset
-from dist_cnn.data.loader import Augment, DevicePipeline, LoaderPipeline
-from dist_cnn.data.stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
+from dist_cnn.data.loader import Augment
+from dist_cnn.data.open import open_source
+from dist_cnn.data.source import DataSource, upgrade_stored_config
+from dist_cnn.data.stream import default_workers
 from dist_cnn.distributed import parallel
 from dist_cnn.distributed import process_group as D
 from dist_cnn.distributed.preempt import StopSignal, requeue_slurm_job
@@ -31,20 +31,20 @@ from dist_cnn.fileio import WritePolicy, write_json_atomic
 from dist_cnn.models.checks import check_trainable
 from dist_cnn.models.prepare import prepare_model
 from dist_cnn.models.trust import check_file_spec
-from dist_cnn.observability import hang
+from dist_cnn.observability import hang, phases
 from dist_cnn.observability.metrics import MetricsLog
+from dist_cnn.observability.phases import PHASES
 from dist_cnn.observability.progress import Progress, RateAverage
 from dist_cnn.observability.report import format_report, write_plots
 from dist_cnn.observability.tensorboard_logger import TensorBoardLogger
 from dist_cnn.observability.wandb_logger import WandbLogger
-from dist_cnn.train import checkpoint, phases
+from dist_cnn.train import checkpoint
 from dist_cnn.train import precision as P
 from dist_cnn.train.allocator import tune_malloc
 from dist_cnn.train.checkpoint import CheckpointPolicy
 from dist_cnn.train.ema import ModelEMA, adjusted_decay
-from dist_cnn.train.evaluate import evaluate, evaluate_batches
-from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps
-from dist_cnn.train.phases import PHASES
+from dist_cnn.train.evaluate import evaluate_source
+from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps, use_fused, zero_momentum
 from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
@@ -90,7 +90,7 @@ class Trainer:
     """Build everything from the config, then fit(). `data` skips loading (benchmarks, the Python API);
     `model_factory` builds the model instead of `cfg.model.name` (the Python API)."""
 
-    def __init__(self, cfg: Config, env: D.DistEnv, data: Dataset | None = None, model_factory=None):
+    def __init__(self, cfg: Config, env: D.DistEnv, data: DataSource | None = None, model_factory=None):
         self.cfg, self.env = cfg, env
         t, main = cfg.train, env.is_main
         self.log = Progress(main, False, 0).print  # replaced once the step count is known
@@ -113,6 +113,10 @@ class Trainer:
             if t.batch_size % micro_world:
                 raise UserError(f"--batch-size {t.batch_size} must divide by world size x grad accum = {micro_world}")
             seed_everything(t.seed)
+        if state is not None and "eval_resize" not in state["config"].get("data", {}):
+            # a run from before the recipe options resumes with the recipe its loader gave it
+            legacy = upgrade_stored_config(state["config"].get("data", {}), state.get("loader"))
+            cfg.data.train_crop, cfg.data.eval_resize = legacy["train_crop"], legacy["eval_resize"]
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()
 
@@ -128,11 +132,13 @@ class Trainer:
             if state and t.precision == "auto"
             else D.main_only(env, self._resolve_precision)
         )
-        self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, env.device, use_fused(env.device, self.precision))
+        # fused SGD skips a non-finite step in its kernel (found_inf), with no host sync; foreach on the host
+        self.skip_on_device = bool(self.optimizer.defaults.get("fused"))
         self.pipeline = self._build_pipeline()
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({self.pipeline.n})")
+            raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({self.data.train_size})")
         self.total_steps = total_steps(t.epochs, self.steps_per_epoch, t.max_steps)
         self.schedule = build_schedule(self.optimizer, self.total_steps, cfg.optim)
         self.scaler = P.grad_scaler(self.precision, env.device)
@@ -188,30 +194,23 @@ class Trainer:
             check_file_spec(cfg.model.name, str(self.resume_path), trust=config_mod.trusts_model_code(cfg))
         config_mod.validate(cfg)  # a file's values meet the same rules as flags
 
-    def _load_data(self):
-        """In-memory tensors, or the file index of an image folder to stream (stream.open_folder)."""
-        index, self.loader_note = open_folder(self.cfg.data, self.env)
-        if index is not None:
-            return attach_sample(index, self.cfg.data, self.env)
-        if self.cfg.data.skip_bad_images:  # the in-memory loaders decode every file up front
-            raise UserError(
-                "--skip-bad-images works with --loader stream (image folders); the in-memory loaders "
-                f"(--loader {self.cfg.data.loader}) read every image before training and stop at a bad one"
-            )
-        return D.main_then_all(self.env, lambda: load_dataset(self.cfg.data, log=self.log))
+    def _load_data(self) -> DataSource:
+        """The source the config names (data.open_source: in memory or streamed, and why)."""
+        source, self.loader_note = open_source(self.cfg.data, self.env, log=self.log)
+        return source
 
     @property
     def train_size(self) -> int:
-        return len(self.data.train) if isinstance(self.data, FolderIndex) else len(self.data.train_x)
+        return self.data.train_size
 
     def _resolve_precision(self) -> tuple[str, str]:
         """(precision, why); `auto` is a rule from the hardware, or a measurement cached per machine,
         model, input and batch, so the same command resolves the same way every time."""
         if self.cfg.train.precision != "auto":
             return self.cfg.train.precision, "as asked"
-        n, d = min(self.batch_per_rank, 64), self.data
-        x, y = (d.sample.x, d.sample.y) if isinstance(d, FolderIndex) else (d.train_x, d.train_y)
-        x, y = self.normalize(x[:n].to(self.env.device)), y[:n].to(self.env.device)
+        x, y = self.data.probe(min(self.batch_per_rank, 64), self.cfg.train.seed)
+        x, y = self.normalize(x.to(self.env.device)), y.to(self.env.device)
+        n = len(x)
         probe = P.time_training_step(self.raw_model, x, y)
         what = {
             "model": self.cfg.model.name,
@@ -222,8 +221,9 @@ class Trainer:
         return P.resolve_auto(self.env.device, what, probe)
 
     def _build_pipeline(self):
-        cfg, env, d = self.cfg, self.env, self.data
-        kw = dict(
+        cfg, env = self.cfg, self.env
+        pipeline = self.data.train_batches(
+            loader=cfg.data.loader,
             batch_per_rank=self.batch_per_rank,
             rank=env.rank,
             world=env.world_size,
@@ -232,31 +232,10 @@ class Trainer:
             image_aug=ImageAugment(cfg.data.auto_augment, cfg.data.random_erase, cfg.train.seed, self.mean),
             normalize=self.normalize,
             device=env.device,
+            workers=default_workers(cfg.data.workers),
         )
-        if isinstance(d, FolderIndex):
-            self.loader_kind, self._test_stream = "stream", None
-            return StreamPipeline(
-                d.train,
-                workers=cfg.data.workers,
-                image_size=d.image_size,
-                crop_scale=config_mod.parse_crop_scale(cfg.data.crop_scale),
-                skip_bad=cfg.data.skip_bad_images,
-                decode=cfg.data.decode,
-                **kw,
-            )
-        kind = cfg.data.loader
-        if kind == "auto":
-            kind = "device" if self._fits_on_device(d.train_x) else "dataloader"
-        self.loader_kind = kind
-        if kind == "device":
-            return DevicePipeline(d.train_x, d.train_y, **kw)
-        return LoaderPipeline(d.train_x, d.train_y, workers=default_workers(cfg.data.workers), **kw)
-
-    def _fits_on_device(self, x: torch.Tensor) -> bool:
-        if self.env.device.type != "cuda":
-            return True  # already in RAM: the device pipeline just indexes it
-        free, _ = torch.cuda.mem_get_info(self.env.device)
-        return x.numel() * 2 < free * 0.5  # uint8 data plus room for the model
+        self.loader_kind = pipeline.kind
+        return pipeline
 
     # ---- checkpoint state --------------------------------------------------------------------
     def _state(self) -> dict:
@@ -315,8 +294,10 @@ class Trainer:
         )
         self.raw_model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
+        zero_momentum(self.optimizer)  # a checkpoint written before the first step has no buffers yet
         self.schedule.load_state_dict(s["schedule"])
-        self.scaler.load_state_dict(s["scaler"])
+        if not P.load_scaler(self.scaler, s["scaler"]):
+            self.log(f"the checkpoint was trained in {s.get('precision', 'fp32')}: fp16's loss scale starts fresh")
         if self.lookahead:
             self.lookahead.load_state_dict(s["lookahead"])
         if self.ema:
@@ -373,11 +354,11 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------
     def train_step(self, micro_batches) -> tuple[StepSignals, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches; returns what all ranks agreed on, and the loss."""
-        model, accum = self.model, len(micro_batches)
+        model, accum, ddp = self.model, len(micro_batches), parallel.ddp_of(self.model)
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (x, y) in enumerate(micro_batches):
             last = i == accum - 1
-            with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+            with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
                 PHASES.enter(phases.FORWARD)
                 with self.profiler.region("forward"), P.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
@@ -406,7 +387,7 @@ class Trainer:
         if self.precision == "fp16":  # the scaler skips non-finite steps by itself
             self.scaler.step(self.optimizer)
             return StepSignals(*agreement.read())
-        if self.optimizer.defaults.get("fused"):
+        if self.skip_on_device:
             # fused SGD skips the update on the device when found_inf is 1: no host sync for the guard,
             # and the flags are read after the step is queued (from pinned memory, see Agreement)
             self.optimizer.found_inf = agreement.on_device()[:1]
@@ -614,26 +595,14 @@ class Trainer:
 
     def _evaluate(self, model) -> dict | None:
         """The test metrics of `model`; None when a stop signal cut the evaluation short."""
-        d = self.data
-        if isinstance(d, FolderIndex):
-            return evaluate_batches(
-                model,
-                self._test_batches(),
-                len(d.test),
-                num_classes=d.num_classes,
-                env=self.env,
-                precision=self.precision,
-                tta=self.cfg.train.tta,
-                should_stop=lambda: self.stop.requested,
-            )
-        return evaluate(
+        return evaluate_source(
             model,
-            d.test_x,
-            d.test_y,
-            num_classes=d.num_classes,
+            self.data,
             normalize=self.normalize,
             env=self.env,
             precision=self.precision,
+            batch_size=1000 if self.data.adaptive_eval else 2 * self.batch_per_rank,
+            workers=self.cfg.data.workers,
             tta=self.cfg.train.tta,
             should_stop=lambda: self.stop.requested,
         )
@@ -645,11 +614,12 @@ class Trainer:
             return self._run_eval()
 
     def _run_eval(self) -> dict | None:
-        res = self._evaluate(self.model)
+        # The plain module, not the DDP wrapper: DDP's forward broadcasts BatchNorm buffers, a collective
+        # that a rank without test images would never join (evaluate syncs the buffers once, up front).
+        res = self._evaluate(self.raw_model)
         if res is None:
             return None
-        if isinstance(self.data, FolderIndex):
-            res["skipped_images"] = self._count_skipped()
+        res["skipped_images"] = self._count_skipped()
         rec = {"event": "eval", "epoch": self.epoch, "step": self.step, **res, "train_seconds": self.meter.seconds}
         score, winner, ema_note = res["test_accuracy"], "model", ""
         if self.ema:  # the average is scored beside the model; the better of the two may make best.pt
@@ -673,28 +643,9 @@ class Trainer:
             self.save_checkpoint(is_best=True)
         return rec
 
-    def _test_batches(self):
-        """This rank's shard of a streamed test folder (workers started once, kept between evaluations)."""
-        if self._test_stream is None:
-            c, d = self.cfg.data, self.data
-            self._test_stream = StreamEval(
-                d.test,
-                rank=self.env.rank,
-                world=self.env.world_size,
-                image_size=d.image_size,
-                eval_crop_ratio=c.eval_crop_ratio,
-                device=self.env.device,
-                workers=c.workers,
-                batch_size=2 * self.batch_per_rank,
-                skip_bad=c.skip_bad_images,
-                decode=c.decode,
-            )
-        return self._test_stream.batches(self.normalize)
-
     def _count_skipped(self) -> int:
         """Distinct unreadable files any rank has found (--skip-bad-images); new ones are named in the log."""
-        d = self.data
-        mine = {d.train.path(i) for i in self.pipeline.skipped} | {d.test.path(i) for i in self._test_stream.skipped}
+        mine = self.data.skipped_names()
         found = [mine]
         if self.env.initialized:
             found = [None] * self.env.world_size
@@ -778,8 +729,8 @@ class Trainer:
         self.log(format_report(summary, self.metrics.history))
 
 
-def train(cfg: Config, data: Dataset | None = None, model_factory=None) -> dict:
-    with D.process_group(cfg.dist.backend, cfg.dist.timeout) as env:
+def train(cfg: Config, data: DataSource | None = None, model_factory=None) -> dict:
+    with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory
         trainer = Trainer(cfg, env, data=data, model_factory=model_factory)

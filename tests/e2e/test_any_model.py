@@ -7,19 +7,20 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
+from tests.support.common import (
+    ROOT,
+    SMALL,
+    assert_one_line_error,
+    clean_env,
+    read_events,
+    read_summary,
+    run_py,
+    torchrun,
+    train,
+)
 
 FAIL = ROOT / "tests/support/fail_rank.py"
 FAST = [*SMALL, "--max-steps", "4", "--eval-every", "0"]
-
-
-def assert_one_line_error(p, *needles):
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, p.stderr
-    for n in needles:
-        assert n in p.stderr, (n, p.stderr)
 
 
 @pytest.fixture

@@ -2,16 +2,7 @@
 
 import pytest
 
-from tests.support.common import SMALL, read_summary, train
-
-
-def assert_clean_error(p, *needles):
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
-    for n in needles:
-        assert n in p.stderr, (n, p.stderr)
+from tests.support.common import SMALL, assert_one_line_error, read_summary, train
 
 
 @pytest.mark.parametrize(
@@ -31,12 +22,12 @@ def assert_clean_error(p, *needles):
 )
 def test_bad_flags(tmp_path, args, needle):
     p = train([*SMALL, "--out", tmp_path / "run", *args])
-    assert_clean_error(p, needle)
+    assert_one_line_error(p, needle)
 
 
 def test_cifar_missing_names_data_dir_and_synthetic(tmp_path):
     p = train(["--dataset", "cifar10", "--data-dir", tmp_path / "empty", "--no-download", "--out", tmp_path / "r"])
-    assert_clean_error(p, "--data-dir", "synthetic")
+    assert_one_line_error(p, "--data-dir", "synthetic")
 
 
 @pytest.mark.parametrize(
@@ -52,13 +43,13 @@ def test_cifar_missing_names_data_dir_and_synthetic(tmp_path):
 def test_bad_config_file(tmp_path, text, needle):
     cfg = tmp_path / "c.toml"
     cfg.write_text(text)
-    assert_clean_error(train(["--config", cfg, "--out", tmp_path / "run"]), needle)
+    assert_one_line_error(train(["--config", cfg, "--out", tmp_path / "run"]), needle)
 
 
 def test_yaml_config_unknown_key(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  datasett: synthetic\n")
-    assert_clean_error(train(["--config", cfg, "--out", tmp_path / "run"]), "unknown key data.datasett")
+    assert_one_line_error(train(["--config", cfg, "--out", tmp_path / "run"]), "unknown key data.datasett")
 
 
 def test_finished_run_is_not_overwritten(tmp_path):
@@ -66,14 +57,14 @@ def test_finished_run_is_not_overwritten(tmp_path):
     train([*SMALL, "--max-steps", "3", "--out", out], check=0)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     p = train([*SMALL, "--max-steps", "3", "--out", out])
-    assert_clean_error(p, "already holds a finished run")
+    assert_one_line_error(p, "already holds a finished run")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert read_summary(out)["steps"] == 3
 
 
 def test_batch_not_divisible_by_world_is_an_error(tmp_path):
     p = train([*SMALL, "--batch-size", "63", "--grad-accum", "2", "--out", tmp_path / "r"])
-    assert_clean_error(p, "--batch-size 63")
+    assert_one_line_error(p, "--batch-size 63")
 
 
 def test_help_documents_every_option_with_default():

@@ -73,8 +73,14 @@ def test_bf16_run(tmp_path):
 def test_auto_precision_on_the_gpu_is_a_half_type(tmp_path):
     out = tmp_path / "run"
     train([*SMALL_ANY_PRECISION, "--precision", "auto", "--max-steps", "8", "--eval-every", "0", "--out", out], check=0)
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     assert read_summary(out)["precision"] == expected
+
+
+def test_the_bf16_rule_agrees_with_torch_on_this_gpu():
+    from dist_cnn.train.precision import cuda_bf16
+
+    assert cuda_bf16(torch.device("cuda", 0)) == torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def test_torchrun_one_process_on_the_gpu_joins_no_group(tmp_path):
@@ -120,6 +126,21 @@ def test_nccl_group_of_one_runs_ddp(tmp_path):
         timeout=120,
     )
     assert p.returncode == 0 and "nccl ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+
+
+def test_the_trainer_in_an_nccl_group_of_one(tmp_path):
+    """dist_cnn's own NCCL code on one GPU (DIST_CNN_GROUP_OF_ONE=1): DDP wrapping, the step agreement
+    (found_inf for fused SGD under fp16's scaler), no_sync accumulation, object collectives, evaluation and
+    teardown, with the NCCL error handling the trainer sets."""
+    from tests.support.common import clean_env
+
+    out = tmp_path / "run"
+    args = [*SMALL_ANY_PRECISION, "--epochs", "2", "--precision", "fp16", "--grad-accum", "2", "--backend", "nccl"]
+    p = train([*args, "--out", out], env=clean_env(DIST_CNN_GROUP_OF_ONE="1"), check=0)
+    s = read_summary(out)
+    assert (s["world_size"], s["backend"], s["device"], s["grad_accum"]) == (1, "nccl", "cuda:0", 2), s
+    _learned(s)
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
 
 
 @pytest.mark.skipif(GPU_COUNT < 2, reason="needs 2 CUDA GPUs for an NCCL group of 2")
@@ -187,3 +208,19 @@ def test_compile_run(tmp_path):
     _learned(sc)
     assert abs(tc[-1]["loss"] - te[-1]["loss"]) < 0.15, (tc[-1]["loss"], te[-1]["loss"])
     assert abs(sc["test_accuracy"] - se["test_accuracy"]) < 0.1, (sc["test_accuracy"], se["test_accuracy"])
+
+
+@pytest.mark.skipif(GPU_COUNT < 2, reason="needs 2 CUDA GPUs for an NCCL group of 2")
+def test_nccl_timeout_ends_in_one_line(tmp_path):
+    """Rank 1 hangs (SIGSTOP) at step 3: rank 0's collective times out after --timeout, NCCL's watchdog
+    aborts the communicator (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) and rank 0 leaves with gloo's one line."""
+    from tests.support.common import ROOT, clean_env, run_py
+
+    out = tmp_path / "run"
+    args = [*SMALL_ANY_PRECISION, "--precision", "bf16", "--backend", "nccl", "--timeout", "20", "--out", out]
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "tests/support/fail_rank.py"]
+    p = run_py([*cmd, *args], env=clean_env(FAIL_RANK="1", FAIL_STEP="3", FAIL_MODE="stop"), timeout=180)
+    assert p.returncode != 0, p.stdout[-2000:]
+    text = p.stdout + p.stderr
+    assert "lost contact with another process of the job" in text, text[-4000:]
+    assert "[rank0]: Traceback" not in text, text[-4000:]

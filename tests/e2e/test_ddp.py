@@ -1,8 +1,8 @@
 """DDP on the CPU with gloo through the real torchrun: equivalence, exact evaluation, multi-node, failure."""
 
 import subprocess
-import time
 
+import pytest
 import torch
 
 from tests.support.common import PY, ROOT, SMALL, clean_env, free_port, read_summary, run_py, torchrun, train
@@ -87,7 +87,6 @@ def test_two_nodes_on_loopback(tmp_path):
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):
-    t0 = time.time()
     p = run_py(
         [
             "-m",
@@ -106,7 +105,6 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     )
     assert p.returncode != 0
     assert "injected failure on rank 1 at step 3" in p.stdout + p.stderr
-    assert time.time() - t0 < 150
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
@@ -133,3 +131,17 @@ def test_accelerate_launch(tmp_path):
             timeout=300,
         )
         assert read_summary(out)["world_size"] == world
+
+
+@pytest.mark.slow
+def test_a_group_of_one_trains_like_no_group(tmp_path):
+    """DIST_CNN_GROUP_OF_ONE=1 (the GPU check's NCCL run on one GPU): a single process joins a group of one
+    and runs DDP, the step agreement, object collectives and teardown; the weights are a plain run's."""
+    args = [*SMALL, "--max-steps", "6", "--out"]
+    train([*args, tmp_path / "plain"], check=0)
+    train([*args, tmp_path / "group", "--backend", "gloo"], env=clean_env(DIST_CNN_GROUP_OF_ONE="1"), check=0)
+    s = read_summary(tmp_path / "group")
+    assert (s["world_size"], s["backend"]) == (1, "gloo") and read_summary(tmp_path / "plain")["backend"] == "none"
+    w1, w2 = weights(tmp_path / "plain"), weights(tmp_path / "group")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1), max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert s["test_correct"] == read_summary(tmp_path / "plain")["test_correct"]

@@ -29,7 +29,7 @@ import torch
 from tests.slurm import helpers as slurm
 from tests.slurm.fixtures import in_ci
 from tests.slurm.fixtures import unavailable_reason as slurm_unavailable
-from tests.support.common import PY, ROOT, SMALL, clean_env, read_events, read_summary, torchrun
+from tests.support.common import PY, ROOT, SMALL, clean_env, read_events, read_summary, torchrun, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -150,19 +150,20 @@ def wait_all(procs, timeout: float) -> list[int]:
 
 def wait_for_event(run: Path, pattern: str, procs, timeout: float = 180) -> None:
     """Until metrics.jsonl matches `pattern`; fails at once when an agent exits first."""
-    deadline = time.monotonic() + timeout
     metrics = run / "metrics.jsonl"
-    while time.monotonic() < deadline:
+
+    def matched():
         if metrics.exists() and re.search(pattern, metrics.read_text(errors="replace")):
-            return
+            return True
         ended = [p for p in procs if p.poll() is not None]
         if ended:
             pytest.fail(
                 f"{ended[0].log.name} exited ({ended[0].returncode}) before {pattern!r}:\n{log_text(ended[0])[-4000:]}",
                 pytrace=False,
             )
-        time.sleep(0.2)
-    pytest.fail(f"no {pattern!r} in {metrics} after {timeout} s", pytrace=False)
+        return False
+
+    wait_until(matched, timeout, f"{pattern!r} in {metrics}")
 
 
 # ---- torchrun: one agent per node ---------------------------------------------------------------------
@@ -359,8 +360,9 @@ def slurm2_jobs(slurm2, tmp_path_factory):
 def signal_when_training(jobs, env, timeout: float = 180) -> None:
     """SIGUSR1 to each job's batch shell as soon as it trains (the trainer handles USR1 from before
     its first step on, so a train event means it is armed), whichever job gets there first."""
-    pending, deadline = list(jobs), time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
+    pending = list(jobs)
+
+    def all_signalled():
         for job, d, run in list(pending):
             metrics = run / "metrics.jsonl"
             if metrics.exists() and '"event": "train"' in metrics.read_text(errors="replace"):
@@ -368,8 +370,9 @@ def signal_when_training(jobs, env, timeout: float = 180) -> None:
                 pending.remove((job, d, run))
             elif slurm.job_state(job, env=env) is None:
                 pytest.fail(f"job {job} ended before training:\n{out_file(d, job)[-4000:]}", pytrace=False)
-        time.sleep(0.2)
-    assert not pending, f"not training after {timeout} s: {[job for job, _, _ in pending]}"
+        return not pending
+
+    wait_until(all_signalled, timeout, "training in every job")
 
 
 def assert_done(info: dict, text: str) -> None:

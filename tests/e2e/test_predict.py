@@ -140,13 +140,21 @@ def test_predict_bad_input_is_one_line_exit_2(seed_run, image_folder, tmp_path, 
 
 
 def test_streamed_runs_resize_and_center_crop(image_folder):
-    """A run whose config has data.eval_crop_ratio evaluated Resize(size / ratio) + CenterCrop(size):
-    predict prepares files the same way (torchvision's transforms are the reference)."""
-    im = InferenceModel(
-        torch.nn.Identity(), "seed", ["a", "b"], 3, 32, [0.5] * 3, [0.5] * 3, {"data": {"eval_crop_ratio": 0.875}}
-    )
+    """A run whose recipe has --eval-resize center-crop evaluated Resize(floor(size / ratio)) +
+    CenterCrop(size): predict prepares files the same way (torchvision's transforms are the reference).
+    Runs from before the recipe options followed their loader: streamed ones cropped, others stretched."""
     path = image_folder / "test" / "squares" / "wide.jpg"  # 40 wide, 48 high
-    reference = v2.Compose([v2.Resize(37, antialias=True), v2.CenterCrop(32)])(decode_image(str(path)))
-    assert torch.equal(load_image(str(path), im), reference)
-    square = InferenceModel(torch.nn.Identity(), "seed", ["a", "b"], 3, 32, [0.5] * 3, [0.5] * 3, {})
-    assert load_image(str(path), square).shape == (3, 32, 32)
+    reference = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])(decode_image(str(path)))
+
+    def model(data: dict, loader: str = "") -> InferenceModel:
+        return InferenceModel(
+            torch.nn.Identity(), "seed", ["a", "b"], 3, 32, [0.5] * 3, [0.5] * 3, {"data": data}, loader
+        )
+
+    assert torch.equal(
+        load_image(str(path), model({"eval_resize": "center-crop", "eval_crop_ratio": 0.875})), reference
+    )
+    assert torch.equal(load_image(str(path), model({"eval_crop_ratio": 0.875}, "stream")), reference)
+    stretched = v2.Resize((32, 32), antialias=True)(decode_image(str(path)))
+    assert torch.equal(load_image(str(path), model({"eval_crop_ratio": 0.875}, "device")), stretched)
+    assert torch.equal(load_image(str(path), model({})), stretched)

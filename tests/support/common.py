@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,3 +92,25 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [r for r in rows if event is None or r["event"] == event]
+
+
+def wait_until(condition, timeout: float = 180.0, what: str = "the condition", interval: float = 0.2):
+    """Poll `condition()` until it returns a true value, and return that value; TimeoutError naming
+    `what` after `timeout` seconds. A condition that sees the wait is hopeless (the process it waits on
+    has exited) raises at once itself."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no {what} after {timeout:.0f} s")
+        time.sleep(interval)
+    return value
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    """The bad-input contract: exit `code`, one `error:` line on stderr naming each needle, no traceback."""
+    assert p.returncode == code, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    for n in needles:
+        assert n in p.stderr, (n, p.stderr)

@@ -4,6 +4,7 @@
     graph.modules                  # {'dist_cnn', 'dist_cnn.cli', 'dist_cnn.commands', 'dist_cnn.commands.train', ...}
     graph.imports                  # [Import(src, dst, path, line, function, statement), ...] package-internal only
     graph.cycles()                 # one shortest cycle per strongly connected component, as Import lists
+    graph.private_uses()           # [PrivateUse(src, dst, name, path, line), ...] another module's `_name`
 
 Every `import` statement counts, wherever it is (module level, inside a def, under `if TYPE_CHECKING`):
 `import a.b.c` -> a.b.c; `from a.b import c` -> a.b.c when that is a module of the package, else a.b;
@@ -31,6 +32,22 @@ class Import:
     def where(self) -> str:
         inside = f" in {self.function}()" if self.function else ""
         return f"{self.path}:{self.line}{inside}: {self.statement}"
+
+
+@dataclass(frozen=True)
+class PrivateUse:
+    src: str  # the module using the name
+    dst: str  # the package module that defines it
+    name: str  # e.g. '_draws'
+    path: str
+    line: int
+
+    def where(self) -> str:
+        return f"{self.path}:{self.line}: {self.src} uses {self.dst}.{self.name}"
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
 class ImportGraph:
@@ -69,17 +86,24 @@ class ImportGraph:
                 found.append(Import(module, dst, rel, node.lineno, function, statement))
         return found
 
-    def _targets(self, module: str, node) -> set[str]:
-        if isinstance(node, ast.Import):
-            return {t for alias in node.names if (t := self._innermost(alias.name))}
+    def _base(self, module: str, node: ast.ImportFrom) -> str | None:
+        """The absolute module a `from X import ...` names (None beyond the top-level package)."""
         base = node.module or ""
         if node.level:
             package = module if self.is_package(module) else module.rpartition(".")[0]
             parts = package.split(".")
             if node.level - 1 >= len(parts):
-                return set()  # beyond the top-level package: not ours
+                return None
             anchor = ".".join(parts[: len(parts) - (node.level - 1)])
             base = f"{anchor}.{base}" if base else anchor
+        return base
+
+    def _targets(self, module: str, node) -> set[str]:
+        if isinstance(node, ast.Import):
+            return {t for alias in node.names if (t := self._innermost(alias.name))}
+        base = self._base(module, node)
+        if base is None:
+            return set()  # beyond the top-level package: not ours
         targets = set()
         for alias in node.names:
             sub = f"{base}.{alias.name}"
@@ -96,6 +120,35 @@ class ImportGraph:
             if ".".join(parts[:n]) in self.modules:
                 return ".".join(parts[:n])
         return None
+
+    def private_uses(self) -> list[PrivateUse]:
+        """Every use of another package module's private name: `from m import _x`, or `m._x` where `m` is
+        a name an import bound to a package module (`from pkg import m`, `import pkg.m as m`)."""
+        found = []
+        for module in sorted(self.files):
+            path = self.files[module]
+            rel = path.relative_to(self.root).as_posix()
+            tree = ast.parse(path.read_text(), filename=str(path))
+            bound: dict[str, str] = {}  # local name -> package module
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    bound |= {a.asname: a.name for a in node.names if a.asname and a.name in self.modules}
+                elif isinstance(node, ast.ImportFrom) and (base := self._base(module, node)) is not None:
+                    for alias in node.names:
+                        if f"{base}.{alias.name}" in self.modules:
+                            bound[alias.asname or alias.name] = f"{base}.{alias.name}"
+                        elif is_private(alias.name) and (dst := self._innermost(base)) and dst != module:
+                            found.append(PrivateUse(module, dst, alias.name, rel, node.lineno))
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id in bound
+                    and bound[node.value.id] != module
+                    and is_private(node.attr)
+                ):
+                    found.append(PrivateUse(module, bound[node.value.id], node.attr, rel, node.lineno))
+        return sorted(found, key=lambda u: (u.path, u.line, u.name))
 
     # ---- questions ----------------------------------------------------------------------------
     def edges(self) -> dict[str, dict[str, list[Import]]]:

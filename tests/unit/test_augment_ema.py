@@ -95,3 +95,23 @@ def test_adjusted_decay_as_torchvision_reference():
     # the ResNet-50 recipe: 8 GPUs x 128, every 32 steps, 600 epochs, decay 0.99998
     assert adjusted_decay(0.99998, 1024, 32, 600) == pytest.approx(1 - 2e-5 * 1024 * 32 / 600)
     assert adjusted_decay(0.5, 1024, 32, 1) == 0.0
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+def test_ema_count_lives_on_the_model_device(device):
+    """AveragedModel's n_averaged on the model's device: no host-to-device copy at each update."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).to(device)
+    ema = ModelEMA(model, decay=0.9, every=1, warmup_steps=0)
+    for step in (1, 2):
+        ema.update(model, step)
+    assert ema.avg.n_averaged.device.type == device and int(ema.avg.n_averaged) == 2
+    assert all(p.device.type == device for p in ema.module.parameters())

@@ -79,3 +79,39 @@ def test_three_ranks_count_every_image_once_and_match_one_process(tmp_path, star
         assert r["test_total"] == N, r["test_total"]
         assert r["confusion_matrix"] == one["confusion_matrix"]
         assert r["test_accuracy"] == one["test_accuracy"] and r["per_class_accuracy"] == one["per_class_accuracy"]
+
+
+def train_and_score_two_images(env: DistEnv, out: str) -> dict:
+    """The trainer itself (DDP-wrapped BatchNorm model) at 3 ranks on a test set of 2 images: the
+    last rank has no test image, so it must take part in no collective the others' forward makes."""
+    from dist_cnn.config import Config
+    from dist_cnn.data.datasets import Dataset
+    from dist_cnn.train.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (36, 3, 6, 6), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, CLASSES, (36,), generator=g)
+    cfg = Config()
+    cfg.data.dataset, cfg.data.loader = "python", "device"
+    cfg.train.precision, cfg.train.batch_size, cfg.train.max_steps, cfg.train.epochs = "fp32", 12, 2, 1
+    cfg.log.out, cfg.log.wandb, cfg.log.progress = out, "disabled", False
+    trainer = Trainer(cfg, env, data=Dataset("python", list("abcde"), x, y, x[:2], y[:2]), model_factory=_bn_model)
+    summary = trainer.fit()
+    return {k: summary[k] for k in ("test_total", "test_correct", "world_size", "steps")} | {
+        "wrapped": type(trainer.model).__name__
+    }
+
+
+def _bn_model(in_channels, num_classes, image_size):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, num_classes)
+    )
+
+
+@pytest.mark.slow
+def test_three_ranks_two_test_images_through_the_trainer(tmp_path):
+    ranks = run_group(3, train_and_score_two_images, str(tmp_path / "run"), tmp_dir=tmp_path)
+    for r in ranks:
+        assert r["wrapped"] == "DistributedDataParallel" and r["world_size"] == 3 and r["steps"] == 2, r
+        assert r["test_total"] == 2 and 0 <= r["test_correct"] <= 2, r
+    assert len({r["test_correct"] for r in ranks}) == 1

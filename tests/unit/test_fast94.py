@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from dist_cnn import config as C
 from dist_cnn.data.loader import normalization_stats
-from dist_cnn.models.registry import build_model, init_sample
+from dist_cnn.data.stats import init_sample
+from dist_cnn.models.registry import build_model
 from dist_cnn.train.optim import build_optimizer, build_schedule, lr_factor, param_groups, total_steps
 
 ROOT = Path(__file__).resolve().parents[2]

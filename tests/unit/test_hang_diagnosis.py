@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dist_cnn.observability import phases
 from dist_cnn.observability.hang import diagnose
-from dist_cnn.train import phases
-from dist_cnn.train.phases import Phases
+from dist_cnn.observability.phases import Phases
 
 NOW = 1000.0
 

@@ -96,12 +96,17 @@ def test_factory_gets_the_keywords_it_names():
     assert factory_kwargs(g, **avail) == avail
 
 
+@pytest.mark.parametrize("module", ["dist_cnn.models", "dist_cnn.models.registry", "dist_cnn.models.seed"])
+def test_specs_recorded_by_earlier_layouts_still_build(module):
+    assert isinstance(build_model(f"{module}:SeedNet", 3, 10, 32), torch.nn.Module)
+
+
 def test_object_spec():
     from dist_cnn.models.registry import SeedNet, seed
 
-    assert object_spec(seed) == "dist_cnn.models.registry:seed"
-    assert object_spec(SeedNet) == "dist_cnn.models.registry:SeedNet"
-    assert object_spec(SeedNet()) == "python:dist_cnn.models.registry.SeedNet"  # an instance: its arguments are unknown
+    assert object_spec(seed) == "dist_cnn.models.seed:seed"
+    assert object_spec(SeedNet) == "dist_cnn.models.seed:SeedNet"
+    assert object_spec(SeedNet()) == "python:dist_cnn.models.seed.SeedNet"  # an instance: its arguments are unknown
     assert object_spec(lambda **kw: None).startswith("python:")
 
 

@@ -104,3 +104,21 @@ def test_split_counts_each_moment_once_by_priority():
     assert split == pytest.approx(
         {"data wait": 0.1, "optimizer": 0.1, "compute": 0.55, "communication": 0.2, "other": 0.05}
     )
+
+
+def test_the_ddp_wrapper_is_found_inside_a_compiled_model(one_rank_group):
+    """--compile with gradient accumulation: no_sync must come from the DDP inside torch.compile's wrapper."""
+    m = build_model("seed", 3, 10, 32)
+    compiled, raw = parallel.wrap(m, DistEnv(world_size=2), ModelConfig(compile=True), grad_accum=2)
+    ddp = parallel.ddp_of(compiled)
+    assert type(compiled).__name__ == "OptimizedModule" and isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+    assert ddp.module is raw and parallel.ddp_of(raw) is None
+    # torch.compile's DDPOptimizer splits the graph at buckets and refuses a cap below 1 MiB (the seed
+    # model's planned buckets are smaller): traced here with the eager backend, accumulating under no_sync
+    assert ddp.bucket_bytes_cap >= 1 << 20
+    traced = torch.compile(ddp, backend="eager")
+    with ddp.no_sync():
+        assert not ddp.require_backward_grad_sync
+        traced(torch.randn(4, 3, 32, 32)).sum().backward()
+    traced(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in raw.parameters())

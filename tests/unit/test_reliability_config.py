@@ -40,11 +40,11 @@ BASE = [
     "fp32",
     "--no-download",
 ]
-SCHEMA = [(section, f, typing.get_type_hints(cls)[f.name]) for section, cls in config._sections() for f in fields(cls)]
+SCHEMA = [(section, f, typing.get_type_hints(cls)[f.name]) for section, cls in config.sections() for f in fields(cls)]
 
 
 def flag_of(f) -> str:
-    return config._flag(f)
+    return config.flag_name(f)
 
 
 # ---------------------------------------------------------------------------------------- bad values

@@ -43,3 +43,34 @@ def test_auto_without_native_bf16_is_a_rule_with_its_reason(monkeypatch):
         "the CPU has no native bf16 (AMX or AVX-512 BF16)",
     )
     assert calls == []
+
+
+# compute capability -> bf16 in hardware: emulated bf16 (Volta, Turing) is slower than their fp16
+GPUS = {
+    "P100": ((6, 0), False),
+    "V100": ((7, 0), False),
+    "T4": ((7, 5), False),
+    "A100": ((8, 0), True),
+    "A10 / RTX 3090": ((8, 6), True),
+    "L4 / RTX 4090": ((8, 9), True),
+    "H100 / H200": ((9, 0), True),
+    "B200": ((10, 0), True),
+    "RTX 5090": ((12, 0), True),
+}
+
+
+def test_auto_on_a_gpu_picks_bf16_only_where_the_hardware_has_it():
+    for name, (capability, native) in GPUS.items():
+        assert P.gpu_native_bf16(capability) is native, name
+    assert P.gpu_native_bf16((7, 0), hip=True)  # torch counts every ROCm GPU it supports as bf16-capable
+
+
+def test_a_bf16_checkpoint_resumes_in_fp16_with_a_fresh_loss_scale():
+    bf16 = P.grad_scaler("bf16", torch.device("cpu")).state_dict()  # disabled: saves nothing
+    assert bf16 == {}
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)  # what --precision fp16 builds (on CUDA)
+    assert not P.load_scaler(fp16, bf16) and fp16.get_scale() == 65536.0
+    saved = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    saved.scale(torch.ones(1))  # the scale tensor exists once used
+    assert P.load_scaler(fp16, saved.state_dict()) and fp16.get_scale() == 1024.0
+    assert P.load_scaler(P.grad_scaler("bf16", torch.device("cpu")), saved.state_dict())  # fp16 -> bf16: ignored
