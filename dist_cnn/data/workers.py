@@ -26,7 +26,6 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
     for s in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # still blocked since the fork
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (handlers are set in the main thread only)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGUSR1})
     threading.Thread(target=_terminate_from_parent, args=(os.getppid(),), daemon=True).start()
 
@@ -34,9 +33,10 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
 def _terminate_from_parent(parent: int) -> None:
     while True:
         info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == parent:  # die of SIGTERM, as the DataLoader expects of a terminated worker:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # this thread alone takes it
-            os.kill(os.getpid(), signal.SIGTERM)
+        if info.si_pid == parent:
+            # the DataLoader (or multiprocessing at exit) ending its worker: a clean exit, which the
+            # DataLoader's SIGCHLD check does not count as a worker failure
+            os._exit(0)
 
 
 @contextlib.contextmanager

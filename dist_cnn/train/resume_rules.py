@@ -43,14 +43,18 @@ MAY_CHANGE = frozenset(
 )
 
 
+FIRST = ("model.name", "data.dataset")  # the checkpoint's identity: named first when several differ
+
+
 def fixed_options() -> list[str]:
-    """Every option that may not change on resume, as section.name."""
-    return [
+    """Every option that may not change on resume, as section.name (model and dataset first)."""
+    keys = [
         f"{section}.{f.name}"
         for section, cls in config_mod.sections()
         for f in fields(cls)
         if f"{section}.{f.name}" not in MAY_CHANGE
     ]
+    return [*FIRST, *(k for k in keys if k not in FIRST)]
 
 
 def _flag(key: str) -> str:

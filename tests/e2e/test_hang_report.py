@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.support.common import PY, ROOT, clean_env
+from tests.support.common import PY, ROOT, clean_env, wait_until
 
 from .test_reliability import events, wait_for
 from .test_signals_group import SYNTHETIC
@@ -73,7 +73,7 @@ def gone(pid: int) -> bool:
 
 def finish(proc, pids) -> str:
     """Once rank 0 has reported: end what is left of the job (torchrun would wait 30 s for it)."""
-    wait_for(lambda: gone(pids[0]), timeout=120)
+    wait_until(lambda: gone(pids[0]), timeout=120, what="rank 0's exit")
     for pid in pids.values():
         if not gone(pid):
             os.kill(pid, signal.SIGKILL)
