@@ -12,7 +12,7 @@ from dist_cnn import fit
 from dist_cnn.errors import UserError
 from dist_cnn.train.resume_rules import MAY_CHANGE, fixed_options
 
-pytestmark = [pytest.mark.filterwarnings("ignore:Unable to enable fault handler"), pytest.mark.slow]
+pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
 BASE = dict(
     synthetic_train_size=64,
