@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,8 +56,12 @@ def option_fields() -> dict[str, tuple[str, str]]:
 def build_config(options: dict) -> config_mod.Config:
     cfg = config_mod.Config()
     path = options.pop("config", None)
+    trust = bool(options.pop("trust_model_code", False))
+    given: set[str] = set()
     if path:
-        config_mod.apply_dict(cfg, config_mod.load_file(str(path)), where=f"config file {path}")
+        data = config_mod.load_file(str(path))
+        config_mod.apply_dict(cfg, data, where=f"config file {path}")
+        given = config_mod.keys_of(data)
     known, nested = option_fields(), {}
     for key, value in options.items():
         if key not in known:
@@ -64,6 +69,7 @@ def build_config(options: dict) -> config_mod.Config:
         section, name = known[key]
         nested.setdefault(section, {})[name] = str(value) if name == "out" else value
     config_mod.apply_dict(cfg, nested, where="fit()")
+    config_mod.mark_given(cfg, given | config_mod.keys_of(nested), trust_model_code=trust)
     return cfg
 
 
@@ -92,6 +98,21 @@ def _image(img, where: str) -> torch.Tensor:
     raise UserError(f"{where}: images must be uint8 or float tensors, got {img.dtype}")
 
 
+def _label(value, where: str) -> int:
+    """An integer class index: ints, numpy integers, one-element integer tensors. Anything else (a
+    float would be truncated, a string is a class name) is one line."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    hint = "; map class names to indices and pass classes=[...]" if isinstance(value, str) else ""
+    raise UserError(
+        f"{where}: labels must be integer class indices, got {type(value).__name__} {str(value)[:40]!r}{hint}"
+    )
+
+
 def materialize(ds, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A map-style Dataset of (image, label) as uint8 [N, C, H, W] and int64 [N] tensors."""
     try:
@@ -112,7 +133,7 @@ def materialize(ds, where: str) -> tuple[torch.Tensor, torch.Tensor]:
                 f"resize in the dataset's transform"
             )
         xs.append(x)
-        ys.append(int(item[1]))
+        ys.append(_label(item[1], f"{where}[{i}]"))
     return torch.stack(xs).contiguous(), torch.tensor(ys, dtype=torch.int64)
 
 
@@ -159,6 +180,9 @@ def configure(model, train="cifar10", test=None, options: dict | None = None):
         cfg.data.dataset = "synthetic"  # any valid name, for validation of the other fields
         config_mod.validate(cfg)
         cfg.data.dataset = API_DATASET
+    # fit()'s own arguments are given too: a resume refuses another model or dataset
+    given = config_mod.given_keys(cfg) | {"model.name", "data.dataset"}
+    config_mod.mark_given(cfg, given, trust_model_code=config_mod.trusts_model_code(cfg))
     return cfg, factory
 
 

@@ -158,6 +158,9 @@ class ModelConfig:
         "start from the weights of a dist_cnn model.pt or checkpoint (fine-tuning); a "
         "classifier head for another class count is re-initialized",
     )
+    output_key: str = opt(
+        "", "which element of a model's tuple or dict output holds the logits: an index or a key (default: the output)"
+    )
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
@@ -365,6 +368,12 @@ def train_parser(prog: str = "train.py") -> ArgumentParser:
     )
     add_arguments(parser)
     parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="on resume, build the package.module:factory model the checkpoint names without naming it "
+        "with --model (imports and calls that module: only for checkpoints you trust) (default: False)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print what was detected (launcher, rank, world size, device, backend, head "
@@ -547,6 +556,11 @@ def _check_data(d) -> None:
             f"--loader stream or auto (got --dataset {d.dataset} --loader {d.loader})"
         )
     _check_shards(d)
+    if d.dataset not in ("imagefolder", "shards") and d.image_size != DataConfig.image_size:
+        raise UserError(
+            f"--image-size is for --dataset imagefolder or shards; {d.dataset} images keep their own size "
+            f"(got --image-size {d.image_size})"
+        )
     if d.decode == "gpu" and d.loader not in ("stream", "auto"):
         raise UserError(f"--decode gpu is for --loader stream (got --loader {d.loader})")
 
@@ -574,14 +588,18 @@ def parse_crop_scale(text: str) -> tuple[float, float]:
 def from_args(ns: argparse.Namespace) -> Config:
     """Defaults, then the --config file, then the flags that were given; validated."""
     cfg = Config()
+    given: set[str] = set()
     if getattr(ns, "config", None):
-        apply_dict(cfg, load_file(ns.config), where=f"config file {ns.config}")
+        data = load_file(ns.config)
+        apply_dict(cfg, data, where=f"config file {ns.config}")
+        given |= keys_of(data)
     nested: dict = {}
     for key, value in vars(ns).items():
         if "." in key:
             section, name = key.split(".", 1)
             nested.setdefault(section, {})[name] = value
     apply_dict(cfg, nested, where="flags")
+    mark_given(cfg, given | keys_of(nested), trust_model_code=getattr(ns, "trust_model_code", False))
     validate(cfg)
     return cfg
 
@@ -609,6 +627,27 @@ def with_option(cfg: Config, key: str, value) -> Config:
     setattr(getattr(out, section), f.name, _check_type(flag_name(f), value, typ))
     validate(out)
     return out
+
+
+def keys_of(nested: dict) -> set[str]:
+    """{section: {name: value}} -> {"section.name"}."""
+    return {f"{section}.{name}" for section, values in nested.items() for name in values}
+
+
+def mark_given(cfg: Config, keys: set[str], *, trust_model_code: bool = False) -> None:
+    """Remember which options the user set (flags, --config, API options) and whether they passed
+    --trust-model-code: a resumed run takes the others from its checkpoint (train/resume_rules.py).
+    Kept beside the fields, never saved: a file cannot grant itself trust."""
+    cfg.__dict__["given"] = frozenset(keys)
+    cfg.__dict__["trust_model_code"] = bool(trust_model_code)
+
+
+def given_keys(cfg: Config) -> frozenset:
+    return cfg.__dict__.get("given", frozenset())
+
+
+def trusts_model_code(cfg: Config) -> bool:
+    return cfg.__dict__.get("trust_model_code", False)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,17 +1,25 @@
 """Atomic file writes: readers (other ranks, a resumed run, a user) see the old file or the new one,
-never a half-written one, even when the process is killed or the disk fills up mid-write."""
+never a half-written one, even when the process is killed or the disk fills up mid-write.
+
+A user's --output (predict, eval, export) follows one rule (`check_output`, `write_output`): a
+regular file (or a new one) is replaced atomically; a symlink's target is, the link stays; a FIFO or
+a character device (/dev/stdout, /dev/null, a terminal) is written into directly, never replaced;
+`-` is standard output; a directory, a block device or a socket is refused; and so is an output that
+is one of the command's input files."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from dist_cnn.errors import one_line
+from dist_cnn.errors import UserError, one_line
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool = False) -> None:
@@ -44,6 +52,52 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+STDOUT = "-"
+
+
+def _stream_target(path: str) -> bool:
+    """Whether `path` (after symlinks) is a FIFO or a character device: written into, never replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def check_output(path: str, inputs=(), flag: str = "--output") -> None:
+    """Before any work: `path` can be written under the output rule (module docstring) and is not
+    one of `inputs` (files or folders the command reads). One-line UserError otherwise."""
+    if path == STDOUT:
+        return
+    real = os.path.realpath(path)
+    if os.path.exists(real):
+        mode = os.stat(real).st_mode
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{flag} {path} is a directory")
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            raise UserError(f"{flag} {path} is not a regular file, a FIFO or a character device")
+        for given in inputs:
+            if os.path.exists(given) and os.path.samefile(real, given):
+                raise UserError(f"{flag} {path} is one of the inputs ({given}); choose another file")
+    elif not os.path.isdir(os.path.dirname(real) or "."):
+        raise UserError(f"{flag} {path}: folder {os.path.dirname(real)} does not exist")
+
+
+def write_output(path: str, data: bytes) -> None:
+    """`data` to a user's output path under the output rule (module docstring); OSError on failure."""
+    if path == STDOUT:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    real = os.path.realpath(path)  # a symlink: its target is replaced, the link stays
+    if _stream_target(real):
+        with open(real, "wb") as f:
+            f.write(data)
+        return
+    atomic_write(Path(real), lambda f: f.write(data))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -17,6 +17,7 @@ from dist_cnn.commands import doctor, export, predict, report, shard, sweep, tra
 from dist_cnn.commands import eval as eval_command
 from dist_cnn.distributed import process_group as distributed
 from dist_cnn.errors import PeerError, PeerFailed, TrainingFailed, UserError
+from dist_cnn.observability import hang
 
 COMMANDS = {
     "train": train.main_train,
@@ -60,7 +61,9 @@ def main(argv=None) -> int:
         lost = distributed.comm_failure(e)
         if lost is None:
             raise
-        print(f"{_rank_prefix()}error: {lost}", file=sys.stderr)  # a peer's failure: its own log has the cause
+        hung = hang.on_failure(e)  # rank 0: which rank fell behind, where; every rank: its stacks
+        # a peer's failure: its own log has the cause
+        print(f"{_rank_prefix()}error: {lost}{f'; {hung}' if hung else ''}", file=sys.stderr)
         return 1
 
 

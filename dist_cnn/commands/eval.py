@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -14,8 +16,10 @@ from dist_cnn.data.open import open_source
 from dist_cnn.data.source import upgrade_stored_config
 from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
-from dist_cnn.fileio import write_json_atomic, write_text_atomic
+from dist_cnn.fileio import STDOUT, check_output, write_output
 from dist_cnn.models.prepare import prepare_model
+from dist_cnn.models.trust import add_trust_arguments, check_file_spec
+from dist_cnn.observability.format import display_names, percent
 from dist_cnn.train import checkpoint
 from dist_cnn.train import precision as P
 from dist_cnn.train.evaluate import evaluate_source
@@ -38,6 +42,7 @@ def eval_parser():
         "(training's exact, distributed evaluation; torchrun works too).",
     )
     p.add_argument("--checkpoint", required=True, help="a step-N.pt/best.pt checkpoint or a model.pt export")
+    add_trust_arguments(p)
     p.add_argument("--dataset", choices=config_mod.DATASETS, help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", help="default: the checkpoint's data dir")
     p.add_argument(
@@ -53,7 +58,11 @@ def eval_parser():
         choices=("model", "ema"),
         help="the trained weights, or their EMA (runs with --model-ema) (default: model)",
     )
-    p.add_argument("--output", help="write the metrics here as JSON (default: eval-<checkpoint>.json beside it)")
+    p.add_argument(
+        "--output",
+        help="write the metrics here as JSON (a FIFO or device is written into, - is stdout) "
+        "(default: eval-<checkpoint>.json beside it)",
+    )
     p.add_argument(
         "--predictions",
         metavar="FILE",
@@ -72,6 +81,9 @@ def eval_parser():
 
 def main_eval(argv) -> int:
     args = eval_parser().parse_args(argv)
+    for flag in ("--output", "--predictions"):
+        if getattr(args, flag[2:]):
+            check_output(getattr(args, flag[2:]), [args.checkpoint], flag)
     state = checkpoint.load(Path(args.checkpoint))
     if (
         not isinstance(state, dict)
@@ -92,6 +104,7 @@ def main_eval(argv) -> int:
         cfg = config_mod.from_dict(stored)
     except UserError as e:
         raise UserError(f"{args.checkpoint}: its config does not fit this version ({e})") from None
+    check_file_spec(cfg.model.name, args.checkpoint, named=args.model, trust=args.trust_model_code)
     if args.dataset:
         cfg.data.dataset = args.dataset
     if args.data_dir:
@@ -103,6 +116,8 @@ def main_eval(argv) -> int:
     if state.get("loader") == "stream":  # read as it was trained (the batches are the same either way)
         cfg.data.loader = "stream"
     cfg.data.train_crop = "none"  # nothing is trained here: the test split's transform alone matters
+    if cfg.data.loader != "stream":  # runs from before it was refused in memory recorded it, unused
+        cfg.data.skip_bad_images = False
     with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         data, _ = open_source(cfg.data, env, measure="mean" not in state, timeout=cfg.dist.timeout)
         _check_classes(state, data, cfg)
@@ -144,7 +159,7 @@ def _write_predictions(path: Path, data, preds: list[int]) -> None:
         label = data.test_label(i)
         w.writerow([data.test_name(i), data.classes[label], data.classes[p] if p >= 0 else ""])
     try:
-        write_text_atomic(path, buf.getvalue())
+        write_output(str(path), buf.getvalue().encode())
     except OSError as e:
         raise UserError(f"--predictions {path}: cannot write it ({e.strerror or e})") from None
 
@@ -173,12 +188,14 @@ def _report(args, cfg, data, env, res: dict) -> None:
         "world_size": env.world_size,
         **res,
     }
-    print(f"test accuracy {res['test_accuracy']:.4f} ({res['test_correct']}/{res['test_total']})")
-    for name, acc in zip(data.classes, res["per_class_accuracy"]):
-        print(f"  {name:<12} {acc:7.2%}")
+    console = sys.stderr if args.output == STDOUT else sys.stdout  # stdout carries the JSON then
+    print(f"test accuracy {res['test_accuracy']:.4f} ({res['test_correct']}/{res['test_total']})", file=console)
+    per_class = res["per_class_accuracy"]
+    for name, acc in zip(display_names(data.classes, len(per_class)), per_class):
+        print(f"  {name:<12} {percent(acc)}", file=console)
     ckpt = Path(args.checkpoint)
-    out = Path(args.output) if args.output else ckpt.with_name(f"eval-{ckpt.stem}.json")
+    out = args.output or str(ckpt.with_name(f"eval-{ckpt.stem}.json"))
     try:
-        write_json_atomic(out, res)
+        write_output(out, (json.dumps(res, indent=2) + "\n").encode())
     except OSError as e:
-        print(f"warning: could not write {out}: {e.strerror}")
+        print(f"warning: could not write {out}: {e.strerror or e}", file=sys.stderr)

@@ -13,9 +13,11 @@ from dist_cnn.data.loader import Normalize
 from dist_cnn.data.open import open_source
 from dist_cnn.data.source import upgrade_stored_config
 from dist_cnn.distributed.launch import DistEnv
-from dist_cnn.errors import UserError
+from dist_cnn.errors import UserError, one_line
+from dist_cnn.fileio import STDOUT, check_output
 from dist_cnn.inference.export import FORMATS, SUFFIX, ExportFailed, check_available, export
 from dist_cnn.inference.predictor import InferenceModel, list_images, load_image, load_model
+from dist_cnn.models.trust import add_trust_arguments
 
 
 def export_parser():
@@ -25,6 +27,7 @@ def export_parser():
         "metadata, then check that the exported file computes the same logits as PyTorch.",
     )
     p.add_argument("model_file", metavar="MODEL_FILE", help="a run's model.pt or a checkpoint (step-N.pt, best.pt)")
+    add_trust_arguments(p)
     p.add_argument(
         "--format",
         choices=FORMATS,
@@ -36,7 +39,9 @@ def export_parser():
     p.add_argument(
         "--output",
         metavar="FILE",
-        help=f"where to write it (default: beside MODEL_FILE, {', '.join(f'<name>{s}' for s in SUFFIX.values())})",
+        help="where to write it: a regular file is replaced once the parity check passes, a FIFO or "
+        "device is written into, - is stdout; never one of the inputs "
+        f"(default: beside MODEL_FILE, {', '.join(f'<name>{s}' for s in SUFFIX.values())})",
     )
     p.add_argument(
         "--images",
@@ -97,12 +102,9 @@ def main_export(argv) -> int:
         raise UserError(f"--tolerance must be >= 0, got {args.tolerance}")
     check_available(args.format)
     src = Path(args.model_file)
-    output = Path(args.output) if args.output else src.with_name(src.stem + SUFFIX[args.format])
-    if output.is_dir() or not output.resolve().parent.is_dir():
-        raise UserError(f"--output {output}: not a file in an existing folder")
-    if output.resolve() == src.resolve():
-        raise UserError(f"--output {output} is the model file itself")
-    im = load_model(src)
+    output = args.output or str(src.with_name(src.stem + SUFFIX[args.format]))
+    check_output(output, [src, *(args.images or [])])
+    im = load_model(src, model=args.model, trust_model_code=args.trust_model_code)
     pixels, source = (
         _given_images(im, args.images, args.parity_images) if args.images else _test_images(im, args.parity_images)
     )
@@ -113,15 +115,18 @@ def main_export(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"error: cannot write {output}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: cannot write {output}: {e.strerror or one_line(e)}", file=sys.stderr)
         return 1
-    size = output.stat().st_size / 2**20
+    size = res["bytes"] / 2**20
+    console = sys.stderr if output == STDOUT else sys.stdout  # stdout carries the file then
     print(
         f"exported {im.name} ({im.num_classes} classes, {im.in_channels}x{im.image_size}x{im.image_size}) "
-        f"to {output} ({args.format}, {res['how']}, {size:.1f} MiB)"
+        f"to {output} ({args.format}, {res['how']}, {size:.1f} MiB)",
+        file=console,
     )
     print(
         f"parity on {source}, batches of {len(x)} and 3: max abs diff {res['max_abs_diff']:.3g} "
-        f"(tolerance {args.tolerance:g})"
+        f"(tolerance {args.tolerance:g})",
+        file=console,
     )
     return 0

@@ -12,17 +12,18 @@ import io
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dist_cnn import config as config_mod
 from dist_cnn.data.loader import eval_shard
+from dist_cnn.data.workers import ignore_stop_signals
 from dist_cnn.distributed import process_group as D
 from dist_cnn.errors import UserError
-from dist_cnn.fileio import write_text_atomic
+from dist_cnn.fileio import check_output, write_output
 from dist_cnn.inference.predictor import InferenceModel, list_images, load_decoders, load_image, load_model, logits
+from dist_cnn.models.trust import add_trust_arguments
 from dist_cnn.train import precision as P
 
 FORMATS = ("table", "json", "csv")
@@ -39,6 +40,7 @@ def predict_parser():
         "paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively for image files"
     )
     p.add_argument("--model-file", required=True, help="a run's model.pt or a checkpoint (step-N.pt, best.pt)")
+    add_trust_arguments(p)
     p.add_argument(
         "--top-k",
         type=int,
@@ -56,7 +58,12 @@ def predict_parser():
         help="table: aligned columns; json: one "
         "JSON object per line; csv: a header, then one row per file (default: table)",
     )
-    p.add_argument("--output", metavar="FILE", help="write the rows to FILE (replaced when done) instead of stdout")
+    p.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write the rows to FILE instead of stdout: a regular file is replaced when done, a FIFO or "
+        "device is written into, - is stdout; never one of the inputs",
+    )
     p.add_argument(
         "--skip-bad-images",
         action="store_true",
@@ -107,11 +114,7 @@ def _check(args) -> None:
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.output:
-        parent = Path(args.output).resolve().parent
-        if not parent.is_dir():
-            raise UserError(f"--output {args.output}: folder {parent} does not exist")
-        if Path(args.output).is_dir():
-            raise UserError(f"--output {args.output} is a directory")
+        check_output(args.output, [args.model_file, *args.paths])
 
 
 class _Files(Dataset):
@@ -154,6 +157,7 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
         shuffle=False,
         num_workers=args.workers,
         collate_fn=_collate,
+        worker_init_fn=ignore_stop_signals,  # Ctrl-C is the main process's: one line, exit 130
         pin_memory=env.device.type == "cuda",
     )
     rows, errors = [], []
@@ -204,9 +208,16 @@ def _write(text: str, output: str | None) -> None:
         sys.stdout.write(text)
         return
     try:
-        write_text_atomic(Path(output), text)
+        write_output(output, text.encode())
     except OSError as e:
         raise UserError(f"--output {output}: cannot write it ({e.strerror or e})") from None
+
+
+def _listed(args) -> list[str]:
+    files = list_images(args.paths)
+    if args.output:  # a folder given as input may hold the output file
+        check_output(args.output, files)
+    return files
 
 
 def main_predict(argv) -> int:
@@ -217,8 +228,10 @@ def main_predict(argv) -> int:
 
 
 def _run(args, env) -> int:
-    files = D.main_only(env, lambda: list_images(args.paths))
-    im = D.main_then_all(env, lambda: load_model(args.model_file))
+    files = D.main_only(env, lambda: _listed(args))
+    im = D.main_then_all(
+        env, lambda: load_model(args.model_file, model=args.model, trust_model_code=args.trust_model_code)
+    )
     part = eval_shard(len(files), env.rank, env.world_size)
     load_decoders()  # the clock below measures predicting, not importing
     start = time.perf_counter()

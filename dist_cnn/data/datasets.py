@@ -192,6 +192,14 @@ def _load_fashion(cfg: DataConfig) -> Dataset:
 # ----------------------------------------------------------------------------- image folders
 
 
+def _entry_is(entry: os.DirEntry, kind: str) -> bool:
+    """entry.is_dir() / is_file(), following symlinks; a symlink loop or an unreadable link is one line."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as e:
+        raise UserError(f"imagefolder: {entry.path}: {e.strerror}; fix or remove it") from None
+
+
 def scan_classes(root: str, split: str) -> tuple[list[str], list[list[str]]]:
     """Class names (sorted subfolders of root/split) and each class's image file names, sorted. Plain
     strings and os.scandir: this runs over every file of a split, millions for ImageNet."""
@@ -201,14 +209,16 @@ def scan_classes(root: str, split: str) -> tuple[list[str], list[list[str]]]:
             f"imagefolder: {split_dir} not found; --data-dir must hold train/<class>/ and "
             f"{split}/<class>/ (see --test-split)"
         )
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(split_dir) if not e.name.startswith(".") and _entry_is(e, "dir"))
     files = []
     for c in classes:
         d = os.path.join(split_dir, c)
         names = sorted(
             e.name
             for e in os.scandir(d)
-            if e.is_file() and not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
+            if not e.name.startswith(".")
+            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
+            and _entry_is(e, "file")
         )
         if not names and split == "train":
             raise UserError(f"imagefolder: {d} holds no images ({' '.join(sorted(IMAGE_EXTS))})")

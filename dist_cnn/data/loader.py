@@ -27,6 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
+from dist_cnn.data import workers as worker_signals
+
 PLAN_SEED_OFFSET = 1_000_003  # keeps data-order draws independent of the weight-init stream
 
 
@@ -233,12 +235,13 @@ class LoaderPipeline:
             pin_memory=device.type == "cuda",
             persistent_workers=False,
             drop_last=False,
+            worker_init_fn=worker_signals.ignore_stop_signals,
         )
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.plan, self.start_step = epoch_plan(self.n, self.seed, epoch, self.aug), start_step
         self.current_epoch, draws = epoch, draws_on(self.plan, self.device)
-        for step, (x, y) in enumerate(self.loader, start=start_step):
+        for step, (x, y) in enumerate(worker_signals.start(self.loader), start=start_step):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if not self.in_workers:  # else cropped, flipped and augmented by the workers
                 pos = rank_slice(step, self.batch, self.rank, self.world)

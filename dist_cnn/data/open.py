@@ -106,4 +106,9 @@ def open_source(data_cfg, env, log=None, measure: bool = True, timeout: float = 
         if stream:
             return _streamed(index, data_cfg, env, measure), note
     check_recipe(recipe_of(data_cfg), "memory")
+    if data_cfg.skip_bad_images:  # in memory, every file is decoded up front and a bad one stops the load
+        raise UserError(
+            "--skip-bad-images works with --loader stream (image folders); the in-memory loaders "
+            f"(--loader {data_cfg.loader}) read every image before training and stop at a bad one"
+        )
     return main_then_all(env, lambda: load_dataset(data_cfg, log=log)), note

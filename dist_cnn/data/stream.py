@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
+from dist_cnn.data import workers as worker_signals
 from dist_cnn.data.decode import check_pixels, decode, image_size_of
 from dist_cnn.data.loader import (
     Augment,
@@ -168,7 +169,7 @@ def _iterate(loader: DataLoader):
     where its __del__ cannot stop its own workers and says so on stderr."""
     if loader.num_workers and getattr(loader, "_iterator", None) is None:
         gc.collect()
-    return iter(loader)
+    return worker_signals.start(loader)
 
 
 def _own_generator() -> torch.Generator:
@@ -190,6 +191,7 @@ def _loader(dataset, sampler, batch: int, workers: int, device: torch.device, pe
         prefetch_factor=4 if workers > 0 else None,
         drop_last=False,
         generator=_own_generator(),
+        worker_init_fn=worker_signals.ignore_stop_signals,
     )
 
 

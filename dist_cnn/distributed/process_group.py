@@ -75,6 +75,8 @@ def setup(
     if env.world_size == 1 and not group_of_one:
         return env
     env.backend = resolve_backend(backend, env.device)
+    if env.backend == "nccl":  # before the group exists: the hang report's flight recorder
+        _flight_recorder_env(environ)
     if group_of_one:
         pass  # an in-process store: nobody else to meet
     elif env.launcher == "slurm":
@@ -159,6 +161,18 @@ def _agent_store(env: DistEnv, timeout, environ):
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
     attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"dist_cnn/attempt_{attempt}/group_{_GROUPS_MADE}", store)
+
+
+def _flight_recorder_env(environ=os.environ) -> None:
+    """NCCL's flight recorder, set before the NCCL process group is created (no effect on gloo): a
+    ring of each rank's last 2000 collectives, dumped by torch's watchdog on a timeout."""
+    environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+
+
+def store():
+    """The process group's key-value store (None for a single process)."""
+    return dist.distributed_c10d._get_default_store() if dist.is_available() and dist.is_initialized() else None
 
 
 def teardown(graceful: bool = True) -> None:

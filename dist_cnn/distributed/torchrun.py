@@ -54,10 +54,19 @@ def _describe(rank: int, failure) -> str:
     return f"torchrun: rank {rank} (pid {failure.pid}) {how}; the job stopped (messages above)"
 
 
+def _killed_by_torchrun(failure, first: float) -> bool:
+    """Once a rank fails, torchrun stops the others (SIGTERM, then SIGKILL after its grace period) and
+    lists them too, later than the first failure: they are the consequence, not the cause."""
+    return failure.exitcode in (-signal.SIGTERM, -signal.SIGKILL) and failure.timestamp > first
+
+
 def _root_cause(failures: dict):
     """(rank, failure) that most likely caused the others: a rank killed by a signal (its peers then
-    only lose contact and exit 1, often in the same poll of the agent), else the earliest."""
-    return min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
+    only lose contact and exit 1, often in the same poll of the agent), else the earliest; never a
+    rank that torchrun itself killed while stopping the job."""
+    first = min(f.timestamp for f in failures.values())
+    causes = {r: f for r, f in failures.items() if not _killed_by_torchrun(f, first)} or failures
+    return min(causes.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(args)
+    except SignalException as e:  # scancel, Ctrl-C: the ranks got it too and checkpoint (preempt.py)
+        if verbose:
+            raise
+        name = signal.Signals(e.sigval).name
+        print(f"torchrun: stopped by {name}; the ranks checkpoint and stop (messages above)", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         if verbose:
             raise
@@ -93,11 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         if code != 2:  # 2: a worker's own one-line error already said everything
             print(_describe(rank, failure), file=sys.stderr)
         return code
-    except SignalException as e:  # SIGTERM/SIGINT to torchrun itself: it has passed it on to the workers
-        if verbose:
-            raise
-        print(f"torchrun: stopped by {signal.Signals(e.sigval).name}; the workers were stopped too", file=sys.stderr)
-        return 128 + int(e.sigval)
     return 0
 
 

@@ -5,9 +5,11 @@ model name, how to preprocess) as JSON strings: ONNX `metadata_props`, a TorchSc
 `dist_cnn.json`, safetensors' header metadata. The exported model is the plain forward pass
 (normalized float32 images in, logits out; no test-time augmentation), with a dynamic batch axis.
 
-The file is written beside its destination, checked, and only then moved into place: its outputs on
-a batch of test images (at two batch sizes) must equal PyTorch's within the tolerance (ONNX Runtime
-on the CPU for ONNX, a fresh model loading the weights for safetensors), else nothing is replaced.
+The file is built in memory, checked, and only then written (fileio.write_output: a regular file is
+replaced atomically, a FIFO or device written into): its outputs on a batch of test images (at two
+batch sizes) must equal PyTorch's within the tolerance (ONNX Runtime on the CPU for ONNX, a fresh
+model loading the weights for safetensors), else nothing is written. Building in memory also keeps
+the exporters' own file writers (C++, Rust) away from the disk: a full disk is a Python OSError.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 from dist_cnn import __version__
 from dist_cnn.errors import UserError
+from dist_cnn.fileio import write_output
 from dist_cnn.inference.predictor import InferenceModel
 from dist_cnn.models.registry import build_model
 
@@ -83,7 +85,7 @@ def _quiet():
 # ----------------------------------------------------------------------------- writers
 
 
-def _write_onnx(im: InferenceModel, example: torch.Tensor, path: Path) -> None:
+def _write_onnx(im: InferenceModel, example: torch.Tensor) -> bytes:
     import onnx
 
     batch = torch.export.Dim("batch")
@@ -102,61 +104,62 @@ def _write_onnx(im: InferenceModel, example: torch.Tensor, path: Path) -> None:
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"dist_cnn {im.name}: {im.metadata()['input']} -> {im.metadata()['output']}"
     onnx.checker.check_model(proto)
-    onnx.save_model(proto, str(path))
+    return proto.SerializeToString()
 
 
-def _write_torchscript(im: InferenceModel, example: torch.Tensor, path: Path) -> str:
-    """Scripted where the model scripts (keeps any control flow), else traced. Returns which."""
+def _write_torchscript(im: InferenceModel, example: torch.Tensor) -> tuple[bytes, str]:
+    """Scripted where the model scripts (keeps any control flow), else traced. Returns the file and which."""
     with _quiet():
         try:
             module, how = torch.jit.script(im.model), "scripted"
         except Exception:
             module, how = torch.jit.trace(im.model, example), "traced"
         extra = {METADATA_FILE: json.dumps({k: json.loads(v) for k, v in metadata(im, "torchscript").items()})}
-        torch.jit.save(module, str(path), _extra_files=extra)
-    return how
+        buf = io.BytesIO()
+        torch.jit.save(module, buf, _extra_files=extra)
+    return buf.getvalue(), how
 
 
-def _write_safetensors(im: InferenceModel, path: Path) -> None:
-    from safetensors.torch import save_file
+def _write_safetensors(im: InferenceModel) -> bytes:
+    from safetensors.torch import save
 
     # detached contiguous copies: safetensors refuses views and shared storage
     weights = {k: v.detach().contiguous().clone() for k, v in im.model.state_dict().items()}
-    save_file(weights, str(path), metadata=metadata(im, "safetensors"))
+    return save(weights, metadata=metadata(im, "safetensors"))
 
 
 # ----------------------------------------------------------------------------- parity
 
 
-def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+def _run_onnx(blob: bytes, x: torch.Tensor) -> torch.Tensor:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-def _runner(im: InferenceModel, fmt: str, path: Path):
+def _runner(im: InferenceModel, fmt: str, blob: bytes):
     """A function: normalized batch -> logits, from the exported file alone (plus the registry for
     safetensors, which holds weights only)."""
     if fmt == "onnx":
-        return lambda x: _run_onnx(path, x)
+        return lambda x: _run_onnx(blob, x)
     if fmt == "torchscript":
         with _quiet():
-            module = torch.jit.load(str(path), map_location="cpu")
+            module = torch.jit.load(io.BytesIO(blob), map_location="cpu")
         return module
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     fresh = build_model(im.name, im.in_channels, im.num_classes, im.image_size)
-    fresh.load_state_dict(load_file(str(path)))
+    fresh.load_state_dict(load(blob))
     return fresh.eval()
 
 
 @torch.no_grad()
-def parity(im: InferenceModel, fmt: str, path: Path, x: torch.Tensor) -> float:
+def parity(im: InferenceModel, fmt: str, blob: bytes, x: torch.Tensor) -> float:
     """Max |exported - PyTorch| over the batch x and its first 3 images (a second batch size)."""
-    run = _runner(im, fmt, path)
+    run = _runner(im, fmt, blob)
     diff = 0.0
     for batch in (x, x[:3]):
         ref = im.model(batch).float()
@@ -173,38 +176,32 @@ def parity(im: InferenceModel, fmt: str, path: Path, x: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- entry
 
 
-def export(im: InferenceModel, fmt: str, output: Path, x: torch.Tensor, tolerance: float) -> dict:
+def export(im: InferenceModel, fmt: str, output: str, x: torch.Tensor, tolerance: float) -> dict:
     """Write `output` in format fmt from model im; x: a normalized float32 batch of test images.
-    Returns {"max_abs_diff", "how"}; raises ExportFailed (nothing replaced) on failure."""
+    Returns {"max_abs_diff", "how", "bytes"}; raises ExportFailed (nothing written) on failure, OSError
+    when the output cannot be written."""
     im.model.eval().to(memory_format=torch.contiguous_format)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    how = "weights"
     try:
-        how = "weights"
-        try:
-            if fmt == "onnx":
-                _write_onnx(im, x[:2], tmp)
-                how = "torch.onnx (dynamo), dynamic batch axis"
-            elif fmt == "torchscript":
-                how = _write_torchscript(im, x[:2], tmp)
-            else:
-                _write_safetensors(im, tmp)
-        except (ExportFailed, OSError):
-            raise
-        except Exception as e:
-            raise ExportFailed(f"cannot export {im.name} to {fmt}: {_summary(e)}") from None
-        diff = parity(im, fmt, tmp, x)
-        if not diff <= tolerance:  # NaN fails too
-            raise ExportFailed(
-                f"parity check failed: {fmt} outputs differ from PyTorch's by up to {diff:.3g} "
-                f"(tolerance {tolerance:g}); {output} was not written"
-            )
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create private files; an export is for sharing
-        os.replace(tmp, output)
-        return {"max_abs_diff": diff, "how": how}
-    finally:
-        tmp.unlink(missing_ok=True)
+        if fmt == "onnx":
+            blob = _write_onnx(im, x[:2])
+            how = "torch.onnx (dynamo), dynamic batch axis"
+        elif fmt == "torchscript":
+            blob, how = _write_torchscript(im, x[:2])
+        else:
+            blob = _write_safetensors(im)
+    except ExportFailed:
+        raise
+    except Exception as e:
+        raise ExportFailed(f"cannot export {im.name} to {fmt}: {_summary(e)}") from None
+    diff = parity(im, fmt, blob, x)
+    if not diff <= tolerance:  # NaN fails too
+        raise ExportFailed(
+            f"parity check failed: {fmt} outputs differ from PyTorch's by up to {diff:.3g} "
+            f"(tolerance {tolerance:g}); {output} was not written"
+        )
+    write_output(str(output), blob)
+    return {"max_abs_diff": diff, "how": how, "bytes": len(blob)}
 
 
 def read_metadata(path: str | Path, fmt: str) -> dict:

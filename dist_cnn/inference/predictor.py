@@ -22,7 +22,9 @@ from dist_cnn.data.loader import Normalize
 from dist_cnn.data.source import DEFAULT_MAX_IMAGE_PIXELS, Recipe, upgrade_stored_config
 from dist_cnn.data.transform import eval_transform
 from dist_cnn.errors import UserError, one_line
+from dist_cnn.models.checks import select_output
 from dist_cnn.models.registry import build_model, tta_logits
+from dist_cnn.models.trust import check_file_spec
 from dist_cnn.train import checkpoint
 
 
@@ -116,8 +118,9 @@ def _from_dataset(state: dict, path: Path) -> dict:
     }
 
 
-def load_model(path: str | Path) -> InferenceModel:
-    """A run's model.pt or a training checkpoint, rebuilt on the CPU in eval mode."""
+def load_model(path: str | Path, *, model: str | None = None, trust_model_code: bool = False) -> InferenceModel:
+    """A run's model.pt or a training checkpoint, rebuilt on the CPU in eval mode. A spec that imports
+    the user's own code is built only when `model` names it or `trust_model_code` is set (trust.py)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory; give its model.pt or a checkpoint file")
@@ -128,6 +131,7 @@ def load_model(path: str | Path) -> InferenceModel:
     name = state.get("model_name") or cfg.get("model", {}).get("name")
     if not name:
         raise UserError(f"{path} does not say which model it holds (no model_name or config)")
+    check_file_spec(name, str(path), named=model, trust=trust_model_code)
     info = {k: state[k] for k in ("classes", "in_channels", "image_size", "mean", "std") if k in state}
     if len(info) < 5:
         info = _from_dataset(state, path)
@@ -138,6 +142,8 @@ def load_model(path: str | Path) -> InferenceModel:
         raise UserError(
             f"{path}: the weights do not fit a {name} model with {len(info['classes'])} classes ({one_line(e)[:200]})"
         ) from None
+    key = cfg.get("model", {}).get("output_key", "")
+    select_output(model, key if isinstance(key, str) else "")
     model.eval()
     return InferenceModel(
         model,

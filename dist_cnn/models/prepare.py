@@ -13,6 +13,7 @@ from torch import nn
 from dist_cnn.config import Config
 from dist_cnn.data.loader import Normalize
 from dist_cnn.data.source import DataSource
+from dist_cnn.models.checks import check_output, select_output
 from dist_cnn.models.registry import build_model
 from dist_cnn.models.weights import init_from, load_pretrained
 from dist_cnn.train.checkpoint import check_compatible
@@ -65,4 +66,8 @@ def prepare_model(
     model.to(device)
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
+    select_output(model, cfg.model.output_key)
+    x, _ = data.probe(2, cfg.train.seed)
+    if len(x):  # once, before any step: the output is [batch, classes] logits
+        check_output(model, normalize(x.to(device)), data.num_classes)
     return Prepared(model, normalize, mean, std)

@@ -181,12 +181,12 @@ def _timm():
 
 
 # Modules that moved: specs recorded by earlier versions (the Python API records `module:name`) still resolve.
-_MOVED = {"dist_cnn.models": "dist_cnn.models.registry"}
+MOVED = {"dist_cnn.models": "dist_cnn.models.registry"}
 
 
 def _user_callable(target: str):
     module_name, _, attr = target.partition(":")
-    module_name = _MOVED.get(module_name, module_name)
+    module_name = MOVED.get(module_name, module_name)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())  # torchrun puts the script's folder on the path, not the cwd
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dist_cnn.errors import UserError, one_line
 from dist_cnn.fileio import atomic_write
-from dist_cnn.observability.format import class_names, duration, is_number
+from dist_cnn.observability.format import class_names, display_names, duration, is_number, percent
 
 PLOT_NAMES = ("loss.png", "accuracy.png", "confusion_matrix.png")
 ANNOTATE_MAX_CLASSES = 20  # counts are written into the confusion-matrix cells up to this many classes
@@ -293,13 +293,13 @@ def format_report(summary: dict, metrics, config: dict | None = None) -> str:
 
     per_class = pick("per_class_accuracy", last_eval)
     if isinstance(per_class, list) and per_class:
-        names = class_names(summary.get("classes"), len(per_class))
+        names = display_names(summary.get("classes"), len(per_class))
         matrix = last_eval.get("confusion_matrix") if last_eval else None
         counts = [sum(row) for row in matrix] if isinstance(matrix, list) and len(matrix) == len(per_class) else None
         width = max(5, *(len(n) for n in names))
         lines.append("")
         lines.append(f"{'class':<{width}}  accuracy" + ("  images" if counts else ""))
         for i, (name, a) in enumerate(zip(names, per_class)):
-            cell = f"{100 * a:7.2f}%" if is_number(a) else f"{'-':>8}"
+            cell = percent(a)
             lines.append(f"{name:<{width}}  {cell}" + (f"  {counts[i]:>6}" if counts else ""))
     return "\n".join(lines)

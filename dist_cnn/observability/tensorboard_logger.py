@@ -31,6 +31,12 @@ class TensorBoardLogger:
         self.log_dir = Path(run_dir) / "tensorboard"
         if not enabled:
             return
+        try:  # the writer's own thread would fail later, with a traceback of its own
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.NamedTemporaryFile(dir=self.log_dir, prefix=".probe", suffix=".tmp").close()
+        except OSError as e:
+            log(f"tensorboard: cannot write {self.log_dir} ({e.strerror or one_line(e)}); TensorBoard logging disabled")
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -77,7 +83,8 @@ class TensorBoardLogger:
                 w.add_scalar("train_seconds", record["train_seconds"], step)
             per_class = record.get("per_class_accuracy") or []
             for name, acc in zip(class_names(classes, len(per_class)), per_class):
-                w.add_scalar(f"test/per_class_accuracy/{name}", acc, step)
+                if is_number(acc):  # a class without test images has no accuracy
+                    w.add_scalar(f"test/per_class_accuracy/{name}", acc, step)
             matrix = record.get("confusion_matrix")
             if matrix:
                 w.add_image(

@@ -286,7 +286,8 @@ class WandbLogger:
         per_class = record.get("per_class_accuracy") or []
         names = class_names(classes, len(per_class))
         for name, acc in zip(names, per_class):
-            data[f"test/per_class_accuracy/{name}"] = acc
+            if is_number(acc):  # a class without test images has no accuracy
+                data[f"test/per_class_accuracy/{name}"] = acc
         matrix = record.get("confusion_matrix")
         if matrix:
             chart = self._confusion_chart(matrix, class_names(classes, len(matrix)))

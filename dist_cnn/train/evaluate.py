@@ -178,7 +178,8 @@ def evaluate_batches(
     total, correct = int(conf.sum()), int(conf.diag().sum())
     if total + left_out != n:
         raise RuntimeError(f"evaluation counted {total + left_out} test images, the test set has {n}")
-    per_class = (conf.diag().double() / conf.sum(1).clamp(min=1).double()).tolist()
+    # a class without test images has no accuracy (None: null in JSON, n/a on the console), not 0%
+    per_class = [c / n if n else None for c, n in zip(conf.diag().tolist(), conf.sum(1).tolist())]
     return {
         "test_accuracy": correct / max(total, 1),
         "test_correct": correct,

@@ -154,6 +154,17 @@ class StepProfiler:
             self.prof.__enter__()
             self.steps = 0
 
+    def end(self, step: int) -> None:
+        """Training is over at `step`: a window still open ends here; one past the end says so."""
+        if self.window and self.prof is None and step <= self.window[0] and self.rank == 0:
+            self.log(
+                f"--profile {self.window[0]}:{self.window[1]}: training ended after {step} steps, before "
+                "the window started; nothing was recorded"
+            )
+        elif self.prof is not None and step < self.window[1] and self.rank == 0:
+            self.log(f"--profile: training ended at step {step}, inside the window; the trace stops there")
+        self.stop(step, force=True)
+
     def stop(self, step: int, force: bool = False) -> None:
         """step: optimizer steps done so far. Ends the window at END (or, with force, wherever it is)."""
         if self.prof is None:

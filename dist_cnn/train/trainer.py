@@ -28,8 +28,12 @@ from dist_cnn.distributed import process_group as D
 from dist_cnn.distributed.preempt import StopSignal, requeue_slurm_job
 from dist_cnn.errors import PeerFailed, TrainingFailed, UserError, one_line
 from dist_cnn.fileio import WritePolicy, write_json_atomic
+from dist_cnn.models.checks import check_trainable
 from dist_cnn.models.prepare import prepare_model
+from dist_cnn.models.trust import check_file_spec
+from dist_cnn.observability import hang, phases
 from dist_cnn.observability.metrics import MetricsLog
+from dist_cnn.observability.phases import PHASES
 from dist_cnn.observability.progress import Progress, RateAverage
 from dist_cnn.observability.report import format_report, write_plots
 from dist_cnn.observability.reporter import Reporter
@@ -44,6 +48,7 @@ from dist_cnn.train.ema import ModelEMA, adjusted_decay
 from dist_cnn.train.evaluate import evaluate_source
 from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps, use_fused, zero_momentum
 from dist_cnn.train.profiling import StepProfiler
+from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
 
 
@@ -112,7 +117,14 @@ class Trainer:
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
         self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
         self.reporter.run_dir_ready(self.run_dir, main)
+        self.heartbeat = hang.start(D.store(), env.rank, env.world_size, self.run_dir)
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
+        if state is not None:
+            self._resume_config(state)
+            self.batch_per_rank = t.batch_size // micro_world
+            if t.batch_size % micro_world:
+                raise UserError(f"--batch-size {t.batch_size} must divide by world size x grad accum = {micro_world}")
+            seed_everything(t.seed)
         if state is not None and "eval_resize" not in state["config"].get("data", {}):
             # a run from before the recipe options resumes with the recipe its loader gave it
             legacy = upgrade_stored_config(state["config"].get("data", {}), state.get("loader"))
@@ -124,6 +136,7 @@ class Trainer:
             cfg, self.data, env.device, factory=model_factory, starting_weights=state is None, log=self.log
         )
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
+        check_trainable(prepared.model, self.batch_per_rank, cfg.model.sync_bn and env.world_size > 1)
         self.model, self.raw_model = parallel.wrap(prepared.model, env, cfg.model, t.grad_accum)
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
         self.precision, self.precision_reason = (
@@ -182,6 +195,18 @@ class Trainer:
         )
 
     # ---- setup -------------------------------------------------------------------------------
+    def _resume_config(self, state: dict) -> None:
+        """The resumed run's options: the checkpoint's, except those that may change (resume_rules)."""
+        cfg = self.cfg
+        if not isinstance(state.get("config"), dict):
+            raise UserError(f"{self.resume_path} holds no config")
+        given = config_mod.given_keys(cfg)
+        resolved = {"train.precision": state.get("precision"), "data.loader": state.get("loader")}
+        reconcile(cfg, state["config"], given, resolved)
+        if "model.name" not in given:  # the model is the file's: it may import code only if allowed
+            check_file_spec(cfg.model.name, str(self.resume_path), trust=config_mod.trusts_model_code(cfg))
+        config_mod.validate(cfg)  # a file's values meet the same rules as flags
+
     def _load_data(self) -> DataSource:
         """The source the config names (data.open_source: in memory or streamed, and why)."""
         source, self.loader_note = open_source(self.cfg.data, self.env, log=self.log, timeout=self.cfg.dist.timeout)
@@ -294,6 +319,10 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = s["step"], s["epoch"], s["epoch_step"]
         self.meter, self.best_acc, self.skipped_steps = Meter(s["train_seconds"]), s["best_acc"], s["skipped_steps"]
         self.wandb_id = s["wandb_id"]
+        if self.resume_path.resolve().parent.parent != self.run_dir.resolve():
+            # another run's checkpoint into a new --out: that run's W&B run stays its own
+            self.wandb_id = None
+            self.log(f"resuming {self.resume_path} into a new --out {self.run_dir}: a new W&B run")
         self.skipped_images = set(s.get("skipped_images", []))
         checkpoint.set_rng_state(s["rng"][self.env.rank % len(s["rng"])])
         self.metrics.history = list(s["metrics"])
@@ -308,6 +337,10 @@ class Trainer:
     def save_checkpoint(self, is_best: bool = False, final: bool = False, summary: dict | None = None) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes while the others wait. The final
         checkpoint is reported with the run's summary."""
+        with PHASES.during(phases.CHECKPOINT):
+            self._save_checkpoint(is_best, final, summary)
+
+    def _save_checkpoint(self, is_best: bool, final: bool, summary: dict | None) -> None:
         state = self._state()
         state["finished"] = final
         err, path = None, None
@@ -343,11 +376,13 @@ class Trainer:
         for i, (x, y) in enumerate(micro_batches):
             last = i == accum - 1
             with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
+                PHASES.enter(phases.FORWARD)
                 with self.profiler.region("forward"), P.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 loss_sum += loss.detach().float()
                 if last:  # the loss is known before the backward pass: agree while it runs
                     agreement = self._agree(loss_sum)
+                PHASES.enter(phases.BACKWARD)
                 with self.profiler.region("backward"):
                     self.scaler.scale(loss).backward()
         whiten = getattr(self.raw_model, "whiten", None)
@@ -356,6 +391,7 @@ class Trainer:
         if self.cfg.optim.clip_grad_norm:  # on the true gradients: unscaled from fp16's loss scale first
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
+        PHASES.enter(phases.OPTIMIZER)
         with self.profiler.region("optimizer"):
             signals = self._apply(agreement)
             self.scaler.update()
@@ -375,7 +411,8 @@ class Trainer:
             self.optimizer.step()
             del self.optimizer.found_inf
             return StepSignals(*agreement.read())
-        signals = StepSignals(*agreement.read())  # long done: it ran alongside the backward pass
+        with PHASES.during(phases.STEP_ALL_REDUCE):
+            signals = StepSignals(*agreement.read())  # long done: it ran alongside the backward pass
         if not signals.nonfinite:
             self.optimizer.step()
         return signals
@@ -404,6 +441,29 @@ class Trainer:
             )
             if t.precision == "auto":
                 self.log(f"precision {self.precision} (auto: {self.precision_reason})")
+        try:
+            return self._train_to_end()
+        except RuntimeError as e:  # torch's SIGCHLD handler, raised wherever this rank happens to be
+            if "DataLoader worker" not in str(e):
+                raise
+            return self._worker_lost(e)
+
+    def _worker_lost(self, e: RuntimeError) -> dict:
+        """A DataLoader worker died (killed, out of memory): one line. While a stop signal is being
+        handled by a single rank the checkpoint is still written (no peer waits in a collective)."""
+        why = one_line(e, 200)
+        if self.stop.requested and not self.env.initialized:
+            self.log(f"warning: {why} while stopping; writing the checkpoint anyway")
+            self.save_checkpoint()
+            self.handle_stop()
+            return self.stopped()
+        raise TrainingFailed(
+            f"rank {self.env.rank}: {why} (out of memory? see the kernel log); continue with "
+            f"--out {self.run_dir} --resume auto"
+        )
+
+    def _train_to_end(self) -> dict:
+        t = self.cfg.train
         last_eval = None
         while self.step < self.total_steps and self.epoch < t.epochs:
             if self.run_epoch():
@@ -416,7 +476,7 @@ class Trainer:
                     last_eval = self.run_eval()
                     if last_eval is None:
                         return self.stop_after_eval()
-        self.profiler.stop(self.step, force=True)  # a window past the end of training ends with it
+        self.profiler.end(self.step)  # a window past the end of training ends with it, or says so
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.run_eval()
             if last_eval is None:
@@ -447,6 +507,7 @@ class Trainer:
             with self.profiler.region(f"step {self.step}"):
                 wait_from = time.perf_counter()
                 # MixUp/CutMix (when on) turn each micro-batch's labels into soft targets, seeded by its position
+                PHASES.enter(phases.DATA_WAIT, self.step + 1)
                 with self.profiler.region("data_wait"):
                     micro = [self.mix(*next(batches), self.epoch, self.epoch_step * accum + i) for i in range(accum)]
                 waited = time.perf_counter() - wait_from
@@ -575,6 +636,10 @@ class Trainer:
     def run_eval(self) -> dict | None:
         """The test metrics (logged, and a checkpoint when they are the best so far); None when a stop
         signal cut the evaluation short."""
+        with PHASES.during(phases.EVALUATION):
+            return self._run_eval()
+
+    def _run_eval(self) -> dict | None:
         # The plain module, not the DDP wrapper: DDP's forward broadcasts BatchNorm buffers, a collective
         # that a rank without test images would never join (evaluate syncs the buffers once, up front).
         res = self._evaluate(self.raw_model)
@@ -700,7 +765,9 @@ def train(cfg: Config, data: DataSource | None = None, model_factory=None, repor
             tune_malloc()  # before the model and the data take their memory
         trainer = Trainer(cfg, env, data=data, model_factory=model_factory, reporter=reporter)
         try:
-            return trainer.fit()
+            result = trainer.fit()
+            trainer.heartbeat.stop()  # kept running on failure: the hang report reads it
+            return result
         except BaseException:
             # Complete the W&B files before leaving: a rank that lost its peers exits with os._exit
             # (commands.entry), which skips wandb's own exit hooks and would leave the run unreadable.

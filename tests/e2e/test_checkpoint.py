@@ -152,7 +152,7 @@ def test_other_model_checkpoint_is_a_clear_error(tmp_path):
     p = train(
         [*SMALL, "--model", "resnet18", "--resume", out / "checkpoints" / "step-00000005.pt", "--out", tmp_path / "r2"]
     )
-    assert p.returncode == 2 and "checkpoint is for model seed" in p.stderr
+    assert p.returncode == 2 and "checkpoint is for --model seed" in p.stderr
 
 
 def test_eval_command_matches_training(tmp_path):

@@ -221,7 +221,7 @@ def test_resume_with_changed_batch_or_length_is_refused_and_the_same_resumes(tmp
     out = crashed_run(tmp_path)
     for change, needle in (
         (["--batch-size", "128"], "--batch-size 64"),
-        (["--synthetic-train-size", "4096"], "2048 training images"),
+        (["--synthetic-train-size", "4096"], "--synthetic-train-size 2048"),
         (["--max-steps", "8"], "past the end"),
     ):
         p = train([*SMALL, "--checkpoint-every-steps", "4", "--out", out, "--resume", "auto", *change], timeout=120)

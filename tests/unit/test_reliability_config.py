@@ -238,3 +238,91 @@ def test_duplicate_keys_are_an_error(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     with pytest.raises(config.UserError, match="duplicate key"):
         config.load_file(str(tmp_path / name))
+
+
+# ---------------------------------------------------------------------------------------- model specs
+
+IDENT = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
+MODULE = st.lists(IDENT, min_size=1, max_size=3).map(".".join)
+SPECS = st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda m, a: f"{m}:{a}", MODULE, IDENT),
+    st.builds(lambda p, n: f"{p}:{n}", st.sampled_from(["torchvision", "timm", "python", "code", "os"]), IDENT),
+    st.sampled_from(["seed", "resnet18", "airbench", "dist_cnn.models:SeedNet", "dist_cnn.models.registry:seed"]),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=SPECS)
+def test_a_model_spec_read_from_a_file_imports_nothing(spec):
+    """Whatever a file names, checking it imports no module outside dist_cnn, and refusing is one line."""
+    import sys
+
+    from dist_cnn.errors import UserError
+    from dist_cnn.models.trust import check_file_spec, needs_trust
+
+    before = set(sys.modules)
+    try:
+        check_file_spec(spec, "model.pt")
+        allowed = True
+    except UserError as e:
+        assert "\n" not in str(e) and str(e)
+        allowed = False
+    assert not {m for m in set(sys.modules) - before if not m.startswith("dist_cnn")}
+    if allowed:
+        assert not needs_trust(spec)
+    else:
+        with contextlib.suppress(UserError):  # named on the command line, a module spec passes the check
+            check_file_spec(spec, "model.pt", named=spec)
+
+
+# ---------------------------------------------------------------------------------------- output paths
+
+KINDS = ("missing", "regular", "link-to-regular", "dangling-link", "dir", "link-to-dir", "fifo", "null", "input")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(KINDS), data=st.binary(max_size=64))
+def test_an_output_path_never_destroys_what_is_there(kind, data):
+    """check_output refuses in one line, or write_output leaves every existing node of its kind."""
+    import stat
+
+    from dist_cnn.errors import UserError
+    from dist_cnn.fileio import check_output, write_output
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        (d / "input.jpg").write_bytes(b"image")
+        (d / "real").write_bytes(b"old")
+        (d / "folder").mkdir()
+        path = d / "out"
+        {
+            "missing": lambda: None,
+            "regular": lambda: path.write_bytes(b"old"),
+            "link-to-regular": lambda: path.symlink_to(d / "real"),
+            "dangling-link": lambda: path.symlink_to(d / "nowhere" / "x"),
+            "dir": lambda: path.mkdir(),
+            "link-to-dir": lambda: path.symlink_to(d / "folder"),
+            "fifo": lambda: os.mkfifo(path),
+            "null": lambda: path.symlink_to("/dev/null"),
+            "input": lambda: path.symlink_to(d / "input.jpg"),
+        }[kind]()
+        node = lambda p: stat.S_IFMT(os.lstat(p).st_mode) if os.path.lexists(p) else None  # noqa: E731
+        before = {p: node(p) for p in (path, d / "real", d / "input.jpg", d / "folder", "/dev/null")}
+        try:
+            check_output(str(path), [str(d / "input.jpg")])
+        except UserError as e:
+            assert "\n" not in str(e) and kind in ("dangling-link", "dir", "link-to-dir", "input")
+            assert (d / "input.jpg").read_bytes() == b"image"
+            return
+        assert kind not in ("dir", "link-to-dir", "input", "dangling-link")
+        if kind == "fifo":
+            return  # written into by a reader's side: tests/unit/test_reliability_outputs.py
+        write_output(str(path), data)
+        after = {p: node(p) for p in before}
+        changed = {p for p in before if before[p] != after[p]}
+        assert changed <= ({path} if kind == "missing" else set()), changed
+        if kind in ("missing", "regular"):
+            assert path.read_bytes() == data
+        if kind == "link-to-regular":
+            assert (d / "real").read_bytes() == data and os.path.islink(path)

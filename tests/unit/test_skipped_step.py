@@ -38,7 +38,7 @@ class NaNFirst(nn.Module):
 
     def forward(self, x):
         out = self.head(self.body(x).flatten(1))
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # not the output check before training (no_grad)
             self.calls += 1
             if self.calls == 1:
                 out = out * float("nan")
