@@ -60,8 +60,10 @@ def bucket_caps_mb(model: torch.nn.Module) -> list[float]:
     return [b / 2**20 for b in plan_buckets(model)]
 
 
-def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int):
-    """Returns (the module to train, the plain module whose state_dict is checkpointed)."""
+def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int, on_grads_ready=None):
+    """Returns (the module to train, the plain module whose state_dict is checkpointed).
+    `on_grads_ready()` is called when the last gradient bucket is ready: the backward computation is
+    done and only communication is left (the per-rank time accounting)."""
     raw = model
     if env.world_size > 1:
         if cfg.sync_bn:
@@ -83,25 +85,28 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
             **buckets,
             **{_SYNC_BUFFERS: has_buffers},
         )  # BN stats from rank 0; nothing to send otherwise
-        register_comm_hook(model, cfg)
+        register_comm_hook(model, cfg, on_grads_ready)
     if cfg.compile:
         model = torch.compile(model)  # after DDP, so DDPOptimizer splits graphs at bucket boundaries
     return model, raw
 
 
-def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:
+def register_comm_hook(ddp: DDP, cfg: ModelConfig, on_grads_ready=None) -> None:
     """The bucket's trip over the network. PowerSGD keeps per-rank state (error feedback, warm-start
     factors) that is not checkpointed: after a resume it starts over, with its vanilla all_reduce
     warm-up of --powersgd-warmup-steps steps."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     name = cfg.ddp_comm_hook
+    register = ddp.register_comm_hook if on_grads_ready is None else _timed(ddp, on_grads_ready)
     if name == "none":
+        if on_grads_ready is not None:
+            register(None, default_hooks.allreduce_hook)
         return
     if name == "bf16":
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        register(None, default_hooks.bf16_compress_hook)
     elif name == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        register(None, default_hooks.fp16_compress_hook)
     elif name == "powersgd":
         state = powerSGD_hook.PowerSGDState(
             process_group=None,
@@ -110,9 +115,23 @@ def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:
             start_powerSGD_iter=max(2, cfg.powersgd_warmup_steps),
             random_seed=0,
         )
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        register(state, powerSGD_hook.powerSGD_hook)
     else:  # config validation lists the choices; a new one must be wired here
         raise ValueError(f"unknown DDP comm hook {name!r}")
+
+
+def _timed(ddp: DDP, on_grads_ready):
+    """register_comm_hook for a hook that first calls on_grads_ready() when the last bucket is ready."""
+
+    def register(state, hook):
+        def timed(state, bucket):
+            if bucket.is_last():
+                on_grads_ready()
+            return hook(state, bucket)
+
+        ddp.register_comm_hook(state, timed)
+
+    return register
 
 
 def comm_hook_record(cfg: ModelConfig, world_size: int) -> dict:
@@ -159,8 +178,11 @@ class Agreement:
             self.work.wait()  # CUDA: the current stream waits; CPU: long done
         return self.flags
 
-    def read(self) -> list[bool]:
+    def values(self) -> list[float]:
         if self.event is not None:
             self.event.synchronize()
-            return [v > 0 for v in self.host.tolist()]
-        return [v > 0 for v in self.on_device().tolist()]
+            return self.host.tolist()
+        return self.on_device().tolist()
+
+    def read(self) -> list[bool]:
+        return [v > 0 for v in self.values()]

@@ -257,10 +257,14 @@ class WandbLogger:
 
     def log_train(self, record: dict) -> None:
         """A metrics.jsonl train event -> train/<field> (every number but step and time; so
-        train/epoch is 0-based, as in metrics.jsonl) at the record's global step."""
+        train/epoch is 0-based, as in metrics.jsonl) and rank/<r>/<part>_ms (the per-rank lists,
+        rank_times) at the record's global step."""
         if self._run is None:
             return
         data = {f"train/{k}": v for k, v in record.items() if is_number(v) and k not in ("step", "time")}
+        for k, values in record.items():  # every rank's time accounting: rank/<r>/data_wait_ms, ...
+            if k.startswith("rank_") and isinstance(values, list):
+                data.update({f"rank/{r}/{k.removeprefix('rank_')}": v for r, v in enumerate(values)})
         self._safe_log(data, record["step"])
 
     def log_eval(self, record: dict, classes: list[str]) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.common import ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
+from tests.support.common import NOISE, ROOT, SMALL, clean_env, read_events, read_summary, run_py, torchrun, train
 
 FAIL = ROOT / "tests/support/fail_rank.py"
 FAST = [*SMALL, "--max-steps", "4", "--eval-every", "0"]
@@ -139,8 +139,6 @@ RECIPE = [
     *"--mixup-alpha 0.2 --cutmix-alpha 1.0 --auto-augment ta_wide --random-erase 0.25 --clip-grad-norm 1.0".split(),
     *"--model-ema --model-ema-steps 2".split(),
 ]
-NOISE = set("time images_per_sec images_per_sec_per_rank data_wait_frac epoch_seconds eta_seconds memory_mb".split())
-NOISE |= {"train_seconds", "path", "from"}
 
 
 def _history(run_dir):
