@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_cnn.config import ModelConfig
+from dist_cnn.distributed.bucket_flags import BucketFlags, allreduce_carrying_flags
 from dist_cnn.distributed.process_group import DistEnv
 
 # torch 2.14 renamed broadcast_buffers; older releases (which pyproject allows) only know the old name.
@@ -60,10 +61,19 @@ def bucket_caps_mb(model: torch.nn.Module) -> list[float]:
     return [b / 2**20 for b in plan_buckets(model)]
 
 
-def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int, on_grads_ready=None):
+def wrap(
+    model: torch.nn.Module,
+    env: DistEnv,
+    cfg: ModelConfig,
+    grad_accum: int,
+    on_grads_ready=None,
+    flags: BucketFlags | None = None,
+):
     """Returns (the module to train, the plain module whose state_dict is checkpointed).
     `on_grads_ready()` is called when the last gradient bucket is ready: the backward computation is
-    done and only communication is left (the per-rank time accounting)."""
+    done and only communication is left (the per-rank time accounting). `flags`, where it can be
+    used (CPU, no other comm hook, no compile), carries the step's agreement in the gradients'
+    all_reduce; it is marked active then."""
     raw = model
     if env.world_size > 1:
         if cfg.sync_bn:
@@ -85,13 +95,14 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
             **buckets,
             **{_SYNC_BUFFERS: has_buffers},
         )  # BN stats from rank 0; nothing to send otherwise
-        register_comm_hook(model, cfg, on_grads_ready)
+        carry = flags if env.device.type == "cpu" and not cfg.compile else None
+        register_comm_hook(model, cfg, on_grads_ready, carry)
     if cfg.compile:
         model = torch.compile(model)  # after DDP, so DDPOptimizer splits graphs at bucket boundaries
     return model, raw
 
 
-def register_comm_hook(ddp: DDP, cfg: ModelConfig, on_grads_ready=None) -> None:
+def register_comm_hook(ddp: DDP, cfg: ModelConfig, on_grads_ready=None, flags: BucketFlags | None = None) -> None:
     """The bucket's trip over the network. PowerSGD keeps per-rank state (error feedback, warm-start
     factors) that is not checkpointed: after a resume it starts over, with its vanilla all_reduce
     warm-up of --powersgd-warmup-steps steps."""
@@ -100,7 +111,10 @@ def register_comm_hook(ddp: DDP, cfg: ModelConfig, on_grads_ready=None) -> None:
     name = cfg.ddp_comm_hook
     register = ddp.register_comm_hook if on_grads_ready is None else _timed(ddp, on_grads_ready)
     if name == "none":
-        if on_grads_ready is not None:
+        if flags is not None:
+            register(flags, allreduce_carrying_flags)
+            flags.active = True
+        elif on_grads_ready is not None:
             register(None, default_hooks.allreduce_hook)
         return
     if name == "bf16":

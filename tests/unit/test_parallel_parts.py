@@ -104,3 +104,30 @@ def test_split_counts_each_moment_once_by_priority():
     assert split == pytest.approx(
         {"data wait": 0.1, "optimizer": 0.1, "compute": 0.55, "communication": 0.2, "other": 0.05}
     )
+
+
+def test_the_last_bucket_carries_the_flags_and_the_gradients_are_unchanged(one_rank_group):
+    import copy
+
+    from dist_cnn.distributed.bucket_flags import BucketFlags
+
+    torch.manual_seed(0)
+    m, x = build_model("seed", 3, 10, 32), torch.randn(4, 3, 32, 32)
+    plain = copy.deepcopy(m)
+    calls, flags = [], BucketFlags(1)
+    ddp, raw = parallel.wrap(m, DistEnv(world_size=2), ModelConfig(), 1, lambda: calls.append(1), flags)
+    assert flags.active
+    for step in range(3):
+        agreement = flags.carry(torch.tensor([0.0, float(step), 0.0, 2.5]))
+        ddp(x).sum().backward()
+        assert agreement.read() == [False, step > 0, False, True] and agreement.values()[3] == 2.5
+    assert len(calls) == 2  # the last bucket's hook, once per backward pass after DDP's static-graph first
+    for _ in range(3):
+        plain(x).sum().backward()
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-5) for a, b in zip(raw.parameters(), plain.parameters()))
+
+    unused = BucketFlags(1).carry(torch.zeros(4))
+    assert unused.read() == [False] * 4  # no backward pass ran the hook: a collective of their own
+    unused.state.result = None
+    with pytest.raises(RuntimeError, match="neither sent nor carried"):
+        unused.read()
