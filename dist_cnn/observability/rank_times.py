@@ -130,6 +130,16 @@ def unpack(values: list[float], world: int) -> dict[str, list[float]] | None:
     return out
 
 
+def rank_scalars(record: dict) -> dict[str, float]:
+    """A train record's per-rank lists as scalars for W&B and TensorBoard: rank/<r>/data_wait_ms, ..."""
+    return {
+        f"rank/{r}/{k.removeprefix('rank_')}": v
+        for k, values in record.items()
+        if k.startswith("rank_") and isinstance(values, list)
+        for r, v in enumerate(values)
+    }
+
+
 def busy(row: list[float]) -> float:
     """A rank's own time a step: everything but waiting for the others."""
     return sum(v for p, v in zip(PARTS, row) if p != "comm_wait")

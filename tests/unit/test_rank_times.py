@@ -72,3 +72,13 @@ def test_report_breakdown_leaves_out_the_first_interval():
     b = rank_breakdown([rec(100.0), rec(1.0), rec(3.0)])
     assert b["data_wait"] == [2.0, 4.0] and set(b) == set(rt.PARTS)
     assert rank_breakdown([{"step": 1, "loss": 2.0}]) is None
+
+
+def test_rank_scalars_name_every_rank():
+    rec = {"step": 4, "loss": 1.0, "rank_data_wait_ms": [1.0, 2.0], "rank_step_ms": [3.0, 4.0]}
+    assert rt.rank_scalars(rec) == {
+        "rank/0/data_wait_ms": 1.0,
+        "rank/1/data_wait_ms": 2.0,
+        "rank/0/step_ms": 3.0,
+        "rank/1/step_ms": 4.0,
+    }
