@@ -57,8 +57,9 @@ class CarriedAgreement:
         return [v > 0 for v in self.values()]
 
 
-def allreduce_carrying_flags(state: BucketFlags, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP's default all_reduce (mean), the last bucket with the step's flags appended."""
+def allreduce_carrying_flags(state, bucket):
+    """DDP's default all_reduce (mean), the last bucket with the step's flags appended. (No annotations:
+    DDP compares them with dist.GradBucket, and this module's are strings.)"""
     buf = bucket.buffer()
     flags = state.outgoing
     if not bucket.is_last() or flags is None:
