@@ -126,6 +126,9 @@ def test_the_last_bucket_carries_the_flags_and_the_gradients_are_unchanged(one_r
         plain(x).sum().backward()
     assert all(torch.allclose(a.grad, b.grad, atol=1e-5) for a, b in zip(raw.parameters(), plain.parameters()))
 
+    _, _ = parallel.wrap(build_model("seed", 3, 10, 32), DistEnv(world_size=2), ModelConfig(), 1, None, flags)
+    assert flags.active  # registered without the timing wrapper too
+
     unused = BucketFlags(1).carry(torch.zeros(4))
     assert unused.read() == [False] * 4  # no backward pass ran the hook: a collective of their own
     unused.state.result = None
