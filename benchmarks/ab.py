@@ -2,7 +2,9 @@
 
 Each round runs every variant once, in turn, so a change in the machine's load hits them alike; the
 report is each variant's median images/s over the rounds and its median ratio to the first variant
-(or to the plain loop with --plain), with the load average before and after.
+(or to the plain loop with --plain), with the load average before and after, and the CPU seconds
+each run's processes used (start-up included: compare it between checkouts of dist_cnn, whose
+start-up is the same, not with the plain loop).
 
     python benchmarks/ab.py --world 2 --rounds 3 --plain before=/path/to/checkout after=. [-- train.py flags]
 """
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling import plain_ips, train_ips  # noqa: E402
+from scaling import children_cpu, plain_ips, train_ips  # noqa: E402
 
 
 def main():
@@ -32,16 +34,19 @@ def main():
     a = p.parse_args()
     roots = dict(v.split("=", 1) for v in a.variants)
     runs = {name: [] for name in (["plain"] if a.plain else []) + list(roots)}
+    cpu = {name: [] for name in runs}
     load = [os.getloadavg()[0]]
     for _ in range(a.rounds):
         for name in runs:
+            before = children_cpu()
             if name == "plain":
                 ips = plain_ips(a.world, a.per_rank_batch, a.steps, a.model)
             else:
                 ips = train_ips(a.world, a.per_rank_batch, a.steps, a.model, Path(roots[name]).resolve(), a.extra)
             runs[name].append(ips)
+            cpu[name].append(children_cpu() - before)
             load.append(os.getloadavg()[0])
-            print(f"  {name}: {ips:.1f} img/s (load {load[-1]:.2f})", flush=True)
+            print(f"  {name}: {ips:.1f} img/s, {cpu[name][-1]:.1f} CPU s (load {load[-1]:.2f})", flush=True)
     ref = next(iter(runs))
     res = {
         "model": a.model,
@@ -49,11 +54,16 @@ def main():
         "runs": runs,
         "median": {n: statistics.median(v) for n, v in runs.items()},
         f"vs_{ref}": {n: statistics.median(x / y for x, y in zip(v, runs[ref])) for n, v in runs.items()},
+        "cpu_seconds": cpu,
+        "median_cpu_seconds": {n: statistics.median(v) for n, v in cpu.items()},
         "load_1min": load,
     }
     print(f"{a.model}, world size {a.world}, {a.per_rank_batch} images per rank, {a.rounds} interleaved rounds")
     for n in runs:
-        print(f"  {n:>14}: {res['median'][n]:8.1f} img/s   / {ref}: {res[f'vs_{ref}'][n]:.3f}")
+        print(
+            f"  {n:>14}: {res['median'][n]:8.1f} img/s   / {ref}: {res[f'vs_{ref}'][n]:.3f}   "
+            f"{res['median_cpu_seconds'][n]:7.1f} CPU s a run"
+        )
     print(f"  load average (1 min) during the rounds: {min(load):.2f} to {max(load):.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))

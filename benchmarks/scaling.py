@@ -23,6 +23,7 @@ and prints dist_cnn / plain at each: the framework's own cost in DDP mode (--no-
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 INTERVALS = 5  # logged throughput intervals per run; the first is dropped
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for child processes so far: a run's CPU time is the
+    difference around it. Under load this moves far less than wall-clock throughput."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def train_ips(world: int, batch: int, steps: int, model: str = "seed", root: Path = ROOT, extra=()) -> float:

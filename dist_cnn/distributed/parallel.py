@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_cnn.config import ModelConfig
-from dist_cnn.distributed.bucket_flags import BucketFlags, allreduce_carrying_flags
 from dist_cnn.distributed.process_group import DistEnv
 
 # torch 2.14 renamed broadcast_buffers; older releases (which pyproject allows) only know the old name.
@@ -61,19 +60,11 @@ def bucket_caps_mb(model: torch.nn.Module) -> list[float]:
     return [b / 2**20 for b in plan_buckets(model)]
 
 
-def wrap(
-    model: torch.nn.Module,
-    env: DistEnv,
-    cfg: ModelConfig,
-    grad_accum: int,
-    on_grads_ready=None,
-    flags: BucketFlags | None = None,
-):
+def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int, on_grads_ready=None):
     """Returns (the module to train, the plain module whose state_dict is checkpointed).
-    `on_grads_ready()` is called when the last gradient bucket is ready: the backward computation is
-    done and only communication is left (the per-rank time accounting). `flags`, where it can be
-    used (CPU, no other comm hook, no compile), carries the step's agreement in the gradients'
-    all_reduce; it is marked active then."""
+    Under DDP, `on_grads_ready()` is called when the backward pass has computed the first layer's
+    gradients, the last ones it computes: from then on only the gradients' all_reduce is left (the
+    per-rank time accounting)."""
     raw = model
     if env.world_size > 1:
         if cfg.sync_bn:
@@ -95,32 +86,38 @@ def wrap(
             **buckets,
             **{_SYNC_BUFFERS: has_buffers},
         )  # BN stats from rank 0; nothing to send otherwise
-        carry = flags if env.device.type == "cpu" and not cfg.compile else None
-        register_comm_hook(model, cfg, on_grads_ready, carry)
+        register_comm_hook(model, cfg)
+        if on_grads_ready is not None:
+            mark_grads_ready(raw, on_grads_ready)
     if cfg.compile:
         model = torch.compile(model)  # after DDP, so DDPOptimizer splits graphs at bucket boundaries
     return model, raw
 
 
-def register_comm_hook(ddp: DDP, cfg: ModelConfig, on_grads_ready=None, flags: BucketFlags | None = None) -> None:
+def mark_grads_ready(model: torch.nn.Module, callback) -> None:
+    """Call `callback()` as each trainable parameter of the first layer gets its gradient. The backward
+    pass runs in reverse, so these come last; it is the same order DDP's buckets assume. A
+    post-accumulate-grad hook rather than a comm hook: DDP's built-in all_reduce stays in C++ (a
+    Python comm hook measured slower)."""
+    params = [(name.rpartition(".")[0], p) for name, p in model.named_parameters() if p.requires_grad]
+    for layer, p in params:
+        if layer == params[0][0]:
+            p.register_post_accumulate_grad_hook(lambda _: callback())
+
+
+def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:
     """The bucket's trip over the network. PowerSGD keeps per-rank state (error feedback, warm-start
     factors) that is not checkpointed: after a resume it starts over, with its vanilla all_reduce
     warm-up of --powersgd-warmup-steps steps."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     name = cfg.ddp_comm_hook
-    register = ddp.register_comm_hook if on_grads_ready is None else _timed(ddp, on_grads_ready)
     if name == "none":
-        if flags is not None:
-            register(flags, allreduce_carrying_flags)
-            flags.active = True
-        elif on_grads_ready is not None:
-            register(None, default_hooks.allreduce_hook)
         return
     if name == "bf16":
-        register(None, default_hooks.bf16_compress_hook)
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif name == "fp16":
-        register(None, default_hooks.fp16_compress_hook)
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif name == "powersgd":
         state = powerSGD_hook.PowerSGDState(
             process_group=None,
@@ -129,23 +126,9 @@ def register_comm_hook(ddp: DDP, cfg: ModelConfig, on_grads_ready=None, flags: B
             start_powerSGD_iter=max(2, cfg.powersgd_warmup_steps),
             random_seed=0,
         )
-        register(state, powerSGD_hook.powerSGD_hook)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     else:  # config validation lists the choices; a new one must be wired here
         raise ValueError(f"unknown DDP comm hook {name!r}")
-
-
-def _timed(ddp: DDP, on_grads_ready):
-    """register_comm_hook for a hook that first calls on_grads_ready() when the last bucket is ready."""
-
-    def register(state, hook):
-        def timed(state, bucket):
-            if bucket.is_last():
-                on_grads_ready()
-            return hook(state, bucket)
-
-        ddp.register_comm_hook(state, timed)
-
-    return register
 
 
 def comm_hook_record(cfg: ModelConfig, world_size: int) -> dict:

@@ -25,7 +25,6 @@ from dist_cnn.data.loader import Augment, DevicePipeline, LoaderPipeline
 from dist_cnn.data.stream import FolderIndex, StreamEval, StreamPipeline, attach_sample, default_workers, open_folder
 from dist_cnn.distributed import parallel
 from dist_cnn.distributed import process_group as D
-from dist_cnn.distributed.bucket_flags import BucketFlags
 from dist_cnn.distributed.preempt import StopSignal, requeue_slurm_job
 from dist_cnn.errors import PeerFailed, TrainingFailed, UserError, one_line
 from dist_cnn.fileio import WritePolicy, write_json_atomic
@@ -112,14 +111,8 @@ class Trainer:
         )
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
         self.rank_times, self.stragglers, self.rank_figures = RankTimes(env.device), StragglerWatch(), None
-        self.bucket_flags = BucketFlags(env.world_size)
         self.model, self.raw_model = parallel.wrap(
-            prepared.model,
-            env,
-            cfg.model,
-            t.grad_accum,
-            on_grads_ready=self.rank_times.grads_ready,
-            flags=self.bucket_flags,
+            prepared.model, env, cfg.model, t.grad_accum, on_grads_ready=self.rank_times.grads_ready
         )
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
         self.precision, self.precision_reason = (
@@ -401,8 +394,7 @@ class Trainer:
 
     def _agree(self, loss: torch.Tensor) -> parallel.Agreement:
         """One small all_reduce (max) a step carries everything the ranks must decide together; it is
-        started before the backward pass and read after it (or, on the CPU, it travels with the last
-        gradient bucket: bucket_flags)."""
+        started before the backward pass and read after it."""
         due = self.env.is_main and self.ckpt_policy.clock_due()
         host = torch.tensor([float(self.stop.requested), float(due), float(self.writes.pending is not None)])
         closing = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.total_steps
@@ -410,10 +402,7 @@ class Trainer:
         host = torch.cat([host, slots(self.env.rank, self.env.world_size, figures)])
         if loss.is_cuda:  # from pinned memory: an asynchronous copy, no wait for the GPU
             host = host.pin_memory().to(loss.device, non_blocking=True)
-        flags = torch.cat([(~torch.isfinite(loss)).float().view(1), host])
-        if self.bucket_flags.active:  # sent with the last gradient bucket (bucket_flags)
-            return self.bucket_flags.carry(flags)
-        return parallel.Agreement(flags)
+        return parallel.Agreement(torch.cat([(~torch.isfinite(loss)).float().view(1), host]))
 
     def fit(self) -> dict:
         """Train to the end (or a stop signal), evaluating as configured; returns the summary."""

@@ -106,31 +106,12 @@ def test_split_counts_each_moment_once_by_priority():
     )
 
 
-def test_the_last_bucket_carries_the_flags_and_the_gradients_are_unchanged(one_rank_group):
-    import copy
-
-    from dist_cnn.distributed.bucket_flags import BucketFlags
-
-    torch.manual_seed(0)
-    m, x = build_model("seed", 3, 10, 32), torch.randn(4, 3, 32, 32)
-    plain = copy.deepcopy(m)
-    calls, flags = [], BucketFlags(1)
-    ddp, raw = parallel.wrap(m, DistEnv(world_size=2), ModelConfig(), 1, lambda: calls.append(1), flags)
-    assert flags.active
+def test_gradients_ready_is_marked_by_the_first_layer_and_the_all_reduce_stays_built_in(one_rank_group):
+    m = build_model("seed", 3, 10, 32)
+    marks = []
+    ddp, raw = parallel.wrap(m, DistEnv(world_size=2), ModelConfig(), 1, lambda: marks.append(raw.conv2.weight.grad))
     for step in range(3):
-        agreement = flags.carry(torch.tensor([0.0, float(step), 0.0, 2.5]))
-        ddp(x).sum().backward()
-        assert agreement.read() == [False, step > 0, False, True] and agreement.values()[3] == 2.5
-    assert len(calls) == 2  # the last bucket's hook, once per backward pass after DDP's static-graph first
-    for _ in range(3):
-        plain(x).sum().backward()
-    assert all(torch.allclose(a.grad, b.grad, atol=1e-5) for a, b in zip(raw.parameters(), plain.parameters()))
-
-    _, _ = parallel.wrap(build_model("seed", 3, 10, 32), DistEnv(world_size=2), ModelConfig(), 1, None, flags)
-    assert flags.active  # registered without the timing wrapper too
-
-    unused = BucketFlags(1).carry(torch.zeros(4))
-    assert unused.read() == [False] * 4  # no backward pass ran the hook: a collective of their own
-    unused.state.result = None
-    with pytest.raises(RuntimeError, match="neither sent nor carried"):
-        unused.read()
+        ddp(torch.randn(4, 3, 32, 32)).sum().backward()
+        assert len(marks) == 2 * (step + 1)  # conv1's weight and bias, every backward pass
+    assert all(g is not None for g in marks)  # conv2's gradient was already there: conv1's come last
+    assert not ddp._get_ddp_logging_data().get("comm_hook")  # DDP's C++ all_reduce, no Python hook
