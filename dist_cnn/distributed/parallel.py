@@ -95,14 +95,13 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
 
 
 def mark_grads_ready(model: torch.nn.Module, callback) -> None:
-    """Call `callback()` as each trainable parameter of the first layer gets its gradient. The backward
-    pass runs in reverse, so these come last; it is the same order DDP's buckets assume. A
-    post-accumulate-grad hook rather than a comm hook: DDP's built-in all_reduce stays in C++ (a
-    Python comm hook measured slower)."""
-    params = [(name.rpartition(".")[0], p) for name, p in model.named_parameters() if p.requires_grad]
-    for layer, p in params:
-        if layer == params[0][0]:
-            p.register_post_accumulate_grad_hook(lambda _: callback())
+    """Call `callback()` when the first trainable parameter gets its gradient. The backward pass runs
+    in reverse, so the first layer's come last (the order DDP's buckets assume too). A
+    post-accumulate-grad hook rather than a comm hook: DDP's all_reduce stays built in (a Python
+    comm hook measured slower)."""
+    first = next((p for p in model.parameters() if p.requires_grad), None)
+    if first is not None:
+        first.register_post_accumulate_grad_hook(lambda _: callback())
 
 
 def register_comm_hook(ddp: DDP, cfg: ModelConfig) -> None:
