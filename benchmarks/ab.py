@@ -1,12 +1,12 @@
 """Interleaved A/B of checkouts (and the plain DDP loop) through the real train.py at one world size.
 
-Each round runs every variant once, in turn, so a change in the machine's load hits them alike; the
-report is each variant's median images/s over the rounds and its median ratio to the first variant
-(or to the plain loop with --plain), with the load average before and after, and the CPU seconds
-each run's processes used (start-up included: compare it between checkouts of dist_cnn, whose
-start-up is the same, not with the plain loop).
+Each round runs every variant once, in turn, starting one later each round, so a change in the
+machine's load hits them alike. The report: each variant's median images/s over the rounds, its
+median ratio to the first variant (to the plain loop with --plain), the load average, and the CPU
+seconds each run's processes used (start-up included: compare it between checkouts of dist_cnn,
+whose start-up is the same, not with the plain loop).
 
-    python benchmarks/ab.py --world 2 --rounds 3 --plain before=/path/to/checkout after=. [-- train.py flags]
+    python benchmarks/ab.py --world 2 --rounds 3 --plain before=/path/to/checkout after=. [--extra train.py flags]
 """
 
 import argparse
@@ -36,8 +36,9 @@ def main():
     runs = {name: [] for name in (["plain"] if a.plain else []) + list(roots)}
     cpu = {name: [] for name in runs}
     load = [os.getloadavg()[0]]
-    for _ in range(a.rounds):
-        for name in runs:
+    names = list(runs)
+    for r in range(a.rounds):  # each round starts with the next variant: a load trend favours none
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             before = children_cpu()
             if name == "plain":
                 ips = plain_ips(a.world, a.per_rank_batch, a.steps, a.model)
