@@ -8,8 +8,13 @@ ceiling is what the targets are about); the same ceiling for this very training 
 world-size-1 runs at once (what sharing the machine's cores, caches and memory costs without any
 communication); and the time of the gradient all_reduce (gloo, loopback) against the step time.
 
+Beside dist_cnn, each round also runs the plain DDP loop a user would write (benchmarks/plain_ddp.py:
+preloaded tensors, channels_last, the same malloc settings, DDP defaults, gloo) at the same world sizes
+and prints dist_cnn / plain at each: the framework's own cost in DDP mode (--no-plain skips it).
+
     python benchmarks/scaling.py [--model seed|resnet18] [--per-rank-batch 64] [--steps 200] [--no-job-ceiling]
-                                 [--repeats 2] [--root CHECKOUT] [--json out.json] [-- extra train.py flags]
+                                 [--repeats 2] [--no-plain] [--root CHECKOUT] [--json out.json]
+                                 [-- extra train.py flags]
 
 --root runs another checkout's train.py (a before/after comparison); flags after -- go to train.py
 (e.g. -- --no-malloc-tune, -- --ddp-comm-hook bf16).
@@ -18,6 +23,7 @@ communication); and the time of the gradient all_reduce (gloo, loopback) against
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +41,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 INTERVALS = 5  # logged throughput intervals per run; the first is dropped
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for child processes so far: a run's CPU time is the
+    difference around it. Under load this moves far less than wall-clock throughput."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def train_ips(world: int, batch: int, steps: int, model: str = "seed", root: Path = ROOT, extra=()) -> float:
@@ -80,6 +93,26 @@ def train_ips(world: int, batch: int, steps: int, model: str = "seed", root: Pat
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ips = [r["images_per_sec"] for r in rows if r.get("event") == "train"]
+    return statistics.median(ips[1:] or ips)
+
+
+def plain_ips(world: int, batch: int, steps: int, model: str = "seed", root: Path = ROOT) -> float:
+    """The same job as train_ips through the plain DDP loop (benchmarks/plain_ddp.py), median likewise."""
+    out = Path(tempfile.mkdtemp(prefix="plain-ddp-")) / "plain.json"
+    args = [str(ROOT / "benchmarks" / "plain_ddp.py"), "--model", model, "--per-rank-batch", str(batch)]
+    launch = (
+        [sys.executable]
+        if world == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    )
+    subprocess.run(
+        [*launch, *args, "--steps", str(steps), "--json", str(out)],
+        check=True,
+        env={**ENV, "PYTHONPATH": str(root)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ips = json.loads(out.read_text())["images_per_sec"]
     return statistics.median(ips[1:] or ips)
 
 
@@ -160,13 +193,21 @@ def main():
         default=True,
         help="also run two independent world-size-1 runs at once: this job's own 2-process ceiling",
     )
+    p.add_argument(
+        "--plain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the plain DDP loop (benchmarks/plain_ddp.py) at each world size: dist_cnn / plain",
+    )
     p.add_argument("--json")
     p.add_argument("extra", nargs="*", help="flags passed on to train.py (after --)")
     a = p.parse_args()
-    ips, ceilings, job_ceilings = {1: [], 2: []}, [], []
+    ips, plain, ceilings, job_ceilings = {1: [], 2: []}, {1: [], 2: []}, [], []
     for _ in range(a.repeats):  # interleaved, so load changes hit both sides alike
         for world in (1, 2):
             ips[world].append(train_ips(world, a.per_rank_batch, a.steps, a.model, a.root, a.extra))
+            if a.plain:
+                plain[world].append(plain_ips(world, a.per_rank_batch, a.steps, a.model, a.root))
         ceilings.append(matmul_efficiency())
         if a.job_ceiling:
             job_ceilings.append(independent_ceiling(ips[1][-1], a.per_rank_batch, a.steps, a.model, a.root, a.extra))
@@ -192,6 +233,11 @@ def main():
         "allreduce_seconds": ar,
         "ws2_step_seconds": step,
         "raw": ips,
+        "plain_raw": plain,
+        "plain_images_per_sec": {w: statistics.median(v) for w, v in plain.items() if v},
+        # each round's ratio (the two ran back to back), then their median
+        "vs_plain": {w: statistics.median(d / q for d, q in zip(ips[w], v)) for w, v in plain.items() if v},
+        "loadavg": os.getloadavg(),
         "ceilings": ceilings,
         "root": str(a.root),
         "extra": a.extra,
@@ -209,6 +255,13 @@ def main():
         f"  gradient all_reduce ({numel:,} floats, gloo): {ar * 1e3:.2f} ms of a {step * 1e3:.1f} ms step "
         f"({ar / step:.1%})"
     )
+    for world, ratio in res["vs_plain"].items():
+        rounds = ", ".join(f"{d / q:.3f}" for d, q in zip(ips[world], plain[world]))
+        print(
+            f"  plain DDP loop, world size {world}: {res['plain_images_per_sec'][world]:8.1f} img/s; "
+            f"dist_cnn / plain = {ratio:.3f} (rounds: {rounds})"
+        )
+    print(f"  load average: {' '.join(f'{v:.2f}' for v in res['loadavg'])}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
 

@@ -4,7 +4,7 @@ Reads only the run directory's public files (metrics.jsonl, summary.json, config
 on finished runs, on runs that were killed (no summary.json, a truncated last metrics line) and on
 runs copied off the cluster.  Plots are drawn with matplotlib's Agg canvas (no display, no pyplot
 global state) and written atomically next to the metrics: loss.png, accuracy.png,
-confusion_matrix.png.
+confusion_matrix.png, and rank_times.png (where each rank's step time went, rank_times).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 from dist_cnn.errors import UserError, one_line
 from dist_cnn.fileio import atomic_write
 from dist_cnn.observability.format import class_names, display_names, duration, is_number, percent
+from dist_cnn.observability.rank_times import LABELS, PARTS
 
-PLOT_NAMES = ("loss.png", "accuracy.png", "confusion_matrix.png")
+PLOT_NAMES = ("loss.png", "accuracy.png", "confusion_matrix.png", "rank_times.png")
 ANNOTATE_MAX_CLASSES = 20  # counts are written into the confusion-matrix cells up to this many classes
 TICK_LABEL_MAX_CLASSES = 100  # class names on the axes up to this many classes
 
@@ -185,11 +186,41 @@ def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title:
     return _save(fig, path)
 
 
+def rank_breakdown(train: list[dict]) -> dict[str, list[float]] | None:
+    """Each rank's mean ms/step of each part over the logged intervals (the first interval, which
+    holds start-up, is left out when there are others); None for runs logged without the fields."""
+    keys = [f"rank_{p}_ms" for p in PARTS]
+    rows = [r for r in train if all(isinstance(r.get(k), list) and r[k] for k in keys)]
+    rows = rows[1:] or rows
+    if not rows or len({len(r[k]) for r in rows for k in keys}) != 1:
+        return None
+    return {p: [sum(r[k][i] for r in rows) / len(rows) for i in range(len(rows[0][k]))] for p, k in zip(PARTS, keys)}
+
+
+def _plot_rank_times(breakdown: dict[str, list[float]], path: Path, title: str) -> Path:
+    world = len(next(iter(breakdown.values())))
+    fig = _figure(8, 2.2 + 0.45 * min(world, 64))
+    ax = fig.add_subplot()
+    left = [0.0] * world
+    for part, values in breakdown.items():
+        ax.barh(range(world), values, left=left, label=LABELS[part])
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_yticks(range(world), [f"rank {r}" for r in range(world)] if world <= 64 else None)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per optimizer step (mean over the logged intervals)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def write_plots(run_dir) -> list[Path]:
     """(Re-)render the PNGs that the run's metrics allow; returns their paths.
 
     loss.png needs train events, accuracy.png eval events, confusion_matrix.png an eval event with
-    a confusion matrix (the last one). Class names come from summary.json when present.
+    a confusion matrix (the last one), rank_times.png train events with the per-rank time fields.
+    Class names come from summary.json when present.
     """
     run_dir = check_run_dir(run_dir)
     metrics = read_metrics(run_dir)
@@ -210,6 +241,10 @@ def write_plots(run_dir) -> list[Path]:
         names = class_names(summary.get("classes"), len(matrix))
         title = f"confusion matrix, epoch {last['epoch']}{label}"
         written.append(plot_confusion(matrix, names, run_dir / "confusion_matrix.png", title))
+    breakdown = rank_breakdown(train)
+    if breakdown:
+        title = f"where each rank's step time went{label}"
+        written.append(_plot_rank_times(breakdown, run_dir / "rank_times.png", title))
     return written
 
 
@@ -302,4 +337,17 @@ def format_report(summary: dict, metrics, config: dict | None = None) -> str:
         for i, (name, a) in enumerate(zip(names, per_class)):
             cell = percent(a)
             lines.append(f"{name:<{width}}  {cell}" + (f"  {counts[i]:>6}" if counts else ""))
+    lines += _rank_lines(rank_breakdown(train))
     return "\n".join(lines)
+
+
+def _rank_lines(breakdown: dict[str, list[float]] | None) -> list[str]:
+    """The per-rank time table (ms/step), at most 16 ranks: the plot has them all."""
+    if not breakdown:
+        return []
+    heads = [LABELS[p] for p in breakdown]
+    lines = ["", "rank  " + "  ".join(heads) + "  (ms/step)"]
+    for r in range(min(16, len(next(iter(breakdown.values()))))):
+        cells = [f"{breakdown[p][r]:>{len(h)}.1f}" for p, h in zip(breakdown, heads)]
+        lines.append(f"{r:>4}  " + "  ".join(cells))
+    return lines

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dist_cnn.errors import one_line
 from dist_cnn.observability.format import class_names, is_number
+from dist_cnn.observability.rank_times import rank_scalars
 from dist_cnn.observability.report import plot_confusion
 
 
@@ -59,12 +60,15 @@ class TensorBoardLogger:
             self._close()
 
     def log_train(self, record: dict) -> None:
-        """train/<field> for every number of a metrics.jsonl train event but step and time."""
+        """train/<field> for every number of a metrics.jsonl train event but step and time, and
+        rank/<r>/<part>_ms for every rank's time accounting."""
 
         def write(w):
             for k, v in record.items():
                 if is_number(v) and k not in ("step", "time"):
                     w.add_scalar(f"train/{k}", v, record["step"])
+            for k, v in rank_scalars(record).items():
+                w.add_scalar(k, v, record["step"])
             w.flush()  # on disk at once, as metrics.jsonl: a crash loses no logged step
 
         self._safely(write)

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from dist_cnn.config import LogConfig
 from dist_cnn.errors import one_line
 from dist_cnn.observability.format import class_names, is_number
+from dist_cnn.observability.rank_times import rank_scalars
 
 INIT_TIMEOUT_S = 30.0  # wandb's default is 90 s; online init without network fails after this
 TEARDOWN_TIMEOUT_S = 15.0  # after a failed online init, before the offline fallback
@@ -257,10 +258,12 @@ class WandbLogger:
 
     def log_train(self, record: dict) -> None:
         """A metrics.jsonl train event -> train/<field> (every number but step and time; so
-        train/epoch is 0-based, as in metrics.jsonl) at the record's global step."""
+        train/epoch is 0-based, as in metrics.jsonl) and rank/<r>/<part>_ms (the per-rank lists,
+        rank_times) at the record's global step."""
         if self._run is None:
             return
         data = {f"train/{k}": v for k, v in record.items() if is_number(v) and k not in ("step", "time")}
+        data.update(rank_scalars(record))  # every rank's time accounting: rank/<r>/data_wait_ms, ...
         self._safe_log(data, record["step"])
 
     def log_eval(self, record: dict, classes: list[str]) -> None:

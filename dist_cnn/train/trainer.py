@@ -35,6 +35,7 @@ from dist_cnn.observability import hang, phases
 from dist_cnn.observability.metrics import MetricsLog
 from dist_cnn.observability.phases import PHASES
 from dist_cnn.observability.progress import Progress, RateAverage
+from dist_cnn.observability.rank_times import RankTimes, StragglerWatch, delayed_for_test, slots, unpack
 from dist_cnn.observability.report import format_report, write_plots
 from dist_cnn.observability.reporter import Reporter
 from dist_cnn.observability.tensorboard_logger import TensorBoardLogger
@@ -53,7 +54,8 @@ from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
 
 
 class StepSignals(NamedTuple):
-    """What all ranks agreed on after a step (one small all_reduce carries all four)."""
+    """What all ranks agreed on after a step (one small all_reduce carries all four, and at the end
+    of a log interval every rank's time accounting: rank_times)."""
 
     nonfinite: bool  # some rank's loss was NaN/Inf: the step is not applied
     stop: bool  # some rank got a stop signal: checkpoint and leave
@@ -137,7 +139,10 @@ class Trainer:
         )
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
         check_trainable(prepared.model, self.batch_per_rank, cfg.model.sync_bn and env.world_size > 1)
-        self.model, self.raw_model = parallel.wrap(prepared.model, env, cfg.model, t.grad_accum)
+        self.rank_times, self.stragglers, self.rank_figures = RankTimes(env.device), StragglerWatch(), None
+        self.model, self.raw_model = parallel.wrap(
+            prepared.model, env, cfg.model, t.grad_accum, on_grads_ready=self.rank_times.grads_ready
+        )
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
         self.precision, self.precision_reason = (
             (state["precision"], "kept from the checkpoint")
@@ -385,6 +390,7 @@ class Trainer:
                 PHASES.enter(phases.BACKWARD)
                 with self.profiler.region("backward"):
                     self.scaler.scale(loss).backward()
+        self.rank_times.backward_done()
         whiten = getattr(self.raw_model, "whiten", None)
         if whiten is not None and self.epoch >= self.cfg.model.freeze_whiten_bias_after:
             whiten.bias.grad = None  # airbench trains the whitening bias for the first epochs only
@@ -403,25 +409,37 @@ class Trainer:
         """The optimizer step, unless some rank's loss was non-finite."""
         if self.precision == "fp16":  # the scaler skips non-finite steps by itself
             self.scaler.step(self.optimizer)
-            return StepSignals(*agreement.read())
+            return self._signals(agreement)
         if self.skip_on_device:
             # fused SGD skips the update on the device when found_inf is 1: no host sync for the guard,
             # and the flags are read after the step is queued (from pinned memory, see Agreement)
             self.optimizer.found_inf = agreement.on_device()[:1]
             self.optimizer.step()
             del self.optimizer.found_inf
-            return StepSignals(*agreement.read())
+            return self._signals(agreement)
         with PHASES.during(phases.STEP_ALL_REDUCE):
-            signals = StepSignals(*agreement.read())  # long done: it ran alongside the backward pass
+            signals = self._signals(agreement)  # long done: it ran alongside the backward pass
         if not signals.nonfinite:
             self.optimizer.step()
         return signals
+
+    def _signals(self, agreement: parallel.Agreement) -> StepSignals:
+        """The agreed flags; every rank's time accounting when the step closed a log interval."""
+        values = agreement.values()
+        n = len(StepSignals._fields)
+        figures = unpack(values[n:], self.env.world_size)
+        if figures is not None:
+            self.rank_figures = figures
+        return StepSignals(*(v > 0 for v in values[:n]))
 
     def _agree(self, loss: torch.Tensor) -> parallel.Agreement:
         """One small all_reduce (max) a step carries everything the ranks must decide together; it is
         started before the backward pass and read after it."""
         due = self.env.is_main and self.ckpt_policy.clock_due()
         host = torch.tensor([float(self.stop.requested), float(due), float(self.writes.pending is not None)])
+        closing = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.total_steps
+        figures = self.rank_times.snapshot() if closing else None  # this interval's, to rank 0
+        host = torch.cat([host, slots(self.env.rank, self.env.world_size, figures)])
         if loss.is_cuda:  # from pinned memory: an asynchronous copy, no wait for the GPU
             host = host.pin_memory().to(loss.device, non_blocking=True)
         return parallel.Agreement(torch.cat([(~torch.isfinite(loss)).float().view(1), host]))
@@ -511,6 +529,7 @@ class Trainer:
                 with self.profiler.region("data_wait"):
                     micro = [self.mix(*next(batches), self.epoch, self.epoch_step * accum + i) for i in range(accum)]
                 waited = time.perf_counter() - wait_from
+                self.rank_times.data_waited(waited)
                 signals, loss = self.train_step(micro)
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
             self._batches_at = (self.epoch, self.epoch_step)
@@ -519,6 +538,7 @@ class Trainer:
                 self.lookahead.step(self.step)
             if self.ema:
                 self.ema.update(self.raw_model, self.step)
+            self.rank_times.step_end()
             self.profiler.stop(self.step)
             self._guard_nonfinite(signals.nonfinite)
             if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
@@ -539,7 +559,9 @@ class Trainer:
         """The epoch's batch iterator from the current position: the live one when it is there (run_steps
         keeps DataLoader workers running between calls), else a new one (a new epoch, or a resume)."""
         if self._live_batches is None or self._batches_at != (self.epoch, self.epoch_step):
-            self._live_batches = self.pipeline.epoch(self.epoch, self.epoch_step * self.cfg.train.grad_accum)
+            self._live_batches = delayed_for_test(
+                self.pipeline.epoch(self.epoch, self.epoch_step * self.cfg.train.grad_accum), self.env.rank
+            )
             self._batches_at = (self.epoch, self.epoch_step)
         return self._live_batches
 
@@ -586,6 +608,14 @@ class Trainer:
         }
         if self.precision == "fp16":
             rec["scaler_scale"] = self.scaler.get_scale()
+        if self.rank_figures is not None:
+            rec.update(self.rank_figures)
+            straggler, message = self.stragglers.check(self.rank_figures)
+            if straggler is not None:
+                rec["straggler_rank"] = straggler
+            if message:
+                self.log(message)
+            self.rank_figures = None
         self.metrics.write(rec)
         self.reporter.metrics(rec)
         self.wandb.log_train(rec)

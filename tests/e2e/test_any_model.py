@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from tests.support.common import (
+    NOISE,
     ROOT,
     SMALL,
     assert_one_line_error,
@@ -140,8 +141,6 @@ RECIPE = [
     *"--mixup-alpha 0.2 --cutmix-alpha 1.0 --auto-augment ta_wide --random-erase 0.25 --clip-grad-norm 1.0".split(),
     *"--model-ema --model-ema-steps 2".split(),
 ]
-NOISE = set("time images_per_sec images_per_sec_per_rank data_wait_frac epoch_seconds eta_seconds memory_mb".split())
-NOISE |= {"train_seconds", "path", "from"}
 
 
 def _history(run_dir):

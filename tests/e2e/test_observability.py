@@ -35,7 +35,7 @@ ARGS = [
 ]
 TOTAL_STEPS = 16
 FAKE_KEY = "f4ke0123456789abcdef0123456789abcdef4567"  # 40 chars, the shape of a real W&B key
-PLOTS = ("loss.png", "accuracy.png", "confusion_matrix.png")
+PLOTS = ("loss.png", "accuracy.png", "confusion_matrix.png", "rank_times.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a plain (no tty) progress line, e.g. "epoch 1 step 2/16 loss 2.2993 lr 0.05 2769 img/s (1385/rank) ETA 0:00"
 PROGRESS_LINE = re.compile(
@@ -145,6 +145,9 @@ def test_two_ranks_make_one_offline_run_matching_the_run_files(ddp_run):
             "epoch",
         ):
             assert rows[step][f"train/{key}"] == pytest.approx(event[key], rel=1e-12, abs=1e-12), (step, key)
+        for part in ("data_wait", "forward_backward", "comm_wait", "optimizer", "step"):  # every rank's time
+            for r in (0, 1):
+                assert rows[step][f"rank/{r}/{part}_ms"] == pytest.approx(event[f"rank_{part}_ms"][r]), (step, part)
 
     # per epoch: test accuracy, per-class accuracy and the confusion matrix (a wandb table)
     evals = read_events(run_dir, "eval")

@@ -62,6 +62,8 @@ def test_tensorboard_tags_and_steps_continue_after_a_resume(tmp_path):
     classes = [f"pattern{i}" for i in range(10)]
     for field in ("loss", "lr", "images_per_sec", "images_per_sec_per_rank", "data_wait_frac", "epoch", "memory_mb"):
         assert f"train/{field}" in tags["scalars"], field
+    for part in ("data_wait", "forward_backward", "comm_wait", "optimizer", "step"):  # the rank's time accounting
+        assert f"rank/0/{part}_ms" in tags["scalars"], part
     for tag in [
         "test/accuracy",
         "test/correct",

@@ -42,6 +42,12 @@ NOISE = {
     "train_seconds",
     "path",
     "from",
+    "rank_data_wait_ms",
+    "rank_forward_backward_ms",
+    "rank_comm_wait_ms",
+    "rank_optimizer_ms",
+    "rank_step_ms",
+    "straggler_rank",
 }
 
 

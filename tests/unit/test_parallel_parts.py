@@ -122,3 +122,14 @@ def test_the_ddp_wrapper_is_found_inside_a_compiled_model(one_rank_group):
         traced(torch.randn(4, 3, 32, 32)).sum().backward()
     traced(torch.randn(4, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in raw.parameters())
+
+
+def test_gradients_ready_is_marked_by_the_first_layer_and_the_all_reduce_stays_built_in(one_rank_group):
+    m = build_model("seed", 3, 10, 32)
+    marks = []
+    ddp, raw = parallel.wrap(m, DistEnv(world_size=2), ModelConfig(), 1, lambda: marks.append(raw.conv2.weight.grad))
+    for step in range(3):
+        ddp(torch.randn(4, 3, 32, 32)).sum().backward()
+        assert len(marks) == step + 1  # conv1's weight, every backward pass
+    assert all(g is not None for g in marks)  # conv2's gradient was already there: conv1's comes last
+    assert not ddp._get_ddp_logging_data().get("comm_hook")  # DDP's C++ all_reduce, no Python hook

@@ -1,0 +1,112 @@
+"""The cost of the per-rank time accounting on a DDP step: A/B in the same two processes, interleaved.
+
+Both ranks build one DDP model per variant (the same weights) and train them in turn, a block of
+steps each, many rounds: start-up and the machine's load changes fall on all variants alike. Per
+variant: the median over blocks of wall-clock ms/step and of this process's CPU ms/step (rank 0).
+
+  base   the trainer's step without the accounting: the agreement flags in an all_reduce of their
+         own started before the backward pass, DDP's built-in all_reduce
+  timed  the same with the accounting (rank_times): its clocks, the first layer's gradients-ready
+         mark, and every rank's figures in the agreement vector at the end of each block
+
+    python benchmarks/ddp_step_ab.py [--model seed] [--per-rank-batch 64] [--block 20] [--rounds 8]
+"""
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dist_cnn.config import ModelConfig
+from dist_cnn.distributed import parallel
+from dist_cnn.distributed.process_group import DistEnv
+from dist_cnn.models.registry import build_model
+from dist_cnn.observability import rank_times as rt
+from dist_cnn.train.allocator import tune_malloc
+
+VARIANTS = ("base", "timed")
+
+
+def build(variant: str, world: int, model: str):
+    torch.manual_seed(0)
+    net = build_model(model, 3, 10, 32).to(memory_format=torch.channels_last)
+    times = rt.RankTimes(torch.device("cpu")) if variant != "base" else None
+    ddp, _ = parallel.wrap(net, DistEnv(world_size=world), ModelConfig(), 1, times.grads_ready if times else None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, nesterov=True, foreach=True)
+    return ddp, opt, times
+
+
+def step(ddp, opt, times, x, y, rank, world, closing):
+    if times:
+        times.data_waited(0.0)
+    loss = F.cross_entropy(ddp(x), y)
+    vec = torch.cat([(~torch.isfinite(loss.detach())).float().view(1), torch.zeros(3)])
+    if times:
+        vec = torch.cat([vec, rt.slots(rank, world, times.snapshot() if closing else None)])
+    agreement = parallel.Agreement(vec)
+    loss.backward()
+    if times:
+        times.backward_done()
+    if not agreement.read()[0]:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    if times:
+        times.step_end()
+
+
+def worker(rank, world, port, a, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tune_malloc()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    nets = {v: build(v, world, a.model) for v in VARIANTS}
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(a.per_rank_batch, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (a.per_rank_batch,), generator=g)
+    wall, cpu = {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
+    for r in range(a.rounds + 1):  # round 0 warms up (DDP's first static-graph steps)
+        order = VARIANTS if r % 2 else VARIANTS[::-1]
+        for v in order:
+            dist.barrier()
+            t, c = time.perf_counter(), time.process_time()
+            for i in range(a.block):
+                step(*nets[v], x, y, rank, world, closing=i == a.block - 1)
+            if r:
+                wall[v].append((time.perf_counter() - t) / a.block * 1e3)
+                cpu[v].append((time.process_time() - c) / a.block * 1e3)
+    if rank == 0:
+        q.put({v: (statistics.median(wall[v]), statistics.median(cpu[v])) for v in VARIANTS})
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="seed")
+    p.add_argument("--per-rank-batch", type=int, default=64)
+    p.add_argument("--block", type=int, default=20, help="steps of one variant in a row")
+    p.add_argument("--rounds", type=int, default=8)
+    a = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    load = os.getloadavg()[0]
+    ps = [ctx.Process(target=worker, args=(r, 2, port, a, q)) for r in range(2)]
+    [p.start() for p in ps]
+    res = q.get()
+    [p.join() for p in ps]
+    print(f"{a.model}, 2 ranks, {a.per_rank_batch} images per rank, {a.rounds} rounds of {a.block} steps")
+    for v, (w, c) in res.items():
+        print(f"  {v:>6}: {w:7.2f} ms/step wall, {c:7.2f} ms/step CPU (rank 0)   / base: {w / res['base'][0]:.3f}")
+    print(f"  load average (1 min): {load:.2f} before, {os.getloadavg()[0]:.2f} after")
+
+
+if __name__ == "__main__":
+    main()

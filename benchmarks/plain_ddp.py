@@ -1,0 +1,73 @@
+"""The plain DDP loop a user would write, as the ceiling dist_cnn's DDP mode is measured against.
+
+Preloaded tensors (the same synthetic set train.py generates, normalized once), channels_last, the
+same glibc malloc thresholds as train.py (tune_malloc), DDP with its defaults over gloo, SGD with
+Nesterov momentum, and nothing else: no augmentation, no agreement between ranks, no checkpoints.
+Run under torchrun for 2 ranks or as is for 1; rank 0 writes the throughput of each interval.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/plain_ddp.py \
+        --model seed --per-rank-batch 64 --steps 200 --json out.json
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dist_cnn.data.datasets import _load_synthetic
+from dist_cnn.models.registry import build_model
+from dist_cnn.train.allocator import tune_malloc
+
+INTERVALS = 5  # as scaling.py: the first interval holds start-up and is dropped by the caller
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="seed")
+    p.add_argument("--per-rank-batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--json", required=True)
+    a = p.parse_args()
+    tune_malloc()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.manual_seed(0)
+
+    cfg = argparse.Namespace(synthetic_train_size=a.per_rank_batch * world * a.steps, synthetic_test_size=10)
+    data = _load_synthetic(cfg)
+    x = data.train_x.float().div_(255).sub_(0.5).div_(0.25).contiguous(memory_format=torch.channels_last)
+    y = data.train_y
+    model = build_model(a.model, 3, 10, 32).to(memory_format=torch.channels_last)
+    if world > 1:
+        model = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.08, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    order = torch.randperm(len(x))[rank::world]  # this rank's share of the epoch
+    log_every, rates, t0 = max(1, a.steps // INTERVALS), [], time.perf_counter()
+    for step in range(a.steps):
+        idx = order[step * a.per_rank_batch : (step + 1) * a.per_rank_batch]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % log_every == 0:
+            loss.item()
+            now = time.perf_counter()
+            rates.append(log_every * a.per_rank_batch * world / (now - t0))
+            t0 = now
+    if rank == 0:
+        Path(a.json).write_text(json.dumps({"images_per_sec": rates}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
