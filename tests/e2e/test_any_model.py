@@ -45,8 +45,9 @@ def user_dir(tmp_path):
     return tmp_path
 
 
-def evaluate_model_pt(run_dir, cwd=ROOT):
+def evaluate_model_pt(run_dir, cwd=ROOT, model=None):
     args = ["-m", "dist_cnn.cli", "eval", "--checkpoint", run_dir / "model.pt", "--output", run_dir / "e.json"]
+    args += ["--model", model] if model else []  # a user module is imported only when named again
     p = run_py(args, cwd=cwd, check=0)
     return json.loads((run_dir / "e.json").read_text()), p
 
@@ -68,7 +69,7 @@ def test_user_module_model_trains_on_2_ranks_and_eval_rebuilds_it(user_dir):
     s = read_summary(out)
     assert s["world_size"] == 2 and s["model"] == "mynets.nets:build"
     assert s["parameters"] == 16 * 3 * 9 + 16 + 32 + 16 * 16 * 16 * 10 + 10
-    ev, _ = evaluate_model_pt(out, cwd=user_dir)  # the module is found from the current directory again
+    ev, _ = evaluate_model_pt(out, cwd=user_dir, model="mynets.nets:build")  # found from the current directory again
     assert ev["test_correct"] == s["test_correct"]
 
 
