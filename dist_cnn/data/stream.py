@@ -469,6 +469,8 @@ class StreamSource(DataSource):
         return list(self.sample.mean), list(self.sample.std)
 
     def probe(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sample is None:  # opened without measuring (eval of a checkpoint that holds its statistics)
+            return torch.empty(0, self.channels, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
         return self.sample.x[:n], self.sample.y[:n]
 
     def train_batches(
