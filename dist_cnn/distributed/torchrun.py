@@ -64,8 +64,12 @@ def _root_cause(failures: dict):
     """(rank, failure) that most likely caused the others: a rank killed by a signal (its peers then
     only lose contact and exit 1, often in the same poll of the agent), else the earliest; never a
     rank that torchrun itself killed while stopping the job."""
-    first = min(f.timestamp for f in failures.values())
-    causes = {r: f for r, f in failures.items() if not _killed_by_torchrun(f, first)} or failures
+    # torchrun stops the others with SIGTERM: beside a rank that failed otherwise, those are never the cause,
+    # whatever the order the agent's poll saw them in
+    others = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM}
+    pool = others or failures
+    first = min(f.timestamp for f in pool.values())
+    causes = {r: f for r, f in pool.items() if not _killed_by_torchrun(f, first)} or pool
     return min(causes.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
 
 
