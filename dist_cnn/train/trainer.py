@@ -10,6 +10,7 @@ import contextlib
 import random
 import resource
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -200,6 +201,15 @@ class Trainer:
         )
 
     # ---- setup -------------------------------------------------------------------------------
+    def _same_run(self, state: dict) -> bool:
+        """The checkpoint is this run's: it lies in this run directory, or was written for it (a copy an
+        engine such as Ray Train keeps elsewhere records the run's --out)."""
+        here = self.run_dir.resolve()
+        recorded = (state.get("config") or {}).get("log", {}).get("out")
+        return self.resume_path.resolve().parent.parent == here or (
+            isinstance(recorded, str) and bool(recorded) and Path(recorded).resolve() == here
+        )
+
     def _resume_config(self, state: dict) -> None:
         """The resumed run's options: the checkpoint's, except those that may change (resume_rules)."""
         cfg = self.cfg
@@ -324,7 +334,7 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = s["step"], s["epoch"], s["epoch_step"]
         self.meter, self.best_acc, self.skipped_steps = Meter(s["train_seconds"]), s["best_acc"], s["skipped_steps"]
         self.wandb_id = s["wandb_id"]
-        if self.resume_path.resolve().parent.parent != self.run_dir.resolve():
+        if not self._same_run(s):
             # another run's checkpoint into a new --out: that run's W&B run stays its own
             self.wandb_id = None
             self.log(f"resuming {self.resume_path} into a new --out {self.run_dir}: a new W&B run")
