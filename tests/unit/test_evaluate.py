@@ -110,7 +110,8 @@ def _bn_model(in_channels, num_classes, image_size):
 
 @pytest.mark.slow
 def test_three_ranks_two_test_images_through_the_trainer(tmp_path):
-    ranks = run_group(3, train_and_score_two_images, str(tmp_path / "run"), tmp_dir=tmp_path)
+    # spawn: the pytest process may have run autograd already, and autograd does not survive a fork
+    ranks = run_group(3, train_and_score_two_images, str(tmp_path / "run"), tmp_dir=tmp_path, start_method="spawn")
     for r in ranks:
         assert r["wrapped"] == "DistributedDataParallel" and r["world_size"] == 3 and r["steps"] == 2, r
         assert r["test_total"] == 2 and 0 <= r["test_correct"] <= 2, r
