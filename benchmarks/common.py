@@ -84,8 +84,8 @@ class Stamp:
             "torch": _torch_version(),
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
-            "load_start": list(os.getloadavg()),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "load_start": list(os.getloadavg()),
         }
 
     def close(self) -> dict:

@@ -116,30 +116,8 @@ def train(args: list, nproc: int = 1, timeout: float = 3600) -> tuple[dict, list
 
 
 def peak_rss(root: Path, loader: str) -> float:
-    _, rows = train(
-        [
-            "--dataset",
-            "imagefolder",
-            "--data-dir",
-            root,
-            "--loader",
-            loader,
-            "--image-size",
-            64,
-            "--batch-size",
-            64,
-            "--max-steps",
-            30,
-            "--log-every",
-            5,
-            "--eval-every",
-            0,
-            "--precision",
-            "fp32",
-            "--workers",
-            1,
-        ]
-    )
+    args = "--image-size 64 --batch-size 64 --max-steps 30 --log-every 5 --eval-every 0 --precision fp32 --workers 1"
+    _, rows = train(["--dataset", "imagefolder", "--data-dir", root, "--loader", loader, *args.split()])
     return max(r["memory_mb"] for r in rows if r["event"] == "train")
 
 
@@ -152,36 +130,10 @@ def rss(cache: Path, counts: list[int]) -> list[dict]:
 
 
 def resnet50(root: Path, steps: int) -> dict:
-    summary, rows = train(
-        [
-            "--dataset",
-            "imagefolder",
-            "--data-dir",
-            root,
-            "--loader",
-            "stream",
-            "--model",
-            "torchvision:resnet50",
-            "--image-size",
-            224,
-            "--batch-size",
-            16,
-            "--max-steps",
-            steps,
-            "--log-every",
-            max(1, steps // 4),
-            "--eval-every",
-            0,
-            "--precision",
-            "fp32",
-            "--flip",
-            "--train-crop",
-            "random-resized",
-            "--eval-resize",
-            "center-crop",
-        ],
-        nproc=2,
-    )
+    recipe = "--flip --train-crop random-resized --eval-resize center-crop --precision fp32 --eval-every 0"
+    args = ["--dataset", "imagefolder", "--data-dir", root, "--loader", "stream", "--model", "torchvision:resnet50"]
+    sizes = ["--image-size", 224, "--batch-size", 16, "--max-steps", steps, "--log-every", max(1, steps // 4)]
+    summary, rows = train([*args, *sizes, *recipe.split()], nproc=2)
     train_rows = steady([r for r in rows if r["event"] == "train"])
     return {
         "steps": summary["steps"],

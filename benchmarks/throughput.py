@@ -763,17 +763,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = None
     if ws2_cases:
-        specs = [
-            dict(
-                name=c.name,
-                path=c.path,
-                model=c.model,
-                batch=c.batch,
-                precision=c.precision,
-                channels_last=c.channels_last,
-            )
-            for c in ws2_cases
-        ]
+        keys = ("name", "path", "model", "batch", "precision", "channels_last")
+        specs = [{k: getattr(c, k) for k in keys} for c in ws2_cases]
         log("starting 2 spawned ranks (gloo) for the ws2 cases ...")
         pool = WS2Pool(specs, args.data_dir, args.malloc_tune)
     try:
