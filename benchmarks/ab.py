@@ -10,18 +10,19 @@ whose start-up is the same, not with the plain loop).
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling import children_cpu, plain_ips, train_ips  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
+
+from benchmarks.common import SYNTHETIC, Stamp, children_cpu_seconds, parser  # noqa: E402
+from benchmarks.scaling import plain_ips, train_ips  # noqa: E402
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, SYNTHETIC)
     p.add_argument("variants", nargs="+", help="NAME=CHECKOUT, the first is the reference")
     p.add_argument("--model", default="seed")
     p.add_argument("--world", type=int, default=2)
@@ -29,9 +30,9 @@ def main():
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--plain", action="store_true", help="also run the plain DDP loop; ratios are to it")
-    p.add_argument("--json")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags for train.py")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    stamp = Stamp()
     roots = dict(v.split("=", 1) for v in a.variants)
     runs = {name: [] for name in (["plain"] if a.plain else []) + list(roots)}
     cpu = {name: [] for name in runs}
@@ -39,13 +40,13 @@ def main():
     names = list(runs)
     for r in range(a.rounds):  # each round starts with the next variant: a load trend favours none
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            before = children_cpu()
+            before = children_cpu_seconds()
             if name == "plain":
                 ips = plain_ips(a.world, a.per_rank_batch, a.steps, a.model)
             else:
                 ips = train_ips(a.world, a.per_rank_batch, a.steps, a.model, Path(roots[name]).resolve(), a.extra)
             runs[name].append(ips)
-            cpu[name].append(children_cpu() - before)
+            cpu[name].append(children_cpu_seconds() - before)
             load.append(os.getloadavg()[0])
             print(f"  {name}: {ips:.1f} img/s, {cpu[name][-1]:.1f} CPU s (load {load[-1]:.2f})", flush=True)
     ref = next(iter(runs))
@@ -66,9 +67,9 @@ def main():
             f"{res['median_cpu_seconds'][n]:7.1f} CPU s a run"
         )
     print(f"  load average (1 min) during the rounds: {min(load):.2f} to {max(load):.2f}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
+    stamp.write(a.json, res)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

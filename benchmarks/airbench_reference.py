@@ -13,14 +13,13 @@ the CPU four device shims make it run without touching the recipe: the network a
 timing events use the wall clock. `--precision bf16` runs the network's forward under CPU bf16 autocast
 (logits returned as float32, as dist_cnn's `--precision bf16` computes the loss).
 
-    python benchmarks/airbench_reference.py --data-dir DIR [--precision fp32|bf16] [--epochs 9.9]
+    python benchmarks/airbench_reference.py [--data-dir DIR] [--precision fp32|bf16] [--epochs 9.9]
                                             [--seed 0] [--json out.json]
 Needs the `bench` extra (airbench==0.1.8).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -33,8 +32,9 @@ from unittest.mock import patch
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
+
+from benchmarks.common import CIFAR_DIR, ROOT, Stamp, parser  # noqa: E402
 
 
 def write_airbench_data(data_dir: str, cache_dir: Path) -> Path:
@@ -96,15 +96,14 @@ def make_cpu_net(make_net, precision: str):
     return build
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="CIFAR-10 as an image folder (train/, test/)")
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, "CIFAR-10 as an image folder (train/, test/)", CIFAR_DIR)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "airbench", help="where train.pt/test.pt go")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="on the CPU (CUDA: fp16 always)")
     p.add_argument("--epochs", type=float, default=9.9, help="airbench94's 9.9; fewer for a quick check")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the result here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    stamp = Stamp()
     try:
         import airbench
         from airbench import lib_airbench94, utils
@@ -129,15 +128,17 @@ def main() -> int:
         model = lib_airbench94.train94(train, epochs=args.epochs, make_net=make_net, verbose=False)
         seconds = time.perf_counter() - t0
         acc = {f"tta{level}": airbench.evaluate(model, test, tta_level=level) for level in (0, 2)}
-    result = {
-        "airbench": "0.1.8 train94",
-        "device": "cuda (fp16)" if cuda else f"cpu ({args.precision})",
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "train_seconds": round(seconds, 1),
-        "test_acc": acc["tta2"],
-        "test_acc_no_tta": acc["tta0"],
-    }
+    result = stamp.result(
+        {
+            "airbench": "0.1.8 train94",
+            "device": "cuda (fp16)" if cuda else f"cpu ({args.precision})",
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "train_seconds": round(seconds, 1),
+            "test_acc": acc["tta2"],
+            "test_acc_no_tta": acc["tta0"],
+        }
+    )
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -7,46 +7,26 @@ accuracy (dist_cnn evaluates after every epoch, so its time is the first epoch e
     python benchmarks/core.py --data-dir data/cifar10-jpeg [--tutorial-max-images N] [--json out.json]
 """
 
-import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
 
-
-def load_tutorial():
-    spec = importlib.util.spec_from_file_location("tutorial", ROOT / "benchmarks" / "tutorial.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchmarks import tutorial  # noqa: E402
+from benchmarks.common import CIFAR_DIR, Stamp, child_env, parser, read_run, train_command  # noqa: E402
 
 
 def run_dist_cnn(data_dir: str, extra: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="core-bench-")) / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--dataset",
-        "imagefolder",
-        "--data-dir",
-        data_dir,
-        "--out",
-        str(out),
-        "--wandb",
-        "disabled",
-        "--no-progress",
-        *extra,
-    ]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((out / "summary.json").read_text())
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    args = ["--dataset", "imagefolder", "--data-dir", data_dir, *extra]
+    subprocess.run(train_command(args, out), env=child_env(), check=True, stdout=subprocess.DEVNULL)
+    summary, rows = read_run(out)
     summary["history"] = [
         {"epoch": e["epoch"], "train_seconds": e["train_seconds"], "test_accuracy": e["test_accuracy"]}
-        for e in evals
+        for e in rows
         if e["event"] == "eval"
     ]
     return summary
@@ -56,9 +36,8 @@ def time_to(history: list[dict], accuracy: float):
     return next((h["train_seconds"] for h in history if h["test_accuracy"] >= accuracy), None)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="ImageFolder CIFAR-10")
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, "CIFAR-10 as an image folder (train/, test/)", CIFAR_DIR)
     p.add_argument(
         "--tutorial-max-images",
         type=int,
@@ -70,14 +49,14 @@ def main():
         help="reuse a saved `benchmarks/tutorial.py --net wide --json` result "
         "instead of rerunning the tutorial (~3 min quiet, far longer on a busy machine)",
     )
-    p.add_argument("--json", help="write all figures here")
     p.add_argument("train_args", nargs="*", help="extra train.py flags for the dist_cnn run (after --)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    stamp = Stamp()
 
     if args.tutorial_json:
         tut = json.loads(Path(args.tutorial_json).read_text())
     else:
-        tut = load_tutorial().run(
+        tut = tutorial.run(
             args.data_dir, epochs=2, max_images=args.tutorial_max_images, net="wide", seed=0, log=lambda *a: None
         )
     ours = run_dist_cnn(args.data_dir, args.train_args)
@@ -112,9 +91,9 @@ def main():
     at2 = next((h["test_accuracy"] for h in ours["history"] if h["epoch"] == 2), None)
     if at2 is not None:
         print(f"accuracy after 2 epochs: {at2:.2%} (target >= 65%: {'PASS' if at2 >= 0.65 else 'FAIL'})")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"tutorial": tut, "dist_cnn": ours}, indent=2))
+    stamp.write(args.json, {"tutorial": tut, "dist_cnn": ours})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,94 +18,27 @@ The generated folders are made once and cached (--cache). Figures taken on a bus
 ratios are what to read.
 
     python benchmarks/data_pipeline.py [--images 10000] [--only throughput,rss,resnet50,cifar]
-                                       [--cifar-dir DIR] [--cache DIR] [--json out.json]
+                                       [--data-dir CIFAR_DIR] [--cache DIR] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
 
+from benchmarks.common import CIFAR_DIR, Stamp, child_env, parser, pipeline_rate, read_run, steady, train_command  # noqa: E402
+from benchmarks.images import MEAN, STD, folder_stats, make_folder, stream_pipeline  # noqa: E402
 from dist_cnn.config import DataConfig  # noqa: E402
-from dist_cnn.data.loader import Augment, Normalize  # noqa: E402
-from dist_cnn.data.open import open_source  # noqa: E402
-from dist_cnn.distributed.process_group import DistEnv  # noqa: E402
-
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # any fixed values: both pipelines use the same
-
-
-# ----------------------------------------------------------------------------- generated folders
-
-
-def make_folder(
-    dest: Path, n_train: int, n_test: int, sizes: tuple[int, int], classes: int = 10, seed: int = 0
-) -> Path:
-    """Real JPEGs of smooth random colour fields plus grain (files of ImageNet-like size), made once."""
-    stamp = dest / ".complete"
-    if stamp.is_file():
-        return dest
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for i in range(n):
-            c = i % classes
-            w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
-            base = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-            pix = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
-            d = dest / split / f"class{c:02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pix.clip(0, 255).astype(np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
-    stamp.write_text(f"{n_train} {n_test} {sizes}\n")
-    return dest
-
-
-def folder_stats(root: Path) -> str:
-    files = list((root / "train").rglob("*.jpg"))
-    mb = sum(f.stat().st_size for f in files) / 2**20
-    return f"{len(files)} train JPEGs, {mb:.0f} MB, {mb * 1024 / max(len(files), 1):.0f} KB each"
-
 
 # ----------------------------------------------------------------------------- 1. throughput
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes so far (Linux /proc)."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
-def measure(batches, loader, warmup: int, count: int, batch: int) -> dict:
-    """Wall-clock images/s of consuming `count` batches, and the CPU time the training process and its
-    workers spent per image meanwhile: on a busy machine the wall clock measures the neighbours, the
-    CPU time per image measures the pipeline."""
-    it = iter(batches)
-    for _ in range(warmup):
-        next(it)
-    pids = [os.getpid()] + [w.pid for w in loader._iterator._workers]
-    c0, t0 = cpu_seconds(pids), time.perf_counter()
-    for _ in range(count):
-        next(it)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds(pids) - c0
-    del it
-    gc.collect()  # stop this loader's workers before the next one forks its own
-    return {"images_per_sec": count * batch / wall, "cpu_ms_per_image": 1000 * cpu / (count * batch)}
 
 
 def ours(root: Path, workers: int, batch: int, steps: int) -> dict:
@@ -119,19 +52,8 @@ def ours(root: Path, workers: int, batch: int, steps: int) -> dict:
         normalize="half",  # no statistics sample: this measures the training pipeline
         workers=workers,
     )
-    source, _ = open_source(cfg, DistEnv())
-    pipe = source.train_batches(
-        loader="stream",
-        batch_per_rank=batch,
-        rank=0,
-        world=1,
-        seed=0,
-        aug=Augment(flip=True),
-        normalize=Normalize(MEAN, STD, torch.device("cpu"), channels_last=False),
-        device=torch.device("cpu"),
-        workers=workers,
-    )
-    res = measure(pipe.epoch(0), pipe.loader, 2, steps, batch)
+    pipe = stream_pipeline(cfg, batch)
+    res = pipeline_rate(pipe.epoch(0), pipe.loader, 2, steps, batch)
     del pipe
     return res
 
@@ -155,7 +77,7 @@ def reference(root: Path, workers: int, batch: int, steps: int) -> dict:
     loader = DataLoader(
         ds, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=True, drop_last=True
     )
-    res = measure(loader, loader, 2, steps, batch)
+    res = pipeline_rate(loader, loader, 2, steps, batch)
     del loader
     return res
 
@@ -184,58 +106,18 @@ def throughput(root: Path, batch: int, steps: int) -> list[dict]:
 
 def train(args: list, nproc: int = 1, timeout: float = 3600) -> tuple[dict, list[dict]]:
     out = Path(tempfile.mkdtemp(prefix="data-bench-")) / "run"
-    launch = (
-        [sys.executable, str(ROOT / "train.py")]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(ROOT / "train.py"),
-        ]
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
     p = subprocess.run(
-        [*launch, *map(str, args), "--out", str(out), "--wandb", "disabled", "--no-progress"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        train_command(args, out, nproc), env=child_env(), capture_output=True, text=True, timeout=timeout
     )
     if p.returncode != 0:
         lines = (p.stderr + p.stdout).splitlines()
         raise RuntimeError(next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "failed"))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return json.loads((out / "summary.json").read_text()), rows
+    return read_run(out)
 
 
 def peak_rss(root: Path, loader: str) -> float:
-    _, rows = train(
-        [
-            "--dataset",
-            "imagefolder",
-            "--data-dir",
-            root,
-            "--loader",
-            loader,
-            "--image-size",
-            64,
-            "--batch-size",
-            64,
-            "--max-steps",
-            30,
-            "--log-every",
-            5,
-            "--eval-every",
-            0,
-            "--precision",
-            "fp32",
-            "--workers",
-            1,
-        ]
-    )
+    args = "--image-size 64 --batch-size 64 --max-steps 30 --log-every 5 --eval-every 0 --precision fp32 --workers 1"
+    _, rows = train(["--dataset", "imagefolder", "--data-dir", root, "--loader", loader, *args.split()])
     return max(r["memory_mb"] for r in rows if r["event"] == "train")
 
 
@@ -248,37 +130,11 @@ def rss(cache: Path, counts: list[int]) -> list[dict]:
 
 
 def resnet50(root: Path, steps: int) -> dict:
-    summary, rows = train(
-        [
-            "--dataset",
-            "imagefolder",
-            "--data-dir",
-            root,
-            "--loader",
-            "stream",
-            "--model",
-            "torchvision:resnet50",
-            "--image-size",
-            224,
-            "--batch-size",
-            16,
-            "--max-steps",
-            steps,
-            "--log-every",
-            max(1, steps // 4),
-            "--eval-every",
-            0,
-            "--precision",
-            "fp32",
-            "--flip",
-            "--train-crop",
-            "random-resized",
-            "--eval-resize",
-            "center-crop",
-        ],
-        nproc=2,
-    )
-    train_rows = [r for r in rows if r["event"] == "train"][1:] or [r for r in rows if r["event"] == "train"]
+    recipe = "--flip --train-crop random-resized --eval-resize center-crop --precision fp32 --eval-every 0"
+    args = ["--dataset", "imagefolder", "--data-dir", root, "--loader", "stream", "--model", "torchvision:resnet50"]
+    sizes = ["--image-size", 224, "--batch-size", 16, "--max-steps", steps, "--log-every", max(1, steps // 4)]
+    summary, rows = train([*args, *sizes, *recipe.split()], nproc=2)
+    train_rows = steady([r for r in rows if r["event"] == "train"])
     return {
         "steps": summary["steps"],
         "images_per_sec": sum(r["images_per_sec"] for r in train_rows) / len(train_rows),
@@ -305,21 +161,20 @@ def cifar(data_dir: str) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, "CIFAR-10 as an image folder (figure 4)", CIFAR_DIR, data_aliases=("--cifar-dir",))
     p.add_argument("--images", type=int, default=10000, help="training JPEGs of the 300-500 px folder")
     p.add_argument("--steps", type=int, default=20, help="timed batches of 64 per throughput figure")
     p.add_argument("--rss-counts", default="2500,10000,40000", help="folder sizes for the RSS figure")
     p.add_argument("--resnet-steps", type=int, default=200, help="ResNet-50 steps (batch 16, 2 ranks)")
-    p.add_argument("--cifar-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="CIFAR-10 as an image folder")
     p.add_argument(
         "--cache",
         default=os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "dist_cnn", "bench"),
         help="where generated folders are kept",
     )
     p.add_argument("--only", default="throughput,rss,resnet50,cifar", help="comma-separated figures to take")
-    p.add_argument("--json", help="write all figures here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    stamp = Stamp()
     only, cache, res = set(args.only.split(",")), Path(args.cache), {}
     big = None
     if only & {"throughput", "resnet50"}:
@@ -335,10 +190,10 @@ def main():
         except RuntimeError as e:
             res["resnet50"] = {"skipped": str(e)}
     if "cifar" in only:
-        res["cifar"] = cifar(args.cifar_dir)
+        res["cifar"] = cifar(args.data_dir)
     report(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    stamp.write(args.json, res)
+    return 0
 
 
 def report(res: dict) -> None:
@@ -398,4 +253,4 @@ def report(res: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

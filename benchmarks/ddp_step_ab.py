@@ -9,26 +9,29 @@ variant: the median over blocks of wall-clock ms/step and of this process's CPU 
   timed  the same with the accounting (rank_times): its clocks, the first layer's gradients-ready
          mark, and every rank's figures in the agreement vector at the end of each block
 
-    python benchmarks/ddp_step_ab.py [--model seed] [--per-rank-batch 64] [--block 20] [--rounds 8]
+    python benchmarks/ddp_step_ab.py [--model seed] [--per-rank-batch 64] [--block 20] [--rounds 8] [--json PATH]
 """
 
-import argparse
 import os
-import socket
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dist_cnn.config import ModelConfig
-from dist_cnn.distributed import parallel
-from dist_cnn.distributed.process_group import DistEnv
-from dist_cnn.models.registry import build_model
-from dist_cnn.observability import rank_times as rt
-from dist_cnn.train.allocator import tune_malloc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
+
+from benchmarks.common import SYNTHETIC, Stamp, free_port, parser  # noqa: E402
+from dist_cnn.config import ModelConfig  # noqa: E402
+from dist_cnn.distributed import parallel  # noqa: E402
+from dist_cnn.distributed.process_group import DistEnv  # noqa: E402
+from dist_cnn.models.registry import build_model  # noqa: E402
+from dist_cnn.observability import rank_times as rt  # noqa: E402
+from dist_cnn.train.allocator import tune_malloc  # noqa: E402
 
 VARIANTS = ("base", "timed")
 
@@ -85,19 +88,17 @@ def worker(rank, world, port, a, q):
     dist.destroy_process_group()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, SYNTHETIC)
     p.add_argument("--model", default="seed")
     p.add_argument("--per-rank-batch", type=int, default=64)
     p.add_argument("--block", type=int, default=20, help="steps of one variant in a row")
     p.add_argument("--rounds", type=int, default=8)
-    a = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    a = p.parse_args(argv)
+    stamp = Stamp()
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    load = os.getloadavg()[0]
+    port = free_port()
     ps = [ctx.Process(target=worker, args=(r, 2, port, a, q)) for r in range(2)]
     [p.start() for p in ps]
     res = q.get()
@@ -105,8 +106,13 @@ def main():
     print(f"{a.model}, 2 ranks, {a.per_rank_batch} images per rank, {a.rounds} rounds of {a.block} steps")
     for v, (w, c) in res.items():
         print(f"  {v:>6}: {w:7.2f} ms/step wall, {c:7.2f} ms/step CPU (rank 0)   / base: {w / res['base'][0]:.3f}")
-    print(f"  load average (1 min): {load:.2f} before, {os.getloadavg()[0]:.2f} after")
+    res = {v: {"wall_ms_per_step": w, "cpu_ms_per_step": c} for v, (w, c) in res.items()}
+    out = stamp.write(a.json, {"model": a.model, "per_rank_batch": a.per_rank_batch, "block": a.block, **res})
+    print(
+        f"  load average (1 min): {out['stamp']['load_start'][0]:.2f} before, {out['stamp']['load_end'][0]:.2f} after"
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,7 +6,7 @@ Each variant runs in its own process, interleaved over --rounds; medians are pri
 CPU-seconds per step hardly depend on what else the machine runs, so this is meaningful on a loaded
 machine where images/s are not.
 
-    python benchmarks/malloc.py [--model seed] [--batch 128] [--steps 30] [--rounds 3]
+    python benchmarks/malloc.py [--model seed] [--batch 128] [--steps 30] [--rounds 3] [--json PATH]
 """
 
 import argparse
@@ -19,13 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
+
+from benchmarks.common import SYNTHETIC, Stamp, parser  # noqa: E402
+
 ENV_VALUES = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 MODES = ("off", "mallopt", "env")
 
 
 def child(mode: str, model: str, batch: int, steps: int) -> None:
-    sys.path.insert(0, str(ROOT))
     import torch
     import torch.nn.functional as F
 
@@ -59,16 +61,18 @@ def child(mode: str, model: str, batch: int, steps: int) -> None:
     )
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, SYNTHETIC)
     p.add_argument("--model", default="seed")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.child:
-        return child(a.child, a.model, a.batch, a.steps)
+        child(a.child, a.model, a.batch, a.steps)
+        return 0
+    stamp = Stamp()
     res = {m: [] for m in MODES}
     for _ in range(a.rounds):
         for mode in MODES:
@@ -95,14 +99,18 @@ def main():
             res[mode].append(json.loads(out.strip().splitlines()[-1]))
     print(f"{a.model}, batch {a.batch}, fp32, 1 thread, {a.steps} steps x {a.rounds} rounds (medians)")
     base = statistics.median(r["cpu_ms_per_step"] for r in res["off"])
+    medians = {}
     for mode in MODES:
         faults = statistics.median(r["faults_per_step"] for r in res[mode])
         cpu = statistics.median(r["cpu_ms_per_step"] for r in res[mode])
+        medians[mode] = {"faults_per_step": faults, "cpu_ms_per_step": cpu, "images_per_cpu_second_vs_off": base / cpu}
         print(
             f"  {mode:8s} {faults:8.1f} page faults/step  {cpu:7.2f} CPU ms/step  "
             f"{base / cpu:5.2f}x images per CPU-second"
         )
+    stamp.write(a.json, {"model": a.model, "batch": a.batch, "steps": a.steps, "runs": res, "medians": medians})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

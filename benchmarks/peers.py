@@ -54,8 +54,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
+
+from benchmarks.common import CIFAR_DIR, Stamp, child_env, parser, read_run, train_command  # noqa: E402
 
 GLOBAL_BATCH, PEAK_LR, MOMENTUM, WEIGHT_DECAY, WARMUP = 128, 0.08, 0.9, 5e-4, 0.2
 PEERS = ("lightning", "accelerate")
@@ -259,13 +260,11 @@ def cached_tensors(data_dir: str, cache_dir: Path) -> Path:
     return path
 
 
-def child_env(threads: int | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+def program_env(threads: int | None) -> dict:
+    """Each framework picks its own thread count unless --threads is given."""
+    env = {k: v for k, v in child_env(PYTHONUNBUFFERED="1").items() if k != "OMP_NUM_THREADS"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env["WANDB_MODE"] = "disabled"
     return env
 
 
@@ -312,33 +311,9 @@ def run_peer(peer: str, precision: str, procs: int, seed: int, tensors: Path, ep
 
 def run_dist_cnn(precision: str, procs: int, seed: int, data_dir: str, epochs: int, env: dict, work: Path) -> dict:
     out = work / f"dist_cnn-{precision}-{procs}-{time.monotonic_ns()}"
-    args = [
-        str(ROOT / "train.py"),
-        "--dataset",
-        "imagefolder",
-        "--data-dir",
-        data_dir,
-        "--batch-size",
-        str(GLOBAL_BATCH),
-        "--epochs",
-        str(epochs),
-        "--precision",
-        precision,
-        "--seed",
-        str(seed),
-        "--wandb",
-        "disabled",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
-    launch = (
-        [sys.executable]
-        if procs == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    )
-    _run([*launch, *args], env, work / f"{out.name}.log")
-    s = json.loads((out / "summary.json").read_text())
+    args = ["--dataset", "imagefolder", "--data-dir", data_dir, "--batch-size", GLOBAL_BATCH, "--epochs", epochs]
+    _run(train_command([*args, "--precision", precision, "--seed", seed], out, procs), env, work / f"{out.name}.log")
+    s, _ = read_run(out)
     return {
         "images_per_sec": s["train_images_per_sec"],
         "seconds": s["train_seconds"],
@@ -367,9 +342,8 @@ def medians(runs: list[dict]) -> dict | None:
     return {k: statistics.median(x[k] for x in ok) for k in ("images_per_sec", "test_accuracy")}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="CIFAR-10 as an image folder")
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, "CIFAR-10 as an image folder (train/, test/)", CIFAR_DIR)
     p.add_argument(
         "--cache-dir",
         default=str(Path.home() / ".cache" / "dist_cnn"),
@@ -386,22 +360,23 @@ def main():
     )
     p.add_argument("--precisions", default="fp32", help="fp32 and/or bf16, comma-separated: each compared with itself")
     p.add_argument("--seed", type=int, default=0, help="round r runs every program with seed + r")
-    p.add_argument("--json", help="write every run and the medians here")
     p.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)  # internal: run one peer program
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--tensors", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.peer:
         a.procs = int(a.procs)
-        return (run_lightning if a.peer == "lightning" else run_accelerate)(a)
+        (run_lightning if a.peer == "lightning" else run_accelerate)(a)
+        return 0
+    stamp = Stamp()
 
     procs = [int(n) for n in a.procs.split(",")]
     precisions = [x for x in a.precisions.split(",") if x]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         p.error(f"--precisions: fp32 and/or bf16, got {a.precisions!r}")
     tensors = cached_tensors(a.data_dir, Path(a.cache_dir))
-    env = child_env(a.threads)
+    env = program_env(a.threads)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
     programs = []  # (name, precision it is compared at, run(procs, seed))
     for prec in precisions:
@@ -427,20 +402,17 @@ def main():
     )
     runs = {(name, n): [] for name, _, _ in programs for n in procs}
 
-    def save():
-        if a.json:
-            Path(a.json).write_text(
-                json.dumps(
-                    {
-                        "runs": {f"{k[0]}|{k[1]}": v for k, v in runs.items()},
-                        "summary": summary,
-                        "epochs": a.epochs,
-                        "repeats": a.repeats,
-                        "seeds": [a.seed + r for r in range(a.repeats)],
-                    },
-                    indent=2,
-                )
-            )
+    def save():  # after every run: a cut-off benchmark keeps what it measured
+        stamp.write(
+            a.json,
+            {
+                "runs": {f"{k[0]}|{k[1]}": v for k, v in runs.items()},
+                "summary": summary,
+                "epochs": a.epochs,
+                "repeats": a.repeats,
+                "seeds": [a.seed + r for r in range(a.repeats)],
+            },
+        )
 
     summary: dict = {}
     for r in range(a.repeats):  # interleaved, so load changes on the machine hit every program alike
@@ -489,7 +461,8 @@ def main():
         summary[n].update(med)
     save()
     print(f"\nlogs: {work}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,7 @@ Run under torchrun for 2 ranks or as is for 1; rank 0 writes the throughput of e
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,20 +21,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_cnn.data.datasets import _load_synthetic
-from dist_cnn.models.registry import build_model
-from dist_cnn.train.allocator import tune_malloc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks
+
+from benchmarks.common import SYNTHETIC, Stamp, parser  # noqa: E402
+from dist_cnn.data.datasets import _load_synthetic  # noqa: E402
+from dist_cnn.models.registry import build_model  # noqa: E402
+from dist_cnn.train.allocator import tune_malloc  # noqa: E402
 
 INTERVALS = 5  # as scaling.py: the first interval holds start-up and is dropped by the caller
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, SYNTHETIC)
     p.add_argument("--model", default="seed")
     p.add_argument("--per-rank-batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--json", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    stamp = Stamp()
     tune_malloc()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -64,10 +68,15 @@ def main():
             rates.append(log_every * a.per_rank_batch * world / (now - t0))
             t0 = now
     if rank == 0:
-        Path(a.json).write_text(json.dumps({"images_per_sec": rates}))
+        res = stamp.write(
+            a.json, {"model": a.model, "world": world, "per_rank_batch": a.per_rank_batch, "images_per_sec": rates}
+        )
+        if not a.json:
+            print(json.dumps(res, indent=2))
     if world > 1:
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

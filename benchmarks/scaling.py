@@ -23,7 +23,6 @@ and prints dist_cnn / plain at each: the framework's own cost in DDP mode (--no-
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,84 +35,71 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
 
+from benchmarks.common import (  # noqa: E402  # noqa: E402
+    ROOT,
+    SYNTHETIC,
+    Stamp,
+    child_env,
+    free_port,
+    launch,
+    parser,
+    read_run,
+    steady,
+    train_command,
+)
 
+THREADS = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 INTERVALS = 5  # logged throughput intervals per run; the first is dropped
-
-
-def children_cpu() -> float:
-    """CPU seconds (user + system) of the waited-for child processes so far: a run's CPU time is the
-    difference around it. Under load this moves far less than wall-clock throughput."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def train_ips(world: int, batch: int, steps: int, model: str = "seed", root: Path = ROOT, extra=()) -> float:
     out = Path(tempfile.mkdtemp(prefix="scaling-")) / "run"
     args = [
-        str(root / "train.py"),
         "--model",
         model,
         "--dataset",
         "synthetic",
         "--synthetic-train-size",
-        str(batch * world * steps),
+        batch * world * steps,
         "--synthetic-test-size",
-        "200",
+        200,
         "--batch-size",
-        str(batch * world),
+        batch * world,
         "--epochs",
-        "1",
+        1,
         "--precision",
         "fp32",
-        "--wandb",
-        "disabled",
-        "--no-progress",
         "--eval-every",
-        "0",
+        0,
         "--log-every",
-        str(max(1, steps // INTERVALS)),
-        "--out",
-        str(out),
+        max(1, steps // INTERVALS),
         *extra,
     ]
-    launch = (
-        [sys.executable]
-        if world == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-    )
     subprocess.run(
-        [*launch, *args],
+        train_command(args, out, world, root),
         check=True,
-        env={**ENV, "PYTHONPATH": str(root)},
+        env=child_env(root, **THREADS),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    ips = [r["images_per_sec"] for r in rows if r.get("event") == "train"]
-    return statistics.median(ips[1:] or ips)
+    _, rows = read_run(out)
+    return statistics.median(steady([r["images_per_sec"] for r in rows if r.get("event") == "train"]))
 
 
 def plain_ips(world: int, batch: int, steps: int, model: str = "seed", root: Path = ROOT) -> float:
     """The same job as train_ips through the plain DDP loop (benchmarks/plain_ddp.py), median likewise."""
     out = Path(tempfile.mkdtemp(prefix="plain-ddp-")) / "plain.json"
-    args = [str(ROOT / "benchmarks" / "plain_ddp.py"), "--model", model, "--per-rank-batch", str(batch)]
-    launch = (
-        [sys.executable]
-        if world == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
-    )
+    args = ["--model", model, "--per-rank-batch", str(batch), "--steps", str(steps), "--json", str(out)]
     subprocess.run(
-        [*launch, *args, "--steps", str(steps), "--json", str(out)],
+        [*launch(ROOT / "benchmarks" / "plain_ddp.py", world), *args],
         check=True,
-        env={**ENV, "PYTHONPATH": str(root)},
+        env=child_env(root, **THREADS),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    ips = json.loads(out.read_text())["images_per_sec"]
-    return statistics.median(ips[1:] or ips)
+    return statistics.median(steady(json.loads(out.read_text())["images_per_sec"]))
 
 
 def independent_ceiling(alone: float, batch: int, steps: int, model: str, root: Path, extra=()) -> float:
@@ -163,11 +149,7 @@ def _allreduce_worker(rank, port, numel, q, iters=60):
 
 
 def allreduce_seconds(numel: int) -> float:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     iters = 60 if numel < 4_000_000 else 20
@@ -180,8 +162,8 @@ def allreduce_seconds(numel: int) -> float:
 TARGETS = {"seed": 0.85, "resnet18": 0.90}  # of the ceiling measured in the same run
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, SYNTHETIC)
     p.add_argument("--model", default="seed", choices=sorted(TARGETS))
     p.add_argument("--per-rank-batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=200)
@@ -199,9 +181,9 @@ def main():
         default=True,
         help="also run the plain DDP loop (benchmarks/plain_ddp.py) at each world size: dist_cnn / plain",
     )
-    p.add_argument("--json")
     p.add_argument("extra", nargs="*", help="flags passed on to train.py (after --)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    stamp = Stamp()
     ips, plain, ceilings, job_ceilings = {1: [], 2: []}, {1: [], 2: []}, [], []
     for _ in range(a.repeats):  # interleaved, so load changes hit both sides alike
         for world in (1, 2):
@@ -237,7 +219,6 @@ def main():
         "plain_images_per_sec": {w: statistics.median(v) for w, v in plain.items() if v},
         # each round's ratio (the two ran back to back), then their median
         "vs_plain": {w: statistics.median(d / q for d, q in zip(ips[w], v)) for w, v in plain.items() if v},
-        "loadavg": os.getloadavg(),
         "ceilings": ceilings,
         "root": str(a.root),
         "extra": a.extra,
@@ -261,10 +242,10 @@ def main():
             f"  plain DDP loop, world size {world}: {res['plain_images_per_sec'][world]:8.1f} img/s; "
             f"dist_cnn / plain = {ratio:.3f} (rounds: {rounds})"
         )
-    print(f"  load average: {' '.join(f'{v:.2f}' for v in res['loadavg'])}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
+    out = stamp.write(a.json, res)["stamp"]
+    print(f"  load average (1 min): {out['load_start'][0]:.2f} at the start, {out['load_end'][0]:.2f} at the end")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,16 +34,13 @@ projection is what communication allows, an upper bound on efficiency.
 
     python benchmarks/scaling_model.py [--out DIR] [--quick] [--compute gpu|cpu] [--gpu h100|h200|a100]
                                        [--models seed,...] [--step-syncs 1] [--no-validate] [--markdown]
-Writes DIR/scaling_model.json and DIR/scaling_model.png (DIR defaults to benchmarks/results).
+Writes DIR/scaling_model.json (or --json PATH) and DIR/scaling_model.png (DIR defaults to benchmarks/results).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -57,9 +54,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
 
+from benchmarks.common import RESULTS, SYNTHETIC, Stamp, free_port, parser  # noqa: E402
 from dist_cnn.models.registry import build_model  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ constants
@@ -414,12 +411,6 @@ def resnet50_a100_flops() -> float:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gloo_worker(rank: int, port: int, sizes: list[int], rounds: int, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -444,7 +435,7 @@ def measure_gloo(sizes: list[int], rounds: int) -> dict[int, tuple[float, float]
     """{bytes: (fastest, median) seconds} of a 2-rank gloo all_reduce on loopback, 1 thread per rank."""
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     ps = [ctx.Process(target=_gloo_worker, args=(r, port, sizes, rounds, q)) for r in range(2)]
     for p in ps:
         p.start()
@@ -611,9 +602,9 @@ def published_check(prof: Profile, step_syncs: int) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------ main
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON and PNG")
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, SYNTHETIC)
+    p.add_argument("--out", default=str(RESULTS), help="folder for the PNG, and the JSON unless --json names one")
     p.add_argument("--quick", action="store_true", help="fewer sizes and rounds in the validation")
     p.add_argument(
         "--compute",
@@ -632,8 +623,10 @@ def main():
     p.add_argument("--models", default="seed,airbench,resnet18,resnet50", help="comma-separated subset")
     p.add_argument("--no-validate", action="store_true", help="skip the gloo measurement")
     p.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    stamp = Stamp()
     out = Path(a.out)
+    json_path = Path(a.json or out / "scaling_model.json")
     out.mkdir(parents=True, exist_ok=True)
     gpu = GPU_SPECS[a.gpu]
     net = make_net(gpu)
@@ -731,7 +724,7 @@ def main():
             f"  largest error on held-out sizes: {v['max_held_out_error']:.1%} "
             f"({'PASS' if v['pass'] else 'FAIL'}: <= 25%)"
         )
-    (out / "scaling_model.json").write_text(json.dumps(results, indent=2))
+    stamp.write(json_path, results)
     plot(
         results,
         out / "scaling_model.png",
@@ -740,8 +733,9 @@ def main():
     )
     if a.markdown:
         print("\n" + markdown(results))
-    print(f"\nwrote {out / 'scaling_model.json'} and {out / 'scaling_model.png'}")
+    print(f"\nwrote {json_path} and {out / 'scaling_model.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

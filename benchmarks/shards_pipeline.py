@@ -16,7 +16,7 @@ shard`, at --image-size 224 (RandomResizedCrop + flip), 2 DataLoader workers, 1 
 3. rss         the index's memory per sample, and the RSS of a process holding a loaded index of
                10^4 .. 10^6 samples.
 
-    python benchmarks/shards_pipeline.py [--images 20000] [--cache DIR] [--rounds 3] [--steps 12]
+    python benchmarks/shards_pipeline.py [--images 20000] [--data-dir DIR] [--rounds 3] [--steps 12]
                                          [--only opens,throughput,rss] [--json out.json]
 """
 
@@ -35,21 +35,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
 
-from data_pipeline import MEAN, STD, folder_stats, make_folder, measure  # noqa: E402
-
+from benchmarks.common import Stamp, child_env, free_port, parser, pipeline_rate  # noqa: E402
+from benchmarks.images import cache_dir, folder_stats, make_folder, stream_pipeline  # noqa: E402
 from dist_cnn.config import DataConfig  # noqa: E402
-from dist_cnn.data.loader import Augment, Normalize, epoch_plan  # noqa: E402
-from dist_cnn.data.open import open_source  # noqa: E402
+from dist_cnn.data.loader import Augment, epoch_plan  # noqa: E402
 from dist_cnn.data.shards import index as ix  # noqa: E402
 from dist_cnn.data.shards.dataset import open_split_readers  # noqa: E402
 from dist_cnn.data.shards.order import window_order  # noqa: E402
 from dist_cnn.data.shards.writer import write_shards  # noqa: E402
-from dist_cnn.distributed.process_group import DistEnv  # noqa: E402
 from tests.support.shard_servers import S3_ENV  # noqa: E402
 
 WORKERS, BATCH, WINDOW = 2, 32, 4
@@ -122,29 +118,18 @@ def opens(folder: Path, shards: Path, shard_bytes: int) -> dict:
 # ----------------------------------------------------------------------------- 2. throughput
 
 
-def pipeline_rate(cfg: DataConfig, steps: int) -> dict:
-    source, _ = open_source(cfg, DistEnv(), measure=False)
-    pipe = source.train_batches(
-        loader="stream",
-        batch_per_rank=BATCH,
-        rank=0,
-        world=1,
-        seed=0,
-        aug=Augment(flip=True),
-        normalize=Normalize(MEAN, STD, torch.device("cpu"), channels_last=False),
-        device=torch.device("cpu"),
-        workers=WORKERS,
-    )
-    res = measure(pipe.epoch(0), pipe.loader, 2, steps, BATCH)
-    del pipe, source
+def shards_rate(cfg: DataConfig, steps: int) -> dict:
+    pipe = stream_pipeline(cfg, BATCH, measure=False)
+    res = pipeline_rate(pipe.epoch(0), pipe.loader, 2, steps, BATCH)
+    del pipe
     gc.collect()
     return res
 
 
 def serve(kind: str, root: Path) -> tuple[subprocess.Popen, str]:
     """A server in its own process (not competing with this one for the GIL): its base URL."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **S3_ENV}
+    port = free_port()
+    env = child_env(**S3_ENV)
     code = {
         "http-range": "import functools, sys; from http.server import ThreadingHTTPServer; "
         "from tests.support.shard_servers import RangeHandler; "
@@ -170,14 +155,6 @@ def serve(kind: str, root: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     p.kill()
     raise RuntimeError(f"{kind} server did not start")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def throughput(folder: Path, shards: Path, rounds: int, steps: int) -> dict:
@@ -211,7 +188,7 @@ def throughput(folder: Path, shards: Path, rounds: int, steps: int) -> dict:
             for name, c in configs.items():  # interleaved: the machine's load drifts between rounds
                 drop_page_cache(folder / "train" if c["dataset"] == "imagefolder" else shards)
                 shutil.rmtree(cache, ignore_errors=True)
-                res = pipeline_rate(DataConfig(**base, **c), steps)
+                res = shards_rate(DataConfig(**base, **c), steps)
                 runs[name].append(res)
                 print(f"  round {r + 1} {name}: {res['images_per_sec']:.0f} img/s", flush=True)
     finally:
@@ -269,7 +246,7 @@ def rss(sizes=(10_000, 100_000, 1_000_000)) -> list[dict]:
             [sys.executable, __file__, "--rss-child", str(d)],
             capture_output=True,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=child_env(),
             check=True,
         )
         row = json.loads(p.stdout.strip().splitlines()[-1])
@@ -282,24 +259,24 @@ def rss(sizes=(10_000, 100_000, 1_000_000)) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, "where the generated folder and its shards are kept (made once)", data_aliases=("--cache",))
     ap.add_argument("--images", type=int, default=20000, help="training images in the generated folder")
-    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "dist_cnn_bench"), help="generated data")
     ap.add_argument("--shard-size", type=int, default=16 * 10**6, help="bytes a shard (default 16 MB)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12, help="batches of 32 timed per configuration and round")
     ap.add_argument("--only", default="opens,throughput,rss")
-    ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.rss_child:
-        return rss_child(a.rss_child)
-    only, out = set(a.only.split(",")), {}
-    folder = Path(a.cache) / f"folder-{a.images}"
+        rss_child(a.rss_child)
+        return 0
+    stamp, only, out = Stamp(), set(a.only.split(",")), {}
+    cache = cache_dir(a.data_dir)
+    folder = cache / f"folder-{a.images}"
     if only & {"opens", "throughput"}:
         make_folder(folder, a.images, max(a.images // 20, 100), (300, 500))
-        shards = make_shards(folder, Path(a.cache) / f"shards-{a.images}-{a.shard_size}", a.shard_size)
+        shards = make_shards(folder, cache / f"shards-{a.images}-{a.shard_size}", a.shard_size)
         out["data"] = {"folder": folder_stats(folder), "shards": len(list((shards / "train").glob("*.tar")))}
         print(out["data"], flush=True)
     if "opens" in only:
@@ -311,9 +288,9 @@ def main() -> None:
     if "rss" in only:
         out["rss"] = rss()
         print(json.dumps(out["rss"], indent=1), flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    stamp.write(a.json, out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,13 +32,9 @@ Results (JSON) go to benchmarks/results/throughput.json by default: not for comm
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib.util
-import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -49,15 +45,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
 
+from benchmarks import tutorial  # noqa: E402
+from benchmarks.common import CIFAR_DIR, RESULTS, ROOT, Stamp, cpu_seconds, free_port, parser  # noqa: E402
 from dist_cnn import config as config_mod  # noqa: E402
 from dist_cnn.config import Config, DataConfig  # noqa: E402
 from dist_cnn.data.datasets import load_dataset  # noqa: E402
 from dist_cnn.data.loader import Normalize  # noqa: E402
 from dist_cnn.distributed import process_group as D  # noqa: E402
 from dist_cnn.models.registry import build_model  # noqa: E402
+from dist_cnn.train.allocator import tune_malloc  # noqa: E402
 from dist_cnn.train.precision import cpu_has_native_bf16  # noqa: E402
 from dist_cnn.train.trainer import Trainer  # noqa: E402
 
@@ -66,36 +64,6 @@ DTYPE = {"fp32": None, "bf16": torch.bfloat16}
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids=()) -> float:
-    """This process's CPU time (all its threads) plus that of the given live child processes."""
-    total = time.process_time()
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def tune_malloc() -> bool:
-    """glibc malloc: keep freed activation buffers instead of giving them back to the OS. By default a
-    block over the (dynamic) mmap threshold is mmap'd and munmap'd on free, and the heap top is trimmed,
-    so every training step page-faults its big activations in again (thousands of faults a step for the
-    seed model at batch 64+ in fp32). M_MMAP_THRESHOLD = 32 MiB (glibc's maximum), M_TRIM_THRESHOLD = 1 GiB.
-    Process-wide and only for later allocations; what --malloc-tune measures."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
-    except (OSError, AttributeError):
-        return False
 
 
 def child_pids() -> list[int]:
@@ -176,17 +144,10 @@ def training_flops_per_image(model_name: str, batch: int, x: torch.Tensor, y: to
 # ---- (a) the tutorial's pipeline
 
 
-def load_tutorial():
-    spec = importlib.util.spec_from_file_location("tutorial_bench", ROOT / "benchmarks" / "tutorial.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class TutorialRunner:
     """benchmarks/tutorial.py's training loop, verbatim in what it does per step (incl. loss.item())."""
 
-    def __init__(self, tut, image_dir: str, batch: int):
+    def __init__(self, image_dir: str, batch: int):
         import torchvision
         import torchvision.transforms as transforms
 
@@ -194,7 +155,7 @@ class TutorialRunner:
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
         trainset = torchvision.datasets.ImageFolder(os.path.join(image_dir, "train"), transform=transform)
         self.loader = torch.utils.data.DataLoader(trainset, batch_size=batch, shuffle=True, num_workers=2)
-        self.model = tut.NETS["wide"]()  # the seed architecture, the tutorial's way
+        self.model = tutorial.NETS["wide"]()  # the seed architecture, the tutorial's way
         self.criterion = torch.nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.001, momentum=0.9)
         self.it, self.left = None, 0
@@ -385,9 +346,7 @@ class WS2Pool:
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.cmd = [ctx.Queue() for _ in range(2)]
         self.res = ctx.Queue()
         self.procs = [
@@ -450,12 +409,11 @@ def profile_paths(runners: dict[str, object], steps: int = 20) -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps and rounds: a smoke run (~2 min)")
-    ap.add_argument(
-        "--data-dir", default=str(ROOT / "data" / "cifar10-jpeg"), help="ImageFolder CIFAR-10 (train/, test/)"
+    ap = parser(
+        __doc__, "CIFAR-10 as an image folder (train/, test/); synthetic data of its shape without one", CIFAR_DIR
     )
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
+    ap.set_defaults(json=str(RESULTS / "throughput.json"))
+    ap.add_argument("--quick", action="store_true", help="fewer steps and rounds: a smoke run (~2 min)")
     ap.add_argument(
         "--rounds", type=int, default=None, help="interleaved rounds of the seed cases (default 9, quick 3)"
     )
@@ -471,7 +429,7 @@ def parse_args(argv):
     ap.add_argument(
         "--malloc-tune",
         action="store_true",
-        help="glibc mallopt: no mmap/trim of freed buffers, so steps stop page-faulting (see tune_malloc)",
+        help="glibc mallopt: no mmap/trim of freed buffers, so steps stop page-faulting (dist_cnn.train.allocator)",
     )
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 9)
@@ -558,12 +516,11 @@ def plan_cases(args) -> tuple[list[Case], list[Case]]:
 
 
 def attach_runners(cases: list[Case], data, xf, image_dir: str, tmp: str) -> None:
-    tut = load_tutorial()
     for c in cases:
         if c.path == "peak":
             c.runner = PeakRunner(torch.float32 if c.precision == "fp32" else torch.bfloat16, c.threads)
         elif c.path == "tutorial":
-            c.runner = TutorialRunner(tut, image_dir, c.batch)
+            c.runner = TutorialRunner(image_dir, c.batch)
         elif c.path in ("loader", "device"):
             cfg = make_config(
                 c.model,
@@ -777,8 +734,9 @@ def other_ratios(res: Results, threads: int) -> tuple[list[str], dict]:
     return info, precision_choice
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stamp = Stamp()
     if args.malloc_tune and not tune_malloc():
         log("NOTE: --malloc-tune: mallopt failed (not glibc?); measuring without it")
         args.malloc_tune = False
@@ -805,17 +763,8 @@ def main(argv=None):
 
     pool = None
     if ws2_cases:
-        specs = [
-            dict(
-                name=c.name,
-                path=c.path,
-                model=c.model,
-                batch=c.batch,
-                precision=c.precision,
-                channels_last=c.channels_last,
-            )
-            for c in ws2_cases
-        ]
+        keys = ("name", "path", "model", "batch", "precision", "channels_last")
+        specs = [{k: getattr(c, k) for k in keys} for c in ws2_cases]
         log("starting 2 spawned ranks (gloo) for the ws2 cases ...")
         pool = WS2Pool(specs, args.data_dir, args.malloc_tune)
     try:
@@ -860,10 +809,10 @@ def main(argv=None):
     }
     if profile_txt:
         out["profile"] = profile_txt
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    stamp.write(args.json, out)
     log(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,18 +4,19 @@ https://pytorch.org/tutorials/beginner/blitz/cifar10_tutorial.html
 Changed from the tutorial, and only this: the data comes from the shared ImageFolder copy of CIFAR-10
 (no download), the test set is evaluated after every epoch (outside the timed training loop) so the time
 at which the tutorial reached its final accuracy is known, and the figures are returned/printed/saved.
-It deliberately does not import dist_cnn: it is what dist_cnn is measured against.
+It deliberately does not import dist_cnn: it is what dist_cnn is measured against (benchmarks.common, for
+the command line and the result stamp, does not either).
 
     bash launch/local.sh --max-steps 1   # unpacks ../shared/data/cifar10-jpeg.tar.gz into data/cifar10-jpeg once
     python benchmarks/tutorial.py --data-dir data/cifar10-jpeg [--epochs 2] [--max-images N] [--json out.json]
 
-Or from another script: importlib-load this file and call run(data_dir, epochs, max_images, ...) -> dict.
+Or from another script: `from benchmarks import tutorial` and call tutorial.run(data_dir, epochs, ...) -> dict.
 """
 
-import argparse
-import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,10 @@ import torch.nn.functional as F
 import torch.optim as optim
 import torchvision
 import torchvision.transforms as transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks
+
+from benchmarks.common import CIFAR_DIR, Stamp, parser  # noqa: E402
 
 
 class Net(nn.Module):
@@ -143,9 +148,8 @@ def run(data_dir, epochs=2, max_images=None, threads=None, net="tutorial", seed=
     return result
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", required=True, help="folder holding train/ and test/ (ImageFolder layout)")
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, "folder holding train/ and test/ (ImageFolder layout)", CIFAR_DIR)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument(
         "--max-images",
@@ -156,16 +160,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--net", choices=sorted(NETS), default="tutorial")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    stamp = Stamp()
     for sub in ("train", "test"):
         if not os.path.isdir(os.path.join(args.data_dir, sub)):
             ap.error(f"{args.data_dir} has no {sub}/ folder; unpack cifar10-jpeg.tar.gz there")
     result = run(args.data_dir, args.epochs, args.max_images, args.threads, args.net, args.seed)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    stamp.write(args.json, result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

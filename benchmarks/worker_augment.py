@@ -4,42 +4,28 @@ workers (the stream pipeline's default now). Interleaved rounds on the same pipe
 
 The training process's CPU time is time.process_time() around each next(batch): the workers are other
 processes and not counted; what is counted is what a GPU run's training process spends on feeding the
-GPU instead of launching its kernels. Generated JPEGs (300-500 px) are cropped to --size.
+GPU instead of launching its kernels. Generated JPEGs (300-500 px, made once in --data-dir) are cropped
+to --size.
 
     python benchmarks/worker_augment.py [--images 256] [--size 224] [--batch 32] [--workers 2] [--rounds 5]
+                                     [--data-dir DIR] [--json PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from dist_cnn.config import DataConfig
-from dist_cnn.data.augment import ImageAugment
-from dist_cnn.data.loader import Augment
-from dist_cnn.data.open import open_source
-from dist_cnn.distributed.process_group import DistEnv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
 
-
-def jpeg_folder(root: Path, n: int) -> Path:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("test", 4)):
-        for i in range(count):
-            d = root / split / f"c{i % 4}"
-            d.mkdir(parents=True, exist_ok=True)
-            h, w = int(rng.integers(300, 500)), int(rng.integers(300, 500))
-            ys, xs = np.mgrid[0:h, 0:w]
-            base = 128 + 60 * np.sin(xs[..., None] / rng.uniform(5, 40) + ys[..., None] / rng.uniform(5, 40))
-            pix = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pix).save(d / f"{i:04d}.jpg", quality=85)
-    return root
+from benchmarks.common import Stamp, parser  # noqa: E402
+from benchmarks.images import cache_dir, make_folder, stream_pipeline  # noqa: E402
+from dist_cnn.config import DataConfig  # noqa: E402
+from dist_cnn.data.augment import ImageAugment  # noqa: E402
 
 
 def epoch_cpu_ms(pipe, epoch: int, in_workers: bool) -> list[float]:
@@ -53,54 +39,47 @@ def epoch_cpu_ms(pipe, epoch: int, in_workers: bool) -> list[float]:
         per_step.append((time.process_time() - t) * 1000)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, "where the generated JPEG folder is kept (made once)")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args(argv)
+    stamp = Stamp()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = jpeg_folder(Path(tmp), a.images)
-        cfg = DataConfig(
-            dataset="imagefolder",
-            data_dir=str(root),
-            image_size=a.size,
-            loader="stream",
-            train_crop="random-resized",
-            eval_resize="center-crop",
-            workers=a.workers,
-        )
-        source, _ = open_source(cfg, DistEnv())
-        pipe = source.train_batches(
-            loader="stream",
-            batch_per_rank=a.batch,
-            rank=0,
-            world=1,
-            seed=0,
-            aug=Augment(flip=True),
-            normalize=lambda x: x.float(),
-            device=torch.device("cpu"),
-            workers=a.workers,
-            image_aug=ImageAugment("ta_wide", 0.1, seed=0, fill=(0.485, 0.456, 0.406)),
-        )
-        ms = {"training process": [], "workers": []}
-        for r in range(a.rounds):  # interleaved, the order alternating
-            order = (False, True) if r % 2 == 0 else (True, False)
-            for in_workers in order:
-                ms["workers" if in_workers else "training process"] += epoch_cpu_ms(pipe, r, in_workers)
+    root = make_folder(cache_dir(a.data_dir) / f"augment-{a.images}", a.images, 4, (300, 500), classes=4)
+    cfg = DataConfig(
+        dataset="imagefolder",
+        data_dir=str(root),
+        image_size=a.size,
+        loader="stream",
+        train_crop="random-resized",
+        eval_resize="center-crop",
+        workers=a.workers,
+    )
+    image_aug = ImageAugment("ta_wide", 0.1, seed=0, fill=(0.485, 0.456, 0.406))
+    pipe = stream_pipeline(cfg, a.batch, normalize=lambda x: x.float(), image_aug=image_aug)
+    ms = {"training process": [], "workers": []}
+    for r in range(a.rounds):  # interleaved, the order alternating
+        order = (False, True) if r % 2 == 0 else (True, False)
+        for in_workers in order:
+            ms["workers" if in_workers else "training process"] += epoch_cpu_ms(pipe, r, in_workers)
+    print(
+        f"{a.images} JPEGs 300-500 px -> {a.size} px, batch {a.batch}, {a.workers} workers, {a.rounds} rounds; "
+        "training-process CPU ms per step (median, min-max):"
+    )
+    res = {"images": a.images, "size": a.size, "batch": a.batch, "workers": a.workers, "cpu_ms_per_step": {}}
+    for where, values in ms.items():
+        res["cpu_ms_per_step"][where] = {"median": statistics.median(values), "all": values}
         print(
-            f"{a.images} JPEGs 300-500 px -> {a.size} px, batch {a.batch}, {a.workers} workers, {a.rounds} rounds; "
-            "training-process CPU ms per step (median, min-max):"
+            f"  per-image augmentation in the {where:16s}: {statistics.median(values):7.1f} "
+            f"({min(values):.1f}-{max(values):.1f}, {len(values)} steps)"
         )
-        for where, values in ms.items():
-            print(
-                f"  per-image augmentation in the {where:16s}: {statistics.median(values):7.1f} "
-                f"({min(values):.1f}-{max(values):.1f}, {len(values)} steps)"
-            )
+    stamp.write(a.json, res)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

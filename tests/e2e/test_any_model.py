@@ -179,7 +179,7 @@ def test_recipe_options_resume_exactly(tmp_path, nproc):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
 def test_torchvision_model_with_the_recipe_on_cuda_fp16(tmp_path):
     """The recipe's CUDA paths: per-image transforms on the CPU and back, MixUp/CutMix on the device, clipping
-    of fp16-unscaled gradients, the EMA on the device (benchmarks/gpu_check.sh runs the `cuda` tests)."""
+    of fp16-unscaled gradients, the EMA on the device (tools/gpu_check.sh runs the `cuda` tests)."""
     out = tmp_path / "run"
     train([*RECIPE, "--model", "torchvision:resnet18", "--precision", "fp16", "--out", out], check=0)
     s = read_summary(out)

@@ -1,6 +1,6 @@
 """CUDA-only checks (`python -m pytest -m cuda tests/`): fp16 with a GradScaler, bf16, NCCL through torchrun,
 the device-resident pipeline on the GPU, and --compile. Each trains the seed model on small synthetic data
-through train.py. Skipped, with the reason shown (-ra), where torch sees no CUDA GPU; benchmarks/gpu_check.sh
+through train.py. Skipped, with the reason shown (-ra), where torch sees no CUDA GPU; tools/gpu_check.sh
 runs them on a lent GPU machine."""
 
 import pytest

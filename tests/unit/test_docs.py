@@ -55,7 +55,7 @@ def test_import_layers_shown_are_the_contract():
 def test_repository_paths_in_the_docs_exist():
     """A file or folder of the repository named in backticks (`dist_cnn/...`, `tests/...`, `configs/...`)
     exists: a move or rename shows here. Outputs a run writes (`benchmarks/results/`) are not in git."""
-    pattern = re.compile(r"`((?:dist_cnn|tests|benchmarks|configs|launch|slurm|examples)/[\w./-]*)`")
+    pattern = re.compile(r"`((?:dist_cnn|tests|benchmarks|tools|configs|launch|slurm|examples)/[\w./-]*)`")
     missing = []
     for page in sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]:
         for path in pattern.findall(page.read_text()):

@@ -1,11 +1,11 @@
-"""benchmarks/gpu_check.py's verdict: a pytest cut off by the time limit fails the check, whatever its
+"""tools/gpu_check.py's verdict: a pytest cut off by the time limit fails the check, whatever its
 partial JUnit file says; a part not run yet (two-call mode) is named, not failed."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks import gpu_check
+from tools import gpu_check
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="2">
 <testcase classname="tests.e2e.test_cuda" name="test_bf16_run" time="12.5"/>

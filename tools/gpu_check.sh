@@ -18,23 +18,23 @@
 #   train:         preflight 50, unpack 30, recipe 250+10, airbench 200+10, table 12              = 562 s
 # so one call of 600 s holds either the whole check or one part. The parts are the two-call way when a
 # step needs more than its share: `gpu_check.sh tests`, then `gpu_check.sh train` (steps 2-4); each
-# keeps its results in benchmarks/results/gpu_check, and the table shows both parts' results.
+# keeps its results in runs/gpu_check, and the table shows both parts' results.
 # A pytest cut off at its limit fails the check (its JUnit file then lists only the tests that ran).
 #
 # Output: logs, the JUnit XML, the recipe's summary.json, airbench.json and gpu_check.json in
-# benchmarks/results/gpu_check, copied to $OUT when OUT is set.
+# runs/gpu_check, copied to $OUT when OUT is set.
 #
 # On a GPU machine that gets a copy of the working tree (not the shared data beside it):
-#   here, once per checkout:   bash benchmarks/gpu_check.sh --prepare
+#   here, once per checkout:   bash tools/gpu_check.sh --prepare
 #       (copies ../shared/data/cifar10-jpeg.tar.gz, 19 MB, into .gpu_data/, downloads the airbench
 #        0.1.8 source (pure Python) beside it, and git-ignores that folder through .git/info/exclude, so
 #        it travels only when carried and is never committed)
-#   there:                     bash benchmarks/gpu_check.sh [all|tests|train]   (with .gpu_data carried)
+#   there:                     bash tools/gpu_check.sh [all|tests|train]   (with .gpu_data carried)
 #   and read the table at the end of its output.
 # Without .gpu_data it still runs the tests and says the recipe was skipped for want of data.
 # A dry run of the script's steps on a machine without a GPU (the CUDA tests then skip):
 #   GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_RECIPE_ARGS="--max-steps 2 --tta 0" GPU_CHECK_AIRBENCH_ARGS="--epochs 0.05" \
-#     PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#     PYTHON=.venv/bin/python bash tools/gpu_check.sh
 #
 # Python: the machine's python3 with torch + CUDA, pytest, pytest-timeout, torchvision, tqdm, pyyaml,
 # matplotlib, pillow (wandb is not needed: --wandb disabled never imports it). PYTHON=... picks another.
@@ -56,7 +56,7 @@ if [ "${1:-}" = "--prepare" ]; then
     && tar -xzf "$root/.gpu_data/airbench-0.1.8.tar.gz" -C "$root/.gpu_data" \
     || echo "gpu_check --prepare: airbench 0.1.8 not downloaded; step 4 will be skipped"
   echo "prepared: $archive ($(du -h "$archive" | cut -f1)); /.gpu_data/ is ignored via $exclude"
-  echo 'now run bash benchmarks/gpu_check.sh on the GPU machine, with .gpu_data copied along'
+  echo 'now run bash tools/gpu_check.sh on the GPU machine, with .gpu_data copied along'
   exit 0
 fi
 
@@ -67,7 +67,7 @@ if [ "$part" = all ]; then lim_tests=270 lim_recipe=100 lim_airbench=70; else li
 
 cd "$root"
 PY="${PYTHON:-python3}"
-out="$root/benchmarks/results/gpu_check"  # kept between calls: `tests` and `train` each add their part
+out="$root/runs/gpu_check"  # kept between calls: `tests` and `train` each add their part
 mkdir -p "$out"
 if want tests; then rm -f "$out"/cuda_tests.* "$out"/tests.status; fi
 if want train; then rm -f "$out"/fast94* "$out"/airbench.json "$out"/train.status; fi
@@ -137,7 +137,7 @@ if want train; then
     mkdir -p "$data_dir" && timeout 30 tar -xzf "$archive" -C "$data_dir" && [ -d "$data_dir/train" ] && data_ok=1
     echo "   unpacked $(find "$data_dir" -name '*.jpg' | wc -l) images in $(( $(date +%s) - t0 ))s"
   else
-    echo "   NO DATA: $archive is missing (run 'bash benchmarks/gpu_check.sh --prepare' here and carry .gpu_data)"
+    echo "   NO DATA: $archive is missing (run 'bash tools/gpu_check.sh --prepare' here and carry .gpu_data)"
   fi
   unpack_s=$(( $(date +%s) - t0 ))
 
@@ -175,7 +175,7 @@ for f in "$out/tests.status" "$out/train.status"; do
   # shellcheck disable=SC1090
   [ -f "$f" ] && . "$f"
 done
-timeout -k 2 10 "$PY" "$root/benchmarks/gpu_check.py" --airbench "$out/airbench.json" --airbench-rc "$airbench_rc" \
+timeout -k 2 10 "$PY" "$root/tools/gpu_check.py" --airbench "$out/airbench.json" --airbench-rc "$airbench_rc" \
   --junit "$out/cuda_tests.xml" --tests-rc "$tests_rc" --tests-seconds "$tests_s" \
   --unpack-seconds "$unpack_s" --data-ok "$data_ok" --recipe-rc "$recipe_rc" --recipe-ms "$recipe_ms" \
   --summary "$out/fast94_summary.json" --json "$out/gpu_check.json" --total-seconds "$(( $(date +%s) - t_all ))"

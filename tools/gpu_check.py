@@ -1,4 +1,4 @@
-"""The table at the end of benchmarks/gpu_check.sh: each CUDA test's result and time (from pytest's JUnit
+"""The table at the end of tools/gpu_check.sh: each CUDA test's result and time (from pytest's JUnit
 XML), then the fast recipe's accuracy, train_seconds and images/s (from its summary.json). Standard library
 only. Exit status: 0 when pytest exited 0 (every test passed or skipped) and the recipe ran (or had no data),
 1 otherwise: a pytest cut off by its time limit (exit 2 after SIGINT, or timeout's 124/137) wrote a JUnit
