@@ -299,6 +299,11 @@ class LogConfig:
         "Chrome trace per rank in <run dir>/profile/, rank 0 prints the split of step time",
     )
     profile_stack: bool = opt(False, "--profile: record Python stacks too (larger traces, more overhead)")
+    log_level: str = opt(
+        "INFO",
+        "console messages shown: rank 0 at this level, the other ranks at WARNING (or this level when stricter)",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
 
 
 @dataclass

@@ -7,6 +7,7 @@ Every rank runs the same code and takes part in every collective; only rank 0 wr
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import resource
 import time
@@ -32,7 +33,7 @@ from dist_cnn.fileio import WritePolicy, write_json_atomic
 from dist_cnn.models.checks import check_trainable
 from dist_cnn.models.prepare import prepare_model
 from dist_cnn.models.trust import check_file_spec
-from dist_cnn.observability import hang, phases
+from dist_cnn.observability import console, hang, phases
 from dist_cnn.observability.metrics import MetricsLog
 from dist_cnn.observability.phases import PHASES
 from dist_cnn.observability.progress import Progress, RateAverage
@@ -52,6 +53,8 @@ from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, tot
 from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
+
+log = logging.getLogger(__name__)
 
 
 class StepSignals(NamedTuple):
@@ -107,7 +110,6 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.reporter = reporter or Reporter()
         t, main = cfg.train, env.is_main
-        self.log = Progress(main, False, 0).print  # replaced once the step count is known
         micro_world = env.world_size * t.grad_accum
         if t.batch_size % micro_world:
             raise UserError(f"--batch-size {t.batch_size} must divide by world size x grad accum = {micro_world}")
@@ -118,10 +120,10 @@ class Trainer:
 
         # The run directory and the checkpoint to resume are settled before the data is loaded: a
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
-        self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
+        self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg))
         self.reporter.run_dir_ready(self.run_dir, main)
         self.heartbeat = hang.start(D.store(), env.rank, env.world_size, self.run_dir)
-        self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
+        self.resume_path, state = resolve_resume(cfg, env, self.run_dir)
         if state is not None:
             self._resume_config(state)
             self.batch_per_rank = t.batch_size // micro_world
@@ -135,9 +137,7 @@ class Trainer:
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()
 
-        prepared = prepare_model(
-            cfg, self.data, env.device, factory=model_factory, starting_weights=state is None, log=self.log
-        )
+        prepared = prepare_model(cfg, self.data, env.device, factory=model_factory, starting_weights=state is None)
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
         check_trainable(prepared.model, self.batch_per_rank, cfg.model.sync_bn and env.world_size > 1)
         self.rank_times, self.stragglers, self.rank_figures = RankTimes(env.device), StragglerWatch(), None
@@ -182,23 +182,20 @@ class Trainer:
         self.meter, self.best_acc, self.bad_steps, self.skipped_steps = Meter(), -1.0, 0, 0
         self.rate = RateAverage()
         self.ckpt_policy = CheckpointPolicy(cfg.ckpt)
-        self.writes = WritePolicy(cfg.ckpt.on_write_error, lambda msg: self.log(msg))
+        self.writes = WritePolicy(cfg.ckpt.on_write_error)
         self.metrics = MetricsLog(self.run_dir, main, on_error=self.writes.failed)
         self.wandb_id = None
         if state is not None:
             self._load_state(state)
         self.progress = Progress(main, cfg.log.progress, self.total_steps)
-        self.log = self.progress.print
-        self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, main, self.log)
+        self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, main)
         self.tensorboard = TensorBoardLogger(
-            self.run_dir, main and cfg.log.tensorboard, self.step if state is not None else None, self.log
+            self.run_dir, main and cfg.log.tensorboard, self.step if state is not None else None
         )
         self.stop = StopSignal(announce=main)
         self.stop.install()
-        self.trial = TrialReporter.from_environ(cfg, env, self.log)  # None unless a sweep started the run
-        self.profiler = StepProfiler(
-            cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack, self.log
-        )
+        self.trial = TrialReporter.from_environ(cfg, env)  # None unless a sweep started the run
+        self.profiler = StepProfiler(cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack)
 
     # ---- setup -------------------------------------------------------------------------------
     def _same_run(self, state: dict) -> bool:
@@ -224,7 +221,7 @@ class Trainer:
 
     def _load_data(self) -> DataSource:
         """The source the config names (data.open_source: in memory or streamed, and why)."""
-        source, self.loader_note = open_source(self.cfg.data, self.env, log=self.log, timeout=self.cfg.dist.timeout)
+        source, self.loader_note = open_source(self.cfg.data, self.env, timeout=self.cfg.dist.timeout)
         return source
 
     @property
@@ -325,7 +322,7 @@ class Trainer:
         zero_momentum(self.optimizer)  # a checkpoint written before the first step has no buffers yet
         self.schedule.load_state_dict(s["schedule"])
         if not P.load_scaler(self.scaler, s["scaler"]):
-            self.log(f"the checkpoint was trained in {s.get('precision', 'fp32')}: fp16's loss scale starts fresh")
+            log.info(f"the checkpoint was trained in {s.get('precision', 'fp32')}: fp16's loss scale starts fresh")
         if self.lookahead:
             self.lookahead.load_state_dict(s["lookahead"])
         if self.ema:
@@ -337,14 +334,14 @@ class Trainer:
         if not self._same_run(s):
             # another run's checkpoint into a new --out: that run's W&B run stays its own
             self.wandb_id = None
-            self.log(f"resuming {self.resume_path} into a new --out {self.run_dir}: a new W&B run")
+            log.info(f"resuming {self.resume_path} into a new --out {self.run_dir}: a new W&B run")
         self.skipped_images = set(s.get("skipped_images", []))
         checkpoint.set_rng_state(s["rng"][self.env.rank % len(s["rng"])])
         self.metrics.history = list(s["metrics"])
         checkpoint.scrub_missing(self.metrics.history)  # events naming checkpoints pruned since
         self.metrics.rewrite()
         self.metrics.write({"event": "resume", "step": self.step, "epoch": self.epoch, "from": str(self.resume_path)})
-        self.log(
+        log.info(
             f"resumed from {self.resume_path} at step {self.step} (epoch {self.epoch + 1}, "
             f"step {self.epoch_step} of {self.steps_per_epoch})"
         )
@@ -364,7 +361,7 @@ class Trainer:
                 path, pruned = checkpoint.write(self.run_dir, state, self.cfg.ckpt.keep, is_best)
             except OSError as e:  # torch.save's own write errors arrive as OSError too (fileio)
                 err = f"checkpoint write failed at step {self.step} ({e.strerror or e}); the previous one is intact"
-                self.log(f"warning: {err}")
+                log.warning(f"warning: {err}")
             else:
                 self.metrics.write({"event": "checkpoint", "step": self.step, "path": str(path)})
                 if pruned and checkpoint.scrub_missing(self.metrics.history):
@@ -461,14 +458,14 @@ class Trainer:
             self.metrics.write(self.trial.start_event())
         if self.env.is_main:
             self.writes.attempt("config.json", lambda: config_mod.save(cfg, self.run_dir / "config.json"))
-            self.log(
+            log.info(
                 f"run {self.run_dir}: {cfg.model.name} on {cfg.data.dataset}, world size {self.env.world_size} "
                 f"({self.env.backend}), {self.precision}, batch {t.batch_size} ({self.batch_per_rank}/rank), "
                 f"{self.loader_kind} pipeline{f' ({self.loader_note})' if self.loader_note else ''}, "
                 f"{self.total_steps} steps"
             )
             if t.precision == "auto":
-                self.log(f"precision {self.precision} (auto: {self.precision_reason})")
+                log.info(f"precision {self.precision} (auto: {self.precision_reason})")
         try:
             return self._train_to_end()
         except RuntimeError as e:  # torch's SIGCHLD handler, raised wherever this rank happens to be
@@ -481,7 +478,7 @@ class Trainer:
         handled by a single rank the checkpoint is still written (no peer waits in a collective)."""
         why = one_line(e, 200)
         if self.stop.requested and not self.env.initialized:
-            self.log(f"warning: {why} while stopping; writing the checkpoint anyway")
+            log.warning(f"warning: {why} while stopping; writing the checkpoint anyway")
             self.save_checkpoint()
             self.handle_stop()
             return self.stopped()
@@ -513,7 +510,7 @@ class Trainer:
 
     def stop_after_eval(self) -> dict:
         """A stop signal arrived during an evaluation, which all ranks cut short: checkpoint, leave."""
-        self.log(f"stop signal during evaluation: evaluation cut short at step {self.step}")
+        log.info(f"stop signal during evaluation: evaluation cut short at step {self.step}")
         self.save_checkpoint()
         self.handle_stop()
         return self.stopped()
@@ -624,7 +621,7 @@ class Trainer:
             if straggler is not None:
                 rec["straggler_rank"] = straggler
             if message:
-                self.log(message)
+                log.info(message)
             self.rank_figures = None
         self.metrics.write(rec)
         self.reporter.metrics(rec)
@@ -637,22 +634,22 @@ class Trainer:
     def handle_stop(self) -> bool:
         requeue, pruned = D.broadcast_object((self.stop.wants_requeue, self.stop.pruned), self.env)
         if pruned:  # rank 0's decision, which the other ranks only saw as "stop"
-            self.log(f"pruned by the sweep: checkpoint written at step {self.step}")
+            log.info(f"pruned by the sweep: checkpoint written at step {self.step}")
             self.wandb.finish()
             self.tensorboard.finish()
             self.progress.close()
             return True
-        self.log(f"stop signal: checkpoint written at step {self.step}")
+        log.info(f"stop signal: checkpoint written at step {self.step}")
         self.wandb.finish()  # complete the W&B files inside the grace period; a requeue resumes the run
         self.tensorboard.finish()
-        failed = requeue and self.env.is_main and not requeue_slurm_job(self.log)
+        failed = requeue and self.env.is_main and not requeue_slurm_job()
         if D.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
             raise TrainingFailed(
                 f"stopped at step {self.step} and could not requeue; continue with --out {self.run_dir} --resume auto"
             )
         self.requeued = requeue
         if not requeue:
-            self.log(
+            log.info(
                 f"the run is unfinished (exit code {self.stop.exit_code}); continue it with "
                 f"--out {self.run_dir} --resume auto"
             )
@@ -704,7 +701,7 @@ class Trainer:
         if self.trial and self.trial.should_prune(rec, last=self.step >= self.total_steps):
             self.metrics.write({"event": "pruned", "step": self.step, "epoch": self.epoch})
             self.stop.prune()  # rank 0's stop flag: all ranks agree on it at the next step
-        self.log(
+        log.info(
             f"epoch {self.epoch}: test accuracy {res['test_accuracy']:.4f} "
             f"({res['test_correct']}/{res['test_total']}){ema_note}, {self.meter.seconds:.1f} s of training"
         )
@@ -722,7 +719,7 @@ class Trainer:
             torch.distributed.all_gather_object(found, mine)
         new = sorted(set().union(*found) - self.skipped_images)
         if new:
-            self.log(
+            log.info(
                 f"skipped {len(new)} unreadable image(s) (--skip-bad-images): {', '.join(new[:5])}"
                 f"{' ...' if len(new) > 5 else ''}"
             )
@@ -795,12 +792,13 @@ class Trainer:
         except OSError as e:  # a write failure: the run's policy
             self.writes.failed("the plots", e)
         except Exception as e:  # plots are a convenience; the run's results are already written
-            self.log(f"warning: plots not written: {one_line(e)}")
-        self.log(format_report(summary, self.metrics.history))
+            log.warning(f"warning: plots not written: {one_line(e)}")
+        log.info(format_report(summary, self.metrics.history))
 
 
 def train(cfg: Config, data: DataSource | None = None, model_factory=None, reporter: Reporter | None = None) -> dict:
     with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
+        console.configure(cfg.log.log_level, env.rank, env.world_size)
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory
         trainer = Trainer(cfg, env, data=data, model_factory=model_factory, reporter=reporter)
@@ -814,4 +812,5 @@ def train(cfg: Config, data: DataSource | None = None, model_factory=None, repor
             trainer.wandb.finish()
             raise
         finally:
+            trainer.progress.close()  # an unfinished run's bar too: console lines go back to stdout
             trainer.stop.uninstall()

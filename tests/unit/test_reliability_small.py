@@ -98,18 +98,16 @@ def test_skip_bad_images_is_refused_by_the_in_memory_loaders(tmp_path):
         )
 
 
-def test_an_unwritable_tensorboard_folder_is_one_line(tmp_path):
+def test_an_unwritable_tensorboard_folder_is_one_line(tmp_path, logged):
     (tmp_path / "tensorboard").write_text("a file where the folder goes")
-    said = []
-    tb = TensorBoardLogger(tmp_path, True, None, said.append)
-    assert not tb.active and len(said) == 1 and "TensorBoard logging disabled" in said[0]
+    tb = TensorBoardLogger(tmp_path, True, None)
+    assert not tb.active and len(logged) == 1 and "TensorBoard logging disabled" in logged[0]
 
 
-def test_a_profile_window_past_the_end_says_so(tmp_path):
-    said = []
-    prof = StepProfiler("50:60", tmp_path, 0, torch.device("cpu"), False, said.append)
+def test_a_profile_window_past_the_end_says_so(tmp_path, logged):
+    prof = StepProfiler("50:60", tmp_path, 0, torch.device("cpu"), False)
     prof.end(20)
-    assert len(said) == 1 and "before the window started; nothing was recorded" in said[0]
+    assert len(logged) == 1 and "before the window started; nothing was recorded" in logged[0]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
