@@ -393,7 +393,7 @@ class Trainer:
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 loss_sum += loss.detach().float()
                 if last:  # the loss is known before the backward pass: agree while it runs
-                    agreement = self._agree(loss_sum)
+                    vote = self._start_step_vote(loss_sum)
                 PHASES.enter(phases.BACKWARD)
                 with self.profiler.region("backward"):
                     self.scaler.scale(loss).backward()
@@ -406,40 +406,40 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
         PHASES.enter(phases.OPTIMIZER)
         with self.profiler.region("optimizer"):
-            signals = self._apply(agreement)
+            signals = self._step_unless_nonfinite(vote)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
         return signals, loss_sum
 
-    def _apply(self, agreement: parallel.Agreement) -> StepSignals:
+    def _step_unless_nonfinite(self, vote: parallel.StepVote) -> StepSignals:
         """The optimizer step, unless some rank's loss was non-finite."""
         if self.precision == "fp16":  # the scaler skips non-finite steps by itself
             self.scaler.step(self.optimizer)
-            return self._signals(agreement)
+            return self._signals(vote)
         if self.skip_on_device:
             # fused SGD skips the update on the device when found_inf is 1: no host sync for the guard,
-            # and the flags are read after the step is queued (from pinned memory, see Agreement)
-            self.optimizer.found_inf = agreement.on_device()[:1]
+            # and the flags are read after the step is queued (from pinned memory, see StepVote)
+            self.optimizer.found_inf = vote.on_device()[:1]
             self.optimizer.step()
             del self.optimizer.found_inf
-            return self._signals(agreement)
+            return self._signals(vote)
         with PHASES.during(phases.STEP_ALL_REDUCE):
-            signals = self._signals(agreement)  # long done: it ran alongside the backward pass
+            signals = self._signals(vote)  # long done: it ran alongside the backward pass
         if not signals.nonfinite:
             self.optimizer.step()
         return signals
 
-    def _signals(self, agreement: parallel.Agreement) -> StepSignals:
+    def _signals(self, vote: parallel.StepVote) -> StepSignals:
         """The agreed flags; every rank's time accounting when the step closed a log interval."""
-        values = agreement.values()
+        values = vote.values()
         n = len(StepSignals._fields)
         figures = unpack(values[n:], self.env.world_size)
         if figures is not None:
             self.rank_figures = figures
         return StepSignals(*(v > 0 for v in values[:n]))
 
-    def _agree(self, loss: torch.Tensor) -> parallel.Agreement:
+    def _start_step_vote(self, loss: torch.Tensor) -> parallel.StepVote:
         """One small all_reduce (max) a step carries everything the ranks must decide together; it is
         started before the backward pass and read after it."""
         due = self.env.is_main and self.ckpt_policy.clock_due()
@@ -449,7 +449,7 @@ class Trainer:
         host = torch.cat([host, slots(self.env.rank, self.env.world_size, figures)])
         if loss.is_cuda:  # from pinned memory: an asynchronous copy, no wait for the GPU
             host = host.pin_memory().to(loss.device, non_blocking=True)
-        return parallel.Agreement(torch.cat([(~torch.isfinite(loss)).float().view(1), host]))
+        return parallel.StepVote(torch.cat([(~torch.isfinite(loss)).float().view(1), host]))
 
     def fit(self) -> dict:
         """Train to the end (or a stop signal), evaluating as configured; returns the summary."""
