@@ -7,7 +7,7 @@ import logging
 import math
 from pathlib import Path
 
-from dist_cnn import config as C
+from dist_cnn import config as config_mod
 from dist_cnn.errors import one_line
 from dist_cnn.sweep import tomlfile
 from dist_cnn.sweep.trialfiles import TrialFiles, rerun_config
@@ -69,7 +69,7 @@ def write_best(out: Path, study) -> Path | None:
     if not complete:
         return None
     best = complete[0]
-    cfg = C.load_file(str(TrialFiles(out, best.number).config))
+    cfg = config_mod.load_file(str(TrialFiles(out, best.number).config))
     path = out / "best.toml"
     tomlfile.write(path, rerun_config(cfg), header=f"sweep {study.study_name}: trial {best.number}, value {best.value}")
     return path

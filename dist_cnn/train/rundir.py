@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from dist_cnn.config import Config
-from dist_cnn.distributed import process_group as D
+from dist_cnn.distributed import process_group
 from dist_cnn.errors import UserError
 from dist_cnn.models.registry import short_name
 from dist_cnn.train import checkpoint
@@ -149,7 +149,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def resolve_resume(cfg: Config, env: D.DistEnv, run_dir: Path) -> tuple[Path | None, dict | None]:
+def resolve_resume(cfg: Config, env: process_group.DistEnv, run_dir: Path) -> tuple[Path | None, dict | None]:
     """Rank 0 finds and loads the checkpoint; every rank gets its state (no shared filesystem needed).
     A run that starts from scratch starts its metrics.jsonl afresh (a predecessor killed before its
     first checkpoint left events that belong to no checkpoint)."""
@@ -170,5 +170,5 @@ def resolve_resume(cfg: Config, env: D.DistEnv, run_dir: Path) -> tuple[Path | N
                 (run_dir / "metrics.jsonl").unlink()
         return found
 
-    found = D.main_only(env, find)
+    found = process_group.main_only(env, find)
     return found if found is not None else (None, None)

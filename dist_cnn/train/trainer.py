@@ -25,8 +25,7 @@ from dist_cnn.data.loader import Augment
 from dist_cnn.data.open import open_source
 from dist_cnn.data.source import DataSource, upgrade_stored_config
 from dist_cnn.data.stream import default_workers
-from dist_cnn.distributed import parallel
-from dist_cnn.distributed import process_group as D
+from dist_cnn.distributed import parallel, process_group
 from dist_cnn.distributed.preempt import StopSignal, requeue_slurm_job
 from dist_cnn.errors import PeerFailed, TrainingFailed, UserError, one_line
 from dist_cnn.fileio import WritePolicy, write_json_atomic
@@ -43,8 +42,7 @@ from dist_cnn.observability.reporter import Reporter
 from dist_cnn.observability.tensorboard_logger import TensorBoardLogger
 from dist_cnn.observability.wandb_logger import WandbLogger
 from dist_cnn.sweep.reporter import TrialReporter
-from dist_cnn.train import checkpoint
-from dist_cnn.train import precision as P
+from dist_cnn.train import checkpoint, precision
 from dist_cnn.train.allocator import tune_malloc
 from dist_cnn.train.checkpoint import CheckpointPolicy
 from dist_cnn.train.ema import ModelEMA, adjusted_decay
@@ -102,7 +100,7 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        env: D.DistEnv,
+        env: process_group.DistEnv,
         data: DataSource | None = None,
         model_factory=None,
         reporter: Reporter | None = None,
@@ -120,9 +118,9 @@ class Trainer:
 
         # The run directory and the checkpoint to resume are settled before the data is loaded: a
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
-        self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg))
+        self.run_dir = process_group.main_only(env, lambda: prepare_run_dir(cfg))
         self.reporter.run_dir_ready(self.run_dir, main)
-        self.heartbeat = hang.start(D.store(), env.rank, env.world_size, self.run_dir)
+        self.heartbeat = hang.start(process_group.store(), env.rank, env.world_size, self.run_dir)
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir)
         if state is not None:
             self._resume_config(state)
@@ -148,7 +146,7 @@ class Trainer:
         self.precision, self.precision_reason = (
             (state["precision"], "kept from the checkpoint")
             if state and t.precision == "auto"
-            else D.main_only(env, self._resolve_precision)
+            else process_group.main_only(env, self._resolve_precision)
         )
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device, use_fused(env.device, self.precision))
         # fused SGD skips a non-finite step in its kernel (found_inf), with no host sync; foreach on the host
@@ -159,7 +157,7 @@ class Trainer:
             raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({self.data.train_size})")
         self.total_steps = total_steps(t.epochs, self.steps_per_epoch, t.max_steps)
         self.schedule = build_schedule(self.optimizer, self.total_steps, cfg.optim)
-        self.scaler = P.grad_scaler(self.precision, env.device)
+        self.scaler = precision.grad_scaler(self.precision, env.device)
         self.lookahead = (
             Lookahead(self.raw_model, t.lookahead_every, t.lookahead_decay, self.total_steps)
             if t.lookahead_every
@@ -236,14 +234,14 @@ class Trainer:
         x, y = self.data.probe(min(self.batch_per_rank, 64), self.cfg.train.seed)
         x, y = self.normalize(x.to(self.env.device)), y.to(self.env.device)
         n = len(x)
-        probe = P.time_training_step(self.raw_model, x, y)
+        probe = precision.time_training_step(self.raw_model, x, y)
         what = {
             "model": self.cfg.model.name,
             "input": list(x.shape[1:]),
             "batch": n,
             "channels_last": self.cfg.model.channels_last,
         }
-        return P.resolve_auto(self.env.device, what, probe)
+        return precision.resolve_auto(self.env.device, what, probe)
 
     def _build_pipeline(self):
         cfg, env = self.cfg, self.env
@@ -321,7 +319,7 @@ class Trainer:
         self.optimizer.load_state_dict(s["optimizer"])
         zero_momentum(self.optimizer)  # a checkpoint written before the first step has no buffers yet
         self.schedule.load_state_dict(s["schedule"])
-        if not P.load_scaler(self.scaler, s["scaler"]):
+        if not precision.load_scaler(self.scaler, s["scaler"]):
             log.info(f"the checkpoint was trained in {s.get('precision', 'fp32')}: fp16's loss scale starts fresh")
         if self.lookahead:
             self.lookahead.load_state_dict(s["lookahead"])
@@ -366,13 +364,13 @@ class Trainer:
                 self.metrics.write({"event": "checkpoint", "step": self.step, "path": str(path)})
                 if pruned and checkpoint.scrub_missing(self.metrics.history):
                     self.metrics.rewrite()  # metrics.jsonl never names a checkpoint that is gone
-        err = D.broadcast_object(err, self.env)
+        err = process_group.broadcast_object(err, self.env)
         self.reporter.checkpoint(
             path, {"event": "checkpoint", "step": self.step, "epoch": self.epoch, "final": final, **(summary or {})}
         )
         if err and self.cfg.ckpt.on_write_error == "stop":
             raise TrainingFailed(err) if self.env.is_main else PeerFailed(err)
-        self._raise_if_write_failed(D.broadcast_object(self.writes.pending, self.env))
+        self._raise_if_write_failed(process_group.broadcast_object(self.writes.pending, self.env))
         self.ckpt_policy.written()
 
     def _raise_if_write_failed(self, pending: str | None) -> None:
@@ -389,7 +387,7 @@ class Trainer:
             last = i == accum - 1
             with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
                 PHASES.enter(phases.FORWARD)
-                with self.profiler.region("forward"), P.autocast(self.precision, self.env.device):
+                with self.profiler.region("forward"), precision.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 loss_sum += loss.detach().float()
                 if last:  # the loss is known before the backward pass: agree while it runs
@@ -632,7 +630,7 @@ class Trainer:
     requeued = False
 
     def handle_stop(self) -> bool:
-        requeue, pruned = D.broadcast_object((self.stop.wants_requeue, self.stop.pruned), self.env)
+        requeue, pruned = process_group.broadcast_object((self.stop.wants_requeue, self.stop.pruned), self.env)
         if pruned:  # rank 0's decision, which the other ranks only saw as "stop"
             log.info(f"pruned by the sweep: checkpoint written at step {self.step}")
             self.wandb.finish()
@@ -643,7 +641,7 @@ class Trainer:
         self.wandb.finish()  # complete the W&B files inside the grace period; a requeue resumes the run
         self.tensorboard.finish()
         failed = requeue and self.env.is_main and not requeue_slurm_job()
-        if D.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
+        if process_group.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
             raise TrainingFailed(
                 f"stopped at step {self.step} and could not requeue; continue with --out {self.run_dir} --resume auto"
             )
@@ -749,7 +747,7 @@ class Trainer:
             self.wandb.finish(summary)
             self.tensorboard.finish(summary)
             self._report(summary)
-        self._raise_if_write_failed(D.broadcast_object(self.writes.pending, self.env))
+        self._raise_if_write_failed(process_group.broadcast_object(self.writes.pending, self.env))
         self.progress.close()
         return summary
 
@@ -797,7 +795,7 @@ class Trainer:
 
 
 def train(cfg: Config, data: DataSource | None = None, model_factory=None, reporter: Reporter | None = None) -> dict:
-    with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
+    with process_group.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         console.configure(cfg.log.log_level, env.rank, env.world_size)
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory
