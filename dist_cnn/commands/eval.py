@@ -134,7 +134,7 @@ def main_eval(argv) -> int:
             predictions=mine,
         )
         preds = _gather(mine, env) if args.predictions else None
-        if env.is_main:
+        if env.is_rank0:
             _report(args, cfg, data, env, res)
             if preds is not None:
                 _write_predictions(Path(args.predictions), data, preds)

@@ -176,7 +176,7 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
 def _gather(obj, env) -> list:
     if not env.initialized:
         return [obj]
-    out = [None] * env.world_size if env.is_main else None
+    out = [None] * env.world_size if env.is_rank0 else None
     torch.distributed.gather_object(obj, out, dst=0)
     return out
 
@@ -228,8 +228,8 @@ def main_predict(argv) -> int:
 
 
 def _run(args, env) -> int:
-    files = process_group.main_only(env, lambda: _listed(args))
-    im = process_group.main_then_all(
+    files = process_group.rank0_only(env, lambda: _listed(args))
+    im = process_group.rank0_then_all(
         env, lambda: load_model(args.model_file, model=args.model, trust_model_code=args.trust_model_code)
     )
     part = eval_shard(len(files), env.rank, env.world_size)
@@ -238,7 +238,7 @@ def _run(args, env) -> int:
     rows, errors = _predict_shard(im, files, part, args, env)
     gathered = _gather((rows, errors), env)
     code = 0
-    if env.is_main:
+    if env.is_rank0:
         seconds = time.perf_counter() - start
         rows = sorted((r for rank_rows, _ in gathered for r in rank_rows), key=lambda r: r[0])
         errors = sorted((e for _, rank_errors in gathered for e in rank_errors), key=lambda e: e[0])

@@ -83,7 +83,7 @@ class TrialReporter:
         after the last evaluation: the run is complete). A study that cannot be reached is a warning,
         not the end of the run."""
         value = record.get(self.objective)
-        if not self.env.is_main or value is None:
+        if not self.env.is_rank0 or value is None:
             return False
         try:
             self._trial = self._trial or self._open()

@@ -170,5 +170,5 @@ def resolve_resume(cfg: Config, env: process_group.DistEnv, run_dir: Path) -> tu
                 (run_dir / "metrics.jsonl").unlink()
         return found
 
-    found = process_group.main_only(env, find)
+    found = process_group.rank0_only(env, find)
     return found if found is not None else (None, None)

@@ -107,7 +107,7 @@ class Trainer:
     ):
         self.cfg, self.env = cfg, env
         self.reporter = reporter or Reporter()
-        t, main = cfg.train, env.is_main
+        t, rank0 = cfg.train, env.is_rank0
         micro_world = env.world_size * t.grad_accum
         if t.batch_size % micro_world:
             raise UserError(f"--batch-size {t.batch_size} must divide by world size x grad accum = {micro_world}")
@@ -118,8 +118,8 @@ class Trainer:
 
         # The run directory and the checkpoint to resume are settled before the data is loaded: a
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
-        self.run_dir = process_group.main_only(env, lambda: prepare_run_dir(cfg))
-        self.reporter.run_dir_ready(self.run_dir, main)
+        self.run_dir = process_group.rank0_only(env, lambda: prepare_run_dir(cfg))
+        self.reporter.run_dir_ready(self.run_dir, rank0)
         self.heartbeat = hang.start(process_group.store(), env.rank, env.world_size, self.run_dir)
         self.resume_path, state = resolve_resume(cfg, env, self.run_dir)
         if state is not None:
@@ -146,7 +146,7 @@ class Trainer:
         self.precision, self.precision_reason = (
             (state["precision"], "kept from the checkpoint")
             if state and t.precision == "auto"
-            else process_group.main_only(env, self._resolve_precision)
+            else process_group.rank0_only(env, self._resolve_precision)
         )
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device, use_fused(env.device, self.precision))
         # fused SGD skips a non-finite step in its kernel (found_inf), with no host sync; foreach on the host
@@ -181,16 +181,16 @@ class Trainer:
         self.rate = RateAverage()
         self.ckpt_policy = CheckpointPolicy(cfg.ckpt)
         self.writes = WritePolicy(cfg.ckpt.on_write_error)
-        self.metrics = MetricsLog(self.run_dir, main, on_error=self.writes.failed)
+        self.metrics = MetricsLog(self.run_dir, rank0, on_error=self.writes.failed)
         self.wandb_id = None
         if state is not None:
             self._load_state(state)
-        self.progress = Progress(main, cfg.log.progress, self.total_steps)
-        self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, main)
+        self.progress = Progress(rank0, cfg.log.progress, self.total_steps)
+        self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, rank0)
         self.tensorboard = TensorBoardLogger(
-            self.run_dir, main and cfg.log.tensorboard, self.step if state is not None else None
+            self.run_dir, rank0 and cfg.log.tensorboard, self.step if state is not None else None
         )
-        self.stop = StopSignal(announce=main)
+        self.stop = StopSignal(announce=rank0)
         self.stop.install()
         self.trial = TrialReporter.from_environ(cfg, env)  # None unless a sweep started the run
         self.profiler = StepProfiler(cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack)
@@ -354,7 +354,7 @@ class Trainer:
         state = self._state()
         state["finished"] = final
         err, path = None, None
-        if self.env.is_main:
+        if self.env.is_rank0:
             try:
                 path, pruned = checkpoint.write(self.run_dir, state, self.cfg.ckpt.keep, is_best)
             except OSError as e:  # torch.save's own write errors arrive as OSError too (fileio)
@@ -369,14 +369,14 @@ class Trainer:
             path, {"event": "checkpoint", "step": self.step, "epoch": self.epoch, "final": final, **(summary or {})}
         )
         if err and self.cfg.ckpt.on_write_error == "stop":
-            raise TrainingFailed(err) if self.env.is_main else PeerFailed(err)
+            raise TrainingFailed(err) if self.env.is_rank0 else PeerFailed(err)
         self._raise_if_write_failed(process_group.broadcast_object(self.writes.pending, self.env))
         self.ckpt_policy.written()
 
     def _raise_if_write_failed(self, pending: str | None) -> None:
         """All ranks call this with the same answer (agreed on by a collective)."""
         if pending:
-            raise TrainingFailed(pending) if self.env.is_main else PeerFailed(pending)
+            raise TrainingFailed(pending) if self.env.is_rank0 else PeerFailed(pending)
 
     # ---- training ----------------------------------------------------------------------------
     def train_step(self, micro_batches) -> tuple[StepSignals, torch.Tensor]:
@@ -440,7 +440,7 @@ class Trainer:
     def _start_step_vote(self, loss: torch.Tensor) -> parallel.StepVote:
         """One small all_reduce (max) a step carries everything the ranks must decide together; it is
         started before the backward pass and read after it."""
-        due = self.env.is_main and self.ckpt_policy.clock_due()
+        due = self.env.is_rank0 and self.ckpt_policy.clock_due()
         host = torch.tensor([float(self.stop.requested), float(due), float(self.writes.pending is not None)])
         closing = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.total_steps
         figures = self.rank_times.snapshot() if closing else None  # this interval's, to rank 0
@@ -454,7 +454,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if self.trial:
             self.metrics.write(self.trial.start_event())
-        if self.env.is_main:
+        if self.env.is_rank0:
             self.writes.attempt("config.json", lambda: config_mod.save(cfg, self.run_dir / "config.json"))
             log.info(
                 f"run {self.run_dir}: {cfg.model.name} on {cfg.data.dataset}, world size {self.env.world_size} "
@@ -640,7 +640,7 @@ class Trainer:
         log.info(f"stop signal: checkpoint written at step {self.step}")
         self.wandb.finish()  # complete the W&B files inside the grace period; a requeue resumes the run
         self.tensorboard.finish()
-        failed = requeue and self.env.is_main and not requeue_slurm_job()
+        failed = requeue and self.env.is_rank0 and not requeue_slurm_job()
         if process_group.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
             raise TrainingFailed(
                 f"stopped at step {self.step} and could not requeue; continue with --out {self.run_dir} --resume auto"
@@ -727,7 +727,7 @@ class Trainer:
     def finish(self, ev: dict) -> dict:
         summary = self.summary(ev)
         self.save_checkpoint(final=True, summary=summary)
-        if self.env.is_main:
+        if self.env.is_rank0:
             cfg, d = self.cfg, self.data
             export = {
                 "model": self.raw_model.state_dict(),

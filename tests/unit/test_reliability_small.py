@@ -54,7 +54,7 @@ def test_an_empty_test_class_is_n_a_not_zero():
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     x, y = torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 0, 1, 1])
-    env = SimpleNamespace(initialized=False, world_size=1, rank=0, device=torch.device("cpu"), is_main=True)
+    env = SimpleNamespace(initialized=False, world_size=1, rank=0, device=torch.device("cpu"), is_rank0=True)
     res = evaluate(model, x, y, num_classes=3, normalize=lambda v: v.float(), env=env, precision="fp32")
     assert res["per_class_accuracy"][2] is None and percent(None).strip() == "n/a"
     text = format_report({"per_class_accuracy": res["per_class_accuracy"], "classes": ["a", "b", "c"]}, [])
