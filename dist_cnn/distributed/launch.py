@@ -314,7 +314,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 def threads_for(env: DistEnv, device: torch.device | None, environ=os.environ) -> int:
     """Intra-op threads for this process: the node's cores shared by its processes on the CPU
-    (oversubscribed OpenMP threads spin and run ~10x slower); OMP_NUM_THREADS wins when set."""
+    (oversubscribed OpenMP threads spin and run many times slower); OMP_NUM_THREADS wins when set."""
     if device is not None and device.type == "cpu" and "OMP_NUM_THREADS" not in environ:
         local_world = int(environ.get("LOCAL_WORLD_SIZE", 0) or 0) or (
             1 if env.launcher == "kubeflow" else env.world_size
