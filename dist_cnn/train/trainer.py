@@ -797,6 +797,10 @@ class Trainer:
 def train(cfg: Config, data: DataSource | None = None, model_factory=None, reporter: Reporter | None = None) -> dict:
     with process_group.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         console.configure(cfg.log.log_level, env.rank, env.world_size)
+        log.debug(
+            f"rank {env.rank} of {env.world_size} ({env.launcher} launch, {env.backend}), device {env.device}, "
+            f"{torch.get_num_threads()} threads"
+        )
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory
         trainer = Trainer(cfg, env, data=data, model_factory=model_factory, reporter=reporter)
