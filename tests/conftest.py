@@ -1,9 +1,9 @@
+import logging
+
+import pytest
+
 # The local SLURM cluster fixture (started once per session, only by tests that ask for it).
 pytest_plugins = ["tests.slurm.fixtures"]
-
-import logging  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture
