@@ -47,7 +47,7 @@ def write_airbench_data(data_dir: str, cache_dir: Path) -> Path:
     target = cache_dir / key / "cifar10"
     if (target / "train.pt").exists() and (target / "test.pt").exists():
         return target
-    ds = load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir), log=print)
+    ds = load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir))
     target.mkdir(parents=True, exist_ok=True)
     for split, x, y in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
         tmp = target / f"{split}.tmp"

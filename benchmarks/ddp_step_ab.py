@@ -52,11 +52,11 @@ def step(ddp, opt, times, x, y, rank, world, closing):
     vec = torch.cat([(~torch.isfinite(loss.detach())).float().view(1), torch.zeros(3)])
     if times:
         vec = torch.cat([vec, rt.slots(rank, world, times.snapshot() if closing else None)])
-    agreement = parallel.Agreement(vec)
+    vote = parallel.StepVote(vec)
     loss.backward()
     if times:
         times.backward_done()
-    if not agreement.read()[0]:
+    if not vote.read()[0]:
         opt.step()
     opt.zero_grad(set_to_none=True)
     if times:

@@ -230,7 +230,7 @@ def cached_tensors(data_dir: str, cache_dir: Path) -> Path:
     from dist_cnn.config import DataConfig
     from dist_cnn.data.datasets import load_dataset
 
-    ds = load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir), log=print)
+    ds = load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir))
     key = hashlib.sha1(
         repr(
             (

@@ -85,7 +85,7 @@ def child_pids() -> list[int]:
 def get_data(data_dir: str):
     """(Dataset, source note). The shared JPEG copy of CIFAR-10, else synthetic data of its shape."""
     if os.path.isdir(os.path.join(data_dir, "train")) and os.path.isdir(os.path.join(data_dir, "test")):
-        return load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir), log=log), f"imagefolder {data_dir}"
+        return load_dataset(DataConfig(dataset="imagefolder", data_dir=data_dir)), f"imagefolder {data_dir}"
     log(f"NOTE: {data_dir} has no train/ and test/: using SYNTHETIC data of CIFAR-10's shape (50000 x 3x32x32)")
     d = load_dataset(DataConfig(dataset="synthetic", synthetic_train_size=50000, synthetic_test_size=10000))
     return d, "synthetic (CIFAR-10 shape)"

@@ -25,7 +25,7 @@ from dist_cnn.train.profiling import parse_range
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "shards", "synthetic")
 
 
-def opt(default, help: str, *, choices=None, flag: str | None = None, low=None, above=None, high=None, below=None):
+def option(default, help: str, *, choices=None, flag: str | None = None, low=None, above=None, high=None, below=None):
     """A config field: its default, its --help text, its allowed values (choices, or a range:
     >= low, > above, <= high, < below) and (rarely) its flag name. Floats must also be finite."""
     meta = {"help": help, "choices": choices, "flag": flag, "low": low, "above": above, "high": high, "below": below}
@@ -36,21 +36,21 @@ def opt(default, help: str, *, choices=None, flag: str | None = None, low=None, 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("cifar10", "dataset to train on", choices=DATASETS)
-    data_dir: str = opt(
+    dataset: str = option("cifar10", "dataset to train on", choices=DATASETS)
+    data_dir: str = option(
         "data",
         "where the dataset lives (or is downloaded to); shards: a folder, an http(s):// prefix or s3://bucket/prefix",
     )
-    download: bool = opt(True, "let torchvision download cifar10/cifar100 when missing")
-    image_size: int = opt(
+    download: bool = option(True, "let torchvision download cifar10/cifar100 when missing")
+    image_size: int = option(
         32,
         "imagefolder, shards: the square size images are prepared to (--eval-resize, --train-crop)",
         low=4,
         high=1024,
     )
-    synthetic_train_size: int = opt(10000, "synthetic: number of training images", low=1, high=200_000)
-    synthetic_test_size: int = opt(2000, "synthetic: number of test images", low=1, high=200_000)
-    loader: str = opt(
+    synthetic_train_size: int = option(10000, "synthetic: number of training images", low=1, high=200_000)
+    synthetic_test_size: int = option(2000, "synthetic: number of test images", low=1, high=200_000)
+    loader: str = option(
         "auto",
         "input pipeline: in-memory tensors on the device, a DataLoader over them, or "
         "stream (imagefolder: decode files per batch in workers, nothing cached); auto picks "
@@ -58,86 +58,88 @@ class DataConfig:
         "batches are the same whichever pipeline reads them",
         choices=("auto", "device", "dataloader", "stream"),
     )
-    workers: int = opt(
+    workers: int = option(
         -1,
         "DataLoader worker processes per rank (dataloader and stream pipelines); "
         "-1 = the CPUs available to each rank on the node",
         low=-1,
         high=256,
     )
-    test_split: str = opt("test", "imagefolder: the test split's folder beside train/ (ImageNet: val)")
-    train_crop: str = opt(
+    test_split: str = option("test", "imagefolder: the test split's folder beside train/ (ImageNet: val)")
+    train_crop: str = option(
         "none",
         "training images: none = prepared as test images are (--eval-resize), then the batch "
         "augmentations; random-resized = RandomResizedCrop of the decoded file (--crop-scale; "
         "ImageNet recipes; image folders read by --loader stream or auto). The same for every loader",
         choices=("none", "random-resized"),
     )
-    crop_scale: str = opt(
+    crop_scale: str = option(
         "0.08,1",
         "--train-crop random-resized: the crop's area range 'MIN,MAX' (one number s = 's,s')",
     )
-    eval_resize: str = opt(
+    eval_resize: str = option(
         "stretch",
         "test images (and predict): stretch = resize to image_size x image_size (nothing to do when "
         "they are that size already); center-crop = resize the shorter side to floor(image_size / "
         "--eval-crop-ratio), then centre-crop. The same for every loader",
         choices=("stretch", "center-crop"),
     )
-    eval_crop_ratio: float = opt(
+    eval_crop_ratio: float = option(
         0.875,
         "--eval-resize center-crop: the crop's share of the resized shorter side (1 = no margin)",
         above=0,
         high=1,
     )
-    max_image_pixels: int = opt(
+    max_image_pixels: int = option(
         89_478_485,
         "image files: refuse one whose header declares more pixels than this, before decoding "
         "(PIL's limit; 0 = no limit)",
         low=0,
         high=2**40,
     )
-    skip_bad_images: bool = opt(
+    skip_bad_images: bool = option(
         False,
         "stream: replace unreadable training images by the next readable "
         "one and leave unreadable test images out, counted in the log and "
         "summary (default: stop with the file's name)",
     )
-    decode: str = opt(
+    decode: str = option(
         "cpu", "stream: decode JPEGs in the CPU workers, or in batches on the GPU (nvjpeg)", choices=("cpu", "gpu")
     )
-    shuffle: str = opt(
+    shuffle: str = option(
         "global",
         "shards: the epoch order: global (a permutation of all samples, random reads) or shards:K "
         "(shards in a random order, samples shuffled within windows of K shards: sequential-ish reads)",
     )
-    storage_options: str = opt(
+    storage_options: str = option(
         "", 'shards: fsspec options for http(s):// and s3:// as a JSON object, e.g. \'{"endpoint_url": "URL"}\''
     )
-    shard_cache: str = opt(
+    shard_cache: str = option(
         "", "shards: a local folder caching whole shards (fetched once, then read by offset); '' = range reads"
     )
-    shard_cache_size: str = opt("20GB", "shards: --shard-cache's size limit (least recently used shards go first)")
-    normalize: str = opt(
+    shard_cache_size: str = option("20GB", "shards: --shard-cache's size limit (least recently used shards go first)")
+    normalize: str = option(
         "dataset",
         "per-channel normalization: the training set's mean/std, or 0.5/0.5 as in the tutorial",
         choices=("dataset", "half"),
     )
-    crop_padding: int = opt(0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0, high=16)
-    flip: bool = opt(False, "random horizontal flip augmentation")
-    alternate_flip: bool = opt(
+    crop_padding: int = option(
+        0, "random-crop augmentation: pad by this many pixels (reflect), 0 = off", low=0, high=16
+    )
+    flip: bool = option(False, "random horizontal flip augmentation")
+    alternate_flip: bool = option(
         False, "with --flip: each image is flipped in alternate epochs (airbench) instead of independently at random"
     )
-    auto_augment: str = opt(
+    auto_augment: str = option(
         "none",
         "per-image auto-augment policy (torchvision v2): RandAugment, TrivialAugmentWide or AugMix",
         choices=("none", "ra", "ta_wide", "augmix"),
     )
-    random_erase: float = opt(0.0, "probability of random erasing per image (v2.RandomErasing)", low=0, high=1)
-    mixup_alpha: float = opt(
+    random_erase: float = option(0.0, "probability of random erasing per image (v2.RandomErasing)", low=0, high=1)
+    mixup_alpha: float = option(
         0.0, "MixUp on each batch with this Beta alpha, soft-target loss (0 = off)", low=0, high=100
     )
-    cutmix_alpha: float = opt(
+    cutmix_alpha: float = option(
         0.0,
         "CutMix on each batch with this Beta alpha (0 = off; with MixUp: one of the two per batch)",
         low=0,
@@ -147,44 +149,44 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("seed", models.model_help(), flag="--model")  # checked by models.check_spec
-    pretrained: bool = opt(
+    name: str = option("seed", models.model_help(), flag="--model")  # checked by models.check_spec
+    pretrained: bool = option(
         False,
         "torchvision:/timm: models: start from the library's pretrained weights "
         "(read from the local torch hub / Hugging Face cache)",
     )
-    init_from: str = opt(
+    init_from: str = option(
         "",
         "start from the weights of a dist_cnn model.pt or checkpoint (fine-tuning); a "
         "classifier head for another class count is re-initialized",
     )
-    output_key: str = opt(
+    output_key: str = option(
         "", "which element of a model's tuple or dict output holds the logits: an index or a key (default: the output)"
     )
-    channels_last: bool = opt(True, "channels_last memory format (faster convolutions)")
-    compile: bool = opt(False, "torch.compile the model")
-    sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
-    freeze_whiten_bias_after: int = opt(
+    channels_last: bool = option(True, "channels_last memory format (faster convolutions)")
+    compile: bool = option(False, "torch.compile the model")
+    sync_bn: bool = option(False, "convert BatchNorm to SyncBatchNorm under DDP")
+    freeze_whiten_bias_after: int = option(
         3, "airbench: stop training the whitening bias after N epochs", low=0, high=1_000_000
     )
-    ddp_comm_hook: str = opt(
+    ddp_comm_hook: str = option(
         "none",
         "DDP gradient communication: as is, compressed to bf16 or fp16 on the "
         "wire, or PowerSGD low-rank compression (torch's ddp_comm_hooks)",
         choices=("none", "bf16", "fp16", "powersgd"),
     )
-    powersgd_rank: int = opt(1, "--ddp-comm-hook powersgd: rank of the gradient approximation", low=1, high=1024)
-    powersgd_warmup_steps: int = opt(
+    powersgd_rank: int = option(1, "--ddp-comm-hook powersgd: rank of the gradient approximation", low=1, high=1024)
+    powersgd_warmup_steps: int = option(
         100, "--ddp-comm-hook powersgd: plain all_reduce for the first N steps", low=2, high=10**9
     )
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(0.08, "peak learning rate for the global batch", above=0, high=1e9)
-    momentum: float = opt(0.9, "SGD momentum", low=0, below=1)
-    nesterov: bool = opt(True, "Nesterov momentum")
-    weight_decay: float = opt(
+    lr: float = option(0.08, "peak learning rate for the global batch", above=0, high=1e9)
+    momentum: float = option(0.9, "SGD momentum", low=0, below=1)
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(
         5e-4,
         "weight decay, SGD's coupled form; a group whose LR is k x --lr gets it / k, "
         "so the decay per step is the same everywhere (biases and norm parameters: "
@@ -192,53 +194,53 @@ class OptimConfig:
         low=0,
         high=1,
     )
-    bias_decay: bool = opt(False, "weight decay on biases and norm parameters too (airbench)")
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", low=0, below=1)
-    bias_lr_scale: float = opt(
+    bias_decay: bool = option(False, "weight decay on biases and norm parameters too (airbench)")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss", low=0, below=1)
+    bias_lr_scale: float = option(
         1.0, "LR multiplier for BatchNorm parameters (airbench: 64 for its BN biases)", above=0, high=1000
     )
-    schedule: str = opt(
+    schedule: str = option(
         "onecycle",
         "LR schedule: linear warmup then linear decay to 0 (onecycle), "
         "warmup then cosine, constant, or triangle (airbench: --lr-start x LR at step 0, "
         "peak after --warmup of the steps, --lr-end x LR at the end)",
         choices=("onecycle", "cosine", "constant", "triangle"),
     )
-    warmup: float = opt(0.2, "warmup length (steps to the peak LR) as a fraction of all steps", low=0, high=1)
-    lr_start: float = opt(0.2, "triangle schedule: LR multiplier at the first step", low=0, high=1)
-    lr_end: float = opt(0.07, "triangle schedule: LR multiplier at the last step", low=0, high=1)
-    clip_grad_norm: float = opt(0.0, "clip the gradients' global norm to this value (0 = off)", low=0, high=1e9)
+    warmup: float = option(0.2, "warmup length (steps to the peak LR) as a fraction of all steps", low=0, high=1)
+    lr_start: float = option(0.2, "triangle schedule: LR multiplier at the first step", low=0, high=1)
+    lr_end: float = option(0.07, "triangle schedule: LR multiplier at the last step", low=0, high=1)
+    clip_grad_norm: float = option(0.0, "clip the gradients' global norm to this value (0 = off)", low=0, high=1e9)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = opt(
+    epochs: float = option(
         2.0,
         "training epochs; a fraction trains ceil(epochs x steps per epoch) steps (airbench: 9.9)",
         above=0,
         high=100_000,
     )
-    batch_size: int = opt(128, "global batch size, across all ranks", low=1, high=1 << 24)
-    seed: int = opt(0, "random seed (weights, data order, augmentation)", low=0, high=2**32 - 1)
-    precision: str = opt("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
-    grad_accum: int = opt(1, "micro-batches per optimizer step", low=1, high=4096)
-    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", low=0, high=10**9)
-    eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)", low=0, high=100_000)
-    log_every: int = opt(50, "log train loss every N optimizer steps", low=1, high=1_000_000)
-    nonfinite_patience: int = opt(3, "stop after this many consecutive non-finite steps", low=1, high=1_000_000)
-    lookahead_every: int = opt(
+    batch_size: int = option(128, "global batch size, across all ranks", low=1, high=1 << 24)
+    seed: int = option(0, "random seed (weights, data order, augmentation)", low=0, high=2**32 - 1)
+    precision: str = option("auto", "autocast precision", choices=("auto", "fp32", "bf16", "fp16"))
+    grad_accum: int = option(1, "micro-batches per optimizer step", low=1, high=4096)
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = no limit)", low=0, high=10**9)
+    eval_every: int = option(1, "evaluate every N epochs (0 = only at the end)", low=0, high=100_000)
+    log_every: int = option(50, "log train loss every N optimizer steps", low=1, high=1_000_000)
+    nonfinite_patience: int = option(3, "stop after this many consecutive non-finite steps", low=1, high=1_000_000)
+    lookahead_every: int = option(
         0, "lookahead/EMA of weights every N steps, weights reset to the EMA (0 = off)", low=0, high=1_000_000
     )
-    lookahead_decay: float = opt(
+    lookahead_decay: float = option(
         0.95, "per-step EMA decay of the lookahead, ramped up cubically over training", above=0, below=1
     )
-    tta: int = opt(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations", low=0, high=2)
-    model_ema: bool = opt(False, "keep an EMA of the weights, evaluated and checkpointed beside the model")
-    model_ema_decay: float = opt(
+    tta: int = option(0, "test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel translations", low=0, high=2)
+    model_ema: bool = option(False, "keep an EMA of the weights, evaluated and checkpointed beside the model")
+    model_ema_decay: float = option(
         0.99998, "EMA decay, adjusted by global batch x steps / epochs as torchvision's reference", above=0, below=1
     )
-    model_ema_steps: int = opt(32, "update the EMA every N optimizer steps", low=1, high=1_000_000)
-    malloc_tune: bool = opt(
+    model_ema_steps: int = option(32, "update the EMA every N optimizer steps", low=1, high=1_000_000)
+    malloc_tune: bool = option(
         True,
         "CPU: glibc malloc keeps freed activation buffers (mallopt) instead of "
         "returning them to the OS every step, which page-faults them back in",
@@ -247,14 +249,14 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = opt("auto", "process group backend", choices=("auto", "nccl", "gloo"))
-    timeout: float = opt(
+    backend: str = option("auto", "process group backend", choices=("auto", "nccl", "gloo"))
+    timeout: float = option(
         300.0,
         "seconds a collective, or a request to a shards server (http/s3), may wait before the job fails",
         low=1,
         high=7 * 86400,
     )
-    setup_timeout: float = opt(
+    setup_timeout: float = option(
         3600.0,
         "seconds the other ranks wait for rank 0's one-time setup (preparing the run directory, listing or "
         "decoding the dataset) before the job fails; --timeout bounds the collectives of training",
@@ -265,40 +267,45 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
-    resume: str = opt("none", "resume from: auto (newest valid checkpoint in --out), none, or a path")
-    keep: int = opt(
+    resume: str = option("none", "resume from: auto (newest valid checkpoint in --out), none, or a path")
+    keep: int = option(
         3, "keep the newest K checkpoints (plus the best)", flag="--keep-checkpoints", low=1, high=1_000_000
     )
-    every_steps: int = opt(
+    every_steps: int = option(
         0, "checkpoint every N optimizer steps (0 = off)", flag="--checkpoint-every-steps", low=0, high=10**9
     )
-    every_minutes: float = opt(
+    every_minutes: float = option(
         10.0, "checkpoint every N minutes (0 = off)", flag="--checkpoint-every-minutes", low=0, high=1_000_000
     )
-    on_write_error: str = opt(
+    on_write_error: str = option(
         "continue", "when a checkpoint write fails: warn and continue, or stop", choices=("continue", "stop")
     )
 
 
 @dataclass
 class LogConfig:
-    out: str = opt("", "run directory (default runs/<timestamp>-<model>-<dataset>)")
-    progress: bool = opt(True, "tqdm progress bar on a terminal (plain lines otherwise)")
-    wandb: str = opt("auto", "Weights & Biases mode", choices=("auto", "online", "offline", "disabled"))
-    wandb_project: str = opt("dist_cnn", "W&B project")
-    wandb_entity: str = opt("", "W&B entity (team or user)")
-    wandb_tags: list = opt([], "W&B tags")
-    wandb_group: str = opt("", "W&B group")
-    run_name: str = opt("", "run name (W&B and reports)")
-    tensorboard: bool = opt(
+    out: str = option("", "run directory (default runs/<timestamp>-<model>-<dataset>)")
+    progress: bool = option(True, "tqdm progress bar on a terminal (plain lines otherwise)")
+    wandb: str = option("auto", "Weights & Biases mode", choices=("auto", "online", "offline", "disabled"))
+    wandb_project: str = option("dist_cnn", "W&B project")
+    wandb_entity: str = option("", "W&B entity (team or user)")
+    wandb_tags: list = option([], "W&B tags")
+    wandb_group: str = option("", "W&B group")
+    run_name: str = option("", "run name (W&B and reports)")
+    tensorboard: bool = option(
         False, "rank 0 writes TensorBoard event files into <run dir>/tensorboard/ (needs the tensorboard package)"
     )
-    profile: str = opt(
+    profile: str = option(
         "",
         "START:END: record torch.profiler for optimizer steps START..END-1 (0-based); a "
         "Chrome trace per rank in <run dir>/profile/, rank 0 prints the split of step time",
     )
-    profile_stack: bool = opt(False, "--profile: record Python stacks too (larger traces, more overhead)")
+    profile_stack: bool = option(False, "--profile: record Python stacks too (larger traces, more overhead)")
+    log_level: str = option(
+        "INFO",
+        "console messages shown: rank 0 at this level, the other ranks at WARNING (or this level when stricter)",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
 
 
 @dataclass

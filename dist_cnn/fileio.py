@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dist_cnn.errors import UserError, one_line
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, durable: bool = False) -> None:
@@ -113,8 +116,8 @@ class WritePolicy:
     model.pt, summary.json, plots): `continue` warns once per file and goes on, `stop` ends the run
     (exit code 1) at the next point where all ranks agree (`pending` holds the reason until then)."""
 
-    def __init__(self, mode: str, log: Callable[[str], None]):
-        self.mode, self.log = mode, log
+    def __init__(self, mode: str):
+        self.mode = mode
         self.pending: str | None = None
         self._warned: set[str] = set()
 
@@ -124,7 +127,7 @@ class WritePolicy:
             self.pending = self.pending or f"{what} could not be written ({why}); stopping (--on-write-error stop)"
         elif what not in self._warned:
             self._warned.add(what)
-            self.log(f"warning: {what} could not be written ({why}); going on (--on-write-error continue)")
+            log.warning(f"warning: {what} could not be written ({why}); going on (--on-write-error continue)")
 
     def attempt(self, what: str, write: Callable[[], None]) -> bool:
         """write(); False when it failed (the failure is handled by the policy)."""

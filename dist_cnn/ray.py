@@ -54,8 +54,8 @@ class RayReporter(Reporter):
     def __init__(self, token: str = ""):
         self.token = token
 
-    def run_dir_ready(self, run_dir: Path, is_main: bool) -> None:
-        if is_main and self.token:
+    def run_dir_ready(self, run_dir: Path, is_rank0: bool) -> None:
+        if is_rank0 and self.token:
             (run_dir / JOB_MARK).write_text(self.token)
 
     def metrics(self, record: dict) -> None:

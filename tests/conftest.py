@@ -1,2 +1,24 @@
+import logging
+
+import pytest
+
 # The local SLURM cluster fixture (started once per session, only by tests that ask for it).
 pytest_plugins = ["tests.slurm.fixtures"]
+
+
+@pytest.fixture
+def logged():
+    """The messages the `dist_cnn` loggers emit during the test, at every level, in order."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("dist_cnn")
+    handler, level = Collect(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -17,7 +17,7 @@ from dist_cnn.commands import doctor, export, predict, report, shard, sweep, tra
 from dist_cnn.commands import eval as eval_command
 from dist_cnn.distributed import process_group as distributed
 from dist_cnn.errors import PeerError, PeerFailed, TrainingFailed, UserError
-from dist_cnn.observability import hang
+from dist_cnn.observability import console, hang
 
 COMMANDS = {
     "train": train.main_train,
@@ -42,6 +42,7 @@ def _rank_prefix() -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    console.configure()  # a training run sets --log-level once it knows its rank (trainer.train)
     try:
         return COMMANDS[command](argv)
     except PeerError:

@@ -14,14 +14,13 @@ import torch
 from dist_cnn import config as config_mod
 from dist_cnn.data.open import open_source
 from dist_cnn.data.source import upgrade_stored_config
-from dist_cnn.distributed import process_group as D
+from dist_cnn.distributed import process_group
 from dist_cnn.errors import UserError
 from dist_cnn.fileio import STDOUT, check_output, write_output
 from dist_cnn.models.prepare import prepare_model
 from dist_cnn.models.trust import add_trust_arguments, check_file_spec
 from dist_cnn.observability.format import display_names, percent
-from dist_cnn.train import checkpoint
-from dist_cnn.train import precision as P
+from dist_cnn.train import checkpoint, precision
 from dist_cnn.train.evaluate import evaluate_source
 
 
@@ -118,7 +117,7 @@ def main_eval(argv) -> int:
     cfg.data.train_crop = "none"  # nothing is trained here: the test split's transform alone matters
     if cfg.data.loader != "stream":  # runs from before it was refused in memory recorded it, unused
         cfg.data.skip_bad_images = False
-    with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
+    with process_group.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         data, _ = open_source(cfg.data, env, measure="mean" not in state, timeout=cfg.dist.timeout)
         _check_classes(state, data, cfg)
         prepared = prepare_model(cfg, data, env.device, state)  # training's memory format: its arithmetic
@@ -128,14 +127,14 @@ def main_eval(argv) -> int:
             data,
             normalize=prepared.normalize,
             env=env,
-            precision=P.resolve(args.precision, env.device),
+            precision=precision.resolve(args.precision, env.device),
             batch_size=args.batch_size,
             workers=cfg.data.workers,
             tta=cfg.train.tta,
             predictions=mine,
         )
         preds = _gather(mine, env) if args.predictions else None
-        if env.is_main:
+        if env.is_rank0:
             _report(args, cfg, data, env, res)
             if preds is not None:
                 _write_predictions(Path(args.predictions), data, preds)

@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader, Dataset
 from dist_cnn import config as config_mod
 from dist_cnn.data.loader import eval_shard
 from dist_cnn.data.workers import ignore_stop_signals
-from dist_cnn.distributed import process_group as D
+from dist_cnn.distributed import process_group
 from dist_cnn.errors import UserError
 from dist_cnn.fileio import check_output, write_output
 from dist_cnn.inference.predictor import InferenceModel, list_images, load_decoders, load_image, load_model, logits
 from dist_cnn.models.trust import add_trust_arguments
-from dist_cnn.train import precision as P
+from dist_cnn.train import precision
 
 FORMATS = ("table", "json", "csv")
 
@@ -149,7 +149,7 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
     if im.channels_last:  # the run's memory format: the same arithmetic as its evaluation
         model = model.to(memory_format=torch.channels_last)
     normalize = im.normalizer(env.device)
-    precision = P.resolve(args.precision, env.device)
+    autocast_to = precision.resolve(args.precision, env.device)
     k = min(args.top_k, im.num_classes)
     loader = DataLoader(
         _Files(files[part], part.start, im, args.max_image_pixels),
@@ -165,7 +165,7 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
         errors += bad
         if batch is None:
             continue
-        with P.autocast(precision, env.device):
+        with precision.autocast(autocast_to, env.device):
             out = logits(im, model, batch.to(env.device, non_blocking=True), normalize, args.tta)
         probs = out.float().softmax(1)
         top = probs.topk(k, dim=1)
@@ -176,7 +176,7 @@ def _predict_shard(im, files, part: slice, args, env) -> tuple[list, list]:
 def _gather(obj, env) -> list:
     if not env.initialized:
         return [obj]
-    out = [None] * env.world_size if env.is_main else None
+    out = [None] * env.world_size if env.is_rank0 else None
     torch.distributed.gather_object(obj, out, dst=0)
     return out
 
@@ -223,13 +223,13 @@ def _listed(args) -> list[str]:
 def main_predict(argv) -> int:
     args = predict_parser().parse_args(argv)
     _check(args)
-    with D.process_group("auto", args.timeout) as env:
+    with process_group.process_group("auto", args.timeout) as env:
         return _run(args, env)
 
 
 def _run(args, env) -> int:
-    files = D.main_only(env, lambda: _listed(args))
-    im = D.main_then_all(
+    files = process_group.rank0_only(env, lambda: _listed(args))
+    im = process_group.rank0_then_all(
         env, lambda: load_model(args.model_file, model=args.model, trust_model_code=args.trust_model_code)
     )
     part = eval_shard(len(files), env.rank, env.world_size)
@@ -238,7 +238,7 @@ def _run(args, env) -> int:
     rows, errors = _predict_shard(im, files, part, args, env)
     gathered = _gather((rows, errors), env)
     code = 0
-    if env.is_main:
+    if env.is_rank0:
         seconds = time.perf_counter() - start
         rows = sorted((r for rank_rows, _ in gathered for r in rank_rows), key=lambda r: r[0])
         errors = sorted((e for _, rank_errors in gathered for e in rank_errors), key=lambda e: e[0])
@@ -257,4 +257,4 @@ def _run(args, env) -> int:
                 file=sys.stderr,
             )
             code = 1
-    return D.broadcast_object(code, env)
+    return process_group.broadcast_object(code, env)

@@ -55,7 +55,6 @@ def main_shard(argv) -> int:
         test_split=args.test_split,
         skip_bad=args.skip_bad_images,
         seed=args.seed,
-        log=lambda m: print(m, flush=True),
     )
     for split, r in reports.items():
         print(

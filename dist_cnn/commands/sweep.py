@@ -98,11 +98,11 @@ def main_sweep(argv) -> int:
         launcher = LocalLauncher(args.parallel, args.procs)
     study, record = study_mod.open_sweep(out, spec, args.storage, args.name)
     print(f"sweep {record['name']}: {spec.trials} trials, storage {record['storage']}", flush=True)
-    code = Driver(out, spec, study, record, launcher, args.max_failures, log=_log).run()
+    code = Driver(out, spec, study, record, launcher, args.max_failures).run()
     if code in (0, 1):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's plots are marked experimental
-            report_mod.report(out, study, spec.objective, log=_log)
+            report_mod.report(out, study, spec.objective)
     return code
 
 
@@ -117,9 +117,5 @@ def main_report(argv) -> int:
     study, record = study_mod.load_sweep(Path(args.out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report_mod.report(Path(args.out), study, record["spec"]["objective"], log=_log)
+        report_mod.report(Path(args.out), study, record["spec"]["objective"])
     return 0
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)

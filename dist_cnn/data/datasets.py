@@ -7,6 +7,7 @@ and a generated synthetic set that needs no files at all.
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import gzip
 import hashlib
@@ -28,6 +29,8 @@ from dist_cnn.data.source import Recipe, recipe_of
 from dist_cnn.data.transform import eval_transform
 from dist_cnn.errors import UserError, one_line
 from dist_cnn.fileio import atomic_write
+
+log = logging.getLogger(__name__)
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
 FASHION_CLASSES = [
@@ -259,16 +262,16 @@ def _decode_all(items: list[tuple[str, int]], recipe: Recipe) -> tuple[torch.Ten
     return x, torch.tensor([label for _, label in items], dtype=torch.int64)
 
 
-def _load_cache(path: Path, log) -> dict | None:
+def _load_cache(path: Path) -> dict | None:
     try:
         data = torch.load(path, weights_only=True)  # tensors, lists and strings only: nothing to execute
         assert {"classes", "train_x", "train_y", "test_x", "test_y"} <= set(data)
         return data
     except Exception as e:  # truncated or foreign: decode again
-        log(f"ignoring unreadable cache {path} ({one_line(e)})")
+        log.info(f"ignoring unreadable cache {path} ({one_line(e)})")
 
 
-def _save_cache(data: dict, paths: list[Path], log) -> None:
+def _save_cache(data: dict, paths: list[Path]) -> None:
     for path in paths:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,10 +282,10 @@ def _save_cache(data: dict, paths: list[Path], log) -> None:
             if stale != path:
                 stale.unlink(missing_ok=True)
         return
-    log(f"could not write the image cache to {' or '.join(str(p.parent) for p in paths)}; it is decoded each run")
+    log.info(f"could not write the image cache to {' or '.join(str(p.parent) for p in paths)}; it is decoded each run")
 
 
-def _load_imagefolder(cfg: DataConfig, log) -> Dataset:
+def _load_imagefolder(cfg: DataConfig) -> Dataset:
     root = os.path.normpath(cfg.data_dir)
     if not os.path.isdir(root):
         raise UserError(f"imagefolder: {root} not found; point --data-dir at a folder holding train/ and test/")
@@ -293,15 +296,15 @@ def _load_imagefolder(cfg: DataConfig, log) -> Dataset:
         raise UserError(f"imagefolder: train/ and test/ class folders differ ({differ})")
     recipe = recipe_of(cfg)
     paths = _cache_paths(root, train + test, recipe)
-    data = next((d for p in paths if p.is_file() and (d := _load_cache(p, log)) is not None), None)
+    data = next((d for p in paths if p.is_file() and (d := _load_cache(p)) is not None), None)
     if data is None:
-        log(f"decoding {len(train) + len(test)} images from {root} into a cache (once) ...")
+        log.info(f"decoding {len(train) + len(test)} images from {root} into a cache (once) ...")
         data = dict(classes=classes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io's, once per image
             data["train_x"], data["train_y"] = _decode_all(train, recipe)
             data["test_x"], data["test_y"] = _decode_all(test, recipe)
-        _save_cache(data, paths, log)
+        _save_cache(data, paths)
     tensors = (data[k] for k in ("train_x", "train_y", "test_x", "test_y"))
     return Dataset(
         cfg.dataset, list(data["classes"]), *tensors, folder_stats=True, test_names=[path for path, _ in test]
@@ -331,15 +334,14 @@ def _load_synthetic(cfg: DataConfig) -> Dataset:
     return Dataset("synthetic", [f"pattern{i}" for i in range(10)], *train, *test)
 
 
-def load_dataset(cfg: DataConfig, log: Callable[[str], None] | None = None) -> Dataset:
-    """The dataset cfg names, in memory. log gets the rare one-line note, e.g. before a first-time decode."""
-    log = log or (lambda msg: None)
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The dataset cfg names, in memory (the rare one-line note, e.g. before a first-time decode, is logged)."""
     if cfg.dataset in CIFAR:
         data = _load_cifar(cfg)
     elif cfg.dataset == "fashion-mnist":
         data = _load_fashion(cfg)
     elif cfg.dataset == "imagefolder":
-        data = _load_imagefolder(cfg, log)
+        data = _load_imagefolder(cfg)
     elif cfg.dataset == "synthetic":
         data = _load_synthetic(cfg)
     else:

@@ -82,7 +82,7 @@ class Normalize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # One pass in the input's (NCHW) layout, reading the uint8 directly (addcmul promotes it to
-        # float32), then one layout copy: ~2x faster on the CPU than converting the layout and the dtype
+        # float32), then one layout copy: faster on the CPU than converting the layout and the dtype
         # first and then running the broadcast multiply-add over channels_last's 3-wide inner dimension
         # (which does not vectorize), and bit-identical to it.
         if x.is_floating_point():

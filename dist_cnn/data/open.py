@@ -9,6 +9,7 @@ results.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -19,8 +20,10 @@ from dist_cnn.data.shards.order import make_order
 from dist_cnn.data.shards.dataset import open_split_readers
 from dist_cnn.data.source import DataSource, check_recipe, recipe_of
 from dist_cnn.data.stream import StreamSource, local_world
-from dist_cnn.distributed.process_group import main_only, main_then_all
+from dist_cnn.distributed.process_group import rank0_only, rank0_then_all
 from dist_cnn.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def available_memory(device: torch.device) -> int:
@@ -58,7 +61,7 @@ def _streamed(index: FolderIndex, data_cfg, env, measure: bool) -> StreamSource:
     )
     if not measure:  # the caller has the normalization (a saved model's) and needs no probe images
         return source
-    return source.attach(main_only(env, lambda: source.measure(data_cfg.normalize, data_cfg.workers)))
+    return source.attach(rank0_only(env, lambda: source.measure(data_cfg.normalize, data_cfg.workers)))
 
 
 def _choose(index: FolderIndex, data_cfg, env) -> tuple[bool, str]:
@@ -69,13 +72,13 @@ def _choose(index: FolderIndex, data_cfg, env) -> tuple[bool, str]:
         return False, ""
     if data_cfg.train_crop == "random-resized":
         return True, "auto: streamed, --train-crop random-resized crops the decoded files"
-    fits, why = main_only(env, lambda: fits_in_memory(index, data_cfg.image_size, env.device, local_world()))
+    fits, why = rank0_only(env, lambda: fits_in_memory(index, data_cfg.image_size, env.device, local_world()))
     return (not fits), (f"auto: in memory, {why}" if fits else f"auto: streamed, {why}")
 
 
-def _shards(data_cfg, env, log, measure: bool, timeout: float) -> StreamSource:
+def _shards(data_cfg, env, measure: bool, timeout: float) -> StreamSource:
     """--dataset shards: rank 0 reads (or builds) the index and checks it; every rank reads the shards."""
-    classes, train, test = main_only(env, lambda: open_split_readers(data_cfg, timeout, log))
+    classes, train, test = rank0_only(env, lambda: open_split_readers(data_cfg, timeout))
     source = StreamSource(
         "shards",
         train,
@@ -87,21 +90,20 @@ def _shards(data_cfg, env, log, measure: bool, timeout: float) -> StreamSource:
     )
     if not measure:
         return source
-    return source.attach(main_only(env, lambda: source.measure(data_cfg.normalize, data_cfg.workers)))
+    return source.attach(rank0_only(env, lambda: source.measure(data_cfg.normalize, data_cfg.workers)))
 
 
-def open_source(data_cfg, env, log=None, measure: bool = True, timeout: float = 300.0) -> tuple[DataSource, str]:
+def open_source(data_cfg, env, measure: bool = True, timeout: float = 300.0) -> tuple[DataSource, str]:
     """The source data_cfg names on this rank, and why it is read that way (for the log). measure:
     False skips a streamed source's normalization sample (evaluating a saved model). timeout: seconds
     a request to a remote shards location may take (--timeout)."""
-    log = log or (lambda msg: None)
     if data_cfg.dataset == "shards":
-        return _shards(data_cfg, env, log, measure, timeout), f"--dataset shards, --shuffle {data_cfg.shuffle}"
+        return _shards(data_cfg, env, measure, timeout), f"--dataset shards, --shuffle {data_cfg.shuffle}"
     if data_cfg.decode == "gpu" and env.device.type != "cuda" and data_cfg.dataset == "imagefolder":
         raise UserError("--decode gpu decodes JPEGs with nvjpeg on a CUDA GPU; on the CPU use --decode cpu")
     note = ""
     if data_cfg.dataset == "imagefolder" and data_cfg.loader in ("auto", "stream"):
-        index = main_only(env, lambda: scan_folder(data_cfg.data_dir, data_cfg.test_split))
+        index = rank0_only(env, lambda: scan_folder(data_cfg.data_dir, data_cfg.test_split))
         stream, note = _choose(index, data_cfg, env)
         if stream:
             return _streamed(index, data_cfg, env, measure), note
@@ -111,4 +113,4 @@ def open_source(data_cfg, env, log=None, measure: bool = True, timeout: float = 
             "--skip-bad-images works with --loader stream (image folders); the in-memory loaders "
             f"(--loader {data_cfg.loader}) read every image before training and stop at a bad one"
         )
-    return main_then_all(env, lambda: load_dataset(data_cfg, log=log)), note
+    return rank0_then_all(env, lambda: load_dataset(data_cfg)), note

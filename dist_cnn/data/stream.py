@@ -452,7 +452,7 @@ class StreamSource(DataSource):
 
     def measure(self, mode: str, workers: int, keep: int = 256) -> SampleStats:
         """The normalization sample (stats.py), with `keep` images for probes; run by one rank
-        (process_group.main_only), then attach()ed on every rank."""
+        (process_group.rank0_only), then attach()ed on every rank."""
         n = keep if mode == "half" else STATS_SAMPLE
         s = sample_stats(self.train, self.recipe, n, workers=workers, skip_bad=self.skip_bad, keep=keep)
         if mode == "half":  # the tutorial's Normalize((0.5,)*3, (0.5,)*3)

@@ -50,7 +50,7 @@ class DistEnv:
     owns_group: bool = False  # this process made the group (and destroys it at the end)
 
     @property
-    def is_main(self) -> bool:
+    def is_rank0(self) -> bool:
         return self.rank == 0
 
     @property
@@ -285,7 +285,7 @@ def problems(env: DistEnv, environ=os.environ) -> list[str]:
                 f"DIST_CNN_NPROC_PER_NODE) but SLURM allocated it {cpus} CPU(s) (SLURM_CPUS_ON_NODE): "
                 f"start at most {cpus}, or ask for more (--ntasks-per-node, --cpus-per-task)"
             )
-    if env.launcher == "slurm" and env.world_size > 1 and env.is_main:
+    if env.launcher == "slurm" and env.world_size > 1 and env.is_rank0:
         _, port = head_address(env, environ)
         if port_in_use(port):
             origin = "from the environment" if environ.get("MASTER_PORT") else "derived from SLURM_JOB_ID"
@@ -314,7 +314,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 def threads_for(env: DistEnv, device: torch.device | None, environ=os.environ) -> int:
     """Intra-op threads for this process: the node's cores shared by its processes on the CPU
-    (oversubscribed OpenMP threads spin and run ~10x slower); OMP_NUM_THREADS wins when set."""
+    (oversubscribed OpenMP threads spin and run many times slower); OMP_NUM_THREADS wins when set."""
     if device is not None and device.type == "cpu" and "OMP_NUM_THREADS" not in environ:
         local_world = int(environ.get("LOCAL_WORLD_SIZE", 0) or 0) or (
             1 if env.launcher == "kubeflow" else env.world_size

@@ -150,10 +150,11 @@ def comm_hook_record(cfg: ModelConfig, world_size: int) -> dict:
     return rec
 
 
-class Agreement:
-    """The all-ranks max of a small flag vector, started before the backward pass and read after it,
-    so no rank waits for it on the critical path: the collective is queued ahead of the gradients'
-    all_reduce and has long finished when it is read.
+class StepVote:
+    """The ranks' vote on one optimizer step (apply it or not, stop, checkpoint): the all-ranks max of
+    a small flag vector, started before the backward pass and read after it, so no rank waits for it
+    on the critical path: the collective is queued ahead of the gradients' all_reduce and has long
+    finished when it is read.
 
     On CUDA the flags are also copied to pinned host memory on a side stream as soon as the collective
     is done, so reading them does not wait for the backward pass queued behind it on the compute

@@ -14,11 +14,14 @@ A run stopped by a signal and not requeued is unfinished: it exits with 128 + th
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import threading
 import time
+
+log = logging.getLogger(__name__)
 
 INTERRUPT_NOTICE = (
     "\nCtrl-C: writing a checkpoint at the next step, then stopping (press Ctrl-C again to abort at once, without it)\n"
@@ -81,14 +84,14 @@ class StopSignal:
         return self.signum == signal.SIGUSR1
 
 
-def requeue_slurm_job(log) -> bool:
+def requeue_slurm_job() -> bool:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
-        log("stop signal received outside SLURM: checkpoint written, not requeueing")
+        log.info("stop signal received outside SLURM: checkpoint written, not requeueing")
         return False
     out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if out.returncode != 0:
-        log(f"warning: scontrol requeue {job} failed: {out.stderr.strip()}")
+        log.warning(f"warning: scontrol requeue {job} failed: {out.stderr.strip()}")
         return False
-    log(f"requeued SLURM job {job}; it resumes from the checkpoint")
+    log.info(f"requeued SLURM job {job}; it resumes from the checkpoint")
     return True

@@ -4,7 +4,7 @@ Who launched us, where the head is and whether the launch can work is `launch.py
 module acts on its answer. Every rank calls the same functions in the same order.
 
 Two bounds: the group's own timeout (--timeout) bounds the collectives of training; rank 0's one-time
-setup (main_only, main_then_all: preparing the run directory, listing ImageNet, decoding a folder into
+setup (rank0_only, rank0_then_all: preparing the run directory, listing ImageNet, decoding a folder into
 memory) can take far longer, so the other ranks wait for it on a second, gloo group whose timeout is
 --setup-timeout. That group carries only small pickled objects (no device copies under NCCL).
 
@@ -105,7 +105,7 @@ def setup(
 
 
 def make_setup_group(setup_timeout_s: float) -> None:
-    """The gloo group main_only and main_then_all wait on (every rank calls this once, after joining)."""
+    """The gloo group rank0_only and rank0_then_all wait on (every rank calls this once, after joining)."""
     global _SETUP_GROUP
     _SETUP_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=setup_timeout_s))
 
@@ -216,22 +216,22 @@ def comm_failure(exc: BaseException) -> str | None:
     )
 
 
-def main_only(env: DistEnv, fn):
+def rank0_only(env: DistEnv, fn):
     """fn on rank 0 only; its result, or its UserError, reaches every rank. The others wait up to
     --setup-timeout (the setup group), not --timeout."""
     result, err = None, None
-    if env.is_main:
+    if env.is_rank0:
         try:
             result = fn()
         except UserError as e:
             err = e
     err = broadcast_object(None if err is None else str(err), env, group=_SETUP_GROUP)
     if err:
-        raise UserError(err) if env.is_main else PeerError(err)
+        raise UserError(err) if env.is_rank0 else PeerError(err)
     return broadcast_object(result, env, group=_SETUP_GROUP)
 
 
-def main_then_all(env: DistEnv, fn):
+def rank0_then_all(env: DistEnv, fn):
     """fn on rank 0 first (to fill a cache or download once), then on the others."""
     result = None
 
@@ -239,8 +239,8 @@ def main_then_all(env: DistEnv, fn):
         nonlocal result
         result = fn()
 
-    main_only(env, first)
-    if not env.is_main:
+    rank0_only(env, first)
+    if not env.is_rank0:
         result = fn()
     if env.initialized:  # nobody starts the next collective (--timeout) while another still loads
         dist.barrier(group=_SETUP_GROUP)

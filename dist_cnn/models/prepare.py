@@ -4,6 +4,7 @@ device in the configured memory format. The same steps in the same order give th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from dist_cnn.models.checks import check_output, select_output
 from dist_cnn.models.registry import build_model
 from dist_cnn.models.weights import init_from, load_pretrained
 from dist_cnn.train.checkpoint import check_compatible
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,7 +38,6 @@ def prepare_model(
     *,
     factory: Callable[..., nn.Module] | None = None,
     starting_weights: bool = False,
-    log=print,
 ) -> Prepared:
     """state: a checkpoint or model.pt whose weights to load (checked against this model first).
     factory: builds the model instead of the spec (the Python API). starting_weights: a new run, so
@@ -60,9 +62,9 @@ def prepare_model(
             x, _ = data.probe(5000, cfg.train.seed)
             model.init_from_data(normalize(x.to(device)).cpu())
         if starting_weights and cfg.model.pretrained:
-            load_pretrained(model, cfg.model.name, data.num_classes, data.in_channels, log)
+            load_pretrained(model, cfg.model.name, data.num_classes, data.in_channels)
         if starting_weights and cfg.model.init_from:
-            init_from(model, cfg.model.init_from, data.num_classes, log)
+            init_from(model, cfg.model.init_from, data.num_classes)
     model.to(device)
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ offline): torchvision's weights must already be in the torch hub cache.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,13 +20,15 @@ from dist_cnn.errors import UserError, one_line
 from dist_cnn.models.registry import TV_NO_AUX, parse_spec, tv_weights
 from dist_cnn.train import checkpoint
 
+log = logging.getLogger(__name__)
+
 
 def hub_file(url: str) -> Path:
     """Where torch.hub (and so torchvision) keeps a downloaded weights file."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def load_pretrained(model: nn.Module, spec: str, num_classes: int, in_channels: int, log) -> None:
+def load_pretrained(model: nn.Module, spec: str, num_classes: int, in_channels: int) -> None:
     s = parse_spec(spec)
     if s.kind == "torchvision":
         url = tv_weights(s.name).url
@@ -38,7 +41,7 @@ def load_pretrained(model: nn.Module, spec: str, num_classes: int, in_channels: 
         state = _read(path, f"--pretrained: {path}")
         if s.name in TV_NO_AUX:  # built without the auxiliary heads (see registry.py)
             state = {k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
-        load_into(model, state, num_classes, f"torchvision:{s.name} weights", log)
+        load_into(model, state, num_classes, f"torchvision:{s.name} weights")
     elif s.kind == "timm":
         import timm
 
@@ -53,7 +56,7 @@ def load_pretrained(model: nn.Module, spec: str, num_classes: int, in_channels: 
         trained = ref.pretrained_cfg.get("num_classes")
         model.load_state_dict(ref.state_dict())
         if trained and trained != num_classes:
-            log(
+            log.info(
                 f"timm:{s.name} weights: classifier head re-initialized for {num_classes} classes "
                 f"(the weights are for {trained})"
             )
@@ -64,12 +67,12 @@ def load_pretrained(model: nn.Module, spec: str, num_classes: int, in_channels: 
         )
 
 
-def init_from(model: nn.Module, path: str, num_classes: int, log) -> None:
+def init_from(model: nn.Module, path: str, num_classes: int) -> None:
     """The weights of a dist_cnn model.pt or checkpoint (its `model` entry)."""
     state = _read(Path(path), f"--init-from {path}", whole=True)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"--init-from {path}: not a dist_cnn model.pt or checkpoint (no 'model' weights)")
-    load_into(model, state["model"], num_classes, f"--init-from {path}", log)
+    load_into(model, state["model"], num_classes, f"--init-from {path}")
 
 
 def _read(path: Path, what: str, whole: bool = False) -> dict:
@@ -81,7 +84,7 @@ def _read(path: Path, what: str, whole: bool = False) -> dict:
         raise UserError(f"{what}: unreadable ({one_line(e)[:200]})") from None
 
 
-def load_into(model: nn.Module, state: dict, num_classes: int, source: str, log) -> None:
+def load_into(model: nn.Module, state: dict, num_classes: int, source: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -106,7 +109,7 @@ def load_into(model: nn.Module, state: dict, num_classes: int, source: str, log)
     merged = {k: (own[k] if k in mismatched else state[k]) for k in own}
     model.load_state_dict(merged)
     if mismatched:
-        log(
+        log.info(
             f"{source}: classifier head {heads.pop()} re-initialized for {num_classes} classes "
             f"(the weights have {state[mismatched[0]].shape[0]})"
         )

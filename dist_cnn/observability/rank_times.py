@@ -7,7 +7,7 @@ gradients' all_reduce is done: the time spent waiting for slower peers or the ne
 are CUDA events, read at the interval's end only once they have completed (event.query(), never a
 synchronize), so the accounting adds no wait to any step.
 
-The figures travel to rank 0 inside the step's agreement collective (parallel.Agreement), which every
+The figures travel to rank 0 inside the step's vote collective (parallel.StepVote), which every
 rank runs anyway: each rank fills its own slots of a vector that is zero elsewhere, so the all-ranks
 max (or sum) holds every rank's figures. No extra collective.
 
@@ -46,7 +46,7 @@ STRAGGLER_INTERVALS = 3  # ... for this many intervals in a row
 class RankTimes:
     """This rank's clocks. The trainer marks the step's boundaries: step_begin() after the batch
     arrived (with the wait), grads_ready() from the last bucket's comm hook, backward_done(),
-    step_end(). snapshot() gives the totals since the previous snapshot for the agreement vector."""
+    step_end(). snapshot() gives the totals since the previous snapshot for the step vote's vector."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

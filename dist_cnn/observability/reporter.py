@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 class Reporter:
-    def run_dir_ready(self, run_dir: Path, is_main: bool) -> None:
+    def run_dir_ready(self, run_dir: Path, is_rank0: bool) -> None:
         """The run directory is settled (rank 0 made, locked and checked it); nothing is written yet."""
 
     def metrics(self, record: dict) -> None:

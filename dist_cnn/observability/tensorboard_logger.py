@@ -11,8 +11,8 @@ tensorboard package is an optional extra; config validation refuses --tensorboar
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from dist_cnn.errors import one_line
@@ -20,14 +20,13 @@ from dist_cnn.observability.format import class_names, is_number
 from dist_cnn.observability.rank_times import rank_scalars
 from dist_cnn.observability.report import plot_confusion
 
+log = logging.getLogger(__name__)
+
 
 class TensorBoardLogger:
     """log_train / log_eval / finish, as WandbLogger. A no-op unless enabled (rank 0 with --tensorboard)."""
 
-    def __init__(
-        self, run_dir: Path, enabled: bool = True, resume_step: int | None = None, log: Callable[[str], None] = print
-    ):
-        self._log = log
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
         self._writer = None
         self.log_dir = Path(run_dir) / "tensorboard"
         if not enabled:
@@ -36,7 +35,9 @@ class TensorBoardLogger:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             tempfile.NamedTemporaryFile(dir=self.log_dir, prefix=".probe", suffix=".tmp").close()
         except OSError as e:
-            log(f"tensorboard: cannot write {self.log_dir} ({e.strerror or one_line(e)}); TensorBoard logging disabled")
+            log.warning(
+                f"tensorboard: cannot write {self.log_dir} ({e.strerror or one_line(e)}); TensorBoard logging disabled"
+            )
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -44,7 +45,7 @@ class TensorBoardLogger:
             purge = None if resume_step is None else resume_step + 1
             self._writer = SummaryWriter(str(self.log_dir), purge_step=purge, flush_secs=10)
         except Exception as e:
-            log(f"tensorboard: cannot write {self.log_dir} ({one_line(e)}); TensorBoard logging disabled")
+            log.warning(f"tensorboard: cannot write {self.log_dir} ({one_line(e)}); TensorBoard logging disabled")
 
     @property
     def active(self) -> bool:
@@ -56,7 +57,7 @@ class TensorBoardLogger:
         try:
             fn(self._writer)
         except Exception as e:  # never let monitoring stop training
-            self._log(f"tensorboard: write failed ({one_line(e)}); TensorBoard logging off for the rest of the run")
+            log.warning(f"tensorboard: write failed ({one_line(e)}); TensorBoard logging off for the rest of the run")
             self._close()
 
     def log_train(self, record: dict) -> None:

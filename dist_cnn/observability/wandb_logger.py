@@ -17,12 +17,12 @@ credentials are only looked up to decide `auto` (presence, never the value).
 from __future__ import annotations
 
 import configparser
+import logging
 import netrc
 import os
 import secrets
 import string
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,6 +30,8 @@ from dist_cnn.config import LogConfig
 from dist_cnn.errors import one_line
 from dist_cnn.observability.format import class_names, is_number
 from dist_cnn.observability.rank_times import rank_scalars
+
+log = logging.getLogger(__name__)
 
 INIT_TIMEOUT_S = 30.0  # wandb's default is 90 s; online init without network fails after this
 TEARDOWN_TIMEOUT_S = 15.0  # after a failed online init, before the offline fallback
@@ -175,9 +177,7 @@ class WandbLogger:
         config: dict,
         run_id: str | None = None,
         enabled: bool = True,
-        log: Callable[[str], None] = print,
     ):
-        self._log = log
         self._run = None
         self._wandb = None
         self.run_dir = Path(run_dir)
@@ -190,13 +190,13 @@ class WandbLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         mode, message = resolve_mode(cfg_log.wandb, self.run_dir)
         if message:
-            log(message)
+            log.info(message)
         if mode == "disabled":
             return
         try:
             import wandb
         except Exception as e:  # broken install: training goes on
-            log(f"wandb: cannot import wandb ({one_line(e)}); W&B logging disabled")
+            log.warning(f"wandb: cannot import wandb ({one_line(e)}); W&B logging disabled")
             return
         self._wandb = wandb
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,14 +217,14 @@ class WandbLogger:
         self._run = self._init(init, mode)
         if self._run is None and mode == "online":
             where = self.run_dir / "wandb"
-            log(f"wandb: logging offline instead; upload later with: {SYNC_HINT.format(dir=where)}")
+            log.info(f"wandb: logging offline instead; upload later with: {SYNC_HINT.format(dir=where)}")
             # wandb-core keeps the failed run's id busy until its service is torn down; should the
             # teardown itself hang (a black-holed network), go on with a fresh id instead.
             if not _call_with_timeout(wandb.teardown, TEARDOWN_TIMEOUT_S):
                 init["id"] = new_run_id()
             self._run = self._init(init, "offline")
         if self._run is None:
-            log("wandb: W&B logging disabled for this run")
+            log.info("wandb: W&B logging disabled for this run")
             return
         self.run_id = self._run.id
 
@@ -240,7 +240,7 @@ class WandbLogger:
             )
             run = wandb.init(mode=mode, settings=settings, **init)
         except Exception as e:
-            self._log(f"wandb: init ({mode}) failed: {one_line(e)}")
+            log.warning(f"wandb: init ({mode}) failed: {one_line(e)}")
             return None
         self.mode = mode
         return run
@@ -253,7 +253,7 @@ class WandbLogger:
         try:
             self._run.log(data, step=int(step))
         except Exception as e:  # never let monitoring stop training
-            self._log(f"wandb: log failed ({one_line(e)}); W&B logging disabled for the rest of the run")
+            log.warning(f"wandb: log failed ({one_line(e)}); W&B logging disabled for the rest of the run")
             self._close_quietly()
 
     def log_train(self, record: dict) -> None:
@@ -314,7 +314,7 @@ class WandbLogger:
                 {"title": "Test confusion matrix"},
             )
         except Exception as e:
-            self._log(f"wandb: confusion matrix not logged ({one_line(e)})")
+            log.warning(f"wandb: confusion matrix not logged ({one_line(e)})")
             return None
 
     def finish(self, summary: dict | None = None) -> None:
@@ -331,7 +331,7 @@ class WandbLogger:
             run.finish()
             self._wandb.teardown()
         except Exception as e:
-            self._log(f"wandb: finish failed ({one_line(e)})")
+            log.warning(f"wandb: finish failed ({one_line(e)})")
 
     def _close_quietly(self) -> None:
         run, self._run = self._run, None

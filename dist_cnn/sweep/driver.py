@@ -9,6 +9,7 @@ told so without running again.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
@@ -16,13 +17,15 @@ from dist_cnn.sweep import study as study_mod
 from dist_cnn.sweep.spec import Spec
 from dist_cnn.sweep.trialfiles import TrialFiles, error_line, outcome, trial_config, write_trial
 
+log = logging.getLogger(__name__)
+
 POLL_SECONDS = 1.0
 
 
 class Driver:
-    def __init__(self, out, spec: Spec, study, record: dict, launcher, max_failures: int, log=print):
+    def __init__(self, out, spec: Spec, study, record: dict, launcher, max_failures: int):
         self.out, self.spec, self.study, self.record = out, spec, study, record
-        self.launcher, self.max_failures, self.log = launcher, max_failures, log
+        self.launcher, self.max_failures = launcher, max_failures
         self.running: dict[int, object] = {}  # trial number -> its launched run
         self.interrupted = 0
 
@@ -78,7 +81,7 @@ class Driver:
         files = self._prepare(trial)
         self.running[trial.number] = self.launcher.launch(files)
         how = "resumed" if resumed else "started"
-        self.log(f"trial {trial.number} {how}: {_params_text(trial.params)}  ({files.run_dir})")
+        log.info(f"trial {trial.number} {how}: {_params_text(trial.params)}  ({files.run_dir})")
 
     def _tell(self, number: int, code: int | None) -> None:
         """Tell the study how a trial whose run ended did; its files say which."""
@@ -90,17 +93,17 @@ class Driver:
         if state == "complete":
             value = data[self.spec.objective]
             self.study.tell(number, value)
-            self.log(f"trial {number} complete: {self.spec.objective} {value:.6g}")
+            log.info(f"trial {number} complete: {self.spec.objective} {value:.6g}")
         elif state == "pruned":
             self.study.tell(number, state=S.PRUNED)
-            self.log(f"trial {number} pruned at step {data['step']}")
+            log.info(f"trial {number} pruned at step {data['step']}")
         else:
             how = f"exited with code {code}" if code else "ended"
             err = error_line(files, f"the run {how} without a result")
             trial_id = self._trials_by_number()[number]._trial_id
             optuna.trial.Trial(self.study, trial_id).set_user_attr("error", err)
             self.study.tell(number, state=S.FAIL)
-            self.log(f"trial {number} failed: {err}")
+            log.info(f"trial {number} failed: {err}")
 
     def _trials_by_number(self) -> dict:
         return {t.number: t for t in self._trials()}
@@ -119,7 +122,7 @@ class Driver:
             job = self.launcher.attach(files)
             if job is not None:
                 self.running[trial.number] = job
-                self.log(f"trial {trial.number}: found its job {getattr(job, 'job', '')} still queued or running")
+                log.info(f"trial {trial.number}: found its job {getattr(job, 'job', '')} still queued or running")
             elif outcome(files)[0] != "unfinished" or (files.job.is_file() and files.config.is_file()):
                 self._tell(trial.number, None)  # it ended while no driver watched it
             else:
@@ -151,12 +154,12 @@ class Driver:
             self._reap()
             if self.interrupted:
                 if not self.running or self.launcher.detached:  # SLURM jobs go on; the next driver finds them
-                    self.log("sweep stopped; the same command continues it (running trials resume)")
+                    log.info("sweep stopped; the same command continues it (running trials resume)")
                     return 128 + self.interrupted
             elif self.max_failures and self._failures() >= self.max_failures:
                 if not self.running:
                     why = f"{self._failures()} trials failed (--max-failures {self.max_failures})"
-                    self.log(f"sweep ended: {why}")
+                    log.info(f"sweep ended: {why}")
                     return 1
             else:
                 started = self._finished() + len(self.running) + len(pending)
@@ -167,7 +170,7 @@ class Driver:
                         self._launch(self._new_trial(), resumed=False)
                         started += 1
                 if not self.running:
-                    self.log(f"sweep complete: {self._finished()} trials")
+                    log.info(f"sweep complete: {self._finished()} trials")
                     return 0
             time.sleep(POLL_SECONDS)
 

@@ -3,13 +3,16 @@ plain run: `train.py --config best.toml` trains it again), and Optuna's matplotl
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
-from dist_cnn import config as C
+from dist_cnn import config as config_mod
 from dist_cnn.errors import one_line
 from dist_cnn.sweep import tomlfile
 from dist_cnn.sweep.trialfiles import TrialFiles, rerun_config
+
+log = logging.getLogger(__name__)
 
 PLOTS = {
     "optimization_history": "plot_optimization_history",
@@ -66,13 +69,13 @@ def write_best(out: Path, study) -> Path | None:
     if not complete:
         return None
     best = complete[0]
-    cfg = C.load_file(str(TrialFiles(out, best.number).config))
+    cfg = config_mod.load_file(str(TrialFiles(out, best.number).config))
     path = out / "best.toml"
     tomlfile.write(path, rerun_config(cfg), header=f"sweep {study.study_name}: trial {best.number}, value {best.value}")
     return path
 
 
-def write_plots(out: Path, study, log=print) -> list[Path]:
+def write_plots(out: Path, study) -> list[Path]:
     """Optuna's plots that the study has data for; a plot that cannot be drawn is a warning."""
     import matplotlib
 
@@ -91,14 +94,14 @@ def write_plots(out: Path, study, log=print) -> list[Path]:
             plt.close(fig)
             written.append(path)
         except Exception as e:  # e.g. importances need two complete trials
-            log(f"note: {name} not drawn ({one_line(e)})")
+            log.info(f"note: {name} not drawn ({one_line(e)})")
     return written
 
 
-def report(out: Path, study, objective: str, log=print) -> None:
-    log(table(study, objective))
+def report(out: Path, study, objective: str) -> None:
+    log.info(table(study, objective))
     best = write_best(out, study)
-    log(f"best: {best} (train.py --config {best})" if best else "best: no complete trial yet")
-    plots = write_plots(out, study, log)
+    log.info(f"best: {best} (train.py --config {best})" if best else "best: no complete trial yet")
+    plots = write_plots(out, study)
     if plots:
-        log(f"plots: {', '.join(str(p) for p in plots)}")
+        log.info(f"plots: {', '.join(str(p) for p in plots)}")

@@ -10,6 +10,7 @@ into the ranks' usual stop agreement, so all ranks stop at the same step.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from dist_cnn.errors import UserError, one_line
 from dist_cnn.sweep import study as study_mod
 from dist_cnn.sweep.trialfiles import TRIAL_ENV
 
+log = logging.getLogger(__name__)
+
 
 def option(cfg: Config, key: str):
     section, name = key.split(".", 1)
@@ -28,14 +31,14 @@ def option(cfg: Config, key: str):
 
 
 class TrialReporter:
-    def __init__(self, link: dict, env: DistEnv, log, ranks: list[dict]):
-        self.link, self.env, self.log = link, env, log
+    def __init__(self, link: dict, env: DistEnv, ranks: list[dict]):
+        self.link, self.env = link, env
         self.ranks = ranks  # each rank's values of the searched options, checked equal to the trial's
         self.objective, self.number = link["objective"], link["number"]
         self._trial = None  # the Optuna trial, opened by rank 0 at its first report
 
     @classmethod
-    def from_environ(cls, cfg: Config, env: DistEnv, log, environ=os.environ) -> TrialReporter | None:
+    def from_environ(cls, cfg: Config, env: DistEnv, environ=os.environ) -> TrialReporter | None:
         """None outside a sweep; in one, the trial's reporter once every rank's values are checked."""
         path = environ.get(TRIAL_ENV)
         if not path:
@@ -52,7 +55,7 @@ class TrialReporter:
                 f"sweep trial {link['number']}: rank {bad[0]} trains with {every[bad[0]]}, "
                 f"not the trial's {link['params']}"
             )
-        return cls(link, env, log, every)
+        return cls(link, env, every)
 
     def start_event(self) -> dict:
         """The metrics.jsonl record of this trial: its study, number, values, and each rank's values."""
@@ -80,12 +83,12 @@ class TrialReporter:
         after the last evaluation: the run is complete). A study that cannot be reached is a warning,
         not the end of the run."""
         value = record.get(self.objective)
-        if not self.env.is_main or value is None:
+        if not self.env.is_rank0 or value is None:
             return False
         try:
             self._trial = self._trial or self._open()
             self._trial.report(float(value), record["step"])
             return not last and self._trial.should_prune()
         except Exception as e:  # the storage is another process's file or server
-            self.log(f"warning: sweep trial {self.number}: could not report to the study ({one_line(e)})")
+            log.warning(f"warning: sweep trial {self.number}: could not report to the study ({one_line(e)})")
             return False

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_cnn import config as C
+from dist_cnn import config as config_mod
 from dist_cnn.errors import UserError
 
 # Metrics that summary.json records, and the direction that is better; the ones also in every
@@ -97,22 +97,22 @@ class Spec:
 
 def _field(key: str):
     """(section, dataclass field, type) of 'section.name', or a one-line error."""
-    found = C.option_field(key)
+    found = config_mod.option_field(key)
     if found is None:
         raise UserError(f"sweep.space: unknown option {key!r} (options are SECTION.FIELD, e.g. optim.lr)")
     return found
 
 
-def _check_value(cfg: C.Config, key: str, value) -> None:
+def _check_value(cfg: config_mod.Config, key: str, value) -> None:
     """The option's own validation, on a copy of the base config with this value."""
     _field(key)
     try:
-        C.with_option(cfg, key, value)
+        config_mod.with_option(cfg, key, value)
     except UserError as e:
         raise UserError(f"sweep.space.{key}: {e}") from None
 
 
-def _dim(cfg: C.Config, key: str, d) -> Dim:
+def _dim(cfg: config_mod.Config, key: str, d) -> Dim:
     section, f, typ = _field(key)
     where = f"sweep.space.{key}"
     if not isinstance(d, dict):
@@ -127,7 +127,7 @@ def _dim(cfg: C.Config, key: str, d) -> Dim:
             _check_value(cfg, key, v)
         return Dim(key, "choices", choices=[float(v) if typ is float else v for v in d["choices"]])
     if typ not in (int, float):
-        raise UserError(f"{where}: {C.flag_of(f)} is not a number: give choices = [...]")
+        raise UserError(f"{where}: {config_mod.flag_of(f)} is not a number: give choices = [...]")
     if "low" not in d or "high" not in d:
         raise UserError(f"{where}: a range needs both low and high")
     low, high, log, step = d["low"], d["high"], d.get("log", False), d.get("step")
@@ -144,7 +144,7 @@ def _dim(cfg: C.Config, key: str, d) -> Dim:
         if log or isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
             raise UserError(f"{where}: step must be a positive number, and not with log")
         if typ is int and not isinstance(step, int):
-            raise UserError(f"{where}: {C.flag_of(f)} is an integer: step must be one too")
+            raise UserError(f"{where}: {config_mod.flag_of(f)} is an integer: step must be one too")
     return Dim(key, "int" if typ is int else "float", low, high, log, step)
 
 
@@ -155,26 +155,26 @@ def _pruner(value) -> dict:
     return dict(p)
 
 
-def _base_config(data: dict, sweep: dict, spec_path: Path) -> C.Config:
+def _base_config(data: dict, sweep: dict, spec_path: Path) -> config_mod.Config:
     """Defaults < sweep.config file < the spec's own sections < sweep.args flags."""
-    cfg = C.Config()
+    cfg = config_mod.Config()
     if "config" in sweep:
         if not isinstance(sweep["config"], str):
             raise UserError("sweep.config must be a file name")
         path = spec_path.parent / sweep["config"]
-        C.apply_dict(cfg, C.load_file(str(path)), where=f"config file {path}")
-    C.apply_dict(cfg, data, where=f"sweep spec {spec_path}")
+        config_mod.apply_dict(cfg, config_mod.load_file(str(path)), where=f"config file {path}")
+    config_mod.apply_dict(cfg, data, where=f"sweep spec {spec_path}")
     args = sweep.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise UserError("sweep.args must be a list of train.py flags (strings)")
-    ns = C.train_parser("sweep.args").parse_args(args)
+    ns = config_mod.train_parser("sweep.args").parse_args(args)
     nested: dict = {}
     for key, value in vars(ns).items():
         if "." in key:
             section, name = key.split(".", 1)
             nested.setdefault(section, {})[name] = value
-    C.apply_dict(cfg, nested, where="sweep.args")
-    C.validate(cfg)
+    config_mod.apply_dict(cfg, nested, where="sweep.args")
+    config_mod.validate(cfg)
     return cfg
 
 
@@ -187,7 +187,7 @@ def _int(sweep: dict, key: str, default: int, low: int) -> int:
 
 def load(path: str) -> Spec:
     """The spec file, checked whole: every error is one line (UserError) before anything runs."""
-    data = C.load_file(path)
+    data = config_mod.load_file(path)
     sweep = data.pop("sweep", None)
     if not isinstance(sweep, dict):
         raise UserError(f"sweep spec {path}: no [sweep] table (what to search: [sweep.space])")
@@ -220,7 +220,7 @@ def load(path: str) -> Spec:
         for key, v in e.items():
             _check_value(cfg, key, v)
     return Spec(
-        base=C.to_dict(cfg),
+        base=config_mod.to_dict(cfg),
         space=dims,
         trials=_int(sweep, "trials", 10, 1),
         objective=objective,

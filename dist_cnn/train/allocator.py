@@ -3,8 +3,8 @@
 glibc serves a block above its mmap threshold (128 KiB at start, raised dynamically up to 32 MiB) with
 its own mmap and unmaps it on free, and trims the top of the heap beyond 128 KiB. A training step
 frees and re-allocates the same activation buffers every step, so by default each step page-faults
-them in again (measured: 1,200-24,000 faults a step for the seed CNN; 1.4-1.5x images per CPU-second
-at batch 256 fp32 once they stopped). Raising both thresholds makes glibc reuse the blocks.
+them in again (docs/performance.md has the measurement). Raising both thresholds makes glibc reuse
+the blocks.
 
 mallopt() changes this process from now on (the trainer calls it before it builds anything large).
 The same settings are put into the environment as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_,

@@ -9,6 +9,7 @@ arbitrary objects (RNG states are stored as tensors, lists and ints).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import random
@@ -22,6 +23,8 @@ import torch
 from dist_cnn.config import CheckpointConfig
 from dist_cnn.errors import UserError, one_line
 from dist_cnn.fileio import atomic_write
+
+log = logging.getLogger(__name__)
 
 CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 
@@ -154,7 +157,7 @@ def load_training(path: Path) -> dict:
     return state
 
 
-def newest_valid(run_dir: Path, log) -> tuple[Path, dict] | None:
+def newest_valid(run_dir: Path) -> tuple[Path, dict] | None:
     """The loadable checkpoint with the highest step, best.pt included; unloadable ones are reported
     and skipped."""
     found = None
@@ -165,7 +168,7 @@ def newest_valid(run_dir: Path, log) -> tuple[Path, dict] | None:
             break
         except UserError as e:
             _remember(path, False)
-            log(f"warning: skipping {e}")
+            log.warning(f"warning: skipping {e}")
     best = ckpt_dir(run_dir) / "best.pt"
     if best.is_file():
         try:
@@ -173,7 +176,7 @@ def newest_valid(run_dir: Path, log) -> tuple[Path, dict] | None:
             if found is None or state["step"] > found[1]["step"]:
                 found = best, state
         except UserError as e:
-            log(f"warning: skipping {e}")
+            log.warning(f"warning: skipping {e}")
     return found
 
 

@@ -117,11 +117,11 @@ class _BatchSizer:
         self.limit, self.env, self.size, self.started = limit, env, min(limit, 16), None
 
     def agree(self) -> None:
-        mine = torch.tensor([float(self.size if self.env.is_main else 0)], device=self.env.device)
+        mine = torch.tensor([float(self.size if self.env.is_rank0 else 0)], device=self.env.device)
         self.size, self.started = max(1, int(all_reduce_sum(mine).item())), time.perf_counter()
 
     def done(self) -> None:
-        if self.env.is_main:  # the vote's .tolist() waited for the device, so this times the batch itself
+        if self.env.is_rank0:  # the vote's .tolist() waited for the device, so this times the batch itself
             seconds = time.perf_counter() - self.started
             self.size = max(1, min(self.limit, int(self.size * STOP_CHECK_SECONDS / max(seconds, 1e-3))))
 

@@ -57,8 +57,8 @@ def build_optimizer(
 def use_fused(device: torch.device, precision: str) -> bool:
     """Fused SGD on CUDA, and on the CPU for bf16 so CI runs the same step logic (found_inf skips the
     update in the kernel). fp32 on the CPU keeps foreach: the CPU fused kernel rounds some elements of
-    each tensor differently (its scalar tail contracts multiply-adds), so fp32 runs keep the weights,
-    bit for bit, that earlier versions trained."""
+    each tensor differently (its scalar tail contracts multiply-adds), so fp32 runs keep the foreach
+    step's weights, bit for bit."""
     return device.type == "cuda" or precision != "fp32"
 
 

@@ -4,7 +4,7 @@ auto: bf16 on GPUs with bf16 in hardware (compute capability 8.0 and later), fp1
 on the others: torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4),
 which runs slower than their fp16 tensor cores. On the CPU, fp32
 without native bf16 matrix instructions (AMX or AVX-512 BF16); with them, whichever of the two runs
-this model's training step faster (small convolutions such as the seed model's run ~4x slower under
+this model's training step faster (small convolutions such as the seed model's run slower under
 CPU bf16 autocast, large ones faster). That is measured once per (CPU, threads, torch, model, input,
 batch) and cached, so the same command on the same machine always resolves the same way, whatever
 the machine's load at the next start.

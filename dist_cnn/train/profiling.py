@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from dist_cnn.errors import UserError
+
+log = logging.getLogger(__name__)
 
 PREFIX = "dist_cnn/"
 CATEGORIES = ("data wait", "optimizer", "compute", "communication", "other")
@@ -133,9 +136,9 @@ class StepProfiler:
     """The trainer calls start(step) before and stop(step) after every optimizer step, and region()
     around the parts it wants named in the trace; all three cost nothing outside the window."""
 
-    def __init__(self, spec: str, run_dir: Path | None, rank: int, device: torch.device, with_stack: bool, log=print):
+    def __init__(self, spec: str, run_dir: Path | None, rank: int, device: torch.device, with_stack: bool):
         self.window = parse_range(spec)
-        self.run_dir, self.rank, self.device, self.with_stack, self.log = run_dir, rank, device, with_stack, log
+        self.run_dir, self.rank, self.device, self.with_stack = run_dir, rank, device, with_stack
         self.prof, self.steps = None, 0
 
     @property
@@ -157,12 +160,12 @@ class StepProfiler:
     def end(self, step: int) -> None:
         """Training is over at `step`: a window still open ends here; one past the end says so."""
         if self.window and self.prof is None and step <= self.window[0] and self.rank == 0:
-            self.log(
+            log.info(
                 f"--profile {self.window[0]}:{self.window[1]}: training ended after {step} steps, before "
                 "the window started; nothing was recorded"
             )
         elif self.prof is not None and step < self.window[1] and self.rank == 0:
-            self.log(f"--profile: training ended at step {step}, inside the window; the trace stops there")
+            log.info(f"--profile: training ended at step {step}, inside the window; the trace stops there")
         self.stop(step, force=True)
 
     def stop(self, step: int, force: bool = False) -> None:
@@ -204,7 +207,7 @@ class StepProfiler:
             "trace": str(path),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self.log(
+        log.info(
             f"profile of steps {self.window[0]}:{self.window[1]} ({self.steps} steps, {per_step:.1f} ms a step), "
             f"trace per rank in {out}:\n  "
             + "   ".join(f"{c} {v:.1%}" for c, v in shares.items())

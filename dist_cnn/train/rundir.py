@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import socket
@@ -12,10 +13,12 @@ import time
 from pathlib import Path
 
 from dist_cnn.config import Config
-from dist_cnn.distributed import process_group as D
+from dist_cnn.distributed import process_group
 from dist_cnn.errors import UserError
 from dist_cnn.models.registry import short_name
 from dist_cnn.train import checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def default_run_name(cfg: Config, environ=os.environ) -> str:
@@ -114,7 +117,7 @@ def _has_checkpoints(run_dir: Path) -> bool:
     return bool(checkpoint.list_checkpoints(run_dir)) or (checkpoint.ckpt_dir(run_dir) / "best.pt").is_file()
 
 
-def prepare_run_dir(cfg: Config, log=lambda msg: None) -> Path:
+def prepare_run_dir(cfg: Config) -> Path:
     """Rank 0, before any data is loaded: pick the run directory, refuse what must not be touched,
     lock it for this run's whole life and clean what a killed predecessor left."""
     run_dir = Path(cfg.log.out or Path("runs") / default_run_name(cfg))
@@ -142,11 +145,11 @@ def prepare_run_dir(cfg: Config, log=lambda msg: None) -> Path:
         )
     claim_run_dir(run_dir)
     for p in clean_stale_temporaries(run_dir):
-        log(f"removed {p}, left by a run that was killed while writing it")
+        log.info(f"removed {p}, left by a run that was killed while writing it")
     return run_dir
 
 
-def resolve_resume(cfg: Config, env: D.DistEnv, run_dir: Path, log) -> tuple[Path | None, dict | None]:
+def resolve_resume(cfg: Config, env: process_group.DistEnv, run_dir: Path) -> tuple[Path | None, dict | None]:
     """Rank 0 finds and loads the checkpoint; every rank gets its state (no shared filesystem needed).
     A run that starts from scratch starts its metrics.jsonl afresh (a predecessor killed before its
     first checkpoint left events that belong to no checkpoint)."""
@@ -155,11 +158,11 @@ def resolve_resume(cfg: Config, env: D.DistEnv, run_dir: Path, log) -> tuple[Pat
     def find():
         found = None
         if mode == "auto":
-            found = checkpoint.newest_valid(run_dir, log)
+            found = checkpoint.newest_valid(run_dir)
             if found is not None:
-                log(f"--resume auto: taking {found[0]} (step {found[1]['step']}), the newest loadable checkpoint")
+                log.info(f"--resume auto: taking {found[0]} (step {found[1]['step']}), the newest loadable checkpoint")
             else:
-                log(f"--resume auto: no loadable checkpoint in {run_dir}, starting from scratch")
+                log.info(f"--resume auto: no loadable checkpoint in {run_dir}, starting from scratch")
         elif mode != "none":
             found = Path(mode), checkpoint.load_training(Path(mode))
         if found is None:
@@ -167,5 +170,5 @@ def resolve_resume(cfg: Config, env: D.DistEnv, run_dir: Path, log) -> tuple[Pat
                 (run_dir / "metrics.jsonl").unlink()
         return found
 
-    found = D.main_only(env, find)
+    found = process_group.rank0_only(env, find)
     return found if found is not None else (None, None)

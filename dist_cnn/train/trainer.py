@@ -7,6 +7,7 @@ Every rank runs the same code and takes part in every collective; only rank 0 wr
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import resource
 import time
@@ -24,15 +25,14 @@ from dist_cnn.data.loader import Augment
 from dist_cnn.data.open import open_source
 from dist_cnn.data.source import DataSource, upgrade_stored_config
 from dist_cnn.data.stream import default_workers
-from dist_cnn.distributed import parallel
-from dist_cnn.distributed import process_group as D
+from dist_cnn.distributed import parallel, process_group
 from dist_cnn.distributed.preempt import StopSignal, requeue_slurm_job
 from dist_cnn.errors import PeerFailed, TrainingFailed, UserError, one_line
 from dist_cnn.fileio import WritePolicy, write_json_atomic
 from dist_cnn.models.checks import check_trainable
 from dist_cnn.models.prepare import prepare_model
 from dist_cnn.models.trust import check_file_spec
-from dist_cnn.observability import hang, phases
+from dist_cnn.observability import console, hang, phases
 from dist_cnn.observability.metrics import MetricsLog
 from dist_cnn.observability.phases import PHASES
 from dist_cnn.observability.progress import Progress, RateAverage
@@ -42,8 +42,7 @@ from dist_cnn.observability.reporter import Reporter
 from dist_cnn.observability.tensorboard_logger import TensorBoardLogger
 from dist_cnn.observability.wandb_logger import WandbLogger
 from dist_cnn.sweep.reporter import TrialReporter
-from dist_cnn.train import checkpoint
-from dist_cnn.train import precision as P
+from dist_cnn.train import checkpoint, precision
 from dist_cnn.train.allocator import tune_malloc
 from dist_cnn.train.checkpoint import CheckpointPolicy
 from dist_cnn.train.ema import ModelEMA, adjusted_decay
@@ -52,6 +51,8 @@ from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, tot
 from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
+
+log = logging.getLogger(__name__)
 
 
 class StepSignals(NamedTuple):
@@ -99,15 +100,14 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        env: D.DistEnv,
+        env: process_group.DistEnv,
         data: DataSource | None = None,
         model_factory=None,
         reporter: Reporter | None = None,
     ):
         self.cfg, self.env = cfg, env
         self.reporter = reporter or Reporter()
-        t, main = cfg.train, env.is_main
-        self.log = Progress(main, False, 0).print  # replaced once the step count is known
+        t, rank0 = cfg.train, env.is_rank0
         micro_world = env.world_size * t.grad_accum
         if t.batch_size % micro_world:
             raise UserError(f"--batch-size {t.batch_size} must divide by world size x grad accum = {micro_world}")
@@ -118,10 +118,10 @@ class Trainer:
 
         # The run directory and the checkpoint to resume are settled before the data is loaded: a
         # directory in use, foreign or read-only, or a file that is no checkpoint, fails at once.
-        self.run_dir = D.main_only(env, lambda: prepare_run_dir(cfg, log=self.log))
-        self.reporter.run_dir_ready(self.run_dir, main)
-        self.heartbeat = hang.start(D.store(), env.rank, env.world_size, self.run_dir)
-        self.resume_path, state = resolve_resume(cfg, env, self.run_dir, self.log)
+        self.run_dir = process_group.rank0_only(env, lambda: prepare_run_dir(cfg))
+        self.reporter.run_dir_ready(self.run_dir, rank0)
+        self.heartbeat = hang.start(process_group.store(), env.rank, env.world_size, self.run_dir)
+        self.resume_path, state = resolve_resume(cfg, env, self.run_dir)
         if state is not None:
             self._resume_config(state)
             self.batch_per_rank = t.batch_size // micro_world
@@ -135,9 +135,7 @@ class Trainer:
         self.loader_note = ""  # why auto chose the pipeline it chose, for the first log line
         self.data = data or self._load_data()
 
-        prepared = prepare_model(
-            cfg, self.data, env.device, factory=model_factory, starting_weights=state is None, log=self.log
-        )
+        prepared = prepare_model(cfg, self.data, env.device, factory=model_factory, starting_weights=state is None)
         self.normalize, self.mean, self.std = prepared.normalize, prepared.mean, prepared.std
         check_trainable(prepared.model, self.batch_per_rank, cfg.model.sync_bn and env.world_size > 1)
         self.rank_times, self.stragglers, self.rank_figures = RankTimes(env.device), StragglerWatch(), None
@@ -148,7 +146,7 @@ class Trainer:
         self.precision, self.precision_reason = (
             (state["precision"], "kept from the checkpoint")
             if state and t.precision == "auto"
-            else D.main_only(env, self._resolve_precision)
+            else process_group.rank0_only(env, self._resolve_precision)
         )
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device, use_fused(env.device, self.precision))
         # fused SGD skips a non-finite step in its kernel (found_inf), with no host sync; foreach on the host
@@ -159,7 +157,7 @@ class Trainer:
             raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({self.data.train_size})")
         self.total_steps = total_steps(t.epochs, self.steps_per_epoch, t.max_steps)
         self.schedule = build_schedule(self.optimizer, self.total_steps, cfg.optim)
-        self.scaler = P.grad_scaler(self.precision, env.device)
+        self.scaler = precision.grad_scaler(self.precision, env.device)
         self.lookahead = (
             Lookahead(self.raw_model, t.lookahead_every, t.lookahead_decay, self.total_steps)
             if t.lookahead_every
@@ -182,23 +180,20 @@ class Trainer:
         self.meter, self.best_acc, self.bad_steps, self.skipped_steps = Meter(), -1.0, 0, 0
         self.rate = RateAverage()
         self.ckpt_policy = CheckpointPolicy(cfg.ckpt)
-        self.writes = WritePolicy(cfg.ckpt.on_write_error, lambda msg: self.log(msg))
-        self.metrics = MetricsLog(self.run_dir, main, on_error=self.writes.failed)
+        self.writes = WritePolicy(cfg.ckpt.on_write_error)
+        self.metrics = MetricsLog(self.run_dir, rank0, on_error=self.writes.failed)
         self.wandb_id = None
         if state is not None:
             self._load_state(state)
-        self.progress = Progress(main, cfg.log.progress, self.total_steps)
-        self.log = self.progress.print
-        self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, main, self.log)
+        self.progress = Progress(rank0, cfg.log.progress, self.total_steps)
+        self.wandb = WandbLogger(cfg.log, self.run_dir, config_mod.to_dict(cfg), self.wandb_id, rank0)
         self.tensorboard = TensorBoardLogger(
-            self.run_dir, main and cfg.log.tensorboard, self.step if state is not None else None, self.log
+            self.run_dir, rank0 and cfg.log.tensorboard, self.step if state is not None else None
         )
-        self.stop = StopSignal(announce=main)
+        self.stop = StopSignal(announce=rank0)
         self.stop.install()
-        self.trial = TrialReporter.from_environ(cfg, env, self.log)  # None unless a sweep started the run
-        self.profiler = StepProfiler(
-            cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack, self.log
-        )
+        self.trial = TrialReporter.from_environ(cfg, env)  # None unless a sweep started the run
+        self.profiler = StepProfiler(cfg.log.profile, self.run_dir, env.rank, env.device, cfg.log.profile_stack)
 
     # ---- setup -------------------------------------------------------------------------------
     def _same_run(self, state: dict) -> bool:
@@ -224,7 +219,7 @@ class Trainer:
 
     def _load_data(self) -> DataSource:
         """The source the config names (data.open_source: in memory or streamed, and why)."""
-        source, self.loader_note = open_source(self.cfg.data, self.env, log=self.log, timeout=self.cfg.dist.timeout)
+        source, self.loader_note = open_source(self.cfg.data, self.env, timeout=self.cfg.dist.timeout)
         return source
 
     @property
@@ -239,14 +234,14 @@ class Trainer:
         x, y = self.data.probe(min(self.batch_per_rank, 64), self.cfg.train.seed)
         x, y = self.normalize(x.to(self.env.device)), y.to(self.env.device)
         n = len(x)
-        probe = P.time_training_step(self.raw_model, x, y)
+        probe = precision.time_training_step(self.raw_model, x, y)
         what = {
             "model": self.cfg.model.name,
             "input": list(x.shape[1:]),
             "batch": n,
             "channels_last": self.cfg.model.channels_last,
         }
-        return P.resolve_auto(self.env.device, what, probe)
+        return precision.resolve_auto(self.env.device, what, probe)
 
     def _build_pipeline(self):
         cfg, env = self.cfg, self.env
@@ -324,8 +319,8 @@ class Trainer:
         self.optimizer.load_state_dict(s["optimizer"])
         zero_momentum(self.optimizer)  # a checkpoint written before the first step has no buffers yet
         self.schedule.load_state_dict(s["schedule"])
-        if not P.load_scaler(self.scaler, s["scaler"]):
-            self.log(f"the checkpoint was trained in {s.get('precision', 'fp32')}: fp16's loss scale starts fresh")
+        if not precision.load_scaler(self.scaler, s["scaler"]):
+            log.info(f"the checkpoint was trained in {s.get('precision', 'fp32')}: fp16's loss scale starts fresh")
         if self.lookahead:
             self.lookahead.load_state_dict(s["lookahead"])
         if self.ema:
@@ -337,14 +332,14 @@ class Trainer:
         if not self._same_run(s):
             # another run's checkpoint into a new --out: that run's W&B run stays its own
             self.wandb_id = None
-            self.log(f"resuming {self.resume_path} into a new --out {self.run_dir}: a new W&B run")
+            log.info(f"resuming {self.resume_path} into a new --out {self.run_dir}: a new W&B run")
         self.skipped_images = set(s.get("skipped_images", []))
         checkpoint.set_rng_state(s["rng"][self.env.rank % len(s["rng"])])
         self.metrics.history = list(s["metrics"])
         checkpoint.scrub_missing(self.metrics.history)  # events naming checkpoints pruned since
         self.metrics.rewrite()
         self.metrics.write({"event": "resume", "step": self.step, "epoch": self.epoch, "from": str(self.resume_path)})
-        self.log(
+        log.info(
             f"resumed from {self.resume_path} at step {self.step} (epoch {self.epoch + 1}, "
             f"step {self.epoch_step} of {self.steps_per_epoch})"
         )
@@ -359,29 +354,29 @@ class Trainer:
         state = self._state()
         state["finished"] = final
         err, path = None, None
-        if self.env.is_main:
+        if self.env.is_rank0:
             try:
                 path, pruned = checkpoint.write(self.run_dir, state, self.cfg.ckpt.keep, is_best)
             except OSError as e:  # torch.save's own write errors arrive as OSError too (fileio)
                 err = f"checkpoint write failed at step {self.step} ({e.strerror or e}); the previous one is intact"
-                self.log(f"warning: {err}")
+                log.warning(f"warning: {err}")
             else:
                 self.metrics.write({"event": "checkpoint", "step": self.step, "path": str(path)})
                 if pruned and checkpoint.scrub_missing(self.metrics.history):
                     self.metrics.rewrite()  # metrics.jsonl never names a checkpoint that is gone
-        err = D.broadcast_object(err, self.env)
+        err = process_group.broadcast_object(err, self.env)
         self.reporter.checkpoint(
             path, {"event": "checkpoint", "step": self.step, "epoch": self.epoch, "final": final, **(summary or {})}
         )
         if err and self.cfg.ckpt.on_write_error == "stop":
-            raise TrainingFailed(err) if self.env.is_main else PeerFailed(err)
-        self._raise_if_write_failed(D.broadcast_object(self.writes.pending, self.env))
+            raise TrainingFailed(err) if self.env.is_rank0 else PeerFailed(err)
+        self._raise_if_write_failed(process_group.broadcast_object(self.writes.pending, self.env))
         self.ckpt_policy.written()
 
     def _raise_if_write_failed(self, pending: str | None) -> None:
         """All ranks call this with the same answer (agreed on by a collective)."""
         if pending:
-            raise TrainingFailed(pending) if self.env.is_main else PeerFailed(pending)
+            raise TrainingFailed(pending) if self.env.is_rank0 else PeerFailed(pending)
 
     # ---- training ----------------------------------------------------------------------------
     def train_step(self, micro_batches) -> tuple[StepSignals, torch.Tensor]:
@@ -392,11 +387,11 @@ class Trainer:
             last = i == accum - 1
             with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
                 PHASES.enter(phases.FORWARD)
-                with self.profiler.region("forward"), P.autocast(self.precision, self.env.device):
+                with self.profiler.region("forward"), precision.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 loss_sum += loss.detach().float()
                 if last:  # the loss is known before the backward pass: agree while it runs
-                    agreement = self._agree(loss_sum)
+                    vote = self._start_step_vote(loss_sum)
                 PHASES.enter(phases.BACKWARD)
                 with self.profiler.region("backward"):
                     self.scaler.scale(loss).backward()
@@ -409,66 +404,66 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
         PHASES.enter(phases.OPTIMIZER)
         with self.profiler.region("optimizer"):
-            signals = self._apply(agreement)
+            signals = self._step_unless_nonfinite(vote)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
         return signals, loss_sum
 
-    def _apply(self, agreement: parallel.Agreement) -> StepSignals:
+    def _step_unless_nonfinite(self, vote: parallel.StepVote) -> StepSignals:
         """The optimizer step, unless some rank's loss was non-finite."""
         if self.precision == "fp16":  # the scaler skips non-finite steps by itself
             self.scaler.step(self.optimizer)
-            return self._signals(agreement)
+            return self._signals(vote)
         if self.skip_on_device:
             # fused SGD skips the update on the device when found_inf is 1: no host sync for the guard,
-            # and the flags are read after the step is queued (from pinned memory, see Agreement)
-            self.optimizer.found_inf = agreement.on_device()[:1]
+            # and the flags are read after the step is queued (from pinned memory, see StepVote)
+            self.optimizer.found_inf = vote.on_device()[:1]
             self.optimizer.step()
             del self.optimizer.found_inf
-            return self._signals(agreement)
+            return self._signals(vote)
         with PHASES.during(phases.STEP_ALL_REDUCE):
-            signals = self._signals(agreement)  # long done: it ran alongside the backward pass
+            signals = self._signals(vote)  # long done: it ran alongside the backward pass
         if not signals.nonfinite:
             self.optimizer.step()
         return signals
 
-    def _signals(self, agreement: parallel.Agreement) -> StepSignals:
+    def _signals(self, vote: parallel.StepVote) -> StepSignals:
         """The agreed flags; every rank's time accounting when the step closed a log interval."""
-        values = agreement.values()
+        values = vote.values()
         n = len(StepSignals._fields)
         figures = unpack(values[n:], self.env.world_size)
         if figures is not None:
             self.rank_figures = figures
         return StepSignals(*(v > 0 for v in values[:n]))
 
-    def _agree(self, loss: torch.Tensor) -> parallel.Agreement:
+    def _start_step_vote(self, loss: torch.Tensor) -> parallel.StepVote:
         """One small all_reduce (max) a step carries everything the ranks must decide together; it is
         started before the backward pass and read after it."""
-        due = self.env.is_main and self.ckpt_policy.clock_due()
+        due = self.env.is_rank0 and self.ckpt_policy.clock_due()
         host = torch.tensor([float(self.stop.requested), float(due), float(self.writes.pending is not None)])
         closing = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.total_steps
         figures = self.rank_times.snapshot() if closing else None  # this interval's, to rank 0
         host = torch.cat([host, slots(self.env.rank, self.env.world_size, figures)])
         if loss.is_cuda:  # from pinned memory: an asynchronous copy, no wait for the GPU
             host = host.pin_memory().to(loss.device, non_blocking=True)
-        return parallel.Agreement(torch.cat([(~torch.isfinite(loss)).float().view(1), host]))
+        return parallel.StepVote(torch.cat([(~torch.isfinite(loss)).float().view(1), host]))
 
     def fit(self) -> dict:
         """Train to the end (or a stop signal), evaluating as configured; returns the summary."""
         cfg, t = self.cfg, self.cfg.train
         if self.trial:
             self.metrics.write(self.trial.start_event())
-        if self.env.is_main:
+        if self.env.is_rank0:
             self.writes.attempt("config.json", lambda: config_mod.save(cfg, self.run_dir / "config.json"))
-            self.log(
+            log.info(
                 f"run {self.run_dir}: {cfg.model.name} on {cfg.data.dataset}, world size {self.env.world_size} "
                 f"({self.env.backend}), {self.precision}, batch {t.batch_size} ({self.batch_per_rank}/rank), "
                 f"{self.loader_kind} pipeline{f' ({self.loader_note})' if self.loader_note else ''}, "
                 f"{self.total_steps} steps"
             )
             if t.precision == "auto":
-                self.log(f"precision {self.precision} (auto: {self.precision_reason})")
+                log.info(f"precision {self.precision} (auto: {self.precision_reason})")
         try:
             return self._train_to_end()
         except RuntimeError as e:  # torch's SIGCHLD handler, raised wherever this rank happens to be
@@ -481,7 +476,7 @@ class Trainer:
         handled by a single rank the checkpoint is still written (no peer waits in a collective)."""
         why = one_line(e, 200)
         if self.stop.requested and not self.env.initialized:
-            self.log(f"warning: {why} while stopping; writing the checkpoint anyway")
+            log.warning(f"warning: {why} while stopping; writing the checkpoint anyway")
             self.save_checkpoint()
             self.handle_stop()
             return self.stopped()
@@ -513,7 +508,7 @@ class Trainer:
 
     def stop_after_eval(self) -> dict:
         """A stop signal arrived during an evaluation, which all ranks cut short: checkpoint, leave."""
-        self.log(f"stop signal during evaluation: evaluation cut short at step {self.step}")
+        log.info(f"stop signal during evaluation: evaluation cut short at step {self.step}")
         self.save_checkpoint()
         self.handle_stop()
         return self.stopped()
@@ -624,7 +619,7 @@ class Trainer:
             if straggler is not None:
                 rec["straggler_rank"] = straggler
             if message:
-                self.log(message)
+                log.info(message)
             self.rank_figures = None
         self.metrics.write(rec)
         self.reporter.metrics(rec)
@@ -635,24 +630,24 @@ class Trainer:
     requeued = False
 
     def handle_stop(self) -> bool:
-        requeue, pruned = D.broadcast_object((self.stop.wants_requeue, self.stop.pruned), self.env)
+        requeue, pruned = process_group.broadcast_object((self.stop.wants_requeue, self.stop.pruned), self.env)
         if pruned:  # rank 0's decision, which the other ranks only saw as "stop"
-            self.log(f"pruned by the sweep: checkpoint written at step {self.step}")
+            log.info(f"pruned by the sweep: checkpoint written at step {self.step}")
             self.wandb.finish()
             self.tensorboard.finish()
             self.progress.close()
             return True
-        self.log(f"stop signal: checkpoint written at step {self.step}")
+        log.info(f"stop signal: checkpoint written at step {self.step}")
         self.wandb.finish()  # complete the W&B files inside the grace period; a requeue resumes the run
         self.tensorboard.finish()
-        failed = requeue and self.env.is_main and not requeue_slurm_job(self.log)
-        if D.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
+        failed = requeue and self.env.is_rank0 and not requeue_slurm_job()
+        if process_group.broadcast_object(failed, self.env):  # unfinished and not requeued: not a success
             raise TrainingFailed(
                 f"stopped at step {self.step} and could not requeue; continue with --out {self.run_dir} --resume auto"
             )
         self.requeued = requeue
         if not requeue:
-            self.log(
+            log.info(
                 f"the run is unfinished (exit code {self.stop.exit_code}); continue it with "
                 f"--out {self.run_dir} --resume auto"
             )
@@ -704,7 +699,7 @@ class Trainer:
         if self.trial and self.trial.should_prune(rec, last=self.step >= self.total_steps):
             self.metrics.write({"event": "pruned", "step": self.step, "epoch": self.epoch})
             self.stop.prune()  # rank 0's stop flag: all ranks agree on it at the next step
-        self.log(
+        log.info(
             f"epoch {self.epoch}: test accuracy {res['test_accuracy']:.4f} "
             f"({res['test_correct']}/{res['test_total']}){ema_note}, {self.meter.seconds:.1f} s of training"
         )
@@ -722,7 +717,7 @@ class Trainer:
             torch.distributed.all_gather_object(found, mine)
         new = sorted(set().union(*found) - self.skipped_images)
         if new:
-            self.log(
+            log.info(
                 f"skipped {len(new)} unreadable image(s) (--skip-bad-images): {', '.join(new[:5])}"
                 f"{' ...' if len(new) > 5 else ''}"
             )
@@ -732,7 +727,7 @@ class Trainer:
     def finish(self, ev: dict) -> dict:
         summary = self.summary(ev)
         self.save_checkpoint(final=True, summary=summary)
-        if self.env.is_main:
+        if self.env.is_rank0:
             cfg, d = self.cfg, self.data
             export = {
                 "model": self.raw_model.state_dict(),
@@ -752,7 +747,7 @@ class Trainer:
             self.wandb.finish(summary)
             self.tensorboard.finish(summary)
             self._report(summary)
-        self._raise_if_write_failed(D.broadcast_object(self.writes.pending, self.env))
+        self._raise_if_write_failed(process_group.broadcast_object(self.writes.pending, self.env))
         self.progress.close()
         return summary
 
@@ -795,12 +790,17 @@ class Trainer:
         except OSError as e:  # a write failure: the run's policy
             self.writes.failed("the plots", e)
         except Exception as e:  # plots are a convenience; the run's results are already written
-            self.log(f"warning: plots not written: {one_line(e)}")
-        self.log(format_report(summary, self.metrics.history))
+            log.warning(f"warning: plots not written: {one_line(e)}")
+        log.info(format_report(summary, self.metrics.history))
 
 
 def train(cfg: Config, data: DataSource | None = None, model_factory=None, reporter: Reporter | None = None) -> dict:
-    with D.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
+    with process_group.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
+        console.configure(cfg.log.log_level, env.rank, env.world_size)
+        log.debug(
+            f"rank {env.rank} of {env.world_size} ({env.launcher} launch, {env.backend}), device {env.device}, "
+            f"{torch.get_num_threads()} threads"
+        )
         if env.device.type == "cpu" and cfg.train.malloc_tune:
             tune_malloc()  # before the model and the data take their memory
         trainer = Trainer(cfg, env, data=data, model_factory=model_factory, reporter=reporter)
@@ -814,4 +814,5 @@ def train(cfg: Config, data: DataSource | None = None, model_factory=None, repor
             trainer.wandb.finish()
             raise
         finally:
+            trainer.progress.close()  # an unfinished run's bar too: console lines go back to stdout
             trainer.stop.uninstall()

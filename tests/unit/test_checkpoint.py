@@ -52,24 +52,22 @@ def test_list_orders_by_step_number_and_ignores_other_names(tmp_path):
     assert checkpoint.list_checkpoints(tmp_path / "missing") == []
 
 
-def test_newest_valid_skips_a_truncated_file(tmp_path):
+def test_newest_valid_skips_a_truncated_file(tmp_path, logged):
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, state(step), keep=5, is_best=False)
     newest = tmp_path / "checkpoints" / "step-00000003.pt"
     newest.write_bytes(newest.read_bytes()[:200])  # a write cut short (what atomic_save prevents)
-    warnings = []
-    path, loaded = checkpoint.newest_valid(tmp_path, warnings.append)
+    path, loaded = checkpoint.newest_valid(tmp_path)
     assert path.name == "step-00000002.pt" and loaded["step"] == 2
-    assert len(warnings) == 1 and "step-00000003.pt" in warnings[0] and warnings[0].startswith("warning: skipping")
-    assert "\n" not in warnings[0]
+    assert len(logged) == 1 and "step-00000003.pt" in logged[0] and logged[0].startswith("warning: skipping")
+    assert "\n" not in logged[0]
 
 
-def test_newest_valid_with_nothing_loadable(tmp_path):
-    assert checkpoint.newest_valid(tmp_path, print) is None  # no checkpoints directory
+def test_newest_valid_with_nothing_loadable(tmp_path, logged):
+    assert checkpoint.newest_valid(tmp_path) is None  # no checkpoints directory
     checkpoint.save(tmp_path, state(1), keep=1, is_best=False)
     (tmp_path / "checkpoints" / "step-00000001.pt").write_bytes(b"not a checkpoint")
-    warnings = []
-    assert checkpoint.newest_valid(tmp_path, warnings.append) is None and len(warnings) == 1
+    assert checkpoint.newest_valid(tmp_path) is None and len(logged) == 1
 
 
 class Payload:  # anything that needs unpickling of code

@@ -63,8 +63,8 @@ def slow_setup(env):
     (its own bound) waits for both, and the next collective on the main group starts only after."""
     D.make_setup_group(60)
     try:
-        listed = D.main_only(env, lambda: time.sleep(SLOW_SETUP) or ["a", "b"])
-        loaded = D.main_then_all(env, lambda: time.sleep(SLOW_SETUP if env.rank == 1 else 0) or env.rank)
+        listed = D.rank0_only(env, lambda: time.sleep(SLOW_SETUP) or ["a", "b"])
+        loaded = D.rank0_then_all(env, lambda: time.sleep(SLOW_SETUP if env.rank == 1 else 0) or env.rank)
         t = torch.ones(1)
         dist.all_reduce(t)
         return {"listed": listed, "loaded": loaded, "sum": t.item()}

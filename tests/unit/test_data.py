@@ -252,11 +252,10 @@ def img_cfg(root, size=8):
     return DataConfig(dataset="imagefolder", data_dir=str(root), image_size=size)
 
 
-def test_imagefolder_decodes(folder):
+def test_imagefolder_decodes(folder, logged):
     root, pix = folder
-    lines = []
-    ds = load_dataset(img_cfg(root), log=lines.append)
-    assert ds.classes == ["cat", "dog"] and len(lines) == 1 and "decoding 6 images" in lines[0]
+    ds = load_dataset(img_cfg(root))
+    assert ds.classes == ["cat", "dog"] and len(logged) == 1 and "decoding 6 images" in logged[0]
     assert ds.train_x.shape == (4, 3, 8, 8) and ds.test_x.shape == (2, 3, 8, 8) and ds.train_x.dtype == torch.uint8
     assert ds.train_y.tolist() == [0, 0, 1, 1] and ds.test_y.tolist() == [0, 1]
     assert np.array_equal(ds.train_x[0].permute(1, 2, 0).numpy(), pix["train/cat/a.png"])
@@ -301,14 +300,14 @@ def test_imagefolder_cache_falls_back_to_user_cache(folder, tmp_path, monkeypatc
     assert torch.equal(load_dataset(img_cfg(root)).train_x, first.train_x)
 
 
-def test_imagefolder_corrupt_cache_is_rebuilt(folder):
+def test_imagefolder_corrupt_cache_is_rebuilt(folder, logged):
     root, _ = folder
     first = load_dataset(img_cfg(root))
     (cache,) = (root / ".dist_cnn_cache").glob("*.pt")
     cache.write_bytes(b"truncated")
-    lines = []
-    assert torch.equal(load_dataset(img_cfg(root), log=lines.append).train_x, first.train_x)
-    assert "ignoring unreadable cache" in lines[0]
+    logged.clear()
+    assert torch.equal(load_dataset(img_cfg(root)).train_x, first.train_x)
+    assert "ignoring unreadable cache" in logged[0]
     assert torch.load(cache, weights_only=True)["classes"] == ["cat", "dog"]  # rewritten whole
 
 

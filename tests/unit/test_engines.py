@@ -59,7 +59,7 @@ def test_a_ray_restart_recognizes_its_own_run_directory(tmp_path):
     directory (as torchrun's restart does) only when this same train() call wrote it."""
     token = job_config(["--dataset", "synthetic", "--out", str(tmp_path)])["token"]
     assert not restarted(str(tmp_path), token)
-    RayReporter(token).run_dir_ready(tmp_path, is_main=False)
+    RayReporter(token).run_dir_ready(tmp_path, is_rank0=False)
     assert not restarted(str(tmp_path), token)
-    RayReporter(token).run_dir_ready(tmp_path, is_main=True)
+    RayReporter(token).run_dir_ready(tmp_path, is_rank0=True)
     assert restarted(str(tmp_path), token) and not restarted(str(tmp_path), "another call")

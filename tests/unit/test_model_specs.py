@@ -139,15 +139,15 @@ def test_timm_model_or_one_line_without_timm(monkeypatch):
     one_line_error(check_spec, "timm:resnet18", match=r"pip install 'dist_cnn\[timm\]'")
 
 
-def test_pretrained_from_the_hub_cache_reinitializes_another_head(tmp_path, monkeypatch):
+def test_pretrained_from_the_hub_cache_reinitializes_another_head(tmp_path, monkeypatch, logged):
     import torchvision
 
     from dist_cnn.models.registry import tv_weights
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     path = hub_file(tv_weights("resnet18").url)
-    model, logs = build_model("torchvision:resnet18", 3, 10, 32), []
-    msg = one_line_error(load_pretrained, model, "torchvision:resnet18", 10, 3, logs.append)
+    model = build_model("torchvision:resnet18", 3, 10, 32)
+    msg = one_line_error(load_pretrained, model, "torchvision:resnet18", 10, 3)
     assert str(path) in msg and "https://download.pytorch.org/models/resnet18-" in msg
     # a file in torchvision's layout (1000 ImageNet classes), where torch.hub would have put it
     torch.manual_seed(1)
@@ -155,35 +155,35 @@ def test_pretrained_from_the_hub_cache_reinitializes_another_head(tmp_path, monk
     path.parent.mkdir(parents=True)
     torch.save(ref.state_dict(), path)
     head_before = model.fc.weight.clone()
-    load_pretrained(model, "torchvision:resnet18", 10, 3, logs.append)
+    load_pretrained(model, "torchvision:resnet18", 10, 3)
     assert torch.equal(model.conv1.weight, ref.conv1.weight) and torch.equal(
         model.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var
     )
     assert torch.equal(model.fc.weight, head_before) and model.fc.out_features == 10
-    assert logs == [
+    assert logged == [
         "torchvision:resnet18 weights: classifier head fc re-initialized for 10 classes (the weights have 1000)"
     ]
-    one_line_error(load_pretrained, build_model("seed", 3, 10, 32), "seed", 10, 3, print, match="--init-from")
+    one_line_error(load_pretrained, build_model("seed", 3, 10, 32), "seed", 10, 3, match="--init-from")
 
 
-def test_init_from_replaces_a_head_and_refuses_other_mismatches(tmp_path):
+def test_init_from_replaces_a_head_and_refuses_other_mismatches(tmp_path, logged):
     torch.manual_seed(0)
     src = build_model("seed", 3, 10, 32)
     torch.save({"model": src.state_dict(), "config": {}}, tmp_path / "model.pt")
-    dst, logs = build_model("seed", 3, 4, 32), []
-    init_from(dst, str(tmp_path / "model.pt"), 4, logs.append)
+    dst = build_model("seed", 3, 4, 32)
+    init_from(dst, str(tmp_path / "model.pt"), 4)
     assert torch.equal(dst.conv1.weight, src.conv1.weight) and torch.equal(dst.fc2.bias, src.fc2.bias)
-    assert dst.fc3.weight.shape == (4, 84) and "fc3 re-initialized for 4 classes (the weights have 10)" in logs[0]
-    same, logs = build_model("seed", 3, 10, 32), []
-    init_from(same, str(tmp_path / "model.pt"), 10, logs.append)
-    assert logs == [] and torch.equal(same.fc3.weight, src.fc3.weight)
+    assert dst.fc3.weight.shape == (4, 84) and "fc3 re-initialized for 4 classes (the weights have 10)" in logged[0]
+    same = build_model("seed", 3, 10, 32)
+    logged.clear()
+    init_from(same, str(tmp_path / "model.pt"), 10)
+    assert logged == [] and torch.equal(same.fc3.weight, src.fc3.weight)
     # another image size changes fc1: not a head, an error
     one_line_error(
         init_from,
         build_model("seed", 3, 10, 16),
         str(tmp_path / "model.pt"),
         10,
-        print,
         match=r"fc1.weight is \(120, 2048\) there, \(120, 512\) here",
     )
     one_line_error(
@@ -191,18 +191,16 @@ def test_init_from_replaces_a_head_and_refuses_other_mismatches(tmp_path):
         build_model("resnet18", 3, 10, 32),
         str(tmp_path / "model.pt"),
         10,
-        print,
         match="do not fit this model: .* missing here",
     )
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    one_line_error(init_from, build_model("seed", 3, 10, 32), str(tmp_path / "junk.pt"), 10, print, match="unreadable")
+    one_line_error(init_from, build_model("seed", 3, 10, 32), str(tmp_path / "junk.pt"), 10, match="unreadable")
     torch.save({"weights": {}}, tmp_path / "other.pt")
     one_line_error(
         init_from,
         build_model("seed", 3, 10, 32),
         str(tmp_path / "other.pt"),
         10,
-        print,
         match="not a dist_cnn model.pt",
     )
 
@@ -212,4 +210,4 @@ def test_load_into_two_mismatched_modules_is_an_error():
     state = dict(a.state_dict())
     state["fc2.weight"] = torch.zeros(84, 99)
     state["fc3.weight"] = torch.zeros(3, 84)
-    one_line_error(load_into, b, state, 10, "x", print, match="do not fit")
+    one_line_error(load_into, b, state, 10, "x", match="do not fit")

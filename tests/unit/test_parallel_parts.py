@@ -65,8 +65,8 @@ def test_comm_hooks_register_and_reduce(one_rank_group, hook):
     assert rec["name"] == hook and (("state" in rec) == (hook == "powersgd"))
 
 
-def test_agreement_is_the_max_over_ranks_and_reads_as_bools(one_rank_group):
-    a = parallel.Agreement(torch.tensor([0.0, 1.0, 0.0]))
+def test_step_vote_is_the_max_over_ranks_and_reads_as_bools(one_rank_group):
+    a = parallel.StepVote(torch.tensor([0.0, 1.0, 0.0]))
     assert a.read() == [False, True, False]
     assert torch.equal(a.on_device(), torch.tensor([0.0, 1.0, 0.0]))
 

@@ -109,7 +109,7 @@ def test_a_missing_resume_path_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_stale_temporaries_of_killed_writes_are_removed_at_start(tmp_path):
+def test_stale_temporaries_of_killed_writes_are_removed_at_start(tmp_path, logged):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text("{}")
@@ -125,8 +125,7 @@ def test_stale_temporaries_of_killed_writes_are_removed_at_start(tmp_path):
         p.write_bytes(b"x" * 1000)
     keep = run / "checkpoints" / "notes.txt"
     keep.write_text("kept")
-    logged = []
-    rundir.prepare_run_dir(cfg_for(run, resume="auto"), log=logged.append)
+    rundir.prepare_run_dir(cfg_for(run, resume="auto"))
     assert not any(p.exists() for p in stale) and keep.exists()
     assert len(logged) == len(stale)
 
@@ -138,7 +137,7 @@ def test_a_fresh_start_does_not_append_to_a_killed_runs_metrics(tmp_path):
     (run / "metrics.jsonl").write_text('{"event": "train", "step": 50, "time": 1}\n')
     cfg = cfg_for(run)
     rundir.prepare_run_dir(cfg)  # no checkpoint: allowed without --resume
-    assert rundir.resolve_resume(cfg, DistEnv(), run, print) == (None, None)
+    assert rundir.resolve_resume(cfg, DistEnv(), run) == (None, None)
     assert not (run / "metrics.jsonl").exists()
 
 
@@ -160,7 +159,7 @@ def test_a_refused_run_leaves_the_lock_file_as_it_was(tmp_path):
     assert (run / rundir.LOCK_NAME).read_text() == "host other pid 1\n"
 
 
-def test_resume_auto_says_which_checkpoint_it_took(tmp_path):
+def test_resume_auto_says_which_checkpoint_it_took(tmp_path, logged):
     import torch
 
     from dist_cnn.train import checkpoint
@@ -180,9 +179,8 @@ def test_resume_auto_says_which_checkpoint_it_took(tmp_path):
     torch.save({"x": 1}, run / "checkpoints" / "step-00000009.pt")
     (run / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text("")
-    said = []
     cfg = cfg_for(run, resume="auto")
     rundir.prepare_run_dir(cfg)
-    path, _ = rundir.resolve_resume(cfg, DistEnv(), run, said.append)
+    path, _ = rundir.resolve_resume(cfg, DistEnv(), run)
     assert path.name == "step-00000007.pt"
-    assert any("taking" in m and "step-00000007.pt" in m and "(step 7)" in m for m in said), said
+    assert any("taking" in m and "step-00000007.pt" in m and "(step 7)" in m for m in logged), logged

@@ -54,7 +54,7 @@ def test_an_empty_test_class_is_n_a_not_zero():
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     x, y = torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 0, 1, 1])
-    env = SimpleNamespace(initialized=False, world_size=1, rank=0, device=torch.device("cpu"), is_main=True)
+    env = SimpleNamespace(initialized=False, world_size=1, rank=0, device=torch.device("cpu"), is_rank0=True)
     res = evaluate(model, x, y, num_classes=3, normalize=lambda v: v.float(), env=env, precision="fp32")
     assert res["per_class_accuracy"][2] is None and percent(None).strip() == "n/a"
     text = format_report({"per_class_accuracy": res["per_class_accuracy"], "classes": ["a", "b", "c"]}, [])
@@ -98,18 +98,16 @@ def test_skip_bad_images_is_refused_by_the_in_memory_loaders(tmp_path):
         )
 
 
-def test_an_unwritable_tensorboard_folder_is_one_line(tmp_path):
+def test_an_unwritable_tensorboard_folder_is_one_line(tmp_path, logged):
     (tmp_path / "tensorboard").write_text("a file where the folder goes")
-    said = []
-    tb = TensorBoardLogger(tmp_path, True, None, said.append)
-    assert not tb.active and len(said) == 1 and "TensorBoard logging disabled" in said[0]
+    tb = TensorBoardLogger(tmp_path, True, None)
+    assert not tb.active and len(logged) == 1 and "TensorBoard logging disabled" in logged[0]
 
 
-def test_a_profile_window_past_the_end_says_so(tmp_path):
-    said = []
-    prof = StepProfiler("50:60", tmp_path, 0, torch.device("cpu"), False, said.append)
+def test_a_profile_window_past_the_end_says_so(tmp_path, logged):
+    prof = StepProfiler("50:60", tmp_path, 0, torch.device("cpu"), False)
     prof.end(20)
-    assert len(said) == 1 and "before the window started; nothing was recorded" in said[0]
+    assert len(logged) == 1 and "before the window started; nothing was recorded" in logged[0]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")

@@ -13,7 +13,7 @@ from dist_cnn.data.loader import Augment, Normalize, eval_shard
 from dist_cnn.data.open import fits_in_memory
 from dist_cnn.data.source import Recipe
 from dist_cnn.data.stream import StreamEval, StreamImages, StreamPipeline, sample_stats
-from dist_cnn.distributed.process_group import DistEnv, main_only
+from dist_cnn.distributed.process_group import DistEnv, rank0_only
 from dist_cnn.errors import UserError
 from dist_cnn.train.evaluate import evaluate_batches
 from tests.support.dist import run_group
@@ -145,7 +145,7 @@ def test_eval_shards_cover_each_test_image_once(tmp_path):
 
 
 def _score_streamed(env, root):
-    index = main_only(env, lambda: scan_folder(root))  # rank 0 lists
+    index = rank0_only(env, lambda: scan_folder(root))  # rank 0 lists
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
     test = StreamEval(

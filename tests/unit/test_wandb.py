@@ -95,9 +95,8 @@ def _eval(step: int, epoch: int, acc: float) -> dict:
     }
 
 
-def _run_segment(run_dir: Path, steps, epoch: int, *, run_id=None, mode="offline", messages=None, final_acc=0.77):
+def _run_segment(run_dir: Path, steps, epoch: int, *, run_id=None, mode="offline", final_acc=0.77):
     """One process's worth of logging: init, train records, one eval, finish. Returns (logger, seconds)."""
-    messages = [] if messages is None else messages
     t0 = time.perf_counter()
     logger = WandbLogger(
         LogConfig(wandb=mode, wandb_project="dist_cnn_tests", run_name="t"),
@@ -105,7 +104,6 @@ def _run_segment(run_dir: Path, steps, epoch: int, *, run_id=None, mode="offline
         CONFIG,
         run_id,
         True,
-        messages.append,
     )
     for s in steps:
         logger.log_train(_train(s, epoch))
@@ -170,16 +168,15 @@ def test_resume_continues_same_run_with_increasing_steps(wb_env, tmp_path):
     print(f"wandb timings: first {t1:.2f} s, resumed {t2:.2f} s")
 
 
-def test_disabled_and_other_ranks_write_nothing(wb_env, tmp_path):
+def test_disabled_and_other_ranks_write_nothing(wb_env, tmp_path, logged):
     for cfg, enabled in ((LogConfig(wandb="disabled"), True), (LogConfig(wandb="offline"), False)):
         run_dir = tmp_path / f"run-{cfg.wandb}-{enabled}"
-        messages = []
-        logger = WandbLogger(cfg, run_dir, CONFIG, "abc123", enabled, messages.append)
+        logger = WandbLogger(cfg, run_dir, CONFIG, "abc123", enabled)
         logger.log_train(_train(1, 0))
         logger.log_eval(_eval(1, 1, 0.5), CLASSES)
         logger.finish({"test_accuracy": 0.5})
         assert logger.run_id is None and logger.mode == "disabled" and not logger.active
-        assert not run_dir.exists() and messages == []
+        assert not run_dir.exists() and logged == []
     assert not (tmp_path / "wandb_dir_env").exists()
     assert list(wb_env.iterdir()) == []  # HOME untouched
 
@@ -200,7 +197,7 @@ def test_auto_honours_wandb_mode_env(wb_env, tmp_path, monkeypatch):
     assert mode == "offline" and "wandb sync" in message and FAKE_KEY not in message
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_mode("auto") == ("disabled", None)
-    logger = WandbLogger(LogConfig(wandb="auto"), tmp_path / "run", CONFIG, None, True, print)
+    logger = WandbLogger(LogConfig(wandb="auto"), tmp_path / "run", CONFIG, None, True)
     assert logger.mode == "disabled" and not (tmp_path / "run").exists()
 
 
@@ -226,31 +223,29 @@ def _assert_no_key(paths, text: str):
     return checked
 
 
-def test_api_key_never_written(wb_env, tmp_path, monkeypatch, capfd):
+def test_api_key_never_written(wb_env, tmp_path, monkeypatch, capfd, logged):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     run_dir = tmp_path / "run"
-    messages = []
-    logger, run_id, _ = _run_segment(run_dir, [5, 10], 0, mode="offline", messages=messages)
+    logger, run_id, _ = _run_segment(run_dir, [5, 10], 0, mode="offline")
     assert logger.mode == "offline" and run_id
     out = capfd.readouterr()
-    checked = _assert_no_key([tmp_path], out.out + out.err + "\n".join(messages))
+    checked = _assert_no_key([tmp_path], out.out + out.err + "\n".join(logged))
     assert checked >= 3 and read_offline_run(run_dir)["run_id"] == run_id
 
 
-def test_online_init_failure_falls_back_to_offline(wb_env, tmp_path, monkeypatch, capfd):
+def test_online_init_failure_falls_back_to_offline(wb_env, tmp_path, monkeypatch, capfd, logged):
     """Online with no reachable server: one-line warnings, then an offline run; training goes on."""
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
     monkeypatch.setattr(wandb_logger, "INIT_TIMEOUT_S", 3.0)
     run_dir = tmp_path / "run"
-    messages = []
-    logger, run_id, seconds = _run_segment(run_dir, [1, 2], 0, mode="online", messages=messages)
+    logger, run_id, seconds = _run_segment(run_dir, [1, 2], 0, mode="online")
     assert logger.mode == "offline" and run_id
-    assert any("init (online) failed" in m for m in messages)
-    assert any("wandb sync" in m for m in messages)
-    assert all("\n" not in m for m in messages)
+    assert any("init (online) failed" in m for m in logged)
+    assert any("wandb sync" in m for m in logged)
+    assert all("\n" not in m for m in logged)
     assert [r["_step"] for r in read_offline_run(run_dir)["history"] if "train/loss" in r] == [1, 2]
     # the failed online attempt and the offline fallback share one id, so a later sync fills that run
     assert {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("*run-*")} == {run_id}
     out = capfd.readouterr()
-    _assert_no_key([tmp_path], out.out + out.err + "\n".join(messages))
+    _assert_no_key([tmp_path], out.out + out.err + "\n".join(logged))

@@ -8,6 +8,7 @@ before the first step.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import os
 from pathlib import Path
@@ -19,6 +20,8 @@ from dist_cnn.data.shards.reader import ShardSamples
 from dist_cnn.data.shards.storage import Storage, storage_options
 from dist_cnn.errors import UserError
 from dist_cnn.fileio import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def index_cache_dir(storage: Storage, shard_cache: str) -> Path:
@@ -48,7 +51,7 @@ def _save(files: dict[str, bytes], folder: Path) -> bool:
         return False
 
 
-def load_index(storage: Storage, splits: list[str], shard_cache: str = "", log=None) -> tuple[ix.Index, str]:
+def load_index(storage: Storage, splits: list[str], shard_cache: str = "") -> tuple[ix.Index, str]:
     """The index and where it lives (for messages)."""
     raw = storage.probe(lambda: storage.read_all(ix.INDEX_FILE))  # first contact: bounded by --timeout
     if raw is not None:
@@ -56,27 +59,25 @@ def load_index(storage: Storage, splits: list[str], shard_cache: str = "", log=N
     cached = index_cache_dir(storage, shard_cache)
     if (cached / ix.INDEX_FILE).is_file():
         return ix.from_files(_read_local(cached), str(cached), splits), str(cached)
-    if log:
-        log(f"no {ix.INDEX_FILE} in {storage.url}: indexing its shards (once) ...")
-    index = ix.build(storage, splits, log)
+    log.info(f"no {ix.INDEX_FILE} in {storage.url}: indexing its shards (once) ...")
+    index = ix.build(storage, splits)
     files = ix.to_files(index)
     if storage.local and os.access(storage.url, os.W_OK) and _save(files, Path(storage.url)):
         return index, storage.url
     if _save(files, cached):
         return index, str(cached)
-    if log:
-        log(f"could not keep the index in {storage.url} or {cached}; it is rebuilt each run")
+    log.info(f"could not keep the index in {storage.url} or {cached}; it is rebuilt each run")
     return index, storage.url
 
 
-def open_split_readers(data_cfg, timeout: float, log=None):
+def open_split_readers(data_cfg, timeout: float):
     """(classes, train samples, test samples) of --data-dir, checked."""
     parse_shuffle(data_cfg.shuffle)
     storage = Storage(data_cfg.data_dir, storage_options(data_cfg.storage_options), timeout)
     if storage.local and not os.path.isdir(storage.url):
         raise UserError(f"shards: {storage.url} not found; point --data-dir at a folder, http(s):// or s3:// prefix")
     splits = ["train", data_cfg.test_split]
-    index, where = load_index(storage, splits, data_cfg.shard_cache, log)
+    index, where = load_index(storage, splits, data_cfg.shard_cache)
     ix.check_fresh(storage, index, where)
     ix.check_labels(index, where)
     cache = None

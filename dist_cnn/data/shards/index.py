@@ -15,6 +15,7 @@ integer, as webdataset writes it) or KEY.json with an integer "label" (or "cls")
 
 from __future__ import annotations
 
+import logging
 import io
 import json
 import re
@@ -27,6 +28,8 @@ import numpy as np
 from dist_cnn.data.datasets import IMAGE_EXTS
 from dist_cnn.data.shards.storage import Storage
 from dist_cnn.errors import UserError, one_line
+
+log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "dist_cnn shards index", 1
 INDEX_FILE = "index.json"
@@ -114,11 +117,11 @@ def index_shard(storage: Storage, name: str, shard_id: int) -> list[tuple]:
     return out
 
 
-def build_split(storage: Storage, shards: list[str], sizes: list[int], log=None) -> SplitIndex:
+def build_split(storage: Storage, shards: list[str], sizes: list[int]) -> SplitIndex:
     rows = []
     for i, name in enumerate(shards):
-        if log and (i % 100 == 0):
-            log(f"indexing {storage.join(name)} ({i + 1}/{len(shards)}) ...")
+        if i % 100 == 0:
+            log.info(f"indexing {storage.join(name)} ({i + 1}/{len(shards)}) ...")
         rows += index_shard(storage, name, i)
     if not rows:
         raise UserError(f"shards: no samples in {storage.join(shards[0]) if shards else storage.url}")
@@ -170,9 +173,9 @@ def check_labels(index: Index, where: str) -> None:
             )
 
 
-def build(storage: Storage, splits: list[str], log=None) -> Index:
+def build(storage: Storage, splits: list[str]) -> Index:
     """The index of shards written by any tool in the webdataset layout."""
-    built = {split: build_split(storage, *find_shards(storage, split), log=log) for split in splits}
+    built = {split: build_split(storage, *find_shards(storage, split)) for split in splits}
     raw = storage.read_all(CLASSES_FILE)
     if raw is not None:
         classes = [c for c in raw.decode().splitlines() if c.strip()]

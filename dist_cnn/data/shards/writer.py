@@ -10,6 +10,7 @@ order. Training samples are written in a seeded random order, so a window of a f
 
 from __future__ import annotations
 
+import logging
 import io
 import os
 import shutil
@@ -23,6 +24,8 @@ from dist_cnn.data.datasets import scan_classes
 from dist_cnn.data.shards import index as ix
 from dist_cnn.data.shards.storage import Storage
 from dist_cnn.errors import UserError, one_line
+
+log = logging.getLogger(__name__)
 
 REENCODE_QUALITY = 95
 TAR_MTIME = 0.0  # the members' time stamp: the same folder gives byte-identical shards
@@ -57,7 +60,7 @@ def _sample_bytes(path: str, max_side: int) -> tuple[bytes, str, bool]:
     return out.getvalue(), "jpg", True
 
 
-def _write_split(src, split, classes, files, tmp, shard_size, max_side, skip_bad, seed, log) -> SplitReport:
+def _write_split(src, split, classes, files, tmp, shard_size, max_side, skip_bad, seed) -> SplitReport:
     import webdataset as wds
 
     items = [(os.path.join(src, split, c, f), label) for label, (c, names) in enumerate(zip(classes, files)) for f in names]
@@ -82,8 +85,8 @@ def _write_split(src, split, classes, files, tmp, shard_size, max_side, skip_bad
             rep.samples += 1
             rep.source_bytes += os.path.getsize(path)
             rep.reencoded += reencoded
-            if log and (n + 1) % 10_000 == 0:
-                log(f"{split}: {n + 1}/{len(items)} images ...")
+            if (n + 1) % 10_000 == 0:
+                log.info(f"{split}: {n + 1}/{len(items)} images ...")
     return rep
 
 
@@ -96,7 +99,6 @@ def write_shards(
     test_split: str = "test",
     skip_bad: bool = False,
     seed: int = 0,
-    log=None,
 ) -> dict[str, SplitReport]:
     src, out = os.path.normpath(src), os.path.normpath(out)
     if not os.path.isdir(src):
@@ -114,7 +116,7 @@ def write_shards(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=parent)
     try:
         reports = {
-            split: _write_split(src, split, classes, files, tmp, shard_size, max_side, skip_bad, seed, log)
+            split: _write_split(src, split, classes, files, tmp, shard_size, max_side, skip_bad, seed)
             for split, (_, files) in scans.items()
         }
         storage, built = Storage(tmp), {}
