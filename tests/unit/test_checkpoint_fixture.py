@@ -83,6 +83,10 @@ def test_the_fixture_resumes_to_the_original_runs_results(ckpt, data, tmp_path):
     assert losses == pytest.approx(EXPECTED["losses"], rel=1e-5)
     assert summary["test_accuracy"] == EXPECTED["test_accuracy"]
     assert summary["ema_test_accuracy"] == EXPECTED["ema_test_accuracy"]
+    written = checkpoint.load(out / "checkpoints" / "step-00000008.pt")
+    old = checkpoint.load(ckpt)
+    assert set(written) == set(old) - {"lookahead"}  # the same layout; a run without lookahead has no entry
+    assert {k: type(v) for k, v in written.items()} == {k: type(v) for k, v in old.items() if k != "lookahead"}
     final = checkpoint.load(out / "model.pt")
     for key in ("model", "ema"):
         norms = {k: float(v.double().norm()) for k, v in final[key].items()}
