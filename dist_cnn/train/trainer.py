@@ -53,6 +53,7 @@ from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
 from dist_cnn.train.state import export_components, training_components
+from dist_cnn.train.whiten_freeze import WhitenBiasFreeze
 
 
 class StepSignals(NamedTuple):
@@ -173,6 +174,9 @@ class Trainer:
             )
             if t.model_ema
             else None
+        )
+        self.whiten_freeze = WhitenBiasFreeze(
+            self.raw_model, cfg.model.freeze_whiten_bias_after, ddp=parallel.ddp_of(self.model) is not None
         )
         self.mix = BatchMix(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, self.data.num_classes, t.seed, env.rank)
         self.best_weights = "model"  # which weights best.pt holds the best score of: model or ema
@@ -346,9 +350,7 @@ class Trainer:
                 with self.profiler.region("backward"):
                     self.scaler.scale(loss).backward()
         self.rank_times.backward_done()
-        whiten = getattr(self.raw_model, "whiten", None)
-        if whiten is not None and self.epoch >= self.cfg.model.freeze_whiten_bias_after:
-            whiten.bias.grad = None  # airbench trains the whitening bias for the first epochs only
+        self.whiten_freeze.after_backward()
         if self.cfg.optim.clip_grad_norm:  # on the true gradients: unscaled from fp16's loss scale first
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
@@ -472,6 +474,7 @@ class Trainer:
         True if a stop signal ended it."""
         accum = self.cfg.train.grad_accum
         batches = self._batches()
+        self.whiten_freeze.epoch(self.epoch)
         end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         self.meter.start()
         interval = time.perf_counter(), 0, 0.0  # start, steps, seconds waiting for data
