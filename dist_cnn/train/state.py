@@ -111,7 +111,7 @@ class Record:
         run.best_acc, run.best_weights = state["best_acc"], state.get("best_weights", "model")
         run.skipped_steps, run.skipped_images = state["skipped_steps"], set(state.get("skipped_images", []))
         run.metrics.history = list(state["metrics"])
-        run.wandb_id = state["wandb_id"]
+        run.wandb_id = state["wandb_id"]  # the W&B logger is built after the restore, to continue this run
 
 
 class ModelInfo:

@@ -13,6 +13,7 @@ import torch
 from dist_cnn import config
 from dist_cnn.commands.eval import main_eval
 from dist_cnn.distributed import process_group as D
+from dist_cnn.inference.predictor import load_model
 from dist_cnn.train import checkpoint
 from dist_cnn.train.trainer import Trainer, train
 from tests.support.tiny_folder import write_tiny_folder
@@ -100,3 +101,11 @@ def test_eval_reads_the_fixture(ckpt, data, tmp_path, weights):
     assert main_eval(argv) == 0
     res = json.loads(report.read_text())
     assert res["test_total"] == 16 and res["weights"] == weights and res["classes"] == ["a", "b", "c", "d"]
+
+
+def test_predict_and_export_read_the_fixture(ckpt):
+    model = load_model(ckpt)
+    assert model.classes == ["a", "b", "c", "d"] and model.image_size == 4
+    saved = checkpoint.load(ckpt)["model"]
+    for name, tensor in model.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
