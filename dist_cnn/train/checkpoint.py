@@ -51,10 +51,11 @@ def assemble(components: Mapping[str, Stateful | Inline]) -> dict:
     """The checkpoint dict of `components` (their state_dict(), by key or inline)."""
     state: dict = {}
     for key, part in components.items():
-        if isinstance(part, Inline):
-            state.update(part.component.state_dict())
-        else:
-            state[key] = part.state_dict()
+        entries = part.component.state_dict() if isinstance(part, Inline) else {key: part.state_dict()}
+        clash = state.keys() & entries.keys()
+        if clash:  # two components claiming one key: the file would keep only the last
+            raise ValueError(f"checkpoint components both write {sorted(clash)}")
+        state.update(entries)
     return state
 
 

@@ -35,6 +35,8 @@ def test_components_nest_by_key_or_inline_and_restore_in_place():
     other, back = torch.nn.Linear(2, 1), Counter()
     checkpoint.restore(state, {"model": other, "position": Inline(back)})
     assert back.step == 7 and torch.equal(other.weight, lin.weight)
+    with pytest.raises(ValueError, match="both write"):
+        checkpoint.assemble({"position": Inline(count), "step": Inline(Counter())})
     with pytest.raises(UserError, match="no 'ema' state"):
         checkpoint.restore(state, {"ema": torch.nn.Linear(2, 1)})
 
