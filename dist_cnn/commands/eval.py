@@ -21,6 +21,7 @@ from dist_cnn.models.prepare import prepare_model
 from dist_cnn.models.trust import add_trust_arguments, check_file_spec
 from dist_cnn.observability.format import display_names, percent
 from dist_cnn.train import checkpoint, precision
+from dist_cnn.train.ema import plain_weights
 from dist_cnn.train.evaluate import evaluate_source
 
 
@@ -94,8 +95,7 @@ def main_eval(argv) -> int:
     if args.weights == "ema":
         if not state.get("ema"):
             raise UserError(f"{args.checkpoint} has no EMA weights (the run had no --model-ema)")
-        # checkpoints keep the AveragedModel's state (module.* and its update count), model.pt the plain one
-        state = dict(state, model={k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
+        state = dict(state, model=plain_weights(state["ema"]))
     stored = dict(state["config"])
     if isinstance(stored.get("data"), dict):  # runs from before the recipe options: their loader's recipe
         stored["data"] = upgrade_stored_config(stored["data"], state.get("loader"))

@@ -137,7 +137,7 @@ def load_model(path: str | Path, *, model: str | None = None, trust_model_code: 
         info = _from_dataset(state, path)
     model = build_model(name, int(info["in_channels"]), len(info["classes"]), int(info["image_size"]))
     try:
-        model.load_state_dict(state["model"])
+        checkpoint.restore(state, {"model": model})
     except RuntimeError as e:
         raise UserError(
             f"{path}: the weights do not fit a {name} model with {len(info['classes'])} classes ({one_line(e)[:200]})"

@@ -17,7 +17,7 @@ from dist_cnn.data.source import DataSource
 from dist_cnn.models.checks import check_output, select_output
 from dist_cnn.models.registry import build_model
 from dist_cnn.models.weights import init_from, load_pretrained
-from dist_cnn.train.checkpoint import check_compatible
+from dist_cnn.train.checkpoint import check_compatible, restore
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def prepare_model(
             state["config"]["data"]["dataset"],
             {k: tuple(v.shape) for k, v in model.state_dict().items()},
         )
-        model.load_state_dict(state["model"])
+        restore(state, {"model": model})
     else:
         if hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer; same data on all ranks
             x, _ = data.probe(5000, cfg.train.seed)

@@ -1,4 +1,11 @@
-"""Atomic checkpoints, keep-last-K pruning, and finding the newest valid one to resume from.
+"""Checkpoints: assembled from components, written atomically, pruned to the last K, and the newest
+valid one found to resume from.
+
+A checkpoint is one flat dict built by assemble() from a mapping of components, each owning
+state_dict()/load_state_dict() (the model, optimizer, schedule, ... and, for what is plain trainer
+fields, the small classes of train.state); restore() hands each its part back. A component is stored
+under its key, or, wrapped in Inline, its entries are keys of the checkpoint itself (step, epoch,
+...: the layout earlier versions wrote, which keeps loading).
 
 Written by rank 0 only (the caller makes the others wait): a temporary file in the same directory,
 flushed and fsync'd, then os.replace, so a crash or a full disk never leaves a corrupt file in place
@@ -15,7 +22,9 @@ import pickle
 import random
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +34,44 @@ from dist_cnn.errors import UserError, one_line
 from dist_cnn.fileio import atomic_write
 
 log = logging.getLogger(__name__)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> object: ...
+
+
+class Inline:
+    """A component whose entries are top-level keys of the checkpoint; its load_state_dict gets the
+    whole checkpoint and takes its own keys."""
+
+    def __init__(self, component: Stateful):
+        self.component = component
+
+
+def assemble(components: Mapping[str, Stateful | Inline]) -> dict:
+    """The checkpoint dict of `components` (their state_dict(), by key or inline)."""
+    state: dict = {}
+    for key, part in components.items():
+        entries = part.component.state_dict() if isinstance(part, Inline) else {key: part.state_dict()}
+        clash = state.keys() & entries.keys()
+        if clash:  # two components claiming one key: the file would keep only the last
+            raise ValueError(f"checkpoint components both write {sorted(clash)}")
+        state.update(entries)
+    return state
+
+
+def restore(state: dict, components: Mapping[str, Stateful | Inline]) -> None:
+    """Load each component's part of `state` into it, in the mapping's order."""
+    for key, part in components.items():
+        if isinstance(part, Inline):
+            part.component.load_state_dict(state)
+        elif key not in state:
+            raise UserError(f"the checkpoint has no {key!r} state to load")
+        else:
+            part.load_state_dict(state[key])
+
 
 CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 

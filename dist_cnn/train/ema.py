@@ -18,6 +18,12 @@ def adjusted_decay(decay: float, global_batch: int, every: int, epochs: int) -> 
     return 1.0 - min(1.0, (1.0 - decay) * global_batch * every / epochs)
 
 
+def plain_weights(entry: dict) -> dict:
+    """A file's `ema` entry as the model's own weights: a checkpoint holds the AveragedModel's state
+    (module.* and its update count), model.pt the plain module's."""
+    return {k.removeprefix("module."): v for k, v in entry.items() if k != "n_averaged"}
+
+
 class ModelEMA:
     def __init__(self, model: torch.nn.Module, decay: float, every: int, warmup_steps: int):
         self.decay, self.every, self.warmup_steps = decay, every, warmup_steps

@@ -47,10 +47,12 @@ from dist_cnn.train.allocator import tune_malloc
 from dist_cnn.train.checkpoint import CheckpointPolicy
 from dist_cnn.train.ema import ModelEMA, adjusted_decay
 from dist_cnn.train.evaluate import evaluate_source
-from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps, use_fused, zero_momentum
+from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps, use_fused
 from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
+from dist_cnn.train.state import export_components, training_components
+from dist_cnn.train.whiten_freeze import WhitenBiasFreeze
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,9 @@ class Trainer:
             if t.model_ema
             else None
         )
+        self.whiten_freeze = WhitenBiasFreeze(
+            self.raw_model, cfg.model.freeze_whiten_bias_after, ddp=parallel.ddp_of(self.model) is not None
+        )
         self.mix = BatchMix(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, self.data.num_classes, t.seed, env.rank)
         self.best_weights = "model"  # which weights best.pt holds the best score of: model or ema
 
@@ -261,45 +266,6 @@ class Trainer:
         return pipeline
 
     # ---- checkpoint state --------------------------------------------------------------------
-    def _state(self) -> dict:
-        rngs = [checkpoint.rng_state()]
-        if self.env.initialized:
-            rngs = [None] * self.env.world_size
-            torch.distributed.all_gather_object(rngs, checkpoint.rng_state())
-        return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "epoch_step": self.epoch_step,
-            "train_seconds": self.meter.seconds,
-            "best_acc": self.best_acc,
-            "skipped_steps": self.skipped_steps,
-            "rng": rngs,
-            "world_size": self.env.world_size,
-            "config": config_mod.to_dict(self.cfg),
-            "wandb_id": self.wandb.run_id,
-            "metrics": self.metrics.history,
-            "finished": False,
-            "precision": self.precision,
-            "mean": self.mean,
-            "std": self.std,
-            "loader": self.loader_kind,
-            "train_size": self.train_size,
-            "skipped_images": sorted(self.skipped_images),
-            "comm_hook": parallel.comm_hook_record(self.cfg.model, self.env.world_size),
-            "lookahead": self.lookahead.state_dict() if self.lookahead else {},
-            "ema": self.ema.state_dict() if self.ema else {},
-            "best_weights": self.best_weights,
-            # what `dist-cnn predict/export` need without the dataset (model.pt carries the same)
-            "model_name": self.cfg.model.name,
-            "classes": self.data.classes,
-            "in_channels": self.data.in_channels,
-            "image_size": self.data.image_size,
-        }
-
     def _load_state(self, s: dict) -> None:
         checkpoint.check_compatible(
             s,
@@ -315,27 +281,11 @@ class Trainer:
             total_steps=self.total_steps,
             epochs=self.cfg.train.epochs,
         )
-        self.raw_model.load_state_dict(s["model"])
-        self.optimizer.load_state_dict(s["optimizer"])
-        zero_momentum(self.optimizer)  # a checkpoint written before the first step has no buffers yet
-        self.schedule.load_state_dict(s["schedule"])
-        if not precision.load_scaler(self.scaler, s["scaler"]):
-            log.info(f"the checkpoint was trained in {s.get('precision', 'fp32')}: fp16's loss scale starts fresh")
-        if self.lookahead:
-            self.lookahead.load_state_dict(s["lookahead"])
-        if self.ema:
-            self.ema.load_state_dict(s["ema"])
-        self.best_weights = s.get("best_weights", "model")
-        self.step, self.epoch, self.epoch_step = s["step"], s["epoch"], s["epoch_step"]
-        self.meter, self.best_acc, self.skipped_steps = Meter(s["train_seconds"]), s["best_acc"], s["skipped_steps"]
-        self.wandb_id = s["wandb_id"]
+        checkpoint.restore(s, training_components(self))
         if not self._same_run(s):
             # another run's checkpoint into a new --out: that run's W&B run stays its own
             self.wandb_id = None
             log.info(f"resuming {self.resume_path} into a new --out {self.run_dir}: a new W&B run")
-        self.skipped_images = set(s.get("skipped_images", []))
-        checkpoint.set_rng_state(s["rng"][self.env.rank % len(s["rng"])])
-        self.metrics.history = list(s["metrics"])
         checkpoint.scrub_missing(self.metrics.history)  # events naming checkpoints pruned since
         self.metrics.rewrite()
         self.metrics.write({"event": "resume", "step": self.step, "epoch": self.epoch, "from": str(self.resume_path)})
@@ -351,12 +301,11 @@ class Trainer:
             self._save_checkpoint(is_best, final, summary)
 
     def _save_checkpoint(self, is_best: bool, final: bool, summary: dict | None) -> None:
-        state = self._state()
-        state["finished"] = final
+        saved = checkpoint.assemble(training_components(self, finished=final))
         err, path = None, None
         if self.env.is_rank0:
             try:
-                path, pruned = checkpoint.write(self.run_dir, state, self.cfg.ckpt.keep, is_best)
+                path, pruned = checkpoint.write(self.run_dir, saved, self.cfg.ckpt.keep, is_best)
             except OSError as e:  # torch.save's own write errors arrive as OSError too (fileio)
                 err = f"checkpoint write failed at step {self.step} ({e.strerror or e}); the previous one is intact"
                 log.warning(f"warning: {err}")
@@ -396,9 +345,7 @@ class Trainer:
                 with self.profiler.region("backward"):
                     self.scaler.scale(loss).backward()
         self.rank_times.backward_done()
-        whiten = getattr(self.raw_model, "whiten", None)
-        if whiten is not None and self.epoch >= self.cfg.model.freeze_whiten_bias_after:
-            whiten.bias.grad = None  # airbench trains the whitening bias for the first epochs only
+        self.whiten_freeze.after_backward()
         if self.cfg.optim.clip_grad_norm:  # on the true gradients: unscaled from fp16's loss scale first
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
@@ -522,6 +469,7 @@ class Trainer:
         True if a stop signal ended it."""
         accum = self.cfg.train.grad_accum
         batches = self._batches()
+        self.whiten_freeze.epoch(self.epoch)
         end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         self.meter.start()
         interval = time.perf_counter(), 0, 0.0  # start, steps, seconds waiting for data
@@ -728,20 +676,7 @@ class Trainer:
         summary = self.summary(ev)
         self.save_checkpoint(final=True, summary=summary)
         if self.env.is_rank0:
-            cfg, d = self.cfg, self.data
-            export = {
-                "model": self.raw_model.state_dict(),
-                "model_name": cfg.model.name,
-                "classes": d.classes,
-                "in_channels": d.in_channels,
-                "image_size": d.image_size,
-                "loader": self.loader_kind,
-                "mean": self.mean,
-                "std": self.std,
-                "config": config_mod.to_dict(cfg),
-            }
-            if self.ema:
-                export["ema"] = self.ema.module.state_dict()
+            export = checkpoint.assemble(export_components(self))
             self.writes.attempt("model.pt", lambda: checkpoint.atomic_save(export, self.run_dir / "model.pt"))
             self.writes.attempt("summary.json", lambda: write_json_atomic(self.run_dir / "summary.json", summary))
             self.wandb.finish(summary)
