@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -315,7 +314,9 @@ def test_first_ctrl_c_checkpoints_and_stops_second_aborts(tmp_path):
     proc = start([*SMALL, "--model", "resnet18", "--log-every", "1", "--out", slow])
     wait_for(lambda: events(slow, "train"), proc=proc)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)  # two signals sent back to back can reach Python's handler as one
+    # two signals sent back to back can reach Python's handler as one: the second follows the first's answer
+    answered = any("Ctrl-C again" in line for line in iter(proc.stderr.readline, ""))
+    assert answered, "no answer to the first Ctrl-C"
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
