@@ -55,6 +55,22 @@ def test_bad_flags(tmp_path, args, needle):
     assert_one_line_error(run([*SMALL, "--out", tmp_path / "run", *args]), needle)
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--timeout", "inf"], "--timeout must be a finite number"),
+        (["--log-every", "0"], "--log-every must be positive"),
+        (["--synthetic-test-size", "0"], "--synthetic-test-size must be positive"),
+        (["--image-size", "-4"], "--image-size must be >= 4"),
+        (["--checkpoint-every-minutes", "nan"], "--checkpoint-every-minutes must be a finite number"),
+    ],
+)
+def test_bad_values_write_nothing(tmp_path, args, needle):
+    assert_one_line_error(run([*SMALL, "--out", tmp_path / "run", *args]), needle)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cifar_missing_names_data_dir_and_synthetic(tmp_path):
     argv = ["--dataset", "cifar10", "--data-dir", tmp_path / "empty", "--no-download", "--out", tmp_path / "r"]
     assert_one_line_error(run(argv), "--data-dir", "synthetic")
