@@ -49,19 +49,33 @@ def crash_then_resume(out, nproc, fail_step, extra=()):
     return launch([*ARGS, *extra, "--out", out, "--resume", "auto"], check=0)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """straight(nproc): the run directory of ARGS trained without a crash on `nproc` ranks, trained once
+    for the module (every test comparing a resumed run against it reads the same run)."""
+    runs = {}
+
+    def get(nproc):
+        if nproc not in runs:
+            runs[nproc] = tmp_path_factory.mktemp(f"straight{nproc}") / "run"
+            launch = (lambda a, **kw: torchrun(nproc, a, **kw)) if nproc > 1 else train
+            launch([*ARGS, "--out", runs[nproc]], check=0)
+        return runs[nproc]
+
+    return get
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_exact_resume_mid_epoch(tmp_path, nproc):
-    launch = (lambda a, **kw: torchrun(nproc, a, **kw)) if nproc > 1 else train
-    launch([*ARGS, "--out", tmp_path / "straight"], check=0)
+def test_exact_resume_mid_epoch(tmp_path, straight, nproc):
     p = crash_then_resume(tmp_path / "resumed", nproc, fail_step=27)  # epoch 2, step 11 of 16
     assert "resumed from" in p.stdout and "step-00000025.pt" in p.stdout
-    assert max_diff(tmp_path / "straight", tmp_path / "resumed") <= 1e-6
-    assert history(tmp_path / "straight") == history(tmp_path / "resumed")
+    assert max_diff(straight(nproc), tmp_path / "resumed") <= 1e-6
+    assert history(straight(nproc)) == history(tmp_path / "resumed")
     assert read_summary(tmp_path / "resumed")["steps"] == 32
 
 
-def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
-    train([*ARGS, "--out", tmp_path / "straight"], check=0)
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path, straight):
     out = tmp_path / "r"
     env = clean_env(FAIL_RANK="0", FAIL_STEP="13")
     assert run_py([FAIL, *ARGS, "--out", out], env=env).returncode != 0
@@ -70,7 +84,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
     p = train([*ARGS, "--out", out, "--resume", "auto"], check=0)
     assert "skipping" in p.stdout and "step-00000010.pt" in p.stdout
     assert "resumed from" in p.stdout and "step-00000005.pt" in p.stdout
-    assert max_diff(tmp_path / "straight", out) <= 1e-6
+    assert max_diff(straight(1), out) <= 1e-6
 
 
 def test_keep_k_pruning_and_best(tmp_path):

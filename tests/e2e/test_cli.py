@@ -5,19 +5,14 @@ import pytest
 from tests.support.common import SMALL, assert_one_line_error, read_summary, train
 
 
+# Every bad flag and config file is checked in-process (tests/unit/test_cli_bad_input.py); these are
+# the real process's exit code and stderr, one case of each kind: argparse's own refusal, a value
+# refused by the checks, a config file that does not parse.
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--dataset", "imagenet"], "invalid choice"),
-        (["--model", "vgg"], "unknown model 'vgg'; known models: airbench, resnet18, seed, or a spec"),
-        (["--epochs", "0"], "--epochs must be positive"),
-        (["--epochs", "-3"], "--epochs must be positive"),
-        (["--batch-size", "0"], "--batch-size must be positive"),
-        (["--lr", "-0.1"], "--lr must be positive"),
         (["--lr", "abc"], "invalid float value"),
-        (["--dataset", "imagefolder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
-        (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir", "--no-download"], "--data-dir"),
-        (["--config", "/nonexistent.toml"], "config file not found"),
+        (["--model", "vgg"], "unknown model 'vgg'; known models: airbench, resnet18, seed, or a spec"),
     ],
 )
 def test_bad_flags(tmp_path, args, needle):
@@ -25,31 +20,10 @@ def test_bad_flags(tmp_path, args, needle):
     assert_one_line_error(p, needle)
 
 
-def test_cifar_missing_names_data_dir_and_synthetic(tmp_path):
-    p = train(["--dataset", "cifar10", "--data-dir", tmp_path / "empty", "--no-download", "--out", tmp_path / "r"])
-    assert_one_line_error(p, "--data-dir", "synthetic")
-
-
-@pytest.mark.parametrize(
-    "text,needle",
-    [
-        ("[train]\nepochz = 3\n", "unknown key train.epochz"),
-        ("[trian]\nepochs = 3\n", "unknown section"),
-        ('[train]\nepochs = "three"\n', "train.epochs must be float"),
-        ("[optim]\nlr = true\n", "optim.lr must be float"),
-        ("[train\nepochs = 3\n", "c.toml"),
-    ],
-)
-def test_bad_config_file(tmp_path, text, needle):
+def test_bad_config_file(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(text)
-    assert_one_line_error(train(["--config", cfg, "--out", tmp_path / "run"]), needle)
-
-
-def test_yaml_config_unknown_key(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("data:\n  datasett: synthetic\n")
-    assert_one_line_error(train(["--config", cfg, "--out", tmp_path / "run"]), "unknown key data.datasett")
+    cfg.write_text("[train\nepochs = 3\n")
+    assert_one_line_error(train(["--config", cfg, "--out", tmp_path / "run"]), "c.toml")
 
 
 def test_finished_run_is_not_overwritten(tmp_path):
@@ -60,11 +34,6 @@ def test_finished_run_is_not_overwritten(tmp_path):
     assert_one_line_error(p, "already holds a finished run")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert read_summary(out)["steps"] == 3
-
-
-def test_batch_not_divisible_by_world_is_an_error(tmp_path):
-    p = train([*SMALL, "--batch-size", "63", "--grad-accum", "2", "--out", tmp_path / "r"])
-    assert_one_line_error(p, "--batch-size 63")
 
 
 def test_help_documents_every_option_with_default():

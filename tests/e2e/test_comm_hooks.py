@@ -3,6 +3,7 @@ compressed all_reduce trains to (nearly) the same weights as the plain one."""
 
 import json
 
+import pytest
 import torch
 
 from tests.support.common import SMALL, torchrun
@@ -14,6 +15,7 @@ def weights(run_dir):
     return torch.load(run_dir / "model.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_bf16_and_powersgd_hooks_are_recorded_and_train(tmp_path):
     torchrun(2, [*ARGS, "--out", tmp_path / "none"], check=0)
     torchrun(2, [*ARGS, "--ddp-comm-hook", "bf16", "--out", tmp_path / "bf16"], check=0)

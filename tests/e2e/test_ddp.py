@@ -12,12 +12,23 @@ def weights(run_dir):
     return torch.load(run_dir / "model.pt", weights_only=True)["model"]
 
 
-def test_world_size_2_matches_world_size_1(tmp_path):
+# 6 steps of the 32 in an epoch: evaluated once, at the end
+SIX_STEPS = [*SMALL, "--max-steps", "6", "--eval-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """SIX_STEPS on one process without a process group, trained once for the module."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    train([*SIX_STEPS, "--out", out], check=0)
+    return out
+
+
+@pytest.mark.slow
+def test_world_size_2_matches_world_size_1(tmp_path, plain):
     """Global batch 64 on one process vs 32 per rank on two: the same weights after k steps."""
-    args = [*SMALL, "--max-steps", "6", "--eval-every", "0"]
-    train([*args, "--out", tmp_path / "ws1"], check=0)
-    torchrun(2, [*args, "--out", tmp_path / "ws2"], check=0)
-    w1, w2 = weights(tmp_path / "ws1"), weights(tmp_path / "ws2")
+    torchrun(2, [*SIX_STEPS, "--out", tmp_path / "ws2"], check=0)
+    w1, w2 = weights(plain), weights(tmp_path / "ws2")
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert diff <= 1e-5, diff
     s = read_summary(tmp_path / "ws2")
@@ -134,14 +145,13 @@ def test_accelerate_launch(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_group_of_one_trains_like_no_group(tmp_path):
+def test_a_group_of_one_trains_like_no_group(tmp_path, plain):
     """DIST_CNN_GROUP_OF_ONE=1 (the GPU check's NCCL run on one GPU): a single process joins a group of one
     and runs DDP, the step agreement, object collectives and teardown; the weights are a plain run's."""
-    args = [*SMALL, "--max-steps", "6", "--out"]
-    train([*args, tmp_path / "plain"], check=0)
-    train([*args, tmp_path / "group", "--backend", "gloo"], env=clean_env(DIST_CNN_GROUP_OF_ONE="1"), check=0)
+    group = [*SIX_STEPS, "--out", tmp_path / "group", "--backend", "gloo"]
+    train(group, env=clean_env(DIST_CNN_GROUP_OF_ONE="1"), check=0)
     s = read_summary(tmp_path / "group")
-    assert (s["world_size"], s["backend"]) == (1, "gloo") and read_summary(tmp_path / "plain")["backend"] == "none"
-    w1, w2 = weights(tmp_path / "plain"), weights(tmp_path / "group")
+    assert (s["world_size"], s["backend"]) == (1, "gloo") and read_summary(plain)["backend"] == "none"
+    w1, w2 = weights(plain), weights(tmp_path / "group")
     assert all(torch.equal(w1[k], w2[k]) for k in w1), max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert s["test_correct"] == read_summary(tmp_path / "plain")["test_correct"]
+    assert s["test_correct"] == read_summary(plain)["test_correct"]

@@ -81,9 +81,25 @@ def folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("stream") / "imgs")
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, folder):
+    """straight(nproc): (run directory, process) of the uninterrupted run on `nproc` ranks, trained once
+    for the module (the resume tests and the world-size test compare against the same runs)."""
+    runs = {}
+
+    def get(nproc):
+        if nproc not in runs:
+            out = tmp_path_factory.mktemp(f"straight{nproc}") / "run"
+            runs[nproc] = out, launcher(nproc)(args(folder, "--out", out), check=0)
+        return runs[nproc]
+
+    return get
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_exact_resume_mid_epoch(tmp_path, folder, nproc):
-    p = launcher(nproc)(args(folder, "--out", tmp_path / "straight"), check=0)
+def test_exact_resume_mid_epoch(tmp_path, folder, straight, nproc):
+    run, p = straight(nproc)
     assert "stream pipeline" in p.stdout
     env = clean_env(FAIL_RANK=str(nproc - 1), FAIL_STEP="5")  # epoch 2, step 2 of 3
     cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", FAIL] if nproc > 1 else [FAIL]
@@ -91,16 +107,16 @@ def test_exact_resume_mid_epoch(tmp_path, folder, nproc):
     assert crashed.returncode != 0 and "injected failure" in crashed.stdout + crashed.stderr
     p = launcher(nproc)(args(folder, "--out", tmp_path / "resumed", "--resume", "auto"), check=0)
     assert "resumed from" in p.stdout and "step-00000004.pt" in p.stdout
-    assert max_diff(tmp_path / "straight", tmp_path / "resumed") <= 1e-6
-    assert history(tmp_path / "straight") == history(tmp_path / "resumed")
+    assert max_diff(run, tmp_path / "resumed") <= 1e-6
+    assert history(run) == history(tmp_path / "resumed")
     s = read_summary(tmp_path / "resumed")
     assert s["steps"] == 6 and s["loader"] == "stream" and s["skipped_images"] == 0
 
 
-def test_world_size_2_matches_world_size_1(tmp_path, folder):
-    train(args(folder, "--out", tmp_path / "ws1", "--max-steps", "4", "--eval-every", "0"), check=0)
-    torchrun(2, args(folder, "--out", tmp_path / "ws2", "--max-steps", "4", "--eval-every", "0"), check=0)
-    assert max_diff(tmp_path / "ws1", tmp_path / "ws2") <= 1e-5
+@pytest.mark.slow
+def test_world_size_2_matches_world_size_1(straight):
+    # the resume tests' uninterrupted runs: 2 epochs, an epoch boundary and evaluations in between
+    assert max_diff(straight(1)[0], straight(2)[0]) <= 1e-5
 
 
 def test_exact_eval_world_size_3_on_499_images(tmp_path):

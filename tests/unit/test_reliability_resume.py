@@ -40,12 +40,21 @@ def first(tmp_path_factory):
         ("loader", "dataloader", "--loader auto, this run has --loader dataloader"),
         ("model_ema", True, "--model-ema False, this run has --model-ema True"),
         ("flip", True, "--flip cannot change on resume"),
+        ("batch_size", 32, "--batch-size 16"),
+        ("synthetic_train_size", 128, "--synthetic-train-size 64"),
     ],
 )
 def test_a_fixed_option_given_with_another_value_is_one_line(first, tmp_path, option, value, words):
     with pytest.raises(UserError) as e:
-        fit("seed", train="synthetic", **BASE, resume=str(first), out=str(tmp_path / "r"), **{option: value})
+        fit("seed", train="synthetic", **{**BASE, option: value}, resume=str(first), out=str(tmp_path / "r"))
     assert words in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_checkpoint_past_the_end_of_the_run_is_one_line(first, tmp_path):
+    with pytest.raises(UserError) as e:
+        fit("seed", train="synthetic", **BASE, resume=str(first), max_steps=1, out=str(tmp_path / "r"))
+    assert "past the end" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
