@@ -9,14 +9,13 @@ import json
 import re
 import signal
 import subprocess
-import time
 
 import optuna
 import pytest
 
 from dist_cnn.sweep import spec as S
 from dist_cnn.sweep import study as study_mod
-from tests.support.common import PY, clean_env, read_events, read_summary, run_py, torchrun
+from tests.support.common import PY, clean_env, read_events, read_summary, run_py, torchrun, wait_until
 from tests.support.wandb_records import read_offline_run, read_records
 
 # 256 images, 8 steps an epoch, an evaluation after each of 4 epochs: the pruner sees 3 before the end.
@@ -57,15 +56,6 @@ def load(out):
     return optuna.load_study(study_name=record["name"], storage=storage)
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # A range whose low end learns nothing in 4 epochs; the first trial is a good one, so after it the
 # median pruner (from its first complete trial on) stops the bad ones. Seed 3 samples lr 1.0e-3,
 # 7.6e-3 and 3.9e-5 for trials 1-3: trials 0 and 1 run together, 2 and 3 take their slots as they end
@@ -100,7 +90,7 @@ def test_sweep_survives_a_killed_driver_prunes_and_reruns_the_best(tmp_path):
         )
 
     try:
-        wait_for(busy, 400, "a trial done and another training")
+        wait_until(busy, 400, "trial done and another training")
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()

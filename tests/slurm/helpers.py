@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from tests.support.common import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
@@ -147,16 +148,16 @@ def wait_state(
 ) -> str:
     """Wait until squeue shows the job in one of `states`; returns that state."""
     states = set(states)
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = job_state(job_id, env)
-        if last in states:
-            return last
-        if last is None or last in TERMINAL_STATES:
+
+    def reached():
+        state = job_state(job_id, env)
+        if state in states:
+            return state
+        if state is None or state in TERMINAL_STATES:
             raise SlurmError(f"job {job_id} ended ({job_info(job_id, env)}) before reaching {sorted(states)}")
-        time.sleep(poll)
-    raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout}s (last: {last})")
+        return None
+
+    return wait_until(reached, timeout, f"job {job_id} in {sorted(states)}", interval=poll)
 
 
 def wait_job(
@@ -172,9 +173,8 @@ def wait_job(
     status:signal), Restarts, StdOut, NodeList, RunTime. On timeout the job is cancelled (unless
     cancel_on_timeout=False) and TimeoutError is raised.
     """
-    deadline = time.monotonic() + timeout
-    state = None
-    while time.monotonic() < deadline:
+
+    def ended():
         state = job_state(job_id, env)
         if state is None or state in TERMINAL_STATES:
             info = job_info(job_id, env)
@@ -182,11 +182,15 @@ def wait_job(
                 raise SlurmError(f"job {job_id} left the queue but scontrol does not know it")
             if info.get("JobState") in TERMINAL_STATES:
                 return info
-        time.sleep(poll)
-    info = job_info(job_id, env)
-    if cancel_on_timeout:
-        _run(["scancel", str(job_id)], env=env, check=False)
-    raise TimeoutError(f"job {job_id} still {state} after {timeout}s: {info}")
+        return None
+
+    try:
+        return wait_until(ended, timeout, f"end of job {job_id}", interval=poll)
+    except TimeoutError:
+        info = job_info(job_id, env)
+        if cancel_on_timeout:
+            _run(["scancel", str(job_id)], env=env, check=False)
+        raise TimeoutError(f"job {job_id} still running after {timeout}s: {info}") from None
 
 
 def wait_for_file_text(
@@ -202,9 +206,8 @@ def wait_for_file_text(
     With job_id, fails early when the job ends first."""
     path = Path(path)
     rx = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
+
+    def found():
         text = path.read_text(errors="replace") if path.exists() else ""
         if len(rx.findall(text)) >= count:
             return text
@@ -213,8 +216,13 @@ def wait_for_file_text(
             if len(rx.findall(text)) >= count:
                 return text
             raise SlurmError(f"job {job_id} ended before {pattern!r} x{count} appeared in {path}:\n{text[-3000:]}")
-        time.sleep(poll)
-    raise TimeoutError(f"{pattern!r} x{count} not in {path} after {timeout}s:\n{text[-3000:]}")
+        return None
+
+    try:
+        return wait_until(found, timeout, f"{pattern!r} x{count} in {path}", interval=poll)
+    except TimeoutError:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        raise TimeoutError(f"{pattern!r} x{count} not in {path} after {timeout}s:\n{text[-3000:]}") from None
 
 
 def cluster_running() -> bool:
