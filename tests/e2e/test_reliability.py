@@ -165,19 +165,29 @@ def events(out: Path, kind: str) -> list[dict]:
     return [r for r in rows if r.get("event") == kind]
 
 
+SLOW_TRAIN = ROOT / "tests" / "support" / "slow_train.py"
 LONG = [*SMALL, "--epochs", "40", "--log-every", "4", "--checkpoint-every-steps", "8"]
 
 
 def test_a_second_run_into_the_same_out_fails_at_once_naming_the_holder(tmp_path):
-    out = tmp_path / "run"
-    first = start([*LONG, "--epochs", "3", "--out", out, "--seed", "1"])
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    # the first run holds at its first step until the second has been refused: it is surely still running
+    first = subprocess.Popen(
+        [PY, SLOW_TRAIN, *map(str, [*LONG, "--epochs", "3", "--out", out, "--seed", "1"])],
+        cwd=ROOT,
+        env=clean_env(OMP_NUM_THREADS="1", STEP_GATE=str(gate), STEP_SLEEP="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for(lambda: events(out, "train"), proc=first)
+        wait_for(lambda: (out / "config.json").exists(), proc=first)
         p = train([*LONG, "--out", out, "--seed", "2", "--resume", "auto"], timeout=120)
         (line,) = lines_of(p.stderr)
         assert p.returncode == 2 and "in use by another run" in line and f"pid {first.pid}" in line, p.stderr
     finally:
-        first.wait(timeout=300)
+        gate.touch()
+        first.communicate(timeout=300)
     assert first.returncode == 0
     assert json.loads((out / "config.json").read_text())["train"]["seed"] == 1
     assert read_summary(out)["steps"] == 3 * 32
