@@ -52,6 +52,7 @@ def evaluate_model_pt(run_dir, cwd=ROOT, model=None):
     return json.loads((run_dir / "e.json").read_text()), p
 
 
+@pytest.mark.slow
 def test_torchvision_model_trains_on_2_ranks_and_eval_rebuilds_it(tmp_path):
     out = tmp_path / "run"
     p = torchrun(2, [*FAST, "--model", "torchvision:mobilenet_v3_small", "--out", out], check=0)
@@ -63,6 +64,7 @@ def test_torchvision_model_trains_on_2_ranks_and_eval_rebuilds_it(tmp_path):
     assert ev["test_accuracy"] == s["test_accuracy"] and ev["model"] == "torchvision:mobilenet_v3_small"
 
 
+@pytest.mark.slow
 def test_user_module_model_trains_on_2_ranks_and_eval_rebuilds_it(user_dir):
     out = user_dir / "run"
     torchrun(2, [*FAST, "--model", "mynets.nets:build", "--out", out], cwd=user_dir, check=0)
@@ -73,6 +75,7 @@ def test_user_module_model_trains_on_2_ranks_and_eval_rebuilds_it(user_dir):
     assert ev["test_correct"] == s["test_correct"]
 
 
+@pytest.mark.slow
 def test_init_from_replaces_the_head(tmp_path):
     folder = tmp_path / "three"
     for split in ("train", "test"):
@@ -112,6 +115,7 @@ def test_pretrained_offline_says_where_the_file_goes(tmp_path):
     assert_one_line_error(p, str(where), "https://download.pytorch.org/models/resnet18-f37072fd.pth")
 
 
+@pytest.mark.slow
 def test_api_example_under_torchrun(tmp_path):
     out = tmp_path / "api"
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -137,6 +141,7 @@ def _history(run_dir):
     return [{k: v for k, v in e.items() if k not in NOISE} for e in events]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_recipe_options_resume_exactly(tmp_path, nproc):
     launch = (lambda a, **kw: torchrun(nproc, a, **kw)) if nproc > 1 else train

@@ -75,6 +75,7 @@ def test_exact_resume_mid_epoch(tmp_path, straight, nproc):
     assert read_summary(tmp_path / "resumed")["steps"] == 32
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, straight):
     out = tmp_path / "r"
     env = clean_env(FAIL_RANK="0", FAIL_STEP="13")
@@ -111,6 +112,7 @@ def _make_writable(path):
         path.chmod(0o755)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["continue", "stop"])
 def test_failed_write_keeps_previous_checkpoint(tmp_path, policy):
     out = tmp_path / "r"
@@ -151,6 +153,7 @@ class Evil:
         return (os.system, ("touch EVIL_RAN",))
 
 
+@pytest.mark.slow
 def test_pickled_object_checkpoint_is_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "payload": Evil()}, evil)
@@ -172,6 +175,7 @@ def test_other_model_checkpoint_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "checkpoint is for --model seed" in p.stderr
 
 
+@pytest.mark.slow
 def test_eval_command_matches_training(tmp_path):
     out = tmp_path / "r"
     train([*SMALL, "--out", out], check=0)
@@ -182,6 +186,7 @@ def test_eval_command_matches_training(tmp_path):
     assert (ev["test_correct"], ev["test_total"]) == (s["test_correct"], s["test_total"])
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_sigkill(tmp_path):
     out = tmp_path / "r"
     env = clean_env(FAIL_RANK="1", FAIL_STEP="23", FAIL_MODE="kill")

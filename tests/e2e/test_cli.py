@@ -26,6 +26,7 @@ def test_bad_config_file(tmp_path):
     assert_one_line_error(train(["--config", cfg, "--out", tmp_path / "run"]), "c.toml")
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     train([*SMALL, "--max-steps", "3", "--out", out], check=0)

@@ -35,6 +35,7 @@ def test_world_size_2_matches_world_size_1(tmp_path, plain):
     assert (s["world_size"], s["backend"], s["per_rank_batch_size"], s["global_batch_size"]) == (2, "gloo", 32, 64)
 
 
+@pytest.mark.slow
 def test_exact_eval_world_size_3_on_indivisible_test_set(tmp_path):
     out = tmp_path / "ws3"
     args = [*SMALL, "--synthetic-test-size", "499", "--batch-size", "63", "--max-steps", "5", "--out", out]
@@ -50,6 +51,7 @@ def test_exact_eval_world_size_3_on_indivisible_test_set(tmp_path):
     assert single["per_class_accuracy"] == s["per_class_accuracy"]
 
 
+@pytest.mark.slow
 def test_torchrun_2_only_rank_0_writes(tmp_path):
     out = tmp_path / "run"
     p = torchrun(2, [*SMALL, "--epochs", "2", "--out", out, "--log-every", "5"], cwd=tmp_path, check=0)
@@ -60,6 +62,7 @@ def test_torchrun_2_only_rank_0_writes(tmp_path):
     assert "[rank 1]" not in p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback(tmp_path):
     port = free_port()
     out = tmp_path / "run"
@@ -119,6 +122,7 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_accelerate_launch(tmp_path):
     """`--multi_gpu` is accelerate's torchrun path and runs gloo on a CPU-only machine; `--cpu` alone is
     accelerate's single-process launcher (it needs MPI for more), which must train correctly too."""

@@ -45,6 +45,7 @@ def _metadata_ok(meta: dict, run) -> None:
     assert meta["image_size"] == 32 and meta["in_channels"] == 3 and "input" in meta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["seed", "resnet18", "airbench"])
 def test_export_round_trips_with_parity(model, tmp_path, capsys):
     run = tmp_path / "run"

@@ -109,6 +109,7 @@ def ddp_run(tmp_path_factory, mpl_dir):
     return run_dir, base, p
 
 
+@pytest.mark.slow
 def test_two_ranks_make_one_offline_run_matching_the_run_files(ddp_run):
     run_dir, base, p = ddp_run
     summary, train = read_summary(run_dir), train_steps(run_dir)
@@ -224,6 +225,7 @@ def test_plots_and_report_command_rerender_them(ddp_run):
 # --------------------------------------------------------------------------- crash, then resume
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, mpl_dir):
     """A crash loses the steps after the last checkpoint; `--resume auto` trains them again and logs
     them again, into the same W&B run (same id, a second offline segment with resume set).
@@ -291,6 +293,7 @@ def test_disabled_writes_no_wandb_files(tmp_path, mpl_dir):
     assert "wandb" not in (p.stdout + p.stderr).replace(str(tmp_path), "<tmp>").lower()
 
 
+@pytest.mark.slow
 def test_auto_without_credentials_goes_offline_and_says_how_to_sync(tmp_path, mpl_dir):
     run_dir = tmp_path / "run"
     env = wb_env(tmp_path, mpl_dir)  # empty HOME: no ~/.netrc, no settings file, no WANDB_API_KEY
@@ -304,6 +307,7 @@ def test_auto_without_credentials_goes_offline_and_says_how_to_sync(tmp_path, mp
     assert back["summary"]["test_accuracy"] == read_summary(run_dir)["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_api_key_is_never_written(tmp_path, mpl_dir):
     run_dir = tmp_path / "run"
     env = wb_env(tmp_path, mpl_dir, WANDB_API_KEY=FAKE_KEY)

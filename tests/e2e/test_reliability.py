@@ -31,6 +31,7 @@ def test_bad_values_in_a_real_process(tmp_path, args, needle):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_wandb_keeps_its_files_under_the_run_directory(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -237,6 +238,7 @@ def test_resume_with_changed_batch_is_refused_and_the_same_resumes(tmp_path):
     assert read_summary(out)["steps"] == 32 and read_summary(out)["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_resume_of_a_model_export_or_a_tensor_is_one_line_before_data(tmp_path):
     out = tmp_path / "done"
     train([*SMALL, "--max-steps", "2", "--out", out], check=0)
@@ -274,6 +276,7 @@ def test_a_full_disk_follows_the_write_error_policy_without_a_traceback(tiny_dis
 # ------------------------------------------------------------------------------------ signals
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_evaluation_cuts_it_short_and_exits_unfinished(tmp_path):
     out = tmp_path / "run"
     # resnet18 on 20,000 test images with 6-view test-time augmentation: minutes of evaluation on a CPU.
@@ -305,6 +308,7 @@ def test_sigterm_during_a_long_evaluation_cuts_it_short_and_exits_unfinished(tmp
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_first_ctrl_c_checkpoints_and_stops_second_aborts(tmp_path):
     out = tmp_path / "run"
     proc = start([*LONG, "--out", out])

@@ -119,6 +119,7 @@ def test_world_size_2_matches_world_size_1(straight):
     assert max_diff(straight(1)[0], straight(2)[0]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_exact_eval_world_size_3_on_499_images(tmp_path):
     root = make_folder(tmp_path / "imgs", n_train=48, n_test=499, classes=3)
     out = tmp_path / "ws3"
@@ -131,6 +132,7 @@ def test_exact_eval_world_size_3_on_499_images(tmp_path):
     assert single["test_correct"] == s["test_correct"] and single["per_class_accuracy"] == s["per_class_accuracy"]
 
 
+@pytest.mark.slow
 def test_unreadable_files_stop_with_one_line_or_are_skipped_and_counted(tmp_path):
     root = make_folder(tmp_path / "imgs")
     (root / "train" / "c0" / "0000.jpg").write_bytes(b"")

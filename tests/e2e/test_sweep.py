@@ -165,6 +165,7 @@ def test_a_diverging_trial_fails_alone_and_max_failures_ends_a_sweep(tmp_path):
     assert "1 trials failed (--max-failures 1)" in p.stdout
 
 
+@pytest.mark.slow
 def test_bad_spec_is_one_line_before_any_trial(tmp_path):
     spec = write_spec(tmp_path, '[sweep]\ntrials = 2\n[sweep.space]\n"optim.lr" = { low = -1.0, high = 1.0 }\n')
     p = sweep(spec, tmp_path / "out", check=2)

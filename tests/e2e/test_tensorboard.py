@@ -39,6 +39,7 @@ def _accumulate(run_dir) -> EventAccumulator:
     return acc
 
 
+@pytest.mark.slow
 def test_tensorboard_tags_and_steps_continue_after_a_resume(tmp_path):
     out = tmp_path / "run"
     p = run_py([FAIL, *ARGS, "--out", out], env=clean_env(FAIL_RANK="0", FAIL_STEP="13"))

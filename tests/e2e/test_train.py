@@ -105,6 +105,7 @@ def test_seed_config_drives_the_run(tmp_path):
     assert convs and all(v.is_contiguous() for v in convs)  # channels_last = false (the default is true)
 
 
+@pytest.mark.slow
 def test_grad_accum_matches_plain_batch(tmp_path):
     """Accumulating 2 micro-batches of 32 is the same optimizer step as one batch of 64."""
     outs = []

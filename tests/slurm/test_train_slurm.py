@@ -83,6 +83,7 @@ def completed_jobs(slurm_cluster, tmp_path_factory):
     cancel_leftovers(job for job, _ in jobs.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_train_sh_completes(completed_jobs, mode):
     job, d = completed_jobs[mode]
@@ -138,6 +139,7 @@ def preempted_jobs(slurm_cluster, tmp_path_factory):
     cancel_leftovers(job for _, job, _ in jobs.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_usr1_checkpoints_requeues_and_resumes(preempted_jobs, mode):
     d, job, run = preempted_jobs[mode]
@@ -159,6 +161,7 @@ def test_usr1_checkpoints_requeues_and_resumes(preempted_jobs, mode):
     assert "terminate called" not in text, text[-4000:]
 
 
+@pytest.mark.slow
 def test_plain_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
     job, run = submit_slow_run(tmp_path, "srun")
     wait_training(job, run)
@@ -194,6 +197,7 @@ def test_batch_script_without_srun_fails_fast(slurm_cluster, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_more_processes_than_allocated_fails_fast(slurm_cluster, tmp_path):
     """DIST_CNN_NPROC_PER_NODE=3 on a node given 2 tasks of 1 CPU: every worker refuses in one line."""
     job = sbatch(
@@ -211,6 +215,7 @@ def test_torchrun_more_processes_than_allocated_fails_fast(slurm_cluster, tmp_pa
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_srun_mode_port_in_use_fails_fast(slurm_cluster, tmp_path):
     """MASTER_PORT held by another process on the head node: rank 0 says so; --kill-on-bad-exit ends rank 1."""
     with socket.socket() as s:
@@ -229,6 +234,7 @@ def test_srun_mode_port_in_use_fails_fast(slurm_cluster, tmp_path):
     assert any(f"MASTER_PORT {port} (from the environment) is already in use" in e for e in errors), text[-4000:]
 
 
+@pytest.mark.slow
 def test_dry_run_inside_a_job(slurm_cluster, tmp_path):
     """`train.py --dry-run` in the batch shell (a problem: no srun) and under srun (two ranks, exit 0)."""
     cmd = f"{PY} {ROOT / 'train.py'} --dry-run --json --dataset synthetic"

@@ -178,6 +178,7 @@ def bad_folder(tmp_path):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unreadable_file_is_one_line_naming_it(tmp_path, workers):
     idx = scan_folder(str(bad_folder(tmp_path)))
