@@ -286,6 +286,9 @@ class CheckpointConfig:
 class LogConfig:
     out: str = option("", "run directory (default runs/<timestamp>-<model>-<dataset>)")
     progress: bool = option(True, "tqdm progress bar on a terminal (plain lines otherwise)")
+    plots: bool = option(
+        True, "draw the run's PNG plots into --out when training ends (`dist-cnn report RUN_DIR` draws them any time)"
+    )
     wandb: str = option("auto", "Weights & Biases mode", choices=("auto", "online", "offline", "disabled"))
     wandb_project: str = option("dist_cnn", "W&B project")
     wandb_entity: str = option("", "W&B entity (team or user)")

@@ -721,7 +721,8 @@ class Trainer:
         if self.writes.pending:
             return
         try:
-            write_plots(self.run_dir)
+            if self.cfg.log.plots:
+                write_plots(self.run_dir)
         except OSError as e:  # a write failure: the run's policy
             self.writes.failed("the plots", e)
         except Exception as e:  # plots are a convenience; the run's results are already written

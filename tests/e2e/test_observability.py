@@ -32,6 +32,7 @@ ARGS = [
     "2",
     "--log-every",
     str(LOG_EVERY),
+    "--plots",
 ]
 TOTAL_STEPS = 16
 FAKE_KEY = "f4ke0123456789abcdef0123456789abcdef4567"  # 40 chars, the shape of a real W&B key

@@ -28,6 +28,7 @@ def test_synthetic_run_learns_and_writes_run_dir(tmp_path):
     assert all({"loss", "lr", "images_per_sec"} <= t.keys() for t in trains)
     assert trains[-1]["loss"] < trains[0]["loss"]
     assert (out / "model.pt").exists() and "test accuracy" in p.stdout
+    assert not list(out.glob("*.png"))  # --no-plots (SMALL); the plots' own test asks for them
 
 
 def test_fractional_epochs_train_their_share_of_an_epoch(tmp_path):

@@ -28,6 +28,7 @@ SMALL_ANY_PRECISION = [
     "--wandb",
     "disabled",
     "--no-progress",
+    "--no-plots",  # the tests of the plots ask for them (--plots)
 ]
 SMALL = [*SMALL_ANY_PRECISION, "--precision", "fp32"]
 # metrics.jsonl fields that differ between two runs of the same training (timing, paths)
