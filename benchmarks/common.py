@@ -69,6 +69,16 @@ def _torch_version() -> str | None:
     return torch.__version__
 
 
+def _cpu_capability() -> str | None:
+    """The vector ISA torch's CPU kernels use here (AVX2, AVX512, ...): a virtual machine's model name
+    often hides it, and it halves or doubles the figures (bf16 autocast most of all)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.backends.cpu.get_cpu_capability()
+
+
 class Stamp:
     """Where and when a result was measured: taken when the benchmark starts, closed (the load average at
     the end) each time a result is written."""
@@ -83,6 +93,7 @@ class Stamp:
             "dirty": None if status is None else bool(status),
             "torch": _torch_version(),
             "cpu": cpu_model(),
+            "cpu_capability": _cpu_capability(),
             "cores": os.cpu_count(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "load_start": list(os.getloadavg()),

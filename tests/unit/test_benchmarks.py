@@ -76,9 +76,10 @@ def test_the_stamp_names_the_machine_and_comes_first_in_a_result(tmp_path):
     written = json.loads((tmp_path / "sub" / "r.json").read_text())
     assert written == out and list(written) == ["stamp", "images_per_sec"]
     s = written["stamp"]
-    assert set(s) == {"commit", "dirty", "torch", "cpu", "cores", "load_start", "load_end", "date"}
+    assert set(s) == {"commit", "dirty", "torch", "cpu", "cpu_capability", "cores", "load_start", "load_end", "date"}
     assert s["commit"] == git(common.ROOT, "rev-parse", "--short", "HEAD")
     assert s["torch"] == torch.__version__ and s["cpu"] and s["cores"] >= 1
+    assert s["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert len(s["load_start"]) == len(s["load_end"]) == 3
     assert datetime.strptime(s["date"], "%Y-%m-%dT%H:%M:%SZ")
 
