@@ -32,6 +32,7 @@ def logged():
 SLOW_WEIGHT = 30  # a slow test counts as about this many quick ones
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist still runs the suite, in one process
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
