@@ -132,15 +132,14 @@ def lines_of(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()]
 
 
-def start(args, **kw) -> subprocess.Popen:
+def start(args, script: Path = ROOT / "train.py", **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [PY, ROOT / "train.py", *map(str, args)],
+        [PY, script, *map(str, args)],
         cwd=ROOT,
-        env=clean_env(OMP_NUM_THREADS="1"),
+        env=clean_env(OMP_NUM_THREADS="1", **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **kw,
     )
 
 
@@ -173,13 +172,8 @@ LONG = [*SMALL, "--epochs", "40", "--log-every", "4", "--checkpoint-every-steps"
 def test_a_second_run_into_the_same_out_fails_at_once_naming_the_holder(tmp_path):
     out, gate = tmp_path / "run", tmp_path / "gate"
     # the first run holds at its first step until the second has been refused: it is surely still running
-    first = subprocess.Popen(
-        [PY, SLOW_TRAIN, *map(str, [*LONG, "--epochs", "3", "--out", out, "--seed", "1"])],
-        cwd=ROOT,
-        env=clean_env(OMP_NUM_THREADS="1", STEP_GATE=str(gate), STEP_SLEEP="0"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    first = start(
+        [*LONG, "--epochs", "3", "--out", out, "--seed", "1"], SLOW_TRAIN, STEP_GATE=str(gate), STEP_SLEEP="0"
     )
     try:
         wait_for(lambda: (out / "config.json").exists(), proc=first)
