@@ -61,22 +61,15 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def _torch_version() -> str | None:
+def _torch_fields() -> dict:
+    """torch's version and the vector ISA its CPU kernels use here (AVX2, AVX512, ...): a virtual
+    machine's model name often hides the ISA, and it halves or doubles the figures (bf16 autocast most
+    of all). None for both without torch."""
     try:
         import torch
     except ImportError:
-        return None
-    return torch.__version__
-
-
-def _cpu_capability() -> str | None:
-    """The vector ISA torch's CPU kernels use here (AVX2, AVX512, ...): a virtual machine's model name
-    often hides it, and it halves or doubles the figures (bf16 autocast most of all)."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch.backends.cpu.get_cpu_capability()
+        return {"torch": None, "cpu_capability": None}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 class Stamp:
@@ -91,9 +84,8 @@ class Stamp:
         self.fields = {
             "commit": sha,
             "dirty": None if status is None else bool(status),
-            "torch": _torch_version(),
+            **_torch_fields(),
             "cpu": cpu_model(),
-            "cpu_capability": _cpu_capability(),
             "cores": os.cpu_count(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "load_start": list(os.getloadavg()),
