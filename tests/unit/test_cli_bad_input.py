@@ -49,6 +49,7 @@ def assert_one_line_error(result, *needles: str) -> None:
         (["--dataset", "imagefolder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir", "--no-download"], "--data-dir"),
         (["--config", "/nonexistent.toml"], "config file not found"),
+        (["--plots=yes"], "--plots/--no-plots"),
     ],
 )
 def test_bad_flags(tmp_path, args, needle):

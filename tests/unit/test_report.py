@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from dist_cnn import config
 from dist_cnn.commands.report import main_report as report_command
 from dist_cnn.errors import UserError
 from dist_cnn.observability.report import format_report, read_metrics, write_plots
@@ -228,3 +229,8 @@ def test_invalid_summary_is_a_user_error(tmp_path):
     (run / "summary.json").write_text("{not json")
     with pytest.raises(UserError, match="summary.json"):
         report_command([str(run)])
+
+
+@pytest.mark.parametrize("flags,plots", [([], True), (["--no-plots"], False), (["--no-plots", "--plots"], True)])
+def test_the_end_of_run_plots_are_on_unless_no_plots(flags, plots):
+    assert config.from_args(config.train_parser().parse_args(flags)).log.plots is plots
