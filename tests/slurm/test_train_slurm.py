@@ -31,19 +31,8 @@ pytestmark = pytest.mark.slurm
 PY = sys.executable  # the venv's python when run as `.venv/bin/python -m pytest`
 TWO_TASKS = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
 
-# train.py with a fixed sleep in every optimizer step, so a run lasts long enough to be interrupted
-# (written into the test's directory and run as DIST_CNN_ENTRY).
-SLOW_ENTRY = """\
-import os, sys, time
-from dist_cnn.train import trainer
-from dist_cnn.commands import entry
-_step = trainer.Trainer.train_step
-def slow_step(self, micro):
-    time.sleep(float(os.environ["STEP_SLEEP"]))
-    return _step(self, micro)
-trainer.Trainer.train_step = slow_step
-entry()
-"""
+# train.py with a fixed sleep (STEP_SLEEP) in every optimizer step, so a run lasts long enough to be interrupted
+SLOW_TRAIN = ROOT / "tests" / "support" / "slow_train.py"
 
 
 def job_env(mode: str = "srun", entry=None, **extra) -> dict:
@@ -100,8 +89,6 @@ def test_train_sh_completes(completed_jobs, mode):
 
 def submit_slow_run(d, mode, step_sleep="0.4"):
     """A 2-epoch run of 2 x 16 steps, slowed down to ~0.4 s a step; returns (job, run dir)."""
-    entry = d / "slow_train.py"
-    entry.write_text(SLOW_ENTRY)
     run = d / "run"
     args = [
         *SMALL,
@@ -116,7 +103,7 @@ def submit_slow_run(d, mode, step_sleep="0.4"):
         "--out",
         run,
     ]
-    return sbatch([*TWO_TASKS, TRAIN_SH, *args], cwd=d, env=job_env(mode, entry, STEP_SLEEP=step_sleep)), run
+    return sbatch([*TWO_TASKS, TRAIN_SH, *args], cwd=d, env=job_env(mode, SLOW_TRAIN, STEP_SLEEP=step_sleep)), run
 
 
 def wait_training(job, run):
