@@ -17,8 +17,12 @@ at least two.
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import subprocess
 import sys
+import traceback
 from collections import Counter
 
 import pytest
@@ -35,6 +39,41 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_testnodedown(node, error):
     if error:  # xdist reports the test the worker was in as failed; say what the kernel saw
         print(f"\n{why_worker_died()}", file=sys.stderr)
+
+
+_trace_file = None
+
+
+def pytest_configure(config):
+    global _trace_file
+    if hasattr(config, "workerinput"):
+        _trace_file = os.fdopen(os.dup(2), "w", buffering=1)  # before pytest captures stderr
+        trace_os_exit(_trace_file)
+
+
+def pytest_runtest_setup(item):
+    if _trace_file is not None:  # again for each test: a test's run may have put its own handlers back
+        trace_signals(_trace_file)
+
+
+def trace_signals(err) -> None:
+    """A worker ended by a signal whose default is to end the process first writes its Python stacks
+    to its own stderr, which the controller passes on."""
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        if signal.getsignal(s) in (signal.SIG_DFL, None):
+            faulthandler.register(s, file=err, all_threads=True, chain=True)
+
+
+def trace_os_exit(err) -> None:
+    """A worker that calls os._exit first says where from."""
+    worker, real_exit = os.getpid(), os._exit
+
+    def traced_exit(code):
+        if os.getpid() == worker:  # not a forked child (DataLoader workers end this way)
+            err.write(f"a test worker calls os._exit({code}) from:\n{''.join(traceback.format_stack())}")
+        real_exit(code)
+
+    os._exit = traced_exit
 
 
 def pytest_collection_modifyitems(config, items):

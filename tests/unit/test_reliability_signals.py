@@ -52,7 +52,7 @@ def restore_handlers():
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     yield
     for s, h in saved.items():
-        signal.signal(s, h)
+        signal.signal(s, signal.SIG_DFL if h is None else h)  # None: a handler set outside Python
 
 
 def test_first_ctrl_c_requests_a_checkpoint_and_says_so_second_aborts(restore_handlers, capfd):
