@@ -6,8 +6,8 @@ rank r takes the r-th slice of it, so the shards are disjoint, the global batch 
 world size, and resuming at step k of an epoch replays exactly the batches and draws an uninterrupted
 run would have seen.
 
-- DevicePipeline: the whole dataset as uint8 on the training device; a batch is a gather, a crop, a
-  flip and a fused normalize, all batched. No workers, no host-to-device copy per step.
+- DevicePipeline: the whole dataset as uint8 on the training device, reflect-padded once; a batch's
+  crops are one copy of the chosen windows of it, then a flip and a fused normalize, all batched. No workers, no host-to-device copy per step.
 - LoaderPipeline: a torch DataLoader (worker processes gather the uint8 images, pinned memory for
   CUDA) for data that does not fit on the device; augmentation is the same batched code.
 
@@ -39,7 +39,9 @@ class Augment:
     alternate_flip: bool = False
 
 
-def epoch_plan(n: int, seed: int, epoch: int, aug: Augment, perm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def epoch_plan(
+    n: int, seed: int, epoch: int, aug: Augment, perm: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """perm: another order of the n samples (shards read a few at a time); the other draws are the same."""
     g = torch.Generator().manual_seed(seed * PLAN_SEED_OFFSET + epoch)
     plan = {"perm": torch.randperm(n, generator=g)}
@@ -57,15 +59,28 @@ def epoch_plan(n: int, seed: int, epoch: int, aug: Augment, perm: torch.Tensor |
     return plan
 
 
+def crop_windows(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Every HxW window of the uint8 images [N,C,H,W] reflect-padded by `pad`: a view
+    [N,C,2*pad+1,2*pad+1,H,W] of the padded copy, the window at (i, j) being the crop shifted by (i, j)."""
+    h, w = x.shape[-2:]
+    return torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect").unfold(2, h, 1).unfold(3, w, 1)
+
+
+def crop_flip_at(
+    windows: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor | None
+) -> torch.Tensor:
+    """Images `idx` of crop_windows' view, each cropped at its shift and flipped where `flip`: one
+    strided copy of exactly the chosen windows."""
+    x = windows[idx, :, shift[:, 0], shift[:, 1]]
+    # torch.where, not an in-place flip of the selected images: selecting them (nonzero) would wait
+    # for the GPU every batch
+    return x if flip is None else torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
 def crop_flip(x: torch.Tensor, shift: torch.Tensor | None, flip: torch.Tensor | None, pad: int) -> torch.Tensor:
     """Random crop (reflect padding) and horizontal flip of a uint8 batch [B,C,H,W], per-image draws."""
     if shift is not None:
-        b, c, h, w = x.shape
-        xp = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
-        rows = (shift[:, 0, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-        xp = xp.gather(2, rows.expand(b, c, h, w + 2 * pad))
-        cols = (shift[:, 1, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-        x = xp.gather(3, cols.expand(b, c, h, w))
+        return crop_flip_at(crop_windows(x, pad), torch.arange(len(x), device=x.device), shift, flip)
     if flip is not None:
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     return x
@@ -165,13 +180,18 @@ class DevicePipeline:
         self.batch, self.rank, self.world, self.seed, self.aug = batch_per_rank, rank, world, seed, aug
         self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = len(x) // (batch_per_rank * world)
+        # Padded once, not every batch: a batch's crops are then one copy out of the padded set.
+        self.windows = crop_windows(self.x, aug.crop_padding) if aug.crop_padding else None
 
     def epoch(self, epoch: int, start_step: int = 0):
-        plan = {k: v.to(self.device) for k, v in epoch_plan(len(self.x), self.seed, epoch, self.aug).items()}
+        plan = {k: v.to(self.device) for k, v in epoch_plan(self.n, self.seed, epoch, self.aug).items()}
         for step in range(start_step, self.steps_per_epoch):
             pos = rank_slice(step, self.batch, self.rank, self.world)
             idx = plan["perm"][pos]
-            x = crop_flip(self.x[idx], _draws(plan, "shift", pos), _draws(plan, "flip", pos), self.aug.crop_padding)
+            if self.windows is not None:
+                x = crop_flip_at(self.windows, idx, plan["shift"][pos], _draws(plan, "flip", pos))
+            else:
+                x = crop_flip(self.x[idx], None, _draws(plan, "flip", pos), 0)
             yield self.normalize(_image_aug(self.image_aug, x, epoch, pos)), self.y[idx]
 
 
