@@ -176,12 +176,14 @@ class DevicePipeline:
     def __init__(
         self, x, y, *, batch_per_rank, rank, world, seed, aug: Augment, normalize: Normalize, device, image_aug=None
     ):
-        self.x, self.y, self.n = x.to(device), y.to(device), len(x)
+        self.y, self.n = y.to(device), len(x)
         self.batch, self.rank, self.world, self.seed, self.aug = batch_per_rank, rank, world, seed, aug
         self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = len(x) // (batch_per_rank * world)
-        # Padded once, not every batch: a batch's crops are then one copy out of the padded set.
-        self.windows = crop_windows(self.x, aug.crop_padding) if aug.crop_padding else None
+        # Padded once, not every batch: a batch's crops are then one copy out of the padded set, which
+        # replaces the set on the device.
+        self.windows = crop_windows(x.to(device), aug.crop_padding) if aug.crop_padding else None
+        self.x = x.to(device) if self.windows is None else None
 
     def epoch(self, epoch: int, start_step: int = 0):
         plan = {k: v.to(self.device) for k, v in epoch_plan(self.n, self.seed, epoch, self.aug).items()}

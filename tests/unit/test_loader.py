@@ -10,6 +10,8 @@ from dist_cnn.data.loader import (
     LoaderPipeline,
     Normalize,
     crop_flip,
+    crop_flip_at,
+    crop_windows,
     epoch_plan,
     eval_shard,
     normalization_stats,
@@ -152,6 +154,17 @@ def test_crop_flip_matches_a_per_image_loop(pad):
     assert torch.equal(got, naive_crop_flip(x, shift, flip, pad))
     assert torch.equal(crop_flip(x, shift, None, pad), naive_crop_flip(x, shift, None, pad))
     assert torch.equal(crop_flip(x, None, flip, 0), naive_crop_flip(x, None, flip, 0))
+
+
+def test_crops_from_the_set_padded_once_match_the_per_image_loop():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 256, (30, 3, 7, 10), dtype=torch.uint8, generator=g)
+    windows = crop_windows(x, 2)
+    idx = torch.tensor([29, 0, 5, 5, 17])  # any order, repeats allowed
+    shift = torch.randint(0, 5, (5, 2), generator=g)
+    flip = torch.tensor([True, False, True, True, False])
+    assert torch.equal(crop_flip_at(windows, idx, shift, flip), naive_crop_flip(x[idx], shift, flip, 2))
+    assert torch.equal(crop_flip_at(windows, idx, shift, None), naive_crop_flip(x[idx], shift, None, 2))
 
 
 def test_crop_flip_identity_draws():
