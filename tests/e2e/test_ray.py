@@ -88,6 +88,7 @@ def test_ray_worker_killed_mid_run_resumes_and_matches_torchrun(tmp_path):
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # whatever Ray signals to its group or session never reaches pytest
         )
     try:
         metrics = run / "metrics.jsonl"
