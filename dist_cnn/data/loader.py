@@ -7,7 +7,8 @@ world size, and resuming at step k of an epoch replays exactly the batches and d
 run would have seen.
 
 - DevicePipeline: the whole dataset as uint8 on the training device, reflect-padded once; a batch's
-  crops are one copy of the chosen windows of it, then a flip and a fused normalize, all batched. No workers, no host-to-device copy per step.
+  crops are one copy of the chosen windows of it, then a flip and a fused normalize, all batched. No
+  workers, no host-to-device copy per step.
 - LoaderPipeline: a torch DataLoader (worker processes gather the uint8 images, pinned memory for
   CUDA) for data that does not fit on the device; augmentation is the same batched code.
 
@@ -182,8 +183,9 @@ class DevicePipeline:
         self.steps_per_epoch = len(x) // (batch_per_rank * world)
         # Padded once, not every batch: a batch's crops are then one copy out of the padded set, which
         # replaces the set on the device.
-        self.windows = crop_windows(x.to(device), aug.crop_padding) if aug.crop_padding else None
-        self.x = x.to(device) if self.windows is None else None
+        x = x.to(device)
+        self.windows = crop_windows(x, aug.crop_padding) if aug.crop_padding else None
+        self.x = x if self.windows is None else None
 
     def epoch(self, epoch: int, start_step: int = 0):
         plan = {k: v.to(self.device) for k, v in epoch_plan(self.n, self.seed, epoch, self.aug).items()}
