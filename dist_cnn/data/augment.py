@@ -22,7 +22,6 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
-from torchvision.transforms import v2
 
 AUTO_AUGMENT = ("none", "ra", "ta_wide", "augmix")
 _IMAGE_STREAM, _BATCH_STREAM = 1, 2  # keep per-image and per-batch draws apart
@@ -34,10 +33,19 @@ def draw_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _v2():
+    # torchvision imports torch._dynamo (over a second of CPU per process): paid only by runs that augment.
+    from torchvision.transforms import v2
+
+    return v2
+
+
 def auto_augment(name: str):
+    if name == "none":
+        return None
+    v2 = _v2()
     interp = v2.InterpolationMode.BILINEAR  # the reference's default --interpolation
     return {
-        "none": None,
         "ra": v2.RandAugment(interpolation=interp),
         "ta_wide": v2.TrivialAugmentWide(interpolation=interp),
         "augmix": v2.AugMix(interpolation=interp),
@@ -50,8 +58,8 @@ class ImageAugment:
     def __init__(self, auto: str, random_erase: float, seed: int, fill: Sequence[float]):
         ops = [t for t in (auto_augment(auto),) if t is not None]
         if random_erase > 0:
-            ops.append(v2.RandomErasing(p=random_erase, value=[round(255 * m) for m in fill]))
-        self.transform = v2.Compose(ops) if ops else None
+            ops.append(_v2().RandomErasing(p=random_erase, value=[round(255 * m) for m in fill]))
+        self.transform = _v2().Compose(ops) if ops else None
         self.seed = seed
 
     def __bool__(self) -> bool:
@@ -82,10 +90,10 @@ class BatchMix:
     def __init__(self, mixup_alpha: float, cutmix_alpha: float, num_classes: int, seed: int, rank: int):
         ops = []
         if mixup_alpha > 0:
-            ops.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+            ops.append(_v2().MixUp(alpha=mixup_alpha, num_classes=num_classes))
         if cutmix_alpha > 0:
-            ops.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-        self.transform = v2.RandomChoice(ops) if len(ops) > 1 else (ops[0] if ops else None)
+            ops.append(_v2().CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.transform = _v2().RandomChoice(ops) if len(ops) > 1 else (ops[0] if ops else None)
         self.seed, self.rank = seed, rank
 
     def __bool__(self) -> bool:
