@@ -252,7 +252,7 @@ def test_killed_node_ends_the_job_with_one_clear_line(nodes, tmp_path):
 def test_cut_off_node_ends_the_job_after_timeout(nodes, tmp_path):
     """Node 2's link goes down while its processes live on: nothing fails fast, node 1 must give up
     after --timeout with the same clear line."""
-    run, timeout = tmp_path / "run", 30
+    run, timeout = tmp_path / "run", 15
     args = [*SLOW_ARGS, "--timeout", timeout, "--out", run]
     agents = [start_agent(nodes, i, args, "run", **SLOW_ENV) for i in (1, 2)]
     wait_for_event(run, r'"event": "train"', agents)

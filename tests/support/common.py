@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support import forkserver
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 # Small enough to train in seconds on 2 cores, big enough that the seed CNN gets far above chance;
@@ -65,9 +67,12 @@ def clean_env(**extra) -> dict:
 
 
 def run_py(args, *, cwd=ROOT, env=None, timeout=300, check=None) -> subprocess.CompletedProcess:
-    p = subprocess.run(
-        [PY, *map(str, args)], cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
-    )
+    """`python ARGS` to its end, its output captured: forked from this worker's fork server where that
+    is the same as a new interpreter (tests/support/forkserver.py), else a new interpreter."""
+    args, env = list(map(str, args)), env or clean_env()
+    p = forkserver.run(args, cwd=cwd, env=env, timeout=timeout, server_env=clean_env())
+    if p is None:
+        p = subprocess.run([PY, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check is not None and p.returncode != check:
         raise AssertionError(
             f"exit {p.returncode} (wanted {check}) for {args}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}"
