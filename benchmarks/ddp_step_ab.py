@@ -1,4 +1,4 @@
-"""The cost of the per-rank time accounting on a DDP step: A/B in the same two processes, interleaved.
+"""What the parts of dist_cnn's DDP step cost: A/B in the same two processes, interleaved.
 
 Both ranks build one DDP model per variant (the same weights) and train them in turn, a block of
 steps each, many rounds: start-up and the machine's load changes fall on all variants alike. Per
@@ -8,6 +8,9 @@ variant: the median over blocks of wall-clock ms/step and of this process's CPU 
          own started before the backward pass, DDP's built-in all_reduce
   timed  the same with the accounting (rank_times): its clocks, the first layer's gradients-ready
          mark, and every rank's figures in the agreement vector at the end of each block
+  novote base without the agreement all_reduce (what the vote costs)
+  ddpdef base with DDP's default settings (what dist_cnn's bucket plan, bucket view and static graph give)
+  plain  DDP's defaults and no agreement: the plain loop's step
 
     python benchmarks/ddp_step_ab.py [--model seed] [--per-rank-batch 64] [--block 20] [--rounds 8] [--json PATH]
 """
@@ -22,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks and dist_cnn
 
@@ -33,30 +37,34 @@ from dist_cnn.models.registry import build_model  # noqa: E402
 from dist_cnn.observability import rank_times as rt  # noqa: E402
 from dist_cnn.train.allocator import tune_malloc  # noqa: E402
 
-VARIANTS = ("base", "timed")
+VARIANTS = ("base", "timed", "novote", "ddpdef", "plain")
+NO_VOTE = ("novote", "plain")
 
 
 def build(variant: str, world: int, model: str):
     torch.manual_seed(0)
     net = build_model(model, 3, 10, 32).to(memory_format=torch.channels_last)
-    times = rt.RankTimes(torch.device("cpu")) if variant != "base" else None
-    ddp, _ = parallel.wrap(net, DistEnv(world_size=world), ModelConfig(), 1, times.grads_ready if times else None)
+    times = rt.RankTimes(torch.device("cpu")) if variant == "timed" else None
+    if variant in ("ddpdef", "plain"):
+        ddp = DDP(net)
+    else:
+        ddp, _ = parallel.wrap(net, DistEnv(world_size=world), ModelConfig(), 1, times.grads_ready if times else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, nesterov=True, foreach=True)
-    return ddp, opt, times
+    return ddp, opt, times, variant not in NO_VOTE
 
 
-def step(ddp, opt, times, x, y, rank, world, closing):
+def step(ddp, opt, times, vote_on, x, y, rank, world, closing):
     if times:
         times.data_waited(0.0)
     loss = F.cross_entropy(ddp(x), y)
     vec = torch.cat([(~torch.isfinite(loss.detach())).float().view(1), torch.zeros(3)])
     if times:
         vec = torch.cat([vec, rt.slots(rank, world, times.snapshot() if closing else None)])
-    vote = parallel.StepVote(vec)
+    vote = parallel.StepVote(vec) if vote_on else None
     loss.backward()
     if times:
         times.backward_done()
-    if not vote.read()[0]:
+    if vote is None or not vote.read()[0]:
         opt.step()
     opt.zero_grad(set_to_none=True)
     if times:
@@ -74,7 +82,7 @@ def worker(rank, world, port, a, q):
     y = torch.randint(0, 10, (a.per_rank_batch,), generator=g)
     wall, cpu = {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
     for r in range(a.rounds + 1):  # round 0 warms up (DDP's first static-graph steps)
-        order = VARIANTS if r % 2 else VARIANTS[::-1]
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]  # each variant first in turn
         for v in order:
             dist.barrier()
             t, c = time.perf_counter(), time.process_time()
