@@ -34,6 +34,7 @@ from pathlib import Path
 # Variables an interpreter or a library reads when it starts, not when a run reads its options.
 START_VARS = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "LD_", "MALLOC_", "GLIBC_", "TORCH", "PYTORCH", "CUDA")
 _server: tuple[subprocess.Popen, str, dict] | None = None
+_starting = threading.Lock()  # two threads of one test never start two servers
 
 
 def _start_env(env: dict) -> dict:
@@ -87,9 +88,14 @@ def _kill(pid: int) -> None:
 
 
 def _ensure_server(server_env: dict) -> tuple[subprocess.Popen, str, dict]:
-    global _server
-    if _server is not None and _server[0].poll() is None:
+    with _starting:
+        if _server is None or _server[0].poll() is not None:
+            _start_server(server_env)
         return _server
+
+
+def _start_server(server_env: dict) -> None:
+    global _server
     home = tempfile.mkdtemp(prefix="dist-cnn-forkserver-")
     path = os.path.join(home, "socket")
     with open(os.path.join(home, "server.log"), "w") as log:
@@ -107,7 +113,6 @@ def _ensure_server(server_env: dict) -> tuple[subprocess.Popen, str, dict]:
         raise RuntimeError(f"the tests' fork server did not start:\n{Path(home, 'server.log').read_text()[-3000:]}")
     atexit.register(_stop, proc, home)
     _server = (proc, path, server_env)
-    return _server
 
 
 def _stop(proc: subprocess.Popen, home: str) -> None:
