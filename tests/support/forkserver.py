@@ -142,7 +142,9 @@ def serve(path: str) -> None:
         if pid == 0:
             listener.close()
             conn.close()
-            _become(json.loads(request), fds)  # returns only as `python ARGS` would end: by raising
+            # the script's end is this process's end: a return exits 0, an exception or SystemExit
+            # leaves the interpreter as it would leave `python ARGS`
+            _become(json.loads(request), fds)
             return
         for fd in fds:
             os.close(fd)
