@@ -72,7 +72,11 @@ def crop_flip_at(
 ) -> torch.Tensor:
     """Images `idx` of crop_windows' view, each cropped at its shift and flipped where `flip`: one
     strided copy of exactly the chosen windows."""
-    x = windows[idx, :, shift[:, 0], shift[:, 1]]
+    return flip_where(windows[idx, :, shift[:, 0], shift[:, 1]], flip)
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    """The images of a batch [B,C,H,W] flipped horizontally where `flip` [B] is true."""
     # torch.where, not an in-place flip of the selected images: selecting them (nonzero) would wait
     # for the GPU every batch
     return x if flip is None else torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
@@ -82,9 +86,7 @@ def crop_flip(x: torch.Tensor, shift: torch.Tensor | None, flip: torch.Tensor | 
     """Random crop (reflect padding) and horizontal flip of a uint8 batch [B,C,H,W], per-image draws."""
     if shift is not None:
         return crop_flip_at(crop_windows(x, pad), torch.arange(len(x), device=x.device), shift, flip)
-    if flip is not None:
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    return x
+    return flip_where(x, flip)
 
 
 class Normalize:
@@ -195,7 +197,7 @@ class DevicePipeline:
             if self.windows is not None:
                 x = crop_flip_at(self.windows, idx, plan["shift"][pos], _draws(plan, "flip", pos))
             else:
-                x = crop_flip(self.x[idx], None, _draws(plan, "flip", pos), 0)
+                x = flip_where(self.x[idx], _draws(plan, "flip", pos))
             yield self.normalize(_image_aug(self.image_aug, x, epoch, pos)), self.y[idx]
 
 
