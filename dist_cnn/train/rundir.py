@@ -43,6 +43,19 @@ def effective_resume(cfg: Config, environ=os.environ) -> str:
 
 LOCK_NAME = ".dist_cnn.lock"  # also the mark of a dist_cnn run directory
 _locks: dict[str, int] = {}  # run directory -> the open lock file, held until the process ends
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, say): let go of the parent's lock files. An flock
+    belongs to the open file, which a fork shares: a worker that outlives its dead rank by the seconds
+    it takes to notice would otherwise keep the run directory locked against its own resume."""
+    for fd in _locks.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 STALE_TMP = re.compile(r"(^\..+\.tmp\d*$)|(^[^.].*\.tmp$)|(^\.tmp-)")  # atomic writes' temporaries
 
 

@@ -64,6 +64,27 @@ def test_second_run_fails_at_once_naming_the_holder_and_a_dead_holder_blocks_not
     assert rundir.prepare_run_dir(cfg_for(run)) == run  # the kernel released the dead one's lock
 
 
+def test_a_forked_child_that_outlives_the_run_does_not_keep_its_lock(tmp_path):
+    """A run's DataLoader worker outlives a crashed rank for seconds: its resume must not find the
+    directory in use. The run here forks a child that stays, then dies."""
+    run = tmp_path / "run"
+    run.mkdir()
+    code = (
+        "import os, sys, time; from pathlib import Path; from dist_cnn.train import rundir; "
+        "rundir.lock_run_dir(Path(sys.argv[1])); rundir.claim_run_dir(Path(sys.argv[1])); "
+        "pid = os.fork()\n"
+        "if pid == 0: os.close(1), os.close(2), time.sleep(120)\n"
+        "print(pid, flush=True); os._exit(1)"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(run)], env=clean_env(), cwd=ROOT, capture_output=True, text=True)
+    child = int(p.stdout)
+    try:
+        assert os.path.exists(f"/proc/{child}")
+        assert rundir.prepare_run_dir(cfg_for(run)) == run  # the dead run's lock went with it
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("names", [["config.json"], ["model.pt", "notes.txt"], ["loss.png"], ["src"]])
 def test_a_foreign_non_empty_directory_is_refused_untouched(tmp_path, names):
     for n in names:
