@@ -26,8 +26,10 @@ def plain(tmp_path_factory):
 
 @pytest.mark.slow
 def test_world_size_2_matches_world_size_1(tmp_path, plain):
-    """Global batch 64 on one process vs 32 per rank on two: the same weights after k steps."""
-    torchrun(2, [*SIX_STEPS, "--out", tmp_path / "ws2"], check=0)
+    """Global batch 64 on one process vs 32 per rank on two: the same weights after k steps. The ranks
+    are new interpreters, each with its own string-hash seed (PYTHONHASHSEED=random makes torchrun's
+    agent one, and so its ranks), where the one-process run is forked from the tests' server."""
+    torchrun(2, [*SIX_STEPS, "--out", tmp_path / "ws2"], env=clean_env(PYTHONHASHSEED="random"), check=0)
     w1, w2 = weights(plain), weights(tmp_path / "ws2")
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert diff <= 1e-5, diff

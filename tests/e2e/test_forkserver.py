@@ -1,5 +1,6 @@
 """The tests' fork server (tests/support/forkserver.py) gives what a new interpreter gives."""
 
+import json
 import os
 import signal
 import subprocess
@@ -114,3 +115,35 @@ os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no cleanup
         timeout=30,
         what="the fork server's exit",
     )
+
+
+RANK_PROBE = """
+import json, os, sys
+preloaded = "torch" in sys.modules  # a forked rank starts with torch imported; nothing else may differ
+import torch
+rank = int(os.environ["RANK"])
+print(json.dumps({"rank": rank, "argv": sys.argv, "threads": torch.get_num_threads(), "main": __name__,
+                  "own_session": os.getsid(0) == os.getpid(), "world": os.environ["WORLD_SIZE"],
+                  "preloaded": preloaded}), flush=True)
+sys.exit(int(sys.argv[1]) if rank == 1 else 0)
+"""
+
+
+@pytest.mark.parametrize("rank1_exit", [0, 3])
+def test_torchrun_ranks_fork_from_the_agent_and_end_as_new_interpreters_would(tmp_path, rank1_exit):
+    script = tmp_path / "rank_probe.py"
+    script.write_text(RANK_PROBE)
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(rank1_exit)]
+    forked, real = both(args, tmp_path, clean_env(), timeout=120)
+    assert forked.returncode == real.returncode == (1 if rank1_exit else 0), (forked.stderr[-2000:], real.stderr)
+    ranks = {}
+    for name, p in (("forked", forked), ("real", real)):
+        rows = sorted((json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")), key=str)
+        ranks[name] = rows
+        assert [r["rank"] for r in rows] == [0, 1], p.stdout
+    assert all(r.pop("preloaded") for r in ranks["forked"]), "torchrun's ranks were new interpreters"
+    assert not any(r.pop("preloaded") for r in ranks["real"])
+    assert ranks["forked"] == ranks["real"]  # argv, OMP_NUM_THREADS applied, __main__, its own session
+    assert ranks["forked"][0]["threads"] == 1 and ranks["forked"][0]["own_session"]
+    if rank1_exit:
+        assert "exitcode  : 3" in forked.stderr and "exitcode  : 3" in real.stderr, forked.stderr[-3000:]
