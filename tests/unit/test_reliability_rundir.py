@@ -76,7 +76,9 @@ def test_a_forked_child_that_outlives_the_run_does_not_keep_its_lock(tmp_path):
         "if pid == 0: os.close(1), os.close(2), time.sleep(120)\n"
         "print(pid, flush=True); os._exit(1)"
     )
-    p = subprocess.run([sys.executable, "-c", code, str(run)], env=clean_env(), cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(run)], env=clean_env(), cwd=ROOT, capture_output=True, text=True
+    )
     child = int(p.stdout)
     try:
         assert os.path.exists(f"/proc/{child}")
