@@ -195,3 +195,54 @@ class StepVote:
 
     def read(self) -> list[bool]:
         return [v > 0 for v in self.values()]
+
+
+class VoteCadence:
+    """Which steps the ranks vote on. On CUDA every step: NCCL runs the vote's all_reduce on its own
+    stream, ahead of the gradients', and the host reads it from pinned memory. On the CPU a vote is a
+    round trip of gloo's threads every step, a few percent of a small model's step; there the ranks
+    vote about every `seconds` -- a stop signal, rank 0's checkpoint clock or a failed write is acted on
+    within about that long -- on every step that closes a log interval (it carries the ranks' time
+    accounting) and on the last step, and a non-finite step is found without a vote (grads_nonfinite).
+    Each vote carries every rank's mean step time since the last one; the next vote's step is planned
+    from the slowest rank's, so every rank plans the same step without talking."""
+
+    def __init__(self, every_step: bool, log_every: int, seconds: float = 0.5):
+        self.every_step, self.log_every, self.seconds = every_step, log_every, seconds
+        self.next_step, self._since, self._steps = None, None, 0
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether step `step` (0-based) votes; the first step of a process always does."""
+        closing = (step + 1) % self.log_every == 0 or step + 1 == last_step
+        return self.every_step or self.next_step is None or step >= self.next_step or closing
+
+    def mean_step_seconds(self, now: float) -> float:
+        """This rank's mean step time since the last vote (0 before the first: it plans one step)."""
+        return (now - self._since) / self._steps if self._since is not None and self._steps else 0.0
+
+    def voted(self, step: int, slowest_step_seconds: float, now: float) -> None:
+        """After a vote at `step`: plan the next from the slowest rank's step time (the same on every rank)."""
+        ahead = int(self.seconds / slowest_step_seconds) if slowest_step_seconds > 0 else 1
+        self.next_step, self._since, self._steps = step + max(1, min(ahead, self.log_every)), now, 0
+
+    def stepped(self) -> None:
+        self._steps += 1
+
+
+def poisoned(loss: torch.Tensor) -> torch.Tensor:
+    """The loss, times NaN where it is not finite: the backward pass then makes this rank's gradients
+    NaN, which survive DDP's averaging, so every rank's grads_nonfinite finds the same bad step. A
+    finite loss is multiplied by exactly 1: its gradients are the same bits."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+
+
+def grads_nonfinite(params, total_norm: torch.Tensor | None = None) -> bool:
+    """Whether the (reduced) gradients hold a NaN or Inf, or a norm that overflows: the same answer on
+    every rank, since DDP leaves every rank the same averaged gradients. `total_norm` is clipping's,
+    when it has computed one."""
+    if total_norm is None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return False
+        total_norm = torch.nn.utils.get_total_norm(grads)
+    return not bool(torch.isfinite(total_norm))

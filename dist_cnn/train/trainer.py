@@ -58,10 +58,12 @@ log = logging.getLogger(__name__)
 
 
 class StepSignals(NamedTuple):
-    """What all ranks agreed on after a step (one small all_reduce carries all four, and at the end
-    of a log interval every rank's time accounting: rank_times)."""
+    """What all ranks agreed on after a step: one small all_reduce (the step's vote, on the steps
+    parallel.VoteCadence picks) carries all four, every rank's step time for planning the next vote,
+    and at the end of a log interval every rank's time accounting (rank_times). On the CPU `nonfinite`
+    is also found in the reduced gradients, the same on every rank, on every step."""
 
-    nonfinite: bool  # some rank's loss was NaN/Inf: the step is not applied
+    nonfinite: bool  # some rank's loss (or the reduced gradients) was NaN/Inf: the step is not applied
     stop: bool  # some rank got a stop signal: checkpoint and leave
     checkpoint_due: bool  # rank 0's clock says a periodic checkpoint is due
     write_failed: bool  # rank 0 could not write the run directory and --on-write-error is stop
@@ -153,6 +155,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device, use_fused(env.device, self.precision))
         # fused SGD skips a non-finite step in its kernel (found_inf), with no host sync; foreach on the host
         self.skip_on_device = bool(self.optimizer.defaults.get("fused"))
+        self.cadence = parallel.VoteCadence(every_step=env.device.type == "cuda", log_every=t.log_every)
         self.pipeline = self._build_pipeline()
         self.steps_per_epoch = self.pipeline.steps_per_epoch // t.grad_accum
         if self.steps_per_epoch == 0:
@@ -332,6 +335,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns what all ranks agreed on, and the loss."""
         model, accum, ddp = self.model, len(micro_batches), parallel.ddp_of(self.model)
         loss_sum = torch.zeros((), device=self.env.device)
+        votes = self.cadence.due(self.step, self.total_steps)
         for i, (x, y) in enumerate(micro_batches):
             last = i == accum - 1
             with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
@@ -339,39 +343,51 @@ class Trainer:
                 with self.profiler.region("forward"), precision.autocast(self.precision, self.env.device):
                     loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
                 loss_sum += loss.detach().float()
+                if not self.cadence.every_step:  # a bad loss must show in the gradients every rank gets
+                    loss = parallel.poisoned(loss)
                 if last:  # the loss is known before the backward pass: agree while it runs
-                    vote = self._start_step_vote(loss_sum)
+                    vote = self._start_step_vote(loss_sum) if votes else None
                 PHASES.enter(phases.BACKWARD)
                 with self.profiler.region("backward"):
                     self.scaler.scale(loss).backward()
         self.rank_times.backward_done()
         self.whiten_freeze.after_backward()
+        norm = None
         if self.cfg.optim.clip_grad_norm:  # on the true gradients: unscaled from fp16's loss scale first
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
         PHASES.enter(phases.OPTIMIZER)
         with self.profiler.region("optimizer"):
-            signals = self._step_unless_nonfinite(vote)
+            signals = self._step_unless_nonfinite(vote, norm)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
         return signals, loss_sum
 
-    def _step_unless_nonfinite(self, vote: parallel.StepVote) -> StepSignals:
-        """The optimizer step, unless some rank's loss was non-finite."""
+    def _step_unless_nonfinite(self, vote: parallel.StepVote | None, norm: torch.Tensor | None) -> StepSignals:
+        """The optimizer step, unless some rank's loss (on the CPU: the reduced gradients) was non-finite.
+        fp16 runs on CUDA only; the fused optimizer on CUDA, and for bf16 on the CPU."""
         if self.precision == "fp16":  # the scaler skips non-finite steps by itself
             self.scaler.step(self.optimizer)
             return self._signals(vote)
-        if self.skip_on_device:
+        if self.skip_on_device and self.cadence.every_step:
             # fused SGD skips the update on the device when found_inf is 1: no host sync for the guard,
             # and the flags are read after the step is queued (from pinned memory, see StepVote)
             self.optimizer.found_inf = vote.on_device()[:1]
             self.optimizer.step()
             del self.optimizer.found_inf
             return self._signals(vote)
-        with PHASES.during(phases.STEP_ALL_REDUCE):
-            signals = self._signals(vote)  # long done: it ran alongside the backward pass
-        if not signals.nonfinite:
+        signals = StepSignals(False, False, False, False)
+        if vote is not None:
+            with PHASES.during(phases.STEP_ALL_REDUCE):
+                signals = self._signals(vote)  # long done: it ran alongside the backward pass
+        if not self.cadence.every_step and parallel.grads_nonfinite(self.raw_model.parameters(), norm):
+            signals = signals._replace(nonfinite=True)
+        if self.skip_on_device:  # fused on the CPU (bf16): the kernel's own skip, as on CUDA
+            self.optimizer.found_inf = torch.tensor([float(signals.nonfinite)])
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not signals.nonfinite:
             self.optimizer.step()
         return signals
 
@@ -379,7 +395,8 @@ class Trainer:
         """The agreed flags; every rank's time accounting when the step closed a log interval."""
         values = vote.values()
         n = len(StepSignals._fields)
-        figures = unpack(values[n:], self.env.world_size)
+        self.cadence.voted(self.step, values[n], time.perf_counter())
+        figures = unpack(values[n + 1 :], self.env.world_size)
         if figures is not None:
             self.rank_figures = figures
         return StepSignals(*(v > 0 for v in values[:n]))
@@ -388,7 +405,14 @@ class Trainer:
         """One small all_reduce (max) a step carries everything the ranks must decide together; it is
         started before the backward pass and read after it."""
         due = self.env.is_rank0 and self.ckpt_policy.clock_due()
-        host = torch.tensor([float(self.stop.requested), float(due), float(self.writes.pending is not None)])
+        host = torch.tensor(
+            [
+                float(self.stop.requested),
+                float(due),
+                float(self.writes.pending is not None),
+                self.cadence.mean_step_seconds(time.perf_counter()),
+            ]
+        )
         closing = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.total_steps
         figures = self.rank_times.snapshot() if closing else None  # this interval's, to rank 0
         host = torch.cat([host, slots(self.env.rank, self.env.world_size, figures)])
@@ -492,6 +516,7 @@ class Trainer:
             if self.ema:
                 self.ema.update(self.raw_model, self.step)
             self.rank_times.step_end()
+            self.cadence.stepped()
             self.profiler.stop(self.step)
             self._guard_nonfinite(signals.nonfinite)
             if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:

@@ -148,6 +148,42 @@ def test_nonfinite_guard_stops_and_keeps_good_checkpoint(tmp_path, nproc):
     assert [e["consecutive"] for e in bad][-3:] == [1, 2, 3]
 
 
+INF_ONCE = """
+import os, torch
+from dist_cnn.models.registry import build_model
+
+class InfOnce(torch.nn.Module):
+    # rank 1's fifth training step: an infinite loss (every target class at -inf) with finite gradients
+    def __init__(self, c, k, s):
+        super().__init__()
+        self.net, self.calls = build_model("seed", c, k, s), 0
+    def forward(self, x):
+        out = self.net(x)
+        if self.training and os.environ.get("RANK") == "1":
+            self.calls += 1
+            if self.calls == 5:
+                out = out + torch.full_like(out, float("-inf")).index_fill(1, torch.tensor([0]), 0.0)
+        return out
+
+def build(in_channels, num_classes, image_size):
+    return InfOnce(in_channels, num_classes, image_size)
+"""
+
+
+def test_one_ranks_nonfinite_loss_skips_the_step_on_every_rank(tmp_path):
+    """Rank 1 alone sees an infinite loss whose gradients are finite: every rank skips that step (on the
+    CPU the ranks find it in the averaged gradients, without a vote that step), and training goes on."""
+    (tmp_path / "badloss").mkdir()
+    (tmp_path / "badloss" / "__init__.py").write_text("")
+    (tmp_path / "badloss" / "nets.py").write_text(INF_ONCE)
+    out = tmp_path / "r"
+    torchrun(2, [*SMALL, "--model", "badloss.nets:build", "--out", out], cwd=tmp_path, check=0)
+    assert [e["consecutive"] for e in read_events(out, "nonfinite")] == [1]
+    assert read_summary(out)["skipped_steps"] == 1
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch EVIL_RAN",))

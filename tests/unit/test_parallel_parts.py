@@ -13,6 +13,7 @@ from dist_cnn.errors import UserError
 from dist_cnn.models.registry import build_model
 from dist_cnn.train import allocator
 from dist_cnn.train.profiling import parse_range, split_step_time
+from tests.support.dist import run_group
 
 
 def test_seed_buckets_are_cut_between_layers():
@@ -133,3 +134,56 @@ def test_gradients_ready_is_marked_by_the_first_layer_and_the_all_reduce_stays_b
         assert len(marks) == step + 1  # conv1's weight, every backward pass
     assert all(g is not None for g in marks)  # conv2's gradient was already there: conv1's comes last
     assert not ddp._get_ddp_logging_data().get("comm_hook")  # DDP's C++ all_reduce, no Python hook
+
+
+def test_vote_cadence_plans_the_next_vote_from_the_slowest_rank():
+    c = parallel.VoteCadence(every_step=False, log_every=100, seconds=0.5)
+    assert c.due(0, 1000)  # the first step of a process
+    c.voted(0, 0.0, now=0.0)  # no step time yet: the next step votes too
+    assert c.due(1, 1000)
+    for _ in range(4):
+        c.stepped()
+    assert c.mean_step_seconds(now=2.0) == 0.5
+    c.voted(1, 0.01, now=2.0)  # the slowest rank's 10 ms steps: the next vote about 0.5 s ahead
+    assert [s for s in range(2, 51) if c.due(s, 1000)] == [] and c.due(51, 1000)
+    c.voted(51, 2.0, now=3.0)  # 2 s steps: every step votes
+    assert c.next_step == 52
+    c.voted(52, 1e-6, now=4.0)  # never further ahead than a log interval
+    assert c.next_step == 152
+    assert c.due(99, 1000) and not c.due(100, 1000)  # step 99 closes a log interval: its figures ride along
+    assert c.due(999, 1000)  # the last step
+    assert all(parallel.VoteCadence(every_step=True, log_every=100).due(s, 1000) for s in range(5))
+
+
+def _poisoned_backward(env, bad_rank: int, how: str) -> list:
+    """One DDP backward pass in which `bad_rank`'s loss is `how` (nan, inf, or finite)."""
+    torch.manual_seed(0)
+    ddp, raw = parallel.wrap(build_model("seed", 3, 10, 32), env, ModelConfig(), 1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    logits = ddp(x)
+    if env.rank == bad_rank and how != "finite":
+        # inf: the target classes' logits at -inf, a loss of inf with finite gradients of the logits
+        mask = torch.zeros_like(logits).scatter(1, y[:, None], float("-inf")) if how == "inf" else float("nan")
+        logits = logits + mask
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    parallel.poisoned(loss).backward()
+    return [parallel.grads_nonfinite(raw.parameters()), [p.grad.clone() for p in raw.parameters()]]
+
+
+@pytest.mark.parametrize("how", ["nan", "inf", "finite"])
+def test_one_ranks_nonfinite_loss_is_found_in_every_ranks_gradients(tmp_path, how):
+    (bad0, grads0), (bad1, grads1) = run_group(2, _poisoned_backward, 1, how, tmp_dir=tmp_path)
+    assert bad0 == bad1 == (how != "finite")  # rank 0's own loss was finite
+    if how == "finite":  # multiplied by exactly 1: the same gradients, bit for bit, on both ranks
+        assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+
+
+def test_grads_nonfinite_reads_the_gradients_or_clippings_norm():
+    p = torch.nn.Parameter(torch.ones(3))
+    assert not parallel.grads_nonfinite([p])  # no gradients yet
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    assert not parallel.grads_nonfinite([p])
+    p.grad[1] = float("inf")
+    assert parallel.grads_nonfinite([p])
+    assert parallel.grads_nonfinite([], total_norm=torch.tensor(float("nan")))
+    assert not parallel.grads_nonfinite([p], total_norm=torch.tensor(4.0))
