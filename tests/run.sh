@@ -13,4 +13,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 cd "$root"
 export WANDB_SILENT=true
-exec "${DIST_CNN_VENV:-$root/.venv}/bin/python" -m pytest -q -ra --durations=15 -n "${DIST_CNN_TEST_WORKERS:-2}" --no-loadscope-reorder "$@"
+exec "${DIST_CNN_VENV:-$root/.venv}/bin/python" -m pytest -q -ra --durations=15 -n "${DIST_CNN_TEST_WORKERS:-3}" --no-loadscope-reorder "$@"
