@@ -1,4 +1,4 @@
-"""Issue 2's benchmark: the tutorial program as published against `train.py`'s default recipe, same run.
+"""The tutorial program as published against `train.py`'s default recipe, same run.
 
 Both train the seed architecture (the tutorial's loop with `--net wide`) on the shared CIFAR-10 copy.
 Prints images/s, test accuracy, and the training time each needs to reach the tutorial's 2-epoch

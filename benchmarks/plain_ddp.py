@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's benchmarks
 
 from benchmarks.common import SYNTHETIC, Stamp, parser  # noqa: E402
-from dist_cnn.data.datasets import _load_synthetic  # noqa: E402
+from dist_cnn.data.datasets import load_synthetic  # noqa: E402
 from dist_cnn.models.registry import build_model  # noqa: E402
 from dist_cnn.train.allocator import tune_malloc  # noqa: E402
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     cfg = argparse.Namespace(synthetic_train_size=a.per_rank_batch * world * a.steps, synthetic_test_size=10)
-    data = _load_synthetic(cfg)
+    data = load_synthetic(cfg)
     x = data.train_x.float().div_(255).sub_(0.5).div_(0.25).contiguous(memory_format=torch.channels_last)
     y = data.train_y
     model = build_model(a.model, 3, 10, 32).to(memory_format=torch.channels_last)

@@ -325,8 +325,9 @@ def _synthetic_split(templates: torch.Tensor, n: int, seed: int) -> tuple[torch.
     return x.round_().clamp_(0, 255).to(torch.uint8), y
 
 
-def _load_synthetic(cfg: DataConfig) -> Dataset:
-    # Own generators with constant seeds: the same data whatever the global RNG state or the sizes asked for.
+def load_synthetic(cfg: DataConfig) -> Dataset:
+    """The synthetic set: own generators with constant seeds, so the same data whatever the global RNG
+    state or the sizes asked for."""
     g = torch.Generator().manual_seed(1234)
     templates = F.interpolate(2 * torch.rand(10, 3, 4, 4, generator=g) - 1, size=(32, 32), mode="bicubic")
     train = _synthetic_split(templates, cfg.synthetic_train_size, seed=1)
@@ -343,7 +344,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     elif cfg.dataset == "imagefolder":
         data = _load_imagefolder(cfg)
     elif cfg.dataset == "synthetic":
-        data = _load_synthetic(cfg)
+        data = load_synthetic(cfg)
     else:
         raise UserError(f"--dataset: unknown dataset {cfg.dataset!r}")
     for split, x in (("training", data.train_x), ("test", data.test_x)):

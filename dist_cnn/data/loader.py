@@ -131,7 +131,8 @@ def normalization_stats(train_x: torch.Tensor, mode: str):
     return (mean / 255).tolist(), (std / 255).tolist()
 
 
-def _draws(plan: dict, key: str, pos: slice, device=None):
+def plan_draws(plan: dict, key: str, pos: slice, device=None):
+    """The plan's `key` draws ("shift" or "flip") at positions `pos`, or None when the recipe has none."""
     return plan[key][pos].to(device) if key in plan else None
 
 
@@ -165,7 +166,7 @@ def per_image(img: torch.Tensor, key: tuple, pad: int, image_aug) -> torch.Tenso
     return image_aug.one(img, epoch, pos)
 
 
-def _image_aug(aug, x: torch.Tensor, epoch: int, pos: slice) -> torch.Tensor:
+def apply_image_aug(aug, x: torch.Tensor, epoch: int, pos: slice) -> torch.Tensor:
     """The recipe's per-image transforms (augment.ImageAugment), keyed by each image's plan position."""
     return aug(x, epoch, range(pos.start, pos.stop)) if aug else x
 
@@ -195,10 +196,10 @@ class DevicePipeline:
             pos = rank_slice(step, self.batch, self.rank, self.world)
             idx = plan["perm"][pos]
             if self.windows is not None:
-                x = crop_flip_at(self.windows, idx, plan["shift"][pos], _draws(plan, "flip", pos))
+                x = crop_flip_at(self.windows, idx, plan["shift"][pos], plan_draws(plan, "flip", pos))
             else:
-                x = flip_where(self.x[idx], _draws(plan, "flip", pos))
-            yield self.normalize(_image_aug(self.image_aug, x, epoch, pos)), self.y[idx]
+                x = flip_where(self.x[idx], plan_draws(plan, "flip", pos))
+            yield self.normalize(apply_image_aug(self.image_aug, x, epoch, pos)), self.y[idx]
 
 
 class _ShardSampler(Sampler):
@@ -271,8 +272,8 @@ class LoaderPipeline:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if not self.in_workers:  # else cropped, flipped and augmented by the workers
                 pos = rank_slice(step, self.batch, self.rank, self.world)
-                shift, flip = _draws(draws, "shift", pos), _draws(draws, "flip", pos)
-                x = _image_aug(self.image_aug, crop_flip(x, shift, flip, self.aug.crop_padding), epoch, pos)
+                shift, flip = plan_draws(draws, "shift", pos), plan_draws(draws, "flip", pos)
+                x = apply_image_aug(self.image_aug, crop_flip(x, shift, flip, self.aug.crop_padding), epoch, pos)
             yield self.normalize(x), y
 
 

@@ -35,8 +35,8 @@ from dist_cnn.data.decode import check_pixels, decode, image_size_of
 from dist_cnn.data.loader import (
     Augment,
     Normalize,
-    _draws,
-    _image_aug,
+    plan_draws,
+    apply_image_aug,
     crop_flip,
     draws_on,
     epoch_plan,
@@ -324,8 +324,8 @@ class StreamPipeline:
             x, y = self.to_device(batch)
             if not self.in_workers:  # else cropped, flipped and augmented by the workers
                 pos = rank_slice(step, self.batch, self.rank, self.world)
-                x = crop_flip(x, _draws(draws, "shift", pos), _draws(draws, "flip", pos), self.aug.crop_padding)
-                x = _image_aug(self.image_aug, x, epoch, pos)
+                x = crop_flip(x, plan_draws(draws, "shift", pos), plan_draws(draws, "flip", pos), self.aug.crop_padding)
+                x = apply_image_aug(self.image_aug, x, epoch, pos)
             yield self.normalize(x), y
 
 

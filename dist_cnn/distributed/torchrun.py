@@ -60,7 +60,7 @@ def _killed_by_torchrun(failure, first: float) -> bool:
     return failure.exitcode in (-signal.SIGTERM, -signal.SIGKILL) and failure.timestamp > first
 
 
-def _root_cause(failures: dict):
+def root_cause(failures: dict):
     """(rank, failure) that most likely caused the others: a rank killed by a signal (its peers then
     only lose contact and exit 1, often in the same poll of the agent), else the earliest; never a
     rank that torchrun itself killed while stopping the job."""
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         if verbose:
             raise
-        rank, failure = _root_cause(e.failures)
+        rank, failure = root_cause(e.failures)
         code = _exit_code(failure)
         if code != 2:  # 2: a worker's own one-line error already said everything
             print(_describe(rank, failure), file=sys.stderr)

@@ -22,12 +22,8 @@ from tests.support.import_graph import ImportGraph
 PACKAGE = "dist_cnn"
 # Function-local imports kept on purpose, as {(module, imported module): why}. Empty: none is needed.
 LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {}
-# Private names used across modules on purpose, as {(module, defining module, name): why}.
-PRIVATE_USES_ALLOWED: dict[tuple[str, str, str], str] = {
-    # The data package's rewrite gives the stream loader its own public draw and augment functions.
-    (f"{PACKAGE}.data.stream", f"{PACKAGE}.data.loader", "_draws"): "until the data package is rewritten",
-    (f"{PACKAGE}.data.stream", f"{PACKAGE}.data.loader", "_image_aug"): "until the data package is rewritten",
-}
+# Private names used across modules on purpose, as {(module, defining module, name): why}. Empty: none is.
+PRIVATE_USES_ALLOWED: dict[tuple[str, str, str], str] = {}
 
 
 @functools.lru_cache(maxsize=1)

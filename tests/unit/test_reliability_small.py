@@ -14,7 +14,7 @@ from dist_cnn import config, fit
 from dist_cnn.api import materialize
 from dist_cnn.commands import main
 from dist_cnn.data.datasets import scan_classes
-from dist_cnn.distributed.torchrun import _root_cause
+from dist_cnn.distributed.torchrun import root_cause
 from dist_cnn.errors import UserError
 from dist_cnn.observability.format import console_text, percent
 from dist_cnn.observability.report import format_report
@@ -72,9 +72,9 @@ def test_a_rank_torchrun_killed_is_not_blamed():
         0: SimpleNamespace(exitcode=1, timestamp=100, pid=10),
         1: SimpleNamespace(exitcode=-9, timestamp=131, pid=11),  # SIGKILL at the end of torchrun's grace period
     }
-    assert _root_cause(failures)[0] == 0
+    assert root_cause(failures)[0] == 0
     crashed = {0: SimpleNamespace(exitcode=1, timestamp=100, pid=10), 1: SimpleNamespace(exitcode=-9, timestamp=100)}
-    assert _root_cause(crashed)[0] == 1  # killed first (out of memory): its peers only lost contact
+    assert root_cause(crashed)[0] == 1  # killed first (out of memory): its peers only lost contact
 
 
 def test_image_size_is_refused_where_it_is_ignored():
