@@ -98,14 +98,28 @@ class Normalize:
         self.bias = (-mean / std).view(1, -1, 1, 1).to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
+        self._tiled: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # One pass in the input's (NCHW) layout, reading the uint8 directly (addcmul promotes it to
-        # float32), then one layout copy: faster on the CPU than converting the layout and the dtype
-        # first and then running the broadcast multiply-add over channels_last's 3-wide inner dimension
-        # (which does not vectorize), and bit-identical to it.
         if x.is_floating_point():
             x = x.float()
+        elif self.memory_format == torch.channels_last and x.dim() == 4:
+            return self._channels_last(x)
+        # addcmul reads the uint8 directly (it promotes to float32): one pass, then the layout
         return torch.addcmul(self.bias, x, self.scale).to(memory_format=self.memory_format)
+
+    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 -> normalized float32 in channels_last with no float layout copy: the uint8 batch in
+        NHWC order (free when it is already channels_last, as the in-memory set is stored), each image
+        one row, scaled by the per-channel factors tiled along the row. A broadcast over the 3-wide
+        channel dimension does not vectorize; one over whole rows does. The same multiply-add per
+        element as the NCHW path, so the same bits."""
+        n, c, h, w = x.shape
+        rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n, h * w * c)
+        if (h, w) not in self._tiled:
+            self._tiled[(h, w)] = tuple(t.view(1, c).expand(h * w, c).reshape(-1) for t in (self.bias, self.scale))
+        bias, scale = self._tiled[(h, w)]
+        return torch.addcmul(bias, rows, scale).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def normalization_stats(train_x: torch.Tensor, mode: str):
@@ -185,8 +199,9 @@ class DevicePipeline:
         self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = len(x) // (batch_per_rank * world)
         # Padded once, not every batch: a batch's crops are then one copy out of the padded set, which
-        # replaces the set on the device.
-        x = x.to(device)
+        # replaces the set on the device. Stored in the layout the model reads, so batches come out in
+        # it and normalizing them needs no layout copy.
+        x = x.to(device, memory_format=normalize.memory_format)
         self.windows = crop_windows(x, aug.crop_padding) if aug.crop_padding else None
         self.x = x if self.windows is None else None
 

@@ -237,12 +237,19 @@ def poisoned(loss: torch.Tensor) -> torch.Tensor:
 
 
 def grads_nonfinite(params, total_norm: torch.Tensor | None = None) -> bool:
-    """Whether the (reduced) gradients hold a NaN or Inf, or a norm that overflows: the same answer on
-    every rank, since DDP leaves every rank the same averaged gradients. `total_norm` is clipping's,
-    when it has computed one."""
-    if total_norm is None:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return False
-        total_norm = torch.nn.utils.get_total_norm(grads)
-    return not bool(torch.isfinite(total_norm))
+    """Whether the (reduced) gradients hold a NaN or Inf: the same answer on every rank, since DDP
+    leaves every rank the same averaged gradients. `total_norm` is clipping's, when it has computed
+    one (then an overflowing norm counts too). Otherwise GradScaler's own check, one pass over the
+    gradients per device and dtype (its unscale by exactly 1 leaves them as they are)."""
+    if total_norm is not None:
+        return not bool(torch.isfinite(total_norm))
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    found = False
+    for (device, _), grads in groups.items():
+        found_inf, one = torch.zeros(1, device=device), torch.ones((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+        found = found or bool(found_inf)
+    return found

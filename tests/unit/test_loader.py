@@ -92,9 +92,9 @@ def small_images(n=96, seed=0):
     return torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(n) % 10
 
 
-def pipelines(world, rank=0, kind="device"):
+def pipelines(world, rank=0, kind="device", channels_last=False):
     x, y = small_images()
-    norm = Normalize([0.5] * 3, [0.25] * 3, torch.device("cpu"), channels_last=False)
+    norm = Normalize([0.5] * 3, [0.25] * 3, torch.device("cpu"), channels_last=channels_last)
     kw = dict(
         batch_per_rank=16 // world, rank=rank, world=world, seed=1, aug=AUG, normalize=norm, device=torch.device("cpu")
     )
@@ -114,10 +114,12 @@ def test_resume_mid_epoch_replays_the_uninterrupted_batches(kind):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_both_pipelines_and_all_world_sizes_see_the_same_global_batch():
-    one = list(pipelines(world=1).epoch(2))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_both_pipelines_and_all_world_sizes_see_the_same_global_batch(channels_last):
+    # the device pipeline stores the set in the model's layout; the DataLoader's batches are NCHW
+    one = list(pipelines(world=1, channels_last=channels_last).epoch(2))
     for kind in ("device", "dataloader"):
-        per_rank = [list(pipelines(world=4, rank=r, kind=kind).epoch(2)) for r in range(4)]
+        per_rank = [list(pipelines(world=4, rank=r, kind=kind, channels_last=channels_last).epoch(2)) for r in range(4)]
         for step, (x1, y1) in enumerate(one):
             x4 = torch.cat([per_rank[r][step][0] for r in range(4)])
             y4 = torch.cat([per_rank[r][step][1] for r in range(4)])
@@ -188,6 +190,17 @@ def test_normalize_is_the_obvious_formula(channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert got.is_contiguous(memory_format=fmt)
     assert got.is_contiguous() != channels_last  # channels_last of a 3-channel 8x8 batch is not NCHW-contiguous
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_normalize_gives_the_same_bits_from_either_input_layout(channels):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (5, channels, 7, 9), dtype=torch.uint8, generator=g)
+    mean, std = [0.49, 0.48, 0.45][:channels], [0.25, 0.24, 0.26][:channels]
+    nchw = Normalize(mean, std, torch.device("cpu"), channels_last=False)(x)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = Normalize(mean, std, torch.device("cpu"), channels_last=True)(x.contiguous(memory_format=layout))
+        assert torch.equal(got, nchw) and got.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_normalization_stats():

@@ -183,7 +183,12 @@ def test_grads_nonfinite_reads_the_gradients_or_clippings_norm():
     assert not parallel.grads_nonfinite([p])  # no gradients yet
     p.grad = torch.tensor([1.0, 2.0, 3.0])
     assert not parallel.grads_nonfinite([p])
+    p.grad = torch.full((3,), 3e38)  # finite, though their norm overflows float32
+    assert not parallel.grads_nonfinite([p]) and torch.equal(p.grad, torch.full((3,), 3e38))  # left as they were
     p.grad[1] = float("inf")
     assert parallel.grads_nonfinite([p])
+    q = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))  # another dtype: a check of its own
+    q.grad, p.grad = torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), torch.ones(3)
+    assert parallel.grads_nonfinite([p, q]) and parallel.grads_nonfinite([q, p])
     assert parallel.grads_nonfinite([], total_norm=torch.tensor(float("nan")))
     assert not parallel.grads_nonfinite([p], total_norm=torch.tensor(4.0))
