@@ -11,8 +11,11 @@ variant: the median over blocks of wall-clock ms/step and of this process's CPU 
   novote base without the agreement all_reduce (what the vote costs)
   ddpdef base with DDP's default settings (what dist_cnn's bucket plan, bucket view and static graph give)
   plain  DDP's defaults and no agreement: the plain loop's step
+  onebucket, noview, nostatic   novote with one of dist_cnn's DDP settings back at DDP's default:
+         one 25 MB bucket instead of the bucket plan, gradient_as_bucket_view off, static_graph off
 
-    python benchmarks/ddp_step_ab.py [--model seed] [--per-rank-batch 64] [--block 20] [--rounds 8] [--json PATH]
+    python benchmarks/ddp_step_ab.py [--model seed] [--per-rank-batch 64] [--block 20] [--rounds 8]
+        [--variants base,novote,...] [--json PATH]
 """
 
 import os
@@ -37,8 +40,13 @@ from dist_cnn.models.registry import build_model  # noqa: E402
 from dist_cnn.observability import rank_times as rt  # noqa: E402
 from dist_cnn.train.allocator import tune_malloc  # noqa: E402
 
-VARIANTS = ("base", "timed", "novote", "ddpdef", "plain")
-NO_VOTE = ("novote", "plain")
+VARIANTS = ("base", "timed", "novote", "ddpdef", "plain", "onebucket", "noview", "nostatic")
+NO_VOTE = ("novote", "plain", "onebucket", "noview", "nostatic")
+ONE_DEFAULT = {  # novote's DDP with one setting at DDP's default
+    "onebucket": dict(gradient_as_bucket_view=True, static_graph=True),
+    "noview": dict(gradient_as_bucket_view=False, static_graph=True),
+    "nostatic": dict(gradient_as_bucket_view=True, static_graph=False),
+}
 
 
 def build(variant: str, world: int, model: str):
@@ -47,6 +55,9 @@ def build(variant: str, world: int, model: str):
     times = rt.RankTimes(torch.device("cpu")) if variant == "timed" else None
     if variant in ("ddpdef", "plain"):
         ddp = DDP(net)
+    elif variant in ONE_DEFAULT:
+        plan = {} if variant == "onebucket" else {"bucket_cap_mb_list": parallel.bucket_caps_mb(net)}
+        ddp = DDP(net, **ONE_DEFAULT[variant], **plan)
     else:
         ddp, _ = parallel.wrap(net, DistEnv(world_size=world), ModelConfig(), 1, times.grads_ready if times else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, nesterov=True, foreach=True)
@@ -76,13 +87,14 @@ def worker(rank, world, port, a, q):
     torch.set_num_threads(1)
     tune_malloc()
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    nets = {v: build(v, world, a.model) for v in VARIANTS}
+    variants = tuple(a.variants.split(","))
+    nets = {v: build(v, world, a.model) for v in variants}
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(a.per_rank_batch, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (a.per_rank_batch,), generator=g)
-    wall, cpu = {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
+    wall, cpu = {v: [] for v in variants}, {v: [] for v in variants}
     for r in range(a.rounds + 1):  # round 0 warms up (DDP's first static-graph steps)
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]  # each variant first in turn
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]  # each variant first in turn
         for v in order:
             dist.barrier()
             t, c = time.perf_counter(), time.process_time()
@@ -92,7 +104,7 @@ def worker(rank, world, port, a, q):
                 wall[v].append((time.perf_counter() - t) / a.block * 1e3)
                 cpu[v].append((time.process_time() - c) / a.block * 1e3)
     if rank == 0:
-        q.put({v: (statistics.median(wall[v]), statistics.median(cpu[v])) for v in VARIANTS})
+        q.put({v: (statistics.median(wall[v]), statistics.median(cpu[v])) for v in variants})
     dist.destroy_process_group()
 
 
@@ -102,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-rank-batch", type=int, default=64)
     p.add_argument("--block", type=int, default=20, help="steps of one variant in a row")
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument(
+        "--variants", default="base,timed,novote,ddpdef,plain", help="comma-separated, the first is the base"
+    )
     a = p.parse_args(argv)
+    unknown = set(a.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     stamp = Stamp()
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
@@ -112,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     res = q.get()
     [p.join() for p in ps]
     print(f"{a.model}, 2 ranks, {a.per_rank_batch} images per rank, {a.rounds} rounds of {a.block} steps")
+    base = next(iter(res))
     for v, (w, c) in res.items():
-        print(f"  {v:>6}: {w:7.2f} ms/step wall, {c:7.2f} ms/step CPU (rank 0)   / base: {w / res['base'][0]:.3f}")
+        print(f"  {v:>9}: {w:7.2f} ms/step wall, {c:7.2f} ms/step CPU (rank 0)   / {base}: {w / res[base][0]:.3f}")
     res = {v: {"wall_ms_per_step": w, "cpu_ms_per_step": c} for v, (w, c) in res.items()}
     out = stamp.write(a.json, {"model": a.model, "per_rank_batch": a.per_rank_batch, "block": a.block, **res})
     print(

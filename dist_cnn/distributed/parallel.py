@@ -61,6 +61,27 @@ def bucket_caps_mb(model: torch.nn.Module) -> list[float]:
     return [b / 2**20 for b in plan_buckets(model)]
 
 
+def bucket_args(model: torch.nn.Module, device: torch.device, cfg: ModelConfig) -> dict:
+    """DDP's bucket sizes: the plan on a GPU, where NCCL moves a bucket while the backward pass
+    computes the next. On the CPU, DDP's default size: gloo's threads take the cores the backward
+    pass computes on, so there is no overlap to gain, and each further all_reduce costs its fixed
+    latency (see docs/performance-ddp.md)."""
+    if cfg.ddp_comm_hook == "powersgd":
+        # PowerSGD chains two all_reduces per bucket from completion callbacks; with several buckets
+        # those chains interleave differently on different ranks (gloo then aborts on mismatched
+        # sizes), so all gradients go in one bucket: one chain a step, in the same order everywhere.
+        caps = [sum(bucket_caps_mb(model))]
+    elif device.type == "cuda":
+        caps = bucket_caps_mb(model)
+    else:
+        return {}
+    if cfg.compile:
+        # torch.compile splits the graph at DDP's buckets (DDPOptimizer) by one size, the largest cap,
+        # and refuses one below its first bucket's (1 MiB): a small model's plan would stop the run.
+        caps = [max(max(caps), _FIRST_BUCKET_BYTES / 2**20)]
+    return {"bucket_cap_mb_list": caps} if _PER_BUCKET_CAPS else {"bucket_cap_mb": max(caps)}
+
+
 def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int, on_grads_ready=None):
     """Returns (the module to train, the plain module whose state_dict is checkpointed).
     Under DDP, `on_grads_ready()` is called when the backward pass has computed the first layer's
@@ -71,24 +92,13 @@ def wrap(model: torch.nn.Module, env: DistEnv, cfg: ModelConfig, grad_accum: int
         if cfg.sync_bn:
             raw = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         has_buffers = any(True for _ in model.buffers())
-        caps = bucket_caps_mb(model)
-        if cfg.ddp_comm_hook == "powersgd":
-            # PowerSGD chains two all_reduces per bucket from completion callbacks; with several buckets
-            # those chains interleave differently on different ranks (gloo then aborts on mismatched
-            # sizes), so all gradients go in one bucket: one chain a step, in the same order everywhere.
-            caps = [sum(caps)]
-        if cfg.compile:
-            # torch.compile splits the graph at DDP's buckets (DDPOptimizer) by one size, the largest cap,
-            # and refuses one below its first bucket's (1 MiB): a small model's plan would stop the run.
-            caps = [max(max(caps), _FIRST_BUCKET_BYTES / 2**20)]
-        buckets = {"bucket_cap_mb_list": caps} if _PER_BUCKET_CAPS else {"bucket_cap_mb": max(caps)}
         model = DDP(
             model,
             device_ids=[env.device.index] if env.device.type == "cuda" else None,
             gradient_as_bucket_view=True,  # grads live in the all-reduce buckets: no copy
             # the graph is the same every step, except under no_sync accumulation
             static_graph=grad_accum == 1,
-            **buckets,
+            **bucket_args(model, env.device, cfg),
             **{_SYNC_BUFFERS: has_buffers},
         )  # BN stats from rank 0; nothing to send otherwise
         register_comm_hook(model, cfg)

@@ -5,6 +5,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from dist_cnn.config import ModelConfig
 from dist_cnn.distributed import parallel
@@ -40,13 +41,26 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-def test_ddp_uses_the_planned_buckets(one_rank_group):
-    m = build_model("seed", 3, 10, 32)
-    ddp, _ = parallel.wrap(m, DistEnv(world_size=2), ModelConfig(), grad_accum=1)  # a wrapped model
+def ddp_bucket_sizes(ddp) -> list[int]:
     for _ in range(2):
         ddp(torch.randn(4, 3, 32, 32)).sum().backward()
-    sizes = [int(s) for s in ddp._get_ddp_logging_data()["bucket_sizes"].split(",")]
-    assert sizes == parallel.plan_buckets(m)[::-1]  # DDP lists them in all_reduce order
+    return [int(s) for s in ddp._get_ddp_logging_data()["bucket_sizes"].split(",")]
+
+
+def test_ddp_uses_the_planned_buckets_on_a_gpu(one_rank_group):
+    m = build_model("seed", 3, 10, 32)
+    args = parallel.bucket_args(m, torch.device("cuda", 0), ModelConfig())  # what wrap passes on a GPU
+    ddp = DistributedDataParallel(m, static_graph=True, **args)
+    assert ddp_bucket_sizes(ddp) == parallel.plan_buckets(m)[::-1]  # DDP lists them in all_reduce order
+
+
+def test_ddp_keeps_its_default_buckets_on_the_cpu(one_rank_group):
+    torch.manual_seed(0)
+    planned = ddp_bucket_sizes(
+        parallel.wrap(build_model("seed", 3, 10, 32), DistEnv(world_size=2), ModelConfig(), 1)[0]
+    )
+    default = ddp_bucket_sizes(DistributedDataParallel(build_model("seed", 3, 10, 32)))
+    assert planned == default and len(default) < len(parallel.plan_buckets(build_model("seed", 3, 10, 32)))
 
 
 @pytest.mark.parametrize("hook", ["bf16", "fp16", "powersgd"])
