@@ -1,9 +1,10 @@
 """Data parallelism: how the model is wrapped for DDP (and compiled), with deliberate settings.
 
-Gradient buckets are sized to the model (plan_buckets): DDP's default is 25 MiB buckets, so a model of
-a few MB sends all its gradients in one all_reduce after the whole backward pass and nothing overlaps.
-Here they are cut between layers into buckets of about a quarter of the model, so the all_reduce of
-the late layers runs while the early layers are still computing their gradients.
+On a GPU, gradient buckets are sized to the model (plan_buckets): DDP's default is 25 MiB buckets, so
+a model of a few MB sends all its gradients in one all_reduce after the whole backward pass and nothing
+overlaps. Here they are cut between layers into buckets of about a quarter of the model, so the
+all_reduce of the late layers runs while the early layers are still computing their gradients. On the
+CPU, gloo's transfers share the cores with the compute, and DDP's default buckets are kept.
 
 `--ddp-comm-hook` picks how a bucket travels: as it is (none), cast to bf16 or fp16 for the wire and
 back (half the bytes), or PowerSGD's low-rank compression (torch.distributed.algorithms.ddp_comm_hooks).
