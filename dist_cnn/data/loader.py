@@ -199,9 +199,9 @@ class DevicePipeline:
         self.normalize, self.device, self.image_aug = normalize, device, image_aug
         self.steps_per_epoch = len(x) // (batch_per_rank * world)
         # Padded once, not every batch: a batch's crops are then one copy out of the padded set, which
-        # replaces the set on the device. Stored in the layout the model reads, so batches come out in
-        # it and normalizing them needs no layout copy.
-        x = x.to(device, memory_format=normalize.memory_format)
+        # replaces the set on the device. Stored in the layout Normalize gives the model, so batches
+        # come out in it and need no layout copy (any other callable gets them as the set was given).
+        x = x.to(device, memory_format=getattr(normalize, "memory_format", torch.preserve_format))
         self.windows = crop_windows(x, aug.crop_padding) if aug.crop_padding else None
         self.x = x if self.windows is None else None
 
