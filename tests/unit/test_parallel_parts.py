@@ -169,27 +169,35 @@ def test_vote_cadence_plans_the_next_vote_from_the_slowest_rank():
     assert all(parallel.VoteCadence(every_step=True, log_every=100).due(s, 1000) for s in range(5))
 
 
-def _poisoned_backward(env, bad_rank: int, how: str) -> list:
-    """One DDP backward pass in which `bad_rank`'s loss is `how` (nan, inf, or finite)."""
-    torch.manual_seed(0)
-    ddp, raw = parallel.wrap(build_model("seed", 3, 10, 32), env, ModelConfig(), 1)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    logits = ddp(x)
-    if env.rank == bad_rank and how != "finite":
-        # inf: the target classes' logits at -inf, a loss of inf with finite gradients of the logits
-        mask = torch.zeros_like(logits).scatter(1, y[:, None], float("-inf")) if how == "inf" else float("nan")
-        logits = logits + mask
-    loss = torch.nn.functional.cross_entropy(logits, y)
-    parallel.poisoned(loss).backward()
-    return [parallel.grads_nonfinite(raw.parameters()), [p.grad.clone() for p in raw.parameters()]]
+HOWS = ("nan", "inf", "finite")
 
 
-@pytest.mark.parametrize("how", ["nan", "inf", "finite"])
-def test_one_ranks_nonfinite_loss_is_found_in_every_ranks_gradients(tmp_path, how):
-    (bad0, grads0), (bad1, grads1) = run_group(2, _poisoned_backward, 1, how, tmp_dir=tmp_path)
-    assert bad0 == bad1 == (how != "finite")  # rank 0's own loss was finite
-    if how == "finite":  # multiplied by exactly 1: the same gradients, bit for bit, on both ranks
-        assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+def _poisoned_backwards(env, bad_rank: int) -> dict:
+    """One DDP backward pass per case, in which `bad_rank`'s loss is nan, inf or finite."""
+    found = {}
+    for how in HOWS:
+        torch.manual_seed(0)
+        ddp, raw = parallel.wrap(build_model("seed", 3, 10, 32), env, ModelConfig(), 1)
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        logits = ddp(x)
+        if env.rank == bad_rank and how != "finite":
+            # inf: the target classes' logits at -inf, a loss of inf with finite gradients of the logits
+            mask = torch.zeros_like(logits).scatter(1, y[:, None], float("-inf")) if how == "inf" else float("nan")
+            logits = logits + mask
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        parallel.poisoned(loss).backward()
+        found[how] = [parallel.grads_nonfinite(raw.parameters()), [p.grad.clone() for p in raw.parameters()]]
+    return found
+
+
+def test_one_ranks_nonfinite_loss_is_found_in_every_ranks_gradients(tmp_path):
+    # spawn: the pytest process may have run autograd already, and autograd does not survive a fork
+    rank0, rank1 = run_group(2, _poisoned_backwards, 1, tmp_dir=tmp_path, start_method="spawn")
+    for how in HOWS:
+        (bad0, grads0), (bad1, grads1) = rank0[how], rank1[how]
+        assert bad0 == bad1 == (how != "finite"), how  # rank 0's own loss was finite
+        if how == "finite":  # multiplied by exactly 1: the same gradients, bit for bit, on both ranks
+            assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
 
 
 def test_grads_nonfinite_reads_the_gradients_or_clippings_norm():
