@@ -97,7 +97,6 @@ class Normalize:
         self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(device)
         self.bias = (-mean / std).view(1, -1, 1, 1).to(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
         self._tiled: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -224,8 +224,13 @@ class VoteCadence:
 
     def due(self, step: int, last_step: int) -> bool:
         """Whether step `step` (0-based) votes; the first step of a process always does."""
-        closing = (step + 1) % self.log_every == 0 or step + 1 == last_step
-        return self.every_step or self.next_step is None or step >= self.next_step or closing
+        return (
+            self.every_step or self.next_step is None or step >= self.next_step or self.closes_interval(step, last_step)
+        )
+
+    def closes_interval(self, step: int, last_step: int) -> bool:
+        """Whether step `step` (0-based) is the last of a log interval (or of the run)."""
+        return (step + 1) % self.log_every == 0 or step + 1 == last_step
 
     def mean_step_seconds(self, now: float) -> float:
         """This rank's mean step time since the last vote (0 before the first: it plans one step)."""

@@ -413,7 +413,7 @@ class Trainer:
                 self.cadence.mean_step_seconds(time.perf_counter()),
             ]
         )
-        closing = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.total_steps
+        closing = self.cadence.closes_interval(self.step, self.total_steps)
         figures = self.rank_times.snapshot() if closing else None  # this interval's, to rank 0
         host = torch.cat([host, slots(self.env.rank, self.env.world_size, figures)])
         if loss.is_cuda:  # from pinned memory: an asynchronous copy, no wait for the GPU

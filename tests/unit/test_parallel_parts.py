@@ -166,6 +166,7 @@ def test_vote_cadence_plans_the_next_vote_from_the_slowest_rank():
     assert c.next_step == 152
     assert c.due(99, 1000) and not c.due(100, 1000)  # step 99 closes a log interval: its figures ride along
     assert c.due(999, 1000)  # the last step
+    assert [s for s in range(950) if c.closes_interval(s, 950)] == [99, 199, 299, 399, 499, 599, 699, 799, 899, 949]
     assert all(parallel.VoteCadence(every_step=True, log_every=100).due(s, 1000) for s in range(5))
 
 
