@@ -13,6 +13,7 @@ back (half the bytes), or PowerSGD's low-rank compression (torch.distributed.alg
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.distributed as dist
@@ -248,7 +249,10 @@ class VoteCadence:
 def poisoned(loss: torch.Tensor) -> torch.Tensor:
     """The loss, times NaN where it is not finite: the backward pass then makes this rank's gradients
     NaN, which survive DDP's averaging, so every rank's grads_nonfinite finds the same bad step. A
-    finite loss is multiplied by exactly 1: its gradients are the same bits."""
+    finite loss is left as it is (on the CPU, where reading it costs no wait, no op joins the graph)
+    or multiplied by exactly 1: its gradients are the same bits either way."""
+    if loss.device.type == "cpu":
+        return loss if math.isfinite(loss.item()) else loss * float("nan")
     return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
 
 

@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 class OptimizerState:
     """The optimizer's state; after loading, every parameter has a momentum buffer (zero_momentum:
-    a checkpoint written before the first step has none)."""
+    a checkpoint written before the first step has none), and the optimizer steps as it was built
+    here (fused or foreach: how this device steps, which a checkpoint's param groups would otherwise
+    bring from the run that wrote it)."""
+
+    IMPLEMENTATION = ("foreach", "fused")
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -34,7 +38,10 @@ class OptimizerState:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        built = [{k: g[k] for k in self.IMPLEMENTATION if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state)
+        for group, implementation in zip(self.optimizer.param_groups, built):
+            group.update(implementation)
         zero_momentum(self.optimizer)
 
 

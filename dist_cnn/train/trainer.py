@@ -146,13 +146,14 @@ class Trainer:
         self.model, self.raw_model = parallel.wrap(
             prepared.model, env, cfg.model, t.grad_accum, on_grads_ready=self.rank_times.grads_ready
         )
+        self.params = list(self.raw_model.parameters())  # read every step (clipping, the non-finite check)
         # A resumed run keeps the precision it started with, whatever `auto` would measure now.
         self.precision, self.precision_reason = (
             (state["precision"], "kept from the checkpoint")
             if state and t.precision == "auto"
             else process_group.rank0_only(env, self._resolve_precision)
         )
-        self.optimizer = build_optimizer(self.model, cfg.optim, env.device, use_fused(env.device, self.precision))
+        self.optimizer = build_optimizer(self.model, cfg.optim, env.device, use_fused(env.device))
         # fused SGD skips a non-finite step in its kernel (found_inf), with no host sync; foreach on the host
         self.skip_on_device = bool(self.optimizer.defaults.get("fused"))
         self.cadence = parallel.VoteCadence(every_step=env.device.type == "cuda", log_every=t.log_every)
@@ -334,15 +335,18 @@ class Trainer:
     def train_step(self, micro_batches) -> tuple[StepSignals, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches; returns what all ranks agreed on, and the loss."""
         model, accum, ddp = self.model, len(micro_batches), parallel.ddp_of(self.model)
-        loss_sum = torch.zeros((), device=self.env.device)
+        loss_sum = None
         votes = self.cadence.due(self.step, self.total_steps)
         for i, (x, y) in enumerate(micro_batches):
             last = i == accum - 1
             with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
                 PHASES.enter(phases.FORWARD)
                 with self.profiler.region("forward"), precision.autocast(self.precision, self.env.device):
-                    loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing) / accum
-                loss_sum += loss.detach().float()
+                    loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.optim.label_smoothing)
+                    if accum > 1:
+                        loss = loss / accum
+                part = loss.detach().float()
+                loss_sum = part if loss_sum is None else loss_sum + part
                 if not self.cadence.every_step:  # a bad loss must show in the gradients every rank gets
                     loss = parallel.poisoned(loss)
                 if last:  # the loss is known before the backward pass: agree while it runs
@@ -355,7 +359,7 @@ class Trainer:
         norm = None
         if self.cfg.optim.clip_grad_norm:  # on the true gradients: unscaled from fp16's loss scale first
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm)
         PHASES.enter(phases.OPTIMIZER)
         with self.profiler.region("optimizer"):
             signals = self._step_unless_nonfinite(vote, norm)
@@ -366,7 +370,7 @@ class Trainer:
 
     def _step_unless_nonfinite(self, vote: parallel.StepVote | None, norm: torch.Tensor | None) -> StepSignals:
         """The optimizer step, unless some rank's loss (on the CPU: the reduced gradients) was non-finite.
-        fp16 runs on CUDA only; the fused optimizer on CUDA, and for bf16 on the CPU."""
+        fp16 runs on CUDA only; the optimizer is fused where torch has the kernel (use_fused)."""
         if self.precision == "fp16":  # the scaler skips non-finite steps by itself
             self.scaler.step(self.optimizer)
             return self._signals(vote)
@@ -381,9 +385,9 @@ class Trainer:
         if vote is not None:
             with PHASES.during(phases.STEP_ALL_REDUCE):
                 signals = self._signals(vote)  # long done: it ran alongside the backward pass
-        if not self.cadence.every_step and parallel.grads_nonfinite(self.raw_model.parameters(), norm):
+        if not self.cadence.every_step and parallel.grads_nonfinite(self.params, norm):
             signals = signals._replace(nonfinite=True)
-        if self.skip_on_device:  # fused on the CPU (bf16): the kernel's own skip, as on CUDA
+        if self.skip_on_device:  # fused on the CPU: the kernel's own skip, as on CUDA
             self.optimizer.found_inf = torch.tensor([float(signals.nonfinite)])
             self.optimizer.step()
             del self.optimizer.found_inf

@@ -1,4 +1,4 @@
-"""A first step skipped for a non-finite loss: fused SGD (the CUDA path, and bf16 on the CPU) must go on
+"""A first step skipped for a non-finite loss: fused SGD (on CUDA and on the CPU) must go on
 from zero momentum, exactly as if the step had been skipped on the host before the optimizer saw it."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dist_cnn.config import Config, OptimConfig
 from dist_cnn.data.datasets import Dataset
 from dist_cnn.distributed.process_group import DistEnv
 from dist_cnn.train.optim import build_optimizer, use_fused
+from dist_cnn.train.state import OptimizerState
 from dist_cnn.train.trainer import Trainer
 
 
@@ -113,11 +114,51 @@ def test_fused_sgd_momentum_starts_at_zero_even_when_its_first_step_is_skipped()
         assert torch.equal(a, b)
 
 
-def test_fp32_on_the_cpu_keeps_foreach_sgd_and_the_gpu_and_bf16_use_fused():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert not use_fused(cpu, "fp32") and use_fused(cpu, "bf16")
-    assert all(use_fused(cuda, p) for p in ("fp32", "bf16", "fp16"))
-    opt = build_optimizer(nn.Linear(3, 2), OptimConfig(momentum=0.9), cpu)
-    assert not opt.defaults.get("fused") and all(
-        torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in opt.param_groups[0]["params"]
-    )
+def test_sgd_is_fused_on_the_cpu_and_the_gpu_with_zero_momentum_and_foreachs_math():
+    cpu = torch.device("cpu")
+    assert use_fused(cpu) and use_fused(torch.device("cuda", 0)) and not use_fused(torch.device("meta"))
+    torch.manual_seed(0)
+    nets = [nn.Linear(300, 7) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    cfg = OptimConfig(momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opts = [build_optimizer(net, cfg, cpu, fused) for net, fused in zip(nets, (False, FUSED_ON_CPU))]
+    assert not opts[0].defaults.get("fused") and bool(opts[1].defaults.get("fused")) == FUSED_ON_CPU
+    for opt in opts:
+        assert all(
+            torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in opt.param_groups[0]["params"]
+        )
+    x, init = torch.randn(64, 300), nets[0].weight.detach().clone()
+    for _ in range(5):
+        for net, opt in zip(nets, opts):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert not torch.equal(nets[0].weight, init)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):  # the same update, up to rounding
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not FUSED_ON_CPU, reason="this torch has no fused SGD kernel for the CPU")
+@pytest.mark.parametrize("saved_fused", [False, True], ids=["foreach-checkpoint", "fused-checkpoint"])
+def test_a_checkpoints_optimizer_state_keeps_the_implementation_built_here(saved_fused):
+    """A checkpoint's param groups name the implementation of the run that wrote it (foreach before
+    the CPU went fused, fused from a GPU): loading them must not switch this optimizer's, or the step
+    that hands found_inf to a fused kernel would reach foreach, which refuses it."""
+    cfg, cpu = OptimConfig(momentum=0.9), torch.device("cpu")
+    torch.manual_seed(0)
+    writer = nn.Linear(20, 3)
+    opt = build_optimizer(writer, cfg, cpu, fused=saved_fused)
+    writer(torch.randn(8, 20)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for here_fused in (False, True):
+        net = nn.Linear(20, 3)
+        here = build_optimizer(net, cfg, cpu, fused=here_fused)
+        OptimizerState(here).load_state_dict(saved)
+        assert all(bool(g["fused"]) == here_fused and bool(g["foreach"]) != here_fused for g in here.param_groups)
+        for p, q in zip(net.parameters(), writer.parameters()):
+            assert torch.equal(here.state[p]["momentum_buffer"], opt.state[q]["momentum_buffer"])
+        net(torch.randn(8, 20)).sum().backward()
+        if here_fused:
+            here.found_inf = torch.zeros(1)
+        here.step()
