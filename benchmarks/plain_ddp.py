@@ -31,6 +31,34 @@ from dist_cnn.train.allocator import tune_malloc  # noqa: E402
 INTERVALS = 5  # as scaling.py: the first interval holds start-up and is dropped by the caller
 
 
+def plain_loop(model_name: str, per_rank_batch: int, steps: int, world: int, rank: int):
+    """The loop's set-up (data, model, optimizer) in a process whose group is up; returns run(n), which
+    trains the next n steps of this rank's share and reads the loss once at the end."""
+    cfg = argparse.Namespace(synthetic_train_size=per_rank_batch * world * steps, synthetic_test_size=10)
+    data = load_synthetic(cfg)
+    x = data.train_x.float().div_(255).sub_(0.5).div_(0.25).contiguous(memory_format=torch.channels_last)
+    y = data.train_y
+    model = build_model(model_name, 3, 10, 32).to(memory_format=torch.channels_last)
+    if world > 1:
+        model = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.08, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    order = torch.randperm(len(x))[rank::world]  # this rank's share of the epoch
+    position = [0]
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            step = position[0] % (len(order) // per_rank_batch)
+            idx = order[step * per_rank_batch : (step + 1) * per_rank_batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            position[0] += 1
+        loss.item()
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, SYNTHETIC)
     p.add_argument("--model", default="seed")
@@ -44,29 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
     torch.manual_seed(0)
+    run = plain_loop(a.model, a.per_rank_batch, a.steps, world, rank)
 
-    cfg = argparse.Namespace(synthetic_train_size=a.per_rank_batch * world * a.steps, synthetic_test_size=10)
-    data = load_synthetic(cfg)
-    x = data.train_x.float().div_(255).sub_(0.5).div_(0.25).contiguous(memory_format=torch.channels_last)
-    y = data.train_y
-    model = build_model(a.model, 3, 10, 32).to(memory_format=torch.channels_last)
-    if world > 1:
-        model = DDP(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.08, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    order = torch.randperm(len(x))[rank::world]  # this rank's share of the epoch
     log_every, rates, t0 = max(1, a.steps // INTERVALS), [], time.perf_counter()
-    for step in range(a.steps):
-        idx = order[step * a.per_rank_batch : (step + 1) * a.per_rank_batch]
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % log_every == 0:
-            loss.item()
-            now = time.perf_counter()
-            rates.append(log_every * a.per_rank_batch * world / (now - t0))
-            t0 = now
+    for _ in range(a.steps // log_every):
+        run(log_every)
+        now = time.perf_counter()
+        rates.append(log_every * a.per_rank_batch * world / (now - t0))
+        t0 = now
     if rank == 0:
         res = stamp.write(
             a.json, {"model": a.model, "world": world, "per_rank_batch": a.per_rank_batch, "images_per_sec": rates}

@@ -90,3 +90,15 @@ def test_train_command_starts_this_checkouts_train_py_under_torchrun_for_several
     assert one[1] == str(common.ROOT / "train.py") and one[-2:] == ["--epochs", "1"]
     assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert "--out" in one and str(tmp_path) in one
+
+
+def test_trainer_vs_plain_times_both_programs_in_paired_blocks(tmp_path):
+    from benchmarks import trainer_vs_plain
+
+    out = tmp_path / "r.json"
+    assert trainer_vs_plain.main(["--worlds", "1", "--block", "2", "--rounds", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["world_1"]
+    assert set(r["ms_per_step"]) == {"dist_cnn", "plain"} and all(v > 0 for v in r["ms_per_step"].values())
+    assert len(r["rounds"]) == 2 and r["ratio"] == pytest.approx(
+        sorted(r["rounds"])[0] / 2 + sorted(r["rounds"])[1] / 2
+    )
