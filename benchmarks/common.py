@@ -106,6 +106,13 @@ class Stamp:
             Path(path).write_text(json.dumps(out, indent=2) + "\n")
         return out
 
+    def report(self, path: str | Path | None, results: dict) -> dict:
+        """write(), then the load average line a benchmark's printout ends with."""
+        out = self.write(path, results)
+        start, end = out["stamp"]["load_start"][0], out["stamp"]["load_end"][0]
+        print(f"  load average (1 min): {start:.2f} at the start, {end:.2f} at the end")
+        return out
+
 
 # ------------------------------------------------------------------------------------------ train.py
 

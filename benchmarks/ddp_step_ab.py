@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for v, (w, c) in res.items():
         print(f"  {v:>9}: {w:7.2f} ms/step wall, {c:7.2f} ms/step CPU (rank 0)   / {base}: {w / res[base][0]:.3f}")
     res = {v: {"wall_ms_per_step": w, "cpu_ms_per_step": c} for v, (w, c) in res.items()}
-    out = stamp.write(a.json, {"model": a.model, "per_rank_batch": a.per_rank_batch, "block": a.block, **res})
-    print(
-        f"  load average (1 min): {out['stamp']['load_start'][0]:.2f} before, {out['stamp']['load_end'][0]:.2f} after"
-    )
+    stamp.report(a.json, {"model": a.model, "per_rank_batch": a.per_rank_batch, "block": a.block, **res})
     return 0
 
 

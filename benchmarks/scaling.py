@@ -242,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  plain DDP loop, world size {world}: {res['plain_images_per_sec'][world]:8.1f} img/s; "
             f"dist_cnn / plain = {ratio:.3f} (rounds: {rounds})"
         )
-    out = stamp.write(a.json, res)["stamp"]
-    print(f"  load average (1 min): {out['load_start'][0]:.2f} at the start, {out['load_end'][0]:.2f} at the end")
+    stamp.report(a.json, res)
     return 0
 
 

@@ -33,12 +33,19 @@ from benchmarks.common import SYNTHETIC, Stamp, child_env, launch, parser  # noq
 from benchmarks.plain_ddp import plain_loop  # noqa: E402
 from dist_cnn import config  # noqa: E402
 from dist_cnn.distributed import process_group  # noqa: E402
+from dist_cnn.errors import UserError  # noqa: E402
+from dist_cnn.models.registry import check_spec  # noqa: E402
 from dist_cnn.train.allocator import tune_malloc  # noqa: E402
 from dist_cnn.train.trainer import Trainer  # noqa: E402
 
 
+def steps_needed(a) -> int:
+    """Steps each program trains: every round's block, the warm-up round's, and a margin."""
+    return a.block * (a.rounds + 1) + 10
+
+
 def trainer_config(a, world: int, out: Path) -> config.Config:
-    steps = a.block * (a.rounds + 1) + 10
+    steps = steps_needed(a)
     args = [
         "--out", str(out), "--wandb", "disabled", "--no-progress", "--no-plots",
         "--model", a.model, "--dataset", "synthetic",
@@ -58,7 +65,7 @@ def worker(a) -> None:
     with process_group.process_group(cfg.dist.backend, cfg.dist.timeout, cfg.dist.setup_timeout) as env:
         trainer = Trainer(cfg, env)
         torch.manual_seed(0)
-        plain = plain_loop(a.model, a.per_rank_batch, a.block * (a.rounds + 1) + 10, world, env.rank)
+        plain = plain_loop(a.model, a.per_rank_batch, steps_needed(a), world, env.rank)
         programs = {"dist_cnn": trainer.run_steps, "plain": plain}
         ms = {k: [] for k in programs}
         for r in range(a.rounds + 1):  # round 0 warms both up (buckets, allocator) and is not counted
@@ -94,13 +101,44 @@ def compare(a, world: int) -> dict:
     }
 
 
+def world_sizes(text: str) -> list[int]:
+    try:
+        worlds = [int(w) for w in text.split(",")]
+    except ValueError:
+        worlds = []
+    if not worlds or min(worlds) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: world sizes of 1 or more, comma-separated (1,2)")
+    return worlds
+
+
+def at_least(low: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least {low}")
+        return value
+
+    return check
+
+
+def model_spec(text: str) -> str:
+    try:
+        check_spec(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, SYNTHETIC)
-    p.add_argument("--worlds", default="1,2", help="world sizes, comma-separated (2: under torchrun)")
-    p.add_argument("--model", default="seed")
-    p.add_argument("--per-rank-batch", type=int, default=64)
-    p.add_argument("--block", type=int, default=20, help="steps of one program in a row")
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--worlds", type=world_sizes, default="1,2", help="world sizes, comma-separated (2: under torchrun)")
+    p.add_argument("--model", type=model_spec, default="seed", help="a --model spec of train.py")
+    p.add_argument("--per-rank-batch", type=at_least(1), default=64)
+    p.add_argument("--block", type=at_least(1), default=20, help="steps of one program in a row")
+    p.add_argument("--rounds", type=at_least(2), default=30, help="paired rounds (at least 2: quartiles)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -112,15 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     stamp = Stamp()
     res = {"model": a.model, "per_rank_batch": a.per_rank_batch, "block": a.block, "extra": a.extra}
     print(f"{a.model}, {a.per_rank_batch} images per rank, fp32, 1 thread per rank, {a.rounds} rounds of {a.block}")
-    for world in map(int, a.worlds.split(",")):
+    for world in a.worlds:
         r = res[f"world_{world}"] = compare(a, world)
         q = ", ".join(f"{x:.3f}" for x in r["quartiles"])
         print(
             f"  world size {world}: dist_cnn {r['ms_per_step']['dist_cnn']:.2f} ms/step, plain "
             f"{r['ms_per_step']['plain']:.2f}; dist_cnn / plain throughput {r['ratio']:.3f} (quartiles {q})"
         )
-    out = stamp.write(a.json, res)["stamp"]
-    print(f"  load average (1 min): {out['load_start'][0]:.2f} at the start, {out['load_end'][0]:.2f} at the end")
+    stamp.report(a.json, res)
     return 0
 
 

@@ -102,3 +102,24 @@ def test_trainer_vs_plain_times_both_programs_in_paired_blocks(tmp_path):
     assert len(r["rounds"]) == 2 and r["ratio"] == pytest.approx(
         sorted(r["rounds"])[0] / 2 + sorted(r["rounds"])[1] / 2
     )
+
+
+def test_the_report_writes_the_stamped_result_and_ends_with_the_load_average(tmp_path, capsys):
+    out = common.Stamp().report(tmp_path / "r.json", {"ratio": 1.0})
+    assert json.loads((tmp_path / "r.json").read_text()) == out
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("load average (1 min): ") and line.endswith(" at the end")
+    assert f"{out['stamp']['load_end'][0]:.2f} at the end" in line
+
+
+@pytest.mark.parametrize(
+    "bad", [["--worlds", "x"], ["--worlds", "0,2"], ["--rounds", "1"], ["--block", "abc"], ["--model", "nosuchnet"]]
+)
+def test_trainer_vs_plain_refuses_bad_input_before_any_work(bad, capsys):
+    from benchmarks import trainer_vs_plain
+
+    with pytest.raises(SystemExit) as stop:
+        trainer_vs_plain.main(bad)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f": error: argument {bad[0]}: " in err and f"'{bad[1]}'" in err
