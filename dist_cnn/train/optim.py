@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import torch
 
@@ -113,6 +115,19 @@ def total_steps(epochs: float, steps_per_epoch: int, max_steps: int = 0) -> int:
 
 def build_schedule(optimizer, total_steps: int, cfg: OptimConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+
+
+def advance(schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One step of the schedule, whether or not the optimizer stepped: the learning rate follows the
+    step count, and a skipped step (a non-finite loss, fp16's overflow) counts. torch warns on a new
+    schedule's first step when the optimizer has not stepped, taking it for calls in the wrong order;
+    here it is a skipped first step, so that one warning is left out."""
+    if schedule.last_epoch > 0:  # torch checks the order on the first step only
+        schedule.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"), UserWarning)
+        schedule.step()
 
 
 class Lookahead:

@@ -47,7 +47,7 @@ from dist_cnn.train.allocator import tune_malloc
 from dist_cnn.train.checkpoint import CheckpointPolicy
 from dist_cnn.train.ema import ModelEMA, adjusted_decay
 from dist_cnn.train.evaluate import evaluate_source
-from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, total_steps, use_fused
+from dist_cnn.train.optim import Lookahead, advance, build_optimizer, build_schedule, total_steps, use_fused
 from dist_cnn.train.profiling import StepProfiler
 from dist_cnn.train.resume_rules import reconcile
 from dist_cnn.train.rundir import prepare_run_dir, resolve_resume
@@ -365,7 +365,7 @@ class Trainer:
             signals = self._step_unless_nonfinite(vote, norm)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            self.schedule.step()
+            advance(self.schedule)
         return signals, loss_sum
 
     def _step_unless_nonfinite(self, vote: parallel.StepVote | None, norm: torch.Tensor | None) -> StepSignals:

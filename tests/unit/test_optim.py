@@ -1,13 +1,14 @@
 """dist_cnn.train.optim: the LR schedule's endpoints, parameter groups, the SGD settings and Lookahead."""
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from dist_cnn.config import OptimConfig
-from dist_cnn.train.optim import Lookahead, build_optimizer, build_schedule, lr_factor, param_groups
+from dist_cnn.train.optim import Lookahead, advance, build_optimizer, build_schedule, lr_factor, param_groups
 
 CPU = torch.device("cpu")
 
@@ -71,6 +72,33 @@ def test_schedule_scales_both_parameter_groups():
 def small_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def fresh_schedule():
+    cfg = OptimConfig(lr=0.1, momentum=0.9, schedule="constant", warmup=0)
+    opt = build_optimizer(nn.Linear(4, 2), cfg, CPU)
+    return opt, build_schedule(opt, 10, cfg)
+
+
+def caught(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in seen]
+
+
+def test_a_skipped_first_step_advances_the_schedule_without_torchs_order_warning():
+    _, plain = fresh_schedule()
+    assert any("lr_scheduler.step()` before `optimizer.step()" in m for m in caught(plain.step))  # what torch does
+    _, schedule = fresh_schedule()
+    assert caught(lambda: advance(schedule)) == []
+    assert schedule.last_epoch == 1 and set(schedule.get_last_lr()) == {0.1}
+
+
+def test_advance_leaves_other_warnings_of_the_first_step_alone():
+    opt, schedule = fresh_schedule()
+    opt.step = lambda *a, **k: None  # replaced after the schedule wrapped it: torch's other first-step warning
+    assert any("has been overridden" in m for m in caught(lambda: advance(schedule)))
 
 
 def test_only_weight_matrices_decay_and_batchnorm_gets_the_bias_lr():
